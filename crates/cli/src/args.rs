@@ -1,0 +1,235 @@
+//! Command-line flags. Every flag has an `OPENINFER_*` environment fallback.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// OpenInferencev2: an LLM-serving cluster (router, workers, tooling).
+#[derive(Debug, Parser)]
+#[command(name = "openinfer", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a worker: load a model and serve `openinfer.worker.v1` over gRPC.
+    Worker(WorkerArgs),
+    /// Write a random-weight Hugging Face model directory (for demos, tests, benchmarks).
+    MakeModel(MakeModelArgs),
+    /// Measure engine speed (prefill, single and batched decode) beside HF transformers.
+    BenchEngine(BenchEngineArgs),
+}
+
+/// Logging flags.
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log format.
+    #[arg(long, global = true, env = "OPENINFER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info,openinfer_engine=debug`).
+    #[arg(long, global = true, env = "OPENINFER_LOG", default_value = "info")]
+    pub log: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where and how the engine runs.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long, env = "OPENINFER_MODEL")]
+    pub model: PathBuf,
+    /// Compute device: cpu, cuda or cuda:N.
+    #[arg(long, env = "OPENINFER_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype: f32, bf16 or f16 (default: f32 on CPU, bf16 on CUDA).
+    #[arg(long, env = "OPENINFER_DTYPE")]
+    pub dtype: Option<String>,
+    /// KV cache size (K and V, all layers), e.g. 512MiB or 8GiB.
+    #[arg(long, env = "OPENINFER_KV_CACHE_MEMORY", default_value = "512MiB", value_parser = parse_bytes)]
+    pub kv_cache_memory: u64,
+    /// Token slots per KV block.
+    #[arg(long, env = "OPENINFER_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
+    /// Most sequences in the running batch.
+    #[arg(long, env = "OPENINFER_MAX_RUNNING", default_value_t = 64)]
+    pub max_running: usize,
+    /// Token budget of one engine step (decode tokens + prefill chunk); longer prompts are
+    /// prefilled in chunks.
+    #[arg(long, env = "OPENINFER_MAX_BATCH_TOKENS", default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Most sequences waiting for KV blocks inside the worker.
+    #[arg(long, env = "OPENINFER_MAX_WAITING", default_value_t = 256)]
+    pub max_waiting: usize,
+    /// Longest sequence (prompt + output) accepted; default: the model's context.
+    #[arg(long, env = "OPENINFER_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Address to serve gRPC on.
+    #[arg(long, env = "OPENINFER_LISTEN", default_value = "127.0.0.1:50061")]
+    pub listen: SocketAddr,
+    /// Step messages buffered per router connection.
+    #[arg(long, env = "OPENINFER_CONNECTION_BUFFER", default_value_t = 256)]
+    pub connection_buffer: usize,
+    /// Commands buffered for the engine thread.
+    #[arg(long, env = "OPENINFER_COMMAND_QUEUE", default_value_t = 1024)]
+    pub command_queue: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct MakeModelArgs {
+    /// Shape preset: tiny (~1M parameters), small (~125M), llama3-8b (bf16, 16 GB).
+    #[arg(long, env = "OPENINFER_PRESET", default_value = "tiny")]
+    pub preset: String,
+    /// Output directory.
+    #[arg(long, env = "OPENINFER_OUT")]
+    pub out: PathBuf,
+    /// Architecture: llama, mistral or qwen2.
+    #[arg(long, env = "OPENINFER_ARCHITECTURE")]
+    pub architecture: Option<String>,
+    /// Residual width.
+    #[arg(long, env = "OPENINFER_HIDDEN_SIZE")]
+    pub hidden_size: Option<usize>,
+    /// MLP width.
+    #[arg(long, env = "OPENINFER_INTERMEDIATE_SIZE")]
+    pub intermediate_size: Option<usize>,
+    /// Decoder layers.
+    #[arg(long, env = "OPENINFER_LAYERS")]
+    pub layers: Option<usize>,
+    /// Attention heads.
+    #[arg(long, env = "OPENINFER_HEADS")]
+    pub heads: Option<usize>,
+    /// Key/value heads.
+    #[arg(long, env = "OPENINFER_KV_HEADS")]
+    pub kv_heads: Option<usize>,
+    /// Vocabulary size.
+    #[arg(long, env = "OPENINFER_VOCAB_SIZE")]
+    pub vocab_size: Option<usize>,
+    /// Longest position.
+    #[arg(long, env = "OPENINFER_MAX_POSITION_EMBEDDINGS")]
+    pub max_position_embeddings: Option<usize>,
+    /// Weight dtype: float32, bfloat16 or float16.
+    #[arg(long, env = "OPENINFER_WEIGHT_DTYPE")]
+    pub dtype: Option<String>,
+    /// Tie embeddings and lm_head.
+    #[arg(long, env = "OPENINFER_TIE_EMBEDDINGS")]
+    pub tie_embeddings: Option<bool>,
+    /// Random seed of the weights.
+    #[arg(long, env = "OPENINFER_SEED", default_value_t = 0)]
+    pub seed: u64,
+    /// Largest safetensors shard, e.g. 4GiB.
+    #[arg(long, env = "OPENINFER_MAX_SHARD_SIZE", value_parser = parse_bytes)]
+    pub max_shard_size: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchEngineArgs {
+    /// Model directory; default: the `small` preset, made on first use under --cache-dir.
+    #[arg(long, env = "OPENINFER_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Where generated models are kept.
+    #[arg(
+        long,
+        env = "OPENINFER_CACHE_DIR",
+        default_value = "target/openinfer-models"
+    )]
+    pub cache_dir: PathBuf,
+    /// Prompt tokens for prefill and before decoding.
+    #[arg(long, env = "OPENINFER_BENCH_PROMPT_LEN", default_value_t = 128)]
+    pub prompt_len: usize,
+    /// Decode steps measured.
+    #[arg(long, env = "OPENINFER_BENCH_DECODE_STEPS", default_value_t = 32)]
+    pub decode_steps: usize,
+    /// Sequences in the batched decode measurement.
+    #[arg(long, env = "OPENINFER_BENCH_BATCH", default_value_t = 16)]
+    pub batch: usize,
+    /// Repetitions; the median is reported.
+    #[arg(long, env = "OPENINFER_BENCH_REPEATS", default_value_t = 3)]
+    pub repeats: usize,
+    /// Python with torch + transformers for the HF baseline (skipped when absent).
+    #[arg(
+        long,
+        env = "OPENINFER_BENCH_PYTHON",
+        default_value = ".venv/bin/python"
+    )]
+    pub python: PathBuf,
+    /// Skip the HF transformers baseline.
+    #[arg(long, env = "OPENINFER_BENCH_NO_HF")]
+    pub no_hf: bool,
+    /// Threads for both engines (candle/rayon and torch).
+    #[arg(long, env = "OPENINFER_BENCH_THREADS")]
+    pub threads: Option<usize>,
+    /// Directory for the JSON results and the SVG chart.
+    #[arg(
+        long,
+        env = "OPENINFER_BENCH_OUT",
+        default_value = "target/bench-engine"
+    )]
+    pub out: PathBuf,
+}
+
+/// Parses `1024`, `512KiB`, `64MiB`, `8GiB`, `1.5GB` into bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 512MiB or 8GiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}`; use B, KiB, MiB, GiB, KB, MB or GB"
+            ))
+        }
+    };
+    if !(value >= 0.0 && value.is_finite()) {
+        return Err(format!("`{s}` is not a positive size"));
+    }
+    Ok((value * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("1024").unwrap(), 1024);
+        assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("8GiB").unwrap(), 8 << 30);
+        assert_eq!(parse_bytes("1.5GB").unwrap(), 1_500_000_000);
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5XB").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,24 @@
+//! `openinfer`: the OpenInferencev2 command line.
+
+mod args;
+mod chart;
+mod commands;
+mod logging;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = args::Cli::parse();
+    logging::init(&cli.log);
+    match commands::run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

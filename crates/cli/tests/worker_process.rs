@@ -1,0 +1,256 @@
+//! `openinfer make-model` and `openinfer worker` as real separate processes, driven over
+//! loopback gRPC: Info, Health, streaming tokens with a capacity report on every message,
+//! cancellation freeing KV within a step, and rejected dispatches.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use openinfer_proto::worker::v1::{self as pb, worker_client::WorkerClient};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const BIN: &str = env!("CARGO_BIN_EXE_openinfer");
+
+/// Kills the worker when the test ends, pass or fail.
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn make_tiny(dir: &std::path::Path) {
+    let st = Command::new(BIN)
+        .args(["make-model", "--preset", "tiny", "--out"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Starts a worker on an ephemeral port and returns it with its address.
+fn start_worker(model: &std::path::Path, extra: &[&str]) -> (Proc, String) {
+    let mut child = Command::new(BIN)
+        .args(["worker", "--listen", "127.0.0.1:0", "--model"])
+        .arg(model)
+        .args(extra)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let child = Proc(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(i) = line.find("addr=") {
+                let addr = line[i + 5..].split_whitespace().next().unwrap().to_string();
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("worker announced its address");
+    (child, format!("http://{addr}"))
+}
+
+fn spec(id: u64, prompt: Vec<u32>, max_new: u32) -> pb::SequenceSpec {
+    pb::SequenceSpec {
+        sequence_id: id,
+        prompt_ids: prompt,
+        stopping: Some(pb::StoppingParams {
+            max_new_tokens: max_new,
+            stop: vec![],
+            ignore_eos: true,
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_streams_tokens_reports_capacity_and_cancels_within_a_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    make_tiny(&model);
+    let (_worker, url) = start_worker(&model, &["--kv-cache-memory", "8MiB"]);
+    let mut client = WorkerClient::connect(url).await.unwrap();
+    let mut health_client = client.clone();
+
+    let info = client.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.model, "tiny");
+    assert_eq!(info.architecture, "LlamaForCausalLM");
+    let kv = info.kv.unwrap();
+    assert!(kv.total_blocks > 0 && kv.block_size == 16);
+    let health = client
+        .health(pb::HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(health.serving);
+    assert_eq!(health.capacity.unwrap().free_blocks, kv.total_blocks);
+
+    let (tx, rx) = mpsc::channel(16);
+    let mut stream = client
+        .execute(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(
+        first.capacity.unwrap().free_blocks,
+        kv.total_blocks,
+        "capacity on connect"
+    );
+
+    let send = |k: pb::execute_request::Kind| {
+        let tx = tx.clone();
+        async move { tx.send(pb::ExecuteRequest { kind: Some(k) }).await.unwrap() }
+    };
+    send(pb::execute_request::Kind::Dispatch(pb::Dispatch {
+        sequences: vec![
+            spec(10, vec![1, 50, 60, 70], 5),
+            spec(11, vec![1, 80, 90], 7),
+            spec(12, (1..100).collect(), 1000),
+            spec(13, vec![], 5),
+            spec(14, vec![1, 5_000_000], 5),
+        ],
+    }))
+    .await;
+
+    let mut tokens: std::collections::HashMap<u64, Vec<u32>> = Default::default();
+    let mut finished: std::collections::HashMap<u64, pb::SequenceFinished> = Default::default();
+    let mut cancelled_at_step = None;
+    while let Some(msg) = tokio::time::timeout(Duration::from_secs(60), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        let cap = msg
+            .capacity
+            .expect("every message carries a capacity report");
+        for t in msg.tokens {
+            tokens.entry(t.sequence_id).or_default().extend(t.token_ids);
+        }
+        for f in msg.finished {
+            finished.insert(f.sequence_id, f);
+        }
+        if finished.contains_key(&10) && finished.contains_key(&11) && cancelled_at_step.is_none() {
+            assert!(tokens[&12].len() > 2, "long sequence is decoding");
+            assert!(cap.free_blocks < kv.total_blocks);
+            // Messages may be buffered; ask the engine where it is now.
+            let now = health_client
+                .health(pb::HealthRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            send(pb::execute_request::Kind::Cancel(pb::Cancel {
+                sequence_ids: vec![12],
+            }))
+            .await;
+            cancelled_at_step = Some(now.capacity.unwrap().step);
+        }
+        if let Some(f) = finished.get(&12) {
+            assert_eq!(f.reason, pb::FinishReason::Cancelled as i32);
+            assert_eq!(
+                cap.free_blocks, kv.total_blocks,
+                "cancelled KV is free in the same report"
+            );
+            let at = cancelled_at_step.unwrap();
+            assert!(
+                cap.step <= at + 2,
+                "cancel took effect within a step (sent at step {at}, done at {})",
+                cap.step
+            );
+            // Nothing more arrives for it.
+            let next = tokio::time::timeout(Duration::from_millis(300), stream.message()).await;
+            if let Ok(Ok(Some(m))) = next {
+                assert!(m.tokens.iter().all(|t| t.sequence_id != 12));
+            }
+            break;
+        }
+    }
+    assert_eq!(tokens[&10].len(), 5);
+    assert_eq!(tokens[&11].len(), 7);
+    assert_eq!(finished[&10].reason, pb::FinishReason::Length as i32);
+    assert_eq!(finished[&10].completion_tokens, 5);
+    for bad in [13, 14] {
+        assert_eq!(finished[&bad].reason, pb::FinishReason::Rejected as i32);
+        assert!(
+            finished[&bad].message.contains("prompt_ids"),
+            "{}",
+            finished[&bad].message
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_router_stream_frees_its_sequences() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    make_tiny(&model);
+    let (_worker, url) = start_worker(&model, &[]);
+    let mut client = WorkerClient::connect(url.clone()).await.unwrap();
+    let total = client
+        .health(pb::HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capacity
+        .unwrap()
+        .total_blocks;
+    {
+        let (tx, rx) = mpsc::channel(4);
+        let mut stream = client
+            .execute(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        tx.send(pb::ExecuteRequest {
+            kind: Some(pb::execute_request::Kind::Dispatch(pb::Dispatch {
+                sequences: vec![spec(1, (1..200).collect(), 1500)],
+            })),
+        })
+        .await
+        .unwrap();
+        // Wait until it runs, then vanish without cancelling.
+        loop {
+            let m = stream.message().await.unwrap().unwrap();
+            if !m.tokens.is_empty() {
+                break;
+            }
+        }
+    }
+    let mut client = WorkerClient::connect(url).await.unwrap();
+    for _ in 0..100 {
+        let cap = client
+            .health(pb::HealthRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .capacity
+            .unwrap();
+        if cap.free_blocks == total && cap.running_sequences == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the abandoned sequence kept its KV blocks");
+}
+
+#[test]
+fn bad_model_directory_fails_at_start_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    make_tiny(&model);
+    std::fs::remove_file(model.join("config.json")).unwrap();
+    let out = Command::new(BIN)
+        .args(["worker", "--listen", "127.0.0.1:0", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("config.json"), "{err}");
+}

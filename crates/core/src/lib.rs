@@ -1,0 +1,8 @@
+//! Shared types of OpenInferencev2: sequence ids, sampling and stopping parameters, finish
+//! reasons and the error codes every crate maps its errors onto.
+
+pub mod error;
+pub mod params;
+
+pub use error::{Code, ErrorCode};
+pub use params::{FinishReason, SamplingParams, SequenceId, StoppingParams};

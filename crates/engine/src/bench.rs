@@ -1,0 +1,139 @@
+//! Engine speed measurements and the machine ceilings they are compared with.
+//!
+//! Each phase is measured the way `scripts/bench_hf.py` measures HF transformers, so the two
+//! can be put side by side: prefill of one prompt, decode of one sequence, decode of a batch
+//! (decode phase only, after an untimed prefill).
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use openinfer_core::{SamplingParams, SequenceId, StoppingParams};
+
+use crate::engine::{Engine, SequenceRequest};
+use crate::error::Result;
+
+/// Tokens per second of each phase.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PhaseRates {
+    /// Prefill of one prompt.
+    pub prefill_tok_s: f64,
+    /// Decode of one sequence.
+    pub single_decode_tok_s: f64,
+    /// Decode of a batch (tokens of all sequences).
+    pub batch_decode_tok_s: f64,
+}
+
+/// What the machine can do at best.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Ceilings {
+    /// Memory copy bandwidth, bytes/s (read + write counted).
+    pub memory_bandwidth: f64,
+    /// f32 matmul rate, FLOP/s.
+    pub matmul_flops: f64,
+}
+
+fn request(id: u64, prompt: Vec<u32>, max_new: u32) -> SequenceRequest {
+    SequenceRequest {
+        id: SequenceId(id),
+        prompt,
+        generated: Vec::new(),
+        emitted_text_bytes: 0,
+        sampling: SamplingParams::default(),
+        stopping: StoppingParams {
+            max_new_tokens: max_new,
+            stop: Vec::new(),
+            ignore_eos: true,
+        },
+        logprobs: false,
+        top_logprobs: 0,
+        priority: 0,
+    }
+}
+
+/// Deterministic prompt tokens that avoid the first ids (special tokens).
+pub fn prompt(len: usize, vocab: usize, salt: u64) -> Vec<u32> {
+    (0..len)
+        .map(|i| 16 + (crate::sampling::mix(salt, i as u64) % (vocab as u64 - 16)) as u32)
+        .collect()
+}
+
+fn step_until_idle(engine: &mut Engine) -> Result<()> {
+    while engine.has_work() {
+        engine.step()?;
+    }
+    Ok(())
+}
+
+/// Seconds of one prefill of `prompt_len` tokens (the engine's step budget must cover it).
+pub fn prefill_seconds(engine: &mut Engine, prompt_len: usize, salt: u64) -> Result<f64> {
+    let vocab = engine.info().vocab_size;
+    engine.add(request(u64::MAX - salt, prompt(prompt_len, vocab, salt), 1))?;
+    let t = Instant::now();
+    step_until_idle(engine)?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Seconds of `steps` decode steps of `batch` sequences of `prompt_len` tokens, after an
+/// untimed prefill.
+pub fn decode_seconds(
+    engine: &mut Engine,
+    batch: usize,
+    prompt_len: usize,
+    steps: usize,
+    salt: u64,
+) -> Result<f64> {
+    let vocab = engine.info().vocab_size;
+    for b in 0..batch {
+        let id = salt * 1000 + b as u64;
+        engine.add(request(id, prompt(prompt_len, vocab, id), steps as u32 + 1))?;
+    }
+    // Prefill until every sequence has its first token.
+    let mut first = 0;
+    while first < batch {
+        first += engine.step()?.tokens.len();
+    }
+    let t = Instant::now();
+    for _ in 0..steps {
+        engine.step()?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    step_until_idle(engine)?;
+    Ok(secs)
+}
+
+/// Memory bandwidth of copying a 256 MiB buffer with `threads` threads.
+pub fn memory_bandwidth(threads: usize) -> f64 {
+    let n = 64 << 20; // f32 elements
+    let src = vec![1.0f32; n];
+    let mut dst = vec![0.0f32; n];
+    let threads = threads.max(1);
+    let chunk = n.div_ceil(threads);
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for (d, sr) in dst.chunks_mut(chunk).zip(src.chunks(chunk)) {
+                s.spawn(move || d.copy_from_slice(sr));
+            }
+        });
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    (2 * n * 4) as f64 / best
+}
+
+/// f32 matmul rate of a 1024³ product on `device`.
+pub fn matmul_flops(device: &Device) -> Result<f64> {
+    let n = 1024;
+    let a = Tensor::ones((n, n), DType::F32, device)?;
+    let b = Tensor::ones((n, n), DType::F32, device)?;
+    a.matmul(&b)?; // warm-up
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        c.device().synchronize()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n * n * n) as f64 / best)
+}

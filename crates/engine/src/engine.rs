@@ -1,0 +1,748 @@
+//! The engine: continuous batching over a paged KV cache.
+//!
+//! Each [`Engine::step`] admits waiting sequences whose prompt fits in free KV blocks, schedules
+//! one decode token for every running sequence and prefill chunks for the rest within the
+//! per-step token budget, runs one batched forward, samples, detokenizes and reports what
+//! happened. When a decode cannot get a block, the lowest-priority, most recently admitted
+//! sequence is preempted (its KV freed, reported as [`FinishReason::Preempted`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use openinfer_core::{FinishReason, SamplingParams, SequenceId, StoppingParams};
+
+use crate::batch::{SeqChunk, StepBatch};
+use crate::detokenize::{Detokenizer, StopMatcher};
+use crate::error::{EngineError, Result};
+use crate::kv_cache::{bytes_per_block, BlockAllocator, KvCache};
+use crate::model::{argmax_rows, Llama};
+use crate::model_dir::ModelDir;
+use crate::sampling::{self, SampleContext, TokenLogprob};
+use crate::tokenizer::Tokenizer;
+
+/// Most alternatives a request may ask log-probabilities for.
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// Limits and resources of an engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Compute device.
+    pub device: Device,
+    /// Compute dtype; `None` picks f32 on CPU and bf16 on CUDA.
+    pub dtype: Option<DType>,
+    /// Token slots per KV block.
+    pub block_size: usize,
+    /// Bytes of KV cache to allocate (K and V, all layers).
+    pub kv_cache_bytes: usize,
+    /// Most sequences running at once.
+    pub max_running: usize,
+    /// Token budget of one step (decode tokens plus prefill chunks).
+    pub max_batch_tokens: usize,
+    /// Most sequences waiting for KV blocks on this engine.
+    pub max_waiting: usize,
+    /// Longest sequence accepted; `None` uses the model's `max_position_embeddings`.
+    pub max_model_len: Option<usize>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            device: Device::Cpu,
+            dtype: None,
+            block_size: 16,
+            kv_cache_bytes: 512 << 20,
+            max_running: 64,
+            max_batch_tokens: 512,
+            max_waiting: 256,
+            max_model_len: None,
+        }
+    }
+}
+
+/// A sequence to run (new, or resumed with tokens generated before).
+#[derive(Debug, Clone)]
+pub struct SequenceRequest {
+    /// Unique id on this engine.
+    pub id: SequenceId,
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Tokens generated before a preemption or migration.
+    pub generated: Vec<u32>,
+    /// Bytes of generated text the client already received (resume state).
+    pub emitted_text_bytes: usize,
+    /// Sampling parameters.
+    pub sampling: SamplingParams,
+    /// Stopping parameters.
+    pub stopping: StoppingParams,
+    /// Report log-probabilities of chosen tokens.
+    pub logprobs: bool,
+    /// Also report this many alternatives.
+    pub top_logprobs: u32,
+    /// Higher runs first when memory is short.
+    pub priority: i32,
+}
+
+/// One generated token.
+#[derive(Debug, Clone)]
+pub struct TokenOutput {
+    /// Its sequence.
+    pub id: SequenceId,
+    /// The token.
+    pub token: u32,
+    /// Text it completes (held-back stop-string prefixes excluded).
+    pub text: String,
+    /// Log-probabilities, when asked for.
+    pub logprob: Option<TokenLogprob>,
+}
+
+/// A sequence that left the engine.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// The sequence.
+    pub id: SequenceId,
+    /// Why.
+    pub reason: FinishReason,
+    /// Prompt length.
+    pub prompt_tokens: usize,
+    /// Tokens generated (resumed ones included).
+    pub completion_tokens: usize,
+    /// Detail for errors.
+    pub message: String,
+}
+
+/// Free and used capacity, reported after every step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// Blocks in the cache.
+    pub total_blocks: usize,
+    /// Blocks free now.
+    pub free_blocks: usize,
+    /// Slots per block.
+    pub block_size: usize,
+    /// Most running sequences.
+    pub max_running: usize,
+    /// Running now.
+    pub running: usize,
+    /// Waiting for blocks now.
+    pub waiting: usize,
+    /// Steps run so far.
+    pub step: u64,
+}
+
+impl Capacity {
+    /// Sequences that can still be accepted.
+    pub fn free_slots(&self) -> usize {
+        self.max_running.saturating_sub(self.running + self.waiting)
+    }
+}
+
+/// What one step produced.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// Tokens generated this step, one per sampled sequence.
+    pub tokens: Vec<TokenOutput>,
+    /// Sequences that ended (including preempted ones).
+    pub finished: Vec<Finished>,
+    /// Capacity after the step.
+    pub capacity: Capacity,
+    /// Tokens that went through the forward pass.
+    pub batch_tokens: usize,
+    /// Sequences in the forward pass.
+    pub batch_sequences: usize,
+}
+
+/// Static facts about a loaded engine.
+#[derive(Debug, Clone)]
+pub struct EngineInfo {
+    /// Model id (directory name).
+    pub model: String,
+    /// Architecture class name.
+    pub architecture: String,
+    /// Compute dtype.
+    pub dtype: DType,
+    /// Device description.
+    pub device: String,
+    /// Model vocabulary rows.
+    pub vocab_size: usize,
+    /// Longest sequence accepted.
+    pub max_model_len: usize,
+    /// KV blocks.
+    pub total_blocks: usize,
+    /// Slots per block.
+    pub block_size: usize,
+    /// Layers.
+    pub num_layers: usize,
+    /// KV heads.
+    pub num_kv_heads: usize,
+    /// Head width.
+    pub head_dim: usize,
+    /// Most running sequences.
+    pub max_running: usize,
+    /// Step token budget.
+    pub max_batch_tokens: usize,
+    /// End-of-sequence ids.
+    pub eos_token_ids: Vec<u32>,
+    /// Beginning-of-sequence id.
+    pub bos_token_id: Option<u32>,
+    /// Whether text prompts get bos.
+    pub add_bos_token: bool,
+    /// Parameters of the model.
+    pub num_parameters: usize,
+}
+
+struct Sequence {
+    id: SequenceId,
+    prompt_len: usize,
+    tokens: Vec<u32>,
+    /// Tokens whose K/V are in the cache.
+    computed: usize,
+    blocks: Vec<u32>,
+    sampling: SamplingParams,
+    stopping: StoppingParams,
+    logprobs: Option<usize>,
+    priority: i32,
+    arrival: u64,
+    seed: u64,
+    detok: Detokenizer,
+    stop: StopMatcher,
+}
+
+impl Sequence {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+    fn finished(&self, reason: FinishReason, message: String) -> Finished {
+        Finished {
+            id: self.id,
+            reason,
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.generated(),
+            message,
+        }
+    }
+}
+
+/// A model, its KV cache and the sequences it runs.
+pub struct Engine {
+    model: Llama,
+    kv: KvCache,
+    alloc: BlockAllocator,
+    tokenizer: Tokenizer,
+    info: EngineInfo,
+    cfg: EngineConfig,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+    ids: HashMap<SequenceId, ()>,
+    arrivals: u64,
+    steps: u64,
+}
+
+impl Engine {
+    /// Opens a model directory and loads it. `progress(done, total)` reports loading.
+    pub fn load(dir: &Path, cfg: EngineConfig, progress: &dyn Fn(usize, usize)) -> Result<Self> {
+        Self::from_model_dir(ModelDir::open(dir)?, cfg, progress)
+    }
+
+    /// Loads an opened model directory.
+    pub fn from_model_dir(
+        dir: ModelDir,
+        cfg: EngineConfig,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<Self> {
+        let mc = &dir.config;
+        let dtype = cfg.dtype.unwrap_or(if cfg.device.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        });
+        if cfg.block_size == 0 || cfg.max_running == 0 || cfg.max_batch_tokens == 0 {
+            return Err(EngineError::Config(
+                "block size, max running sequences and max batch tokens must be positive".into(),
+            ));
+        }
+        let per_block = bytes_per_block(
+            mc.num_layers,
+            cfg.block_size,
+            mc.num_kv_heads,
+            mc.head_dim,
+            dtype,
+        );
+        let total_blocks = cfg.kv_cache_bytes / per_block;
+        if total_blocks == 0 {
+            return Err(EngineError::Config(format!(
+                "--kv-cache-memory {} bytes holds no block of {per_block} bytes; raise it",
+                cfg.kv_cache_bytes
+            )));
+        }
+        let max_model_len = cfg
+            .max_model_len
+            .unwrap_or(mc.max_position_embeddings)
+            .min(mc.max_position_embeddings)
+            .min(total_blocks * cfg.block_size);
+        let model = Llama::load(
+            mc,
+            &dir.weights,
+            dtype,
+            &cfg.device,
+            max_model_len + 1,
+            progress,
+        )?;
+        let kv = KvCache::new(
+            mc.num_layers,
+            total_blocks * cfg.block_size,
+            mc.num_kv_heads * mc.head_dim,
+            dtype,
+            &cfg.device,
+        )?;
+        let info = EngineInfo {
+            model: dir.model_id(),
+            architecture: mc.architecture.hf_name().into(),
+            dtype,
+            device: format!("{:?}", cfg.device.location()),
+            vocab_size: mc.vocab_size,
+            max_model_len,
+            total_blocks,
+            block_size: cfg.block_size,
+            num_layers: mc.num_layers,
+            num_kv_heads: mc.num_kv_heads,
+            head_dim: mc.head_dim,
+            max_running: cfg.max_running,
+            max_batch_tokens: cfg.max_batch_tokens,
+            eos_token_ids: dir.tokenizer.eos_token_ids.clone(),
+            bos_token_id: dir.tokenizer.bos_token_id,
+            add_bos_token: dir.tokenizer.add_bos_token,
+            num_parameters: mc.num_parameters(),
+        };
+        tracing::info!(
+            model = %info.model, architecture = %info.architecture, dtype = ?dtype,
+            kv_blocks = total_blocks, block_size = cfg.block_size, max_model_len,
+            "engine ready"
+        );
+        Ok(Engine {
+            model,
+            kv,
+            alloc: BlockAllocator::new(total_blocks, cfg.block_size),
+            tokenizer: dir.tokenizer,
+            info,
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            ids: HashMap::new(),
+            arrivals: 0,
+            steps: 0,
+        })
+    }
+
+    /// Static facts about the engine.
+    pub fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// True while any sequence waits or runs.
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// Current capacity.
+    pub fn capacity(&self) -> Capacity {
+        Capacity {
+            total_blocks: self.alloc.total(),
+            free_blocks: self.alloc.free(),
+            block_size: self.alloc.block_size(),
+            max_running: self.cfg.max_running,
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            step: self.steps,
+        }
+    }
+
+    /// Checks `req` and queues it. Nothing changes when it is refused.
+    pub fn add(&mut self, req: SequenceRequest) -> Result<()> {
+        self.validate(&req)?;
+        if self.ids.contains_key(&req.id) {
+            return Err(EngineError::DuplicateSequence(req.id.0));
+        }
+        if self.waiting.len() >= self.cfg.max_waiting {
+            return Err(EngineError::Capacity(format!(
+                "{} sequences already wait for KV blocks on this worker",
+                self.waiting.len()
+            )));
+        }
+        let prompt_len = req.prompt.len();
+        let mut tokens = req.prompt;
+        tokens.extend(&req.generated);
+        let pending = if req.generated.is_empty() {
+            String::new()
+        } else {
+            let text = self.tokenizer.decode(&req.generated)?;
+            text.get(req.emitted_text_bytes.min(text.len())..)
+                .unwrap_or_default()
+                .to_string()
+        };
+        self.arrivals += 1;
+        let seed = req.sampling.seed.unwrap_or_else(rand::random);
+        self.ids.insert(req.id, ());
+        self.waiting.push_back(Sequence {
+            id: req.id,
+            prompt_len,
+            detok: Detokenizer::new(&tokens),
+            tokens,
+            computed: 0,
+            blocks: Vec::new(),
+            logprobs: req.logprobs.then_some(req.top_logprobs as usize),
+            sampling: req.sampling,
+            stop: StopMatcher::new(req.stopping.stop.clone(), pending),
+            stopping: req.stopping,
+            priority: req.priority,
+            arrival: self.arrivals,
+            seed,
+        });
+        Ok(())
+    }
+
+    fn validate(&self, req: &SequenceRequest) -> Result<()> {
+        let bad = |field: &'static str, message: String| {
+            Err(EngineError::InvalidRequest { field, message })
+        };
+        if req.prompt.is_empty() {
+            return bad(
+                "prompt_ids",
+                "the prompt is empty; give at least one token".into(),
+            );
+        }
+        let vocab = self.info.vocab_size as u32;
+        if let Some(t) = req
+            .prompt
+            .iter()
+            .chain(&req.generated)
+            .find(|&&t| t >= vocab)
+        {
+            return bad(
+                "prompt_ids",
+                format!("token id {t} is outside the vocabulary (size {vocab})"),
+            );
+        }
+        let max_new = req.stopping.max_new_tokens as usize;
+        if max_new == 0 {
+            return bad("max_new_tokens", "must be at least 1".into());
+        }
+        let total = req.prompt.len() + max_new.max(req.generated.len());
+        if total > self.info.max_model_len {
+            return bad(
+                "max_new_tokens",
+                format!(
+                    "prompt ({} tokens) + max_new_tokens ({max_new}) exceeds the model's context of {} tokens; shorten the prompt or lower max_new_tokens",
+                    req.prompt.len(),
+                    self.info.max_model_len
+                ),
+            );
+        }
+        let s = &req.sampling;
+        if s.temperature.is_some_and(|t| !(t >= 0.0 && t.is_finite())) {
+            return bad("temperature", "must be a finite number ≥ 0".into());
+        }
+        if s.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+            return bad("top_p", "must be in (0, 1]".into());
+        }
+        if s.min_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
+            return bad("min_p", "must be in [0, 1]".into());
+        }
+        if s.repetition_penalty
+            .is_some_and(|p| !(p > 0.0 && p.is_finite()))
+        {
+            return bad("repetition_penalty", "must be a finite number > 0".into());
+        }
+        if s.frequency_penalty
+            .is_some_and(|p| !(-2.0..=2.0).contains(&p))
+        {
+            return bad("frequency_penalty", "must be in [-2, 2]".into());
+        }
+        if s.presence_penalty
+            .is_some_and(|p| !(-2.0..=2.0).contains(&p))
+        {
+            return bad("presence_penalty", "must be in [-2, 2]".into());
+        }
+        if req.top_logprobs > MAX_TOP_LOGPROBS {
+            return bad("top_logprobs", format!("at most {MAX_TOP_LOGPROBS}"));
+        }
+        Ok(())
+    }
+
+    /// Cancels `id`, freeing its KV blocks now. `None` when it is not on this engine.
+    pub fn cancel(&mut self, id: SequenceId) -> Option<Finished> {
+        self.remove(id, FinishReason::Cancelled)
+    }
+
+    /// Preempts `id`: frees its KV; the caller resumes it later from prompt + generated.
+    pub fn preempt(&mut self, id: SequenceId) -> Option<Finished> {
+        self.remove(id, FinishReason::Preempted)
+    }
+
+    fn remove(&mut self, id: SequenceId, reason: FinishReason) -> Option<Finished> {
+        let mut seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            self.running.remove(i)
+        } else {
+            let i = self.waiting.iter().position(|s| s.id == id)?;
+            self.waiting.remove(i)?
+        };
+        Some(self.retire(&mut seq, reason, String::new()))
+    }
+
+    fn retire(&mut self, seq: &mut Sequence, reason: FinishReason, message: String) -> Finished {
+        self.alloc.release(&mut seq.blocks);
+        self.ids.remove(&seq.id);
+        seq.finished(reason, message)
+    }
+
+    /// Runs one engine step. With nothing to do it returns an empty output at once.
+    pub fn step(&mut self) -> Result<StepOutput> {
+        let mut finished = Vec::new();
+        self.admit();
+        let plan = self.schedule(&mut finished);
+        let mut tokens: Vec<TokenOutput> = Vec::new();
+        let (batch_tokens, batch_sequences) = (plan.iter().map(|p| p.len).sum(), plan.len());
+        if !plan.is_empty() {
+            match self.run(&plan) {
+                Ok(t) => tokens = t,
+                Err(e) => {
+                    // A failed forward leaves the cache of the planned sequences unusable:
+                    // fail them, keep serving the rest.
+                    tracing::error!(error = %e, "engine step failed");
+                    for p in &plan {
+                        if let Some(i) = self.running.iter().position(|s| s.id == p.id) {
+                            let mut seq = self.running.remove(i);
+                            finished.push(self.retire(
+                                &mut seq,
+                                FinishReason::Error,
+                                e.to_string(),
+                            ));
+                        }
+                    }
+                }
+            }
+            self.steps += 1;
+        }
+        self.collect_finished(&mut tokens, &mut finished);
+        Ok(StepOutput {
+            tokens,
+            finished,
+            capacity: self.capacity(),
+            batch_tokens,
+            batch_sequences,
+        })
+    }
+
+    /// Moves waiting sequences into the running set while slots and KV blocks allow.
+    fn admit(&mut self) {
+        let watermark = self.alloc.total().div_ceil(100);
+        while self.running.len() < self.cfg.max_running {
+            let Some(seq) = self.waiting.front() else {
+                break;
+            };
+            let need = self.alloc.blocks_for(seq.tokens.len());
+            let spare = if self.running.is_empty() {
+                0
+            } else {
+                watermark
+            };
+            if self.alloc.free() < need + spare {
+                break;
+            }
+            let mut seq = self.waiting.pop_front().expect("front exists");
+            let ok = self.alloc.grow(&mut seq.blocks, seq.tokens.len());
+            debug_assert!(ok, "free blocks were checked");
+            self.running.push(seq);
+        }
+    }
+
+    /// Picks this step's work: a decode token for every sequence past prefill (growing its
+    /// blocks, preempting on shortage), then prefill chunks within the token budget.
+    fn schedule(&mut self, finished: &mut Vec<Finished>) -> Vec<Planned> {
+        let mut plan = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() {
+            let seq = &self.running[i];
+            if seq.tokens.len() - seq.computed != 1 {
+                i += 1;
+                continue;
+            }
+            let need = seq.tokens.len();
+            let mut blocks = std::mem::take(&mut self.running[i].blocks);
+            let ok = self.alloc.grow(&mut blocks, need);
+            self.running[i].blocks = blocks;
+            if ok {
+                plan.push(Planned {
+                    id: self.running[i].id,
+                    len: 1,
+                });
+                i += 1;
+                continue;
+            }
+            let victim = self.victim();
+            let mut seq = self.running.remove(victim);
+            tracing::debug!(sequence = %seq.id, "preempted: KV cache full");
+            plan.retain(|p| p.id != seq.id);
+            finished.push(self.retire(&mut seq, FinishReason::Preempted, "KV cache full".into()));
+            if victim < i {
+                i -= 1;
+            }
+        }
+        let mut budget = self.cfg.max_batch_tokens.saturating_sub(plan.len());
+        for seq in &self.running {
+            let remaining = seq.tokens.len() - seq.computed;
+            if remaining <= 1 {
+                continue;
+            }
+            let len = remaining.min(budget);
+            if len == 0 {
+                break;
+            }
+            budget -= len;
+            plan.push(Planned { id: seq.id, len });
+        }
+        plan
+    }
+
+    /// The running sequence to preempt: lowest priority, then latest arrival.
+    fn victim(&self) -> usize {
+        (0..self.running.len())
+            .min_by_key(|&i| {
+                (
+                    self.running[i].priority,
+                    std::cmp::Reverse(self.running[i].arrival),
+                )
+            })
+            .expect("a sequence is running")
+    }
+
+    /// Runs the forward pass for `plan` and samples the sequences whose input is complete.
+    fn run(&mut self, plan: &[Planned]) -> Result<Vec<TokenOutput>> {
+        let index: HashMap<SequenceId, usize> = self
+            .running
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id, i))
+            .collect();
+        let rows: Vec<usize> = plan.iter().map(|p| index[&p.id]).collect();
+        let chunks: Vec<SeqChunk> = plan
+            .iter()
+            .zip(&rows)
+            .map(|(p, &r)| {
+                let s = &self.running[r];
+                SeqChunk {
+                    tokens: &s.tokens[s.computed..s.computed + p.len],
+                    start_pos: s.computed,
+                    block_table: &s.blocks,
+                    want_logits: s.computed + p.len == s.tokens.len(),
+                }
+            })
+            .collect();
+        let mc = self.model.config();
+        let batch = StepBatch::build(
+            &chunks,
+            self.alloc.block_size(),
+            mc.num_kv_heads * mc.head_dim,
+            mc.sliding_window,
+            self.model.device(),
+        )?;
+        let sampled: Vec<usize> = plan
+            .iter()
+            .zip(&rows)
+            .filter(|(p, &r)| self.running[r].computed + p.len == self.running[r].tokens.len())
+            .map(|(_, &r)| r)
+            .collect();
+        let logits = self.model.forward(&batch, &self.kv)?;
+        for (p, &r) in plan.iter().zip(&rows) {
+            self.running[r].computed += p.len;
+        }
+        if sampled.is_empty() {
+            return Ok(Vec::new());
+        }
+        let all_greedy = sampled.iter().all(|&r| {
+            let s = &self.running[r];
+            s.sampling.is_greedy() && !s.sampling.has_penalties() && s.logprobs.is_none()
+        });
+        let choices: Vec<(u32, Option<TokenLogprob>)> = if all_greedy {
+            argmax_rows(&logits)?
+                .into_iter()
+                .map(|t| (t, None))
+                .collect()
+        } else {
+            let mut rows_cpu = logits.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+            sampled
+                .iter()
+                .zip(rows_cpu.iter_mut())
+                .map(|(&r, row)| {
+                    let s = &self.running[r];
+                    sampling::sample(
+                        row,
+                        &s.sampling,
+                        &SampleContext {
+                            prompt: &s.tokens[..s.prompt_len],
+                            generated: &s.tokens[s.prompt_len..],
+                            seed: s.seed,
+                            logprobs: s.logprobs,
+                        },
+                    )
+                })
+                .collect()
+        };
+        let mut out = Vec::with_capacity(sampled.len());
+        for (&r, (token, logprob)) in sampled.iter().zip(choices) {
+            let tok = &self.tokenizer;
+            let s = &mut self.running[r];
+            s.tokens.push(token);
+            let delta = s.detok.push(tok, token)?;
+            out.push(TokenOutput {
+                id: s.id,
+                token,
+                text: delta,
+                logprob,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Applies stop conditions to the tokens just produced, fixes up their text, and retires
+    /// the sequences that ended.
+    fn collect_finished(&mut self, tokens: &mut [TokenOutput], finished: &mut Vec<Finished>) {
+        for t in tokens.iter_mut() {
+            let Some(i) = self.running.iter().position(|s| s.id == t.id) else {
+                continue;
+            };
+            let s = &mut self.running[i];
+            let outcome = s.stop.push(&t.text);
+            t.text = outcome.emit;
+            let reason = if outcome.stopped {
+                Some(FinishReason::Stop)
+            } else if !s.stopping.ignore_eos && self.tokenizer.is_eos(t.token) {
+                Some(FinishReason::Eos)
+            } else if s.generated() >= s.stopping.max_new_tokens as usize
+                || s.tokens.len() >= self.info.max_model_len
+            {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                if reason != FinishReason::Stop {
+                    t.text.push_str(&s.stop.flush());
+                }
+                let mut seq = self.running.remove(i);
+                finished.push(self.retire(&mut seq, reason, String::new()));
+            }
+        }
+    }
+}
+
+/// One scheduled share of a step.
+struct Planned {
+    id: SequenceId,
+    len: usize,
+}

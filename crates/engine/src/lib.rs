@@ -1,0 +1,69 @@
+//! The OpenInferencev2 engine: Llama-family models in candle over a paged KV cache, with
+//! continuous batching, chunked prefill, sampling and incremental detokenization.
+//!
+//! * [`model_dir`] opens and checks a Hugging Face model directory.
+//! * [`model`] is the batched decoder; [`batch`] lays out one step's inputs.
+//! * [`kv_cache`] holds the paged cache; [`engine`] schedules and runs steps.
+//! * [`sampling`] and [`detokenize`] turn logits into tokens and text.
+//! * [`make_model`] writes random-weight model directories for demos, tests and benchmarks.
+
+pub mod batch;
+pub mod bench;
+pub mod config;
+pub mod detokenize;
+pub mod engine;
+pub mod error;
+pub mod kv_cache;
+pub mod make_model;
+pub mod model;
+pub mod model_dir;
+pub mod rope;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use candle_core::{DType, Device};
+pub use config::{Architecture, ModelConfig};
+pub use engine::{
+    Capacity, Engine, EngineConfig, EngineInfo, Finished, SequenceRequest, StepOutput, TokenOutput,
+};
+pub use error::{EngineError, Result};
+pub use model_dir::ModelDir;
+pub use tokenizer::Tokenizer;
+
+/// Parses a dtype name as used on the command line and in `config.json`.
+pub fn parse_dtype(s: &str) -> Option<DType> {
+    match s.to_ascii_lowercase().as_str() {
+        "f32" | "float32" | "fp32" => Some(DType::F32),
+        "bf16" | "bfloat16" => Some(DType::BF16),
+        "f16" | "float16" | "fp16" | "half" => Some(DType::F16),
+        _ => None,
+    }
+}
+
+/// Parses a device name: `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let ordinal = match s.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(rest) => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| {
+                        EngineError::Config(format!("bad device `{s}`; use cpu, cuda or cuda:N"))
+                    })?,
+                None => {
+                    return Err(EngineError::Config(format!(
+                        "bad device `{s}`; use cpu, cuda or cuda:N"
+                    )))
+                }
+            };
+            Device::new_cuda(ordinal).map_err(|e| {
+                EngineError::Config(format!(
+                    "cannot open {s}: {e} (build with `--features cuda` for GPU support)"
+                ))
+            })
+        }
+    }
+}

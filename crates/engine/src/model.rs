@@ -1,0 +1,272 @@
+//! The Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2) over a paged KV cache.
+//!
+//! One [`Llama::forward`] runs every scheduled token of a step: projections and MLPs over the
+//! flattened token list, attention per [`AttnGroup`](crate::batch::AttnGroup).
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::ops::{rms_norm, softmax_last_dim};
+
+use crate::batch::{AttnGroup, StepBatch};
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::kv_cache::KvCache;
+use crate::model_dir::Weights;
+use crate::rope::Rope;
+
+/// `y = x W^T (+ b)`.
+struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.w.t()?)?;
+        Ok(match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+struct Layer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    /// q, k and v projections fused into one matrix.
+    qkv: Linear,
+    o: Linear,
+    /// gate and up projections fused into one matrix.
+    gate_up: Linear,
+    down: Linear,
+}
+
+/// A loaded model.
+pub struct Llama {
+    cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+/// Loads one tensor, or several concatenated along rows (fused projections).
+struct Loader<'a> {
+    weights: &'a Weights,
+    dtype: DType,
+    device: &'a Device,
+}
+
+impl Loader<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.weights.load(name, shape, self.dtype, self.device)
+    }
+
+    /// `parts` are `(name, rows)`; every part has `cols` columns (or is a bias when `cols` is
+    /// `None`).
+    fn cat(&self, parts: &[(String, usize)], cols: Option<usize>) -> Result<Tensor> {
+        let ts = parts
+            .iter()
+            .map(|(n, rows)| match cols {
+                Some(c) => self.get(n, &[*rows, c]),
+                None => self.get(n, &[*rows]),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&ts, 0)?)
+    }
+
+    fn linear(&self, parts: &[(String, usize)], cols: usize, bias: bool) -> Result<Linear> {
+        let w = self.cat(parts, Some(cols))?;
+        let b = if bias {
+            let bparts: Vec<(String, usize)> = parts
+                .iter()
+                .map(|(n, r)| (n.replace(".weight", ".bias"), *r))
+                .collect();
+            Some(self.cat(&bparts, None)?)
+        } else {
+            None
+        };
+        Ok(Linear { w, b })
+    }
+}
+
+impl Llama {
+    /// Loads every weight, checking shapes against `cfg`. `progress` is told after each layer.
+    pub fn load(
+        cfg: &ModelConfig,
+        weights: &Weights,
+        dtype: DType,
+        device: &Device,
+        max_positions: usize,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<Self> {
+        let l = Loader {
+            weights,
+            dtype,
+            device,
+        };
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (q_rows, kv_rows) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        let inter = cfg.intermediate_size;
+        let steps = cfg.num_layers + 2;
+        let embed = l.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        progress(1, steps);
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let w = |s: &str, rows: usize| (format!("{p}.{s}.weight"), rows);
+            let qkv = l.linear(
+                &[
+                    w("self_attn.q_proj", q_rows),
+                    w("self_attn.k_proj", kv_rows),
+                    w("self_attn.v_proj", kv_rows),
+                ],
+                h,
+                cfg.qkv_bias,
+            )?;
+            layers.push(Layer {
+                input_norm: l.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_norm: l.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                qkv,
+                o: l.linear(&[w("self_attn.o_proj", h)], q_rows, cfg.o_bias)?,
+                gate_up: l.linear(
+                    &[w("mlp.gate_proj", inter), w("mlp.up_proj", inter)],
+                    h,
+                    cfg.mlp_bias,
+                )?,
+                down: l.linear(&[w("mlp.down_proj", h)], inter, cfg.mlp_bias)?,
+            });
+            progress(i + 2, steps);
+        }
+        let norm = l.get("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            l.get("lm_head.weight", &[cfg.vocab_size, h])?
+        };
+        progress(steps, steps);
+        Ok(Llama {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(cfg, max_positions, dtype, device)?,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Device holding the weights.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs one step. Writes the new tokens' K/V into `kv` and returns f32 logits
+    /// `[logit_rows, vocab]`.
+    pub fn forward(&self, batch: &StepBatch, kv: &KvCache) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let t = batch.num_tokens;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let eps = cfg.rms_norm_eps as f32;
+        let (cos, sin) = self.rope.gather(&batch.positions)?;
+        let mut x = self.embed.index_select(&batch.tokens, 0)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &layer.input_norm, eps)?;
+            let qkv = layer.qkv.forward(&h)?;
+            let q = qkv.narrow(1, 0, nh * hd)?.reshape((1, t, nh, hd))?;
+            let k = qkv.narrow(1, nh * hd, nkv * hd)?.reshape((1, t, nkv, hd))?;
+            let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?;
+            let q = self.rope.apply(&q, &cos, &sin)?.reshape((t, nh, hd))?;
+            let k = self.rope.apply(&k, &cos, &sin)?.reshape((t, nkv * hd))?;
+            kv.write(i, &k, &v, &batch.slot_index)?;
+            let attn = batch
+                .groups
+                .iter()
+                .map(|g| self.attend(&q, kv, i, g))
+                .collect::<Result<Vec<_>>>()?;
+            let attn = if attn.len() == 1 {
+                attn.into_iter().next().expect("one group")
+            } else {
+                Tensor::cat(&attn, 0)?
+            };
+            x = (x + layer.o.forward(&attn)?)?;
+            let h = rms_norm(&x, &layer.post_norm, eps)?;
+            let gu = layer.gate_up.forward(&h)?;
+            let inter = cfg.intermediate_size;
+            let act = (gu.narrow(1, 0, inter)?.silu()? * gu.narrow(1, inter, inter)?)?;
+            x = (x + layer.down.forward(&act)?)?;
+        }
+        if batch.logit_rows.dim(0)? == 0 {
+            // Only prefill chunks that do not finish their prompt: nothing to sample.
+            return Ok(Tensor::zeros(
+                (0, cfg.vocab_size),
+                DType::F32,
+                &self.device,
+            )?);
+        }
+        let x = x.index_select(&batch.logit_rows, 0)?;
+        let x = rms_norm(&x, &self.norm, eps)?;
+        Ok(x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+    }
+
+    /// Attention of one group. `q` is `[tokens, heads, head_dim]`; returns
+    /// `[group.len, heads * head_dim]`.
+    fn attend(&self, q: &Tensor, kv: &KvCache, layer: usize, g: &AttnGroup) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let rep = nh / nkv;
+        let (b, mq, mc) = (g.batch, g.max_q, g.max_ctx);
+        let q = q.narrow(0, g.start, g.len)?;
+        let q = match &g.pad_index {
+            Some(ix) => q.index_select(ix, 0)?,
+            None => q,
+        };
+        // [b, mq, nkv, rep, hd] → [b, nkv, rep * mq, hd]: each KV head serves its query heads
+        // in one matmul, without repeating K/V.
+        let q = q
+            .reshape((b, mq, nkv, rep, hd))?
+            .permute((0, 2, 3, 1, 4))?
+            .contiguous()?
+            .reshape((b, nkv, rep * mq, hd))?;
+        let (k, v) = kv.gather(layer, &g.ctx_slots)?;
+        let k = k.reshape((b, mc, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = v.reshape((b, mc, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?
+            .to_dtype(DType::F32)?
+            .reshape((b, nkv, rep, mq, mc))?
+            .broadcast_add(&g.mask)?;
+        let probs =
+            softmax_last_dim(&scores)?
+                .to_dtype(self.dtype)?
+                .reshape((b, nkv, rep * mq, mc))?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, nkv, rep, mq, hd))?
+            .permute((0, 3, 1, 2, 4))?
+            .contiguous()?
+            .reshape((b * mq, nh * hd))?;
+        Ok(match &g.unpad_index {
+            Some(ix) => out.index_select(ix, 0)?,
+            None => out,
+        })
+    }
+}
+
+/// Index of the largest value in each row of `[n, vocab]` logits (device-side greedy).
+pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+}

@@ -1,0 +1,144 @@
+//! The tokenizer of a model directory, with bos/eos resolved from `tokenizer_config.json`,
+//! `generation_config.json` and `config.json`.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::model_dir::ids_field;
+
+/// A `tokenizer.json` plus the special-token facts the engine needs.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// The beginning-of-sequence token, when the model has one.
+    pub bos_token_id: Option<u32>,
+    /// Every token that ends generation.
+    pub eos_token_ids: Vec<u32>,
+    /// Whether text prompts start with bos.
+    pub add_bos_token: bool,
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` from `dir` and resolves the special tokens.
+    pub fn from_dir(
+        dir: &Path,
+        config: &ModelConfig,
+        tokenizer_config: Option<&Value>,
+        generation_config: Option<&Value>,
+    ) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(EngineError::ModelFile {
+                path,
+                message: "missing: the engine needs a Hugging Face fast tokenizer (tokenizer.json)"
+                    .into(),
+            });
+        }
+        let inner =
+            tokenizers::Tokenizer::from_file(&path).map_err(|e| EngineError::ModelFile {
+                path: path.clone(),
+                message: format!("not a valid tokenizer: {e}"),
+            })?;
+        let tc_path = dir.join("tokenizer_config.json");
+        let gc_path = dir.join("generation_config.json");
+        let token_named = |field: &str| -> Option<u32> {
+            let v = tokenizer_config?.get(field)?;
+            let text = v.as_str().or_else(|| v.get("content")?.as_str())?;
+            inner.token_to_id(text)
+        };
+
+        let mut bos = token_named("bos_token");
+        let mut eos: Vec<u32> = Vec::new();
+        if let Some(gc) = generation_config {
+            if bos.is_none() {
+                bos = ids_field(gc, &gc_path, "bos_token_id")?.first().copied();
+            }
+            eos.extend(ids_field(gc, &gc_path, "eos_token_id")?);
+        }
+        bos = bos.or(config.bos_token_id);
+        eos.extend(&config.eos_token_ids);
+        eos.extend(token_named("eos_token"));
+        eos.sort_unstable();
+        eos.dedup();
+
+        let add_bos_token = match tokenizer_config.and_then(|t| t.get("add_bos_token")) {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(EngineError::ConfigField {
+                    path: tc_path,
+                    field: "add_bos_token".into(),
+                    message: format!("expected true or false, found {other}"),
+                })
+            }
+        };
+        if add_bos_token && bos.is_none() {
+            return Err(EngineError::ConfigField {
+                path: tc_path,
+                field: "bos_token".into(),
+                message: "add_bos_token is true but no bos token is named in tokenizer_config.json, generation_config.json or config.json".into(),
+            });
+        }
+        let vocab = inner.get_vocab_size(true);
+        if let Some(bad) = eos
+            .iter()
+            .chain(bos.iter())
+            .find(|&&id| id as usize >= config.vocab_size)
+        {
+            return Err(EngineError::ConfigField {
+                path: dir.join("generation_config.json"),
+                field: "eos_token_id".into(),
+                message: format!("special token id {bad} is outside the model's vocabulary ({} rows; tokenizer has {vocab})", config.vocab_size),
+            });
+        }
+        Ok(Tokenizer {
+            inner,
+            bos_token_id: bos,
+            eos_token_ids: eos,
+            add_bos_token,
+        })
+    }
+
+    /// Token ids of `text` as a prompt: the tokenizer's own special tokens, plus bos when the
+    /// model wants one and the tokenizer did not add it.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let mut ids = enc.get_ids().to_vec();
+        if self.add_bos_token {
+            if let Some(bos) = self.bos_token_id {
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Text of `ids`, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+    }
+
+    /// True when `id` ends generation.
+    pub fn is_eos(&self, id: u32) -> bool {
+        self.eos_token_ids.contains(&id)
+    }
+
+    /// Entries in the tokenizer's vocabulary (special tokens included).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The underlying `tokenizers` tokenizer.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+}

@@ -1,0 +1,196 @@
+//! The engine reproduces the greedy tokens of HF transformers exactly (f32), for every
+//! committed fixture model and prompt: alone, batched with the other prompts, with sequences
+//! joining mid-run, under chunked prefill and small KV blocks.
+//! Fixtures: `tests/fixtures/` (made by `scripts/make_fixtures.py`).
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use common::*;
+use openinfer_core::FinishReason;
+use openinfer_engine::EngineConfig;
+use serde_json::Value;
+
+struct Case {
+    prompt_ids: Vec<u32>,
+    max_new: u32,
+    expected: Vec<u32>,
+    logprobs: Vec<f32>,
+}
+
+fn models() -> Vec<(String, PathBuf, Vec<Case>)> {
+    let dir = fixtures().join("expected");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("tests/fixtures/expected exists") {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let name = v["model"].as_str().unwrap().to_string();
+        let ids = |x: &Value| -> Vec<u32> {
+            x.as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i.as_u64().unwrap() as u32)
+                .collect()
+        };
+        let cases = v["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| Case {
+                prompt_ids: ids(&c["prompt_ids"]),
+                max_new: c["max_new_tokens"].as_u64().unwrap() as u32,
+                expected: ids(&c["output_ids"]),
+                logprobs: c["output_logprobs"].as_array().map_or(Vec::new(), |a| {
+                    a.iter().map(|x| x.as_f64().unwrap() as f32).collect()
+                }),
+            })
+            .collect();
+        out.push((name.clone(), fixtures().join(&name), cases));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(
+        out.len() >= 4,
+        "expected fixtures for llama, llama3, mistral and qwen2, found {}",
+        out.len()
+    );
+    out
+}
+
+fn cfg(block_size: usize, max_batch_tokens: usize) -> EngineConfig {
+    EngineConfig {
+        block_size,
+        max_batch_tokens,
+        kv_cache_bytes: 16 << 20,
+        ..Default::default()
+    }
+}
+
+fn check(model: &str, label: &str, cases: &[Case], got: &HashMap<u64, Outcome>) {
+    for (i, c) in cases.iter().enumerate() {
+        let o = &got[&(i as u64)];
+        assert_eq!(
+            o.tokens, c.expected,
+            "{model} case {i} ({label}): tokens differ from HF transformers; finished: {:?}, preemptions {}", o.finished, o.preemptions
+        );
+        assert_eq!(o.finished.as_ref().unwrap().reason, FinishReason::Length);
+    }
+}
+
+#[test]
+fn every_case_alone_matches_transformers() {
+    for (model, dir, cases) in models() {
+        let mut engine = load(&dir, cfg(16, 512));
+        assert_eq!(engine.info().dtype, candle_core::DType::F32);
+        for (i, c) in cases.iter().enumerate() {
+            let mut req = greedy(i as u64, &c.prompt_ids, c.max_new);
+            req.logprobs = true;
+            req.top_logprobs = 3;
+            let got = run_all(&mut engine, vec![req]);
+            let o = &got[&(i as u64)];
+            assert_eq!(
+                o.tokens, c.expected,
+                "{model} case {i} alone: tokens differ from HF transformers"
+            );
+            for (j, (lp, want)) in o.logprobs.iter().zip(&c.logprobs).enumerate() {
+                assert!(
+                    (lp.logprob - want).abs() < 1e-3,
+                    "{model} case {i} token {j}: logprob {} vs {want}",
+                    lp.logprob
+                );
+                assert_eq!(lp.top[0].0, lp.token_id, "greedy picks the top-1 token");
+            }
+            assert_eq!(
+                engine.capacity().free_blocks,
+                engine.capacity().total_blocks,
+                "{model}: blocks returned"
+            );
+        }
+    }
+}
+
+#[test]
+fn all_cases_batched_match_transformers() {
+    for (model, dir, cases) in models() {
+        // Small blocks and a small step budget: multi-block tables and chunked prefill.
+        let mut engine = load(&dir, cfg(4, 24));
+        let reqs = cases
+            .iter()
+            .enumerate()
+            .map(|(i, c)| greedy(i as u64, &c.prompt_ids, c.max_new))
+            .collect();
+        let got = run_all(&mut engine, reqs);
+        check(&model, "batched, chunked prefill", &cases, &got);
+    }
+}
+
+#[test]
+fn sequences_joining_mid_run_match_transformers() {
+    for (model, dir, cases) in models() {
+        let mut engine = load(&dir, cfg(8, 64));
+        let reqs: HashMap<u64, _> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i as u64, greedy(i as u64, &c.prompt_ids, c.max_new)))
+            .collect();
+        let mut out = HashMap::new();
+        // A new sequence joins every third step while the others decode.
+        for i in 0..cases.len() as u64 {
+            engine.add(reqs[&i].clone()).unwrap();
+            for _ in 0..3 {
+                step_once(&mut engine, &mut out, &reqs);
+            }
+        }
+        drain(&mut engine, &mut out, &reqs);
+        check(&model, "staggered joins", &cases, &out);
+    }
+}
+
+#[test]
+fn preemption_and_resume_keep_the_tokens() {
+    for (model, dir, cases) in models() {
+        // Room for little more than one long sequence: the engine must preempt and resume.
+        let c = &cases[0];
+        let longest = cases
+            .iter()
+            .map(|c| c.prompt_ids.len() + c.max_new as usize)
+            .max()
+            .unwrap();
+        let tmp = load(&dir, cfg(4, 64));
+        let info = tmp.info().clone();
+        drop(tmp);
+        let per_block = openinfer_engine::kv_cache::bytes_per_block(
+            info.num_layers,
+            4,
+            info.num_kv_heads,
+            info.head_dim,
+            candle_core::DType::F32,
+        );
+        let blocks = longest.div_ceil(4) + 3;
+        let mut engine = load(
+            &dir,
+            EngineConfig {
+                kv_cache_bytes: per_block * blocks,
+                ..cfg(4, 64)
+            },
+        );
+        let reqs = cases
+            .iter()
+            .enumerate()
+            .map(|(i, c)| greedy(i as u64, &c.prompt_ids, c.max_new))
+            .collect();
+        let got = run_all(&mut engine, reqs);
+        check(&model, "preempted and resumed", &cases, &got);
+        let preempted: usize = got.values().map(|o| o.preemptions).sum();
+        assert!(
+            preempted > 0,
+            "{model}: the tiny cache should force preemption ({} tokens max)",
+            c.prompt_ids.len()
+        );
+        assert_eq!(engine.capacity().free_blocks, blocks);
+    }
+}

@@ -1,0 +1,23 @@
+//! Generated tonic/prost code for `proto/`.
+//!
+//! * [`v1`]: the public `openinfer.v1.Inference` API.
+//! * [`worker::v1`]: the internal router ↔ worker protocol.
+
+#![allow(clippy::large_enum_variant, clippy::doc_overindented_list_items)]
+
+/// Public inference API (`openinfer.v1`).
+pub mod v1 {
+    tonic::include_proto!("openinfer.v1");
+}
+
+/// Internal worker API.
+pub mod worker {
+    /// `openinfer.worker.v1`.
+    pub mod v1 {
+        tonic::include_proto!("openinfer.worker.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every proto file, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/openinfer_descriptor.bin"));

@@ -1,0 +1,114 @@
+//! Wire ↔ engine conversions.
+
+use openinfer_core::{FinishReason, SamplingParams, SequenceId, StoppingParams};
+use openinfer_engine::engine::{Capacity, EngineInfo, Finished, SequenceRequest};
+use openinfer_engine::sampling::TokenLogprob;
+use openinfer_proto::worker::v1 as pb;
+
+/// A dispatched sequence as the engine takes it (`id` is the engine's own id).
+pub fn sequence_request(spec: pb::SequenceSpec, id: SequenceId) -> SequenceRequest {
+    let s = spec.sampling.unwrap_or_default();
+    let st = spec.stopping.unwrap_or_default();
+    SequenceRequest {
+        id,
+        prompt: spec.prompt_ids,
+        generated: spec.generated_ids,
+        emitted_text_bytes: spec.emitted_text_bytes as usize,
+        sampling: SamplingParams {
+            temperature: s.temperature,
+            top_p: s.top_p,
+            top_k: s.top_k,
+            min_p: s.min_p,
+            repetition_penalty: s.repetition_penalty,
+            frequency_penalty: s.frequency_penalty,
+            presence_penalty: s.presence_penalty,
+            seed: s.seed,
+        },
+        stopping: StoppingParams {
+            max_new_tokens: st.max_new_tokens,
+            stop: st.stop,
+            ignore_eos: st.ignore_eos,
+        },
+        logprobs: spec.logprobs,
+        top_logprobs: spec.top_logprobs,
+        priority: spec.priority,
+    }
+}
+
+/// Engine finish reason → wire enum.
+pub fn finish_reason(r: FinishReason) -> pb::FinishReason {
+    match r {
+        FinishReason::Length => pb::FinishReason::Length,
+        FinishReason::Stop => pb::FinishReason::Stop,
+        FinishReason::Eos => pb::FinishReason::Eos,
+        FinishReason::Cancelled => pb::FinishReason::Cancelled,
+        FinishReason::Error => pb::FinishReason::Error,
+        FinishReason::Preempted => pb::FinishReason::Preempted,
+        FinishReason::Rejected => pb::FinishReason::Rejected,
+    }
+}
+
+/// A finished sequence on the wire, under the router's id.
+pub fn finished(f: &Finished, external: u64) -> pb::SequenceFinished {
+    pb::SequenceFinished {
+        sequence_id: external,
+        reason: finish_reason(f.reason) as i32,
+        prompt_tokens: f.prompt_tokens as u32,
+        completion_tokens: f.completion_tokens as u32,
+        message: f.message.clone(),
+    }
+}
+
+/// Log-probabilities on the wire.
+pub fn logprob(l: &TokenLogprob) -> pb::TokenLogprob {
+    pb::TokenLogprob {
+        token_id: l.token_id,
+        logprob: l.logprob,
+        top: l
+            .top
+            .iter()
+            .map(|&(token_id, logprob)| pb::TopLogprob { token_id, logprob })
+            .collect(),
+    }
+}
+
+/// Capacity on the wire.
+pub fn capacity(c: &Capacity) -> pb::CapacityReport {
+    pb::CapacityReport {
+        total_blocks: c.total_blocks as u32,
+        free_blocks: c.free_blocks as u32,
+        block_size: c.block_size as u32,
+        max_running_sequences: c.max_running as u32,
+        running_sequences: c.running as u32,
+        waiting_sequences: c.waiting as u32,
+        step: c.step,
+        free_sequence_slots: c.free_slots() as u32,
+    }
+}
+
+/// Engine facts on the wire.
+pub fn info(i: &EngineInfo) -> pb::InfoResponse {
+    pb::InfoResponse {
+        model: i.model.clone(),
+        architecture: i.architecture.clone(),
+        dtype: format!("{:?}", i.dtype).to_lowercase(),
+        device: i.device.clone(),
+        tp_size: 1,
+        vocab_size: i.vocab_size as u32,
+        max_model_len: i.max_model_len as u32,
+        kv: Some(pb::KvGeometry {
+            block_size: i.block_size as u32,
+            total_blocks: i.total_blocks as u32,
+            num_layers: i.num_layers as u32,
+            num_kv_heads: i.num_kv_heads as u32,
+            head_dim: i.head_dim as u32,
+        }),
+        max_running_sequences: i.max_running as u32,
+        max_batch_tokens: i.max_batch_tokens as u32,
+        eos_token_ids: i.eos_token_ids.clone(),
+        bos_token_id: i.bos_token_id,
+        add_bos_token: i.add_bos_token,
+        revision: String::new(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    }
+}

@@ -1,0 +1,334 @@
+//! The engine thread. It owns the [`Engine`], takes commands from a bounded channel, runs a
+//! step whenever there is work, and sends each router connection one message per step with its
+//! sequences' tokens, completions and the capacity report.
+//!
+//! Sequence ids on the wire are chosen by each router; the loop maps `(connection, id)` to the
+//! engine's own ids so that two routers cannot collide.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use openinfer_core::SequenceId;
+use openinfer_engine::engine::{Finished, StepOutput};
+use openinfer_engine::Engine;
+use openinfer_proto::worker::v1 as pb;
+use tokio::sync::{mpsc, watch};
+use tonic::Status;
+
+use crate::convert;
+
+/// Messages to one router connection.
+pub type ResponseSender = mpsc::Sender<Result<pb::ExecuteResponse, Status>>;
+
+/// Bounds of the loop's channels.
+#[derive(Debug, Clone)]
+pub struct LoopConfig {
+    /// Commands waiting for the engine thread.
+    pub command_queue: usize,
+    /// Step messages buffered per router connection; a router that falls this far behind
+    /// slows the engine down rather than growing memory.
+    pub connection_buffer: usize,
+}
+
+impl Default for LoopConfig {
+    fn default() -> Self {
+        LoopConfig {
+            command_queue: 1024,
+            connection_buffer: 256,
+        }
+    }
+}
+
+/// What the service asks of the engine thread.
+pub enum Command {
+    /// A router connected; its step messages go to `tx`.
+    Connect {
+        /// Connection id.
+        conn: u64,
+        /// Where its messages go.
+        tx: ResponseSender,
+    },
+    /// The connection ended: cancel all of its sequences.
+    Disconnect {
+        /// Connection id.
+        conn: u64,
+    },
+    /// Start sequences.
+    Dispatch {
+        /// Connection id.
+        conn: u64,
+        /// The sequences.
+        sequences: Vec<pb::SequenceSpec>,
+    },
+    /// Cancel sequences (their KV is freed at once).
+    Cancel {
+        /// Connection id.
+        conn: u64,
+        /// Router-side ids.
+        ids: Vec<u64>,
+    },
+    /// Preempt sequences (their KV is freed; the router resumes them later).
+    Preempt {
+        /// Connection id.
+        conn: u64,
+        /// Router-side ids.
+        ids: Vec<u64>,
+    },
+}
+
+/// A cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+    info: Arc<pb::InfoResponse>,
+    capacity: watch::Receiver<pb::CapacityReport>,
+    next_conn: Arc<AtomicU64>,
+    cfg: LoopConfig,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread.
+    pub fn spawn(engine: Engine, cfg: LoopConfig) -> (EngineHandle, std::thread::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(cfg.command_queue.max(1));
+        let info = Arc::new(convert::info(engine.info()));
+        let (cap_tx, cap_rx) = watch::channel(convert::capacity(&engine.capacity()));
+        let lp = Loop {
+            engine,
+            rx,
+            capacity: cap_tx,
+            conns: HashMap::new(),
+            by_engine: HashMap::new(),
+            by_wire: HashMap::new(),
+            next_id: 0,
+            outbox: HashMap::new(),
+        };
+        let join = std::thread::Builder::new()
+            .name("openinfer-engine".into())
+            .spawn(move || lp.run())
+            .expect("spawning the engine thread");
+        (
+            EngineHandle {
+                tx,
+                info,
+                capacity: cap_rx,
+                next_conn: Arc::new(AtomicU64::new(1)),
+                cfg,
+            },
+            join,
+        )
+    }
+
+    /// Sends a command; fails with `UNAVAILABLE` when the engine thread is gone.
+    pub async fn send(&self, cmd: Command) -> Result<(), Status> {
+        self.tx
+            .send(cmd)
+            .await
+            .map_err(|_| Status::unavailable("the worker's engine has stopped; use another worker"))
+    }
+
+    /// Model and limits.
+    pub fn info(&self) -> &pb::InfoResponse {
+        &self.info
+    }
+
+    /// The latest capacity report.
+    pub fn capacity(&self) -> pb::CapacityReport {
+        *self.capacity.borrow()
+    }
+
+    /// A fresh connection id.
+    pub fn new_connection(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The loop's channel bounds.
+    pub fn config(&self) -> &LoopConfig {
+        &self.cfg
+    }
+}
+
+struct Loop {
+    engine: Engine,
+    rx: mpsc::Receiver<Command>,
+    capacity: watch::Sender<pb::CapacityReport>,
+    conns: HashMap<u64, ResponseSender>,
+    by_engine: HashMap<SequenceId, (u64, u64)>,
+    by_wire: HashMap<(u64, u64), SequenceId>,
+    next_id: u64,
+    /// Messages being assembled for each connection this iteration.
+    outbox: HashMap<u64, pb::ExecuteResponse>,
+}
+
+impl Loop {
+    fn run(mut self) {
+        loop {
+            // Block only when idle; otherwise take whatever arrived and keep stepping.
+            if !self.engine.has_work() {
+                match self.rx.blocking_recv() {
+                    Some(cmd) => self.handle(cmd),
+                    None => break,
+                }
+            }
+            while let Ok(cmd) = self.rx.try_recv() {
+                self.handle(cmd);
+            }
+            if self.engine.has_work() {
+                match self.engine.step() {
+                    Ok(out) => self.route(out),
+                    Err(e) => tracing::error!(error = %e, "engine step failed"),
+                }
+            }
+            self.flush();
+        }
+        tracing::info!("engine thread stopped: every handle was dropped");
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Connect { conn, tx } => {
+                let _ = tx.blocking_send(Ok(pb::ExecuteResponse {
+                    capacity: Some(convert::capacity(&self.engine.capacity())),
+                    ..Default::default()
+                }));
+                self.conns.insert(conn, tx);
+            }
+            Command::Disconnect { conn } => self.disconnect(conn),
+            Command::Dispatch { conn, sequences } => {
+                for spec in sequences {
+                    self.dispatch(conn, spec);
+                }
+            }
+            Command::Cancel { conn, ids } => self.remove(conn, ids, Engine::cancel),
+            Command::Preempt { conn, ids } => self.remove(conn, ids, Engine::preempt),
+        }
+    }
+
+    fn dispatch(&mut self, conn: u64, spec: pb::SequenceSpec) {
+        let wire = spec.sequence_id;
+        let prompt_tokens = spec.prompt_ids.len() as u32;
+        if self.by_wire.contains_key(&(conn, wire)) {
+            self.reject(
+                conn,
+                wire,
+                prompt_tokens,
+                format!("sequence {wire} is already running on this connection"),
+            );
+            return;
+        }
+        self.next_id += 1;
+        let id = SequenceId(self.next_id);
+        match self.engine.add(convert::sequence_request(spec, id)) {
+            Ok(()) => {
+                self.by_wire.insert((conn, wire), id);
+                self.by_engine.insert(id, (conn, wire));
+            }
+            Err(e) => self.reject(conn, wire, prompt_tokens, e.to_string()),
+        }
+    }
+
+    fn reject(&mut self, conn: u64, wire: u64, prompt_tokens: u32, message: String) {
+        self.outbox
+            .entry(conn)
+            .or_default()
+            .finished
+            .push(pb::SequenceFinished {
+                sequence_id: wire,
+                reason: pb::FinishReason::Rejected as i32,
+                prompt_tokens,
+                completion_tokens: 0,
+                message,
+            });
+    }
+
+    fn remove(
+        &mut self,
+        conn: u64,
+        ids: Vec<u64>,
+        op: fn(&mut Engine, SequenceId) -> Option<Finished>,
+    ) {
+        for wire in ids {
+            if let Some(id) = self.by_wire.get(&(conn, wire)).copied() {
+                if let Some(f) = op(&mut self.engine, id) {
+                    self.finish(&f);
+                }
+            }
+        }
+    }
+
+    fn disconnect(&mut self, conn: u64) {
+        self.conns.remove(&conn);
+        self.outbox.remove(&conn);
+        let ids: Vec<SequenceId> = self
+            .by_engine
+            .iter()
+            .filter(|(_, (c, _))| *c == conn)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.engine.cancel(id);
+            if let Some(key) = self.by_engine.remove(&id) {
+                self.by_wire.remove(&key);
+            }
+        }
+        tracing::debug!(
+            conn,
+            "router connection closed; its sequences were cancelled"
+        );
+    }
+
+    fn finish(&mut self, f: &Finished) {
+        if let Some((conn, wire)) = self.by_engine.remove(&f.id) {
+            self.by_wire.remove(&(conn, wire));
+            self.outbox
+                .entry(conn)
+                .or_default()
+                .finished
+                .push(convert::finished(f, wire));
+        }
+    }
+
+    fn route(&mut self, out: StepOutput) {
+        for t in &out.tokens {
+            if let Some(&(conn, wire)) = self.by_engine.get(&t.id) {
+                self.outbox
+                    .entry(conn)
+                    .or_default()
+                    .tokens
+                    .push(pb::TokenEvent {
+                        sequence_id: wire,
+                        token_ids: vec![t.token],
+                        text: t.text.clone(),
+                        logprobs: t.logprob.iter().map(convert::logprob).collect(),
+                    });
+            }
+        }
+        for f in &out.finished {
+            self.finish(f);
+        }
+        // Every connection hears the capacity after every step.
+        for &conn in self.conns.keys() {
+            self.outbox.entry(conn).or_default();
+        }
+    }
+
+    /// Sends the assembled messages with the current capacity. A connection whose receiver is
+    /// gone is disconnected.
+    fn flush(&mut self) {
+        let cap = convert::capacity(&self.engine.capacity());
+        self.capacity.send_replace(cap);
+        let mut gone = Vec::new();
+        for (conn, mut msg) in self.outbox.drain() {
+            let Some(tx) = self.conns.get(&conn) else {
+                continue;
+            };
+            msg.capacity = Some(cap);
+            if tx.blocking_send(Ok(msg)).is_err() {
+                gone.push(conn);
+            }
+        }
+        for conn in gone {
+            self.disconnect(conn);
+        }
+    }
+}
