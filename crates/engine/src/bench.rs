@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use openinfer_core::{SamplingParams, SequenceId, StoppingParams};
+use openinfer_core::SequenceId;
 
 use crate::engine::{Engine, SequenceRequest};
 use crate::error::Result;
@@ -33,21 +33,9 @@ pub struct Ceilings {
 }
 
 fn request(id: u64, prompt: Vec<u32>, max_new: u32) -> SequenceRequest {
-    SequenceRequest {
-        id: SequenceId(id),
-        prompt,
-        generated: Vec::new(),
-        emitted_text_bytes: 0,
-        sampling: SamplingParams::default(),
-        stopping: StoppingParams {
-            max_new_tokens: max_new,
-            stop: Vec::new(),
-            ignore_eos: true,
-        },
-        logprobs: false,
-        top_logprobs: 0,
-        priority: 0,
-    }
+    let mut r = SequenceRequest::greedy(SequenceId(id), prompt, max_new);
+    r.stopping.ignore_eos = true;
+    r
 }
 
 /// Deterministic prompt tokens that avoid the first ids (special tokens).

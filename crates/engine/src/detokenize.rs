@@ -51,6 +51,21 @@ impl Detokenizer {
     }
 }
 
+impl Detokenizer {
+    /// Text of tokens not yet returned (an incomplete character at the very end decodes to
+    /// U+FFFD), so that the deltas of a finished sequence add up to its decoded text.
+    pub fn flush(&mut self, tok: &Tokenizer) -> Result<String> {
+        if self.read_offset == self.ids.len() {
+            return Ok(String::new());
+        }
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tok.decode(&self.ids[self.prefix_offset..])?;
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        Ok(full.get(prefix.len()..).unwrap_or_default().to_string())
+    }
+}
+
 /// What [`StopMatcher::push`] decided.
 #[derive(Debug, PartialEq, Eq)]
 pub struct StopOutcome {

@@ -83,6 +83,28 @@ pub struct SequenceRequest {
     pub priority: i32,
 }
 
+impl SequenceRequest {
+    /// A new greedy sequence of at most `max_new_tokens` tokens that stops at eos; adjust the
+    /// public fields for anything else.
+    pub fn greedy(id: SequenceId, prompt: Vec<u32>, max_new_tokens: u32) -> Self {
+        SequenceRequest {
+            id,
+            prompt,
+            generated: Vec::new(),
+            emitted_text_bytes: 0,
+            sampling: SamplingParams::default(),
+            stopping: StoppingParams {
+                max_new_tokens,
+                stop: Vec::new(),
+                ignore_eos: false,
+            },
+            logprobs: false,
+            top_logprobs: 0,
+            priority: 0,
+        }
+    }
+}
+
 /// One generated token.
 #[derive(Debug, Clone)]
 pub struct TokenOutput {
@@ -732,6 +754,13 @@ impl Engine {
             };
             if let Some(reason) = reason {
                 if reason != FinishReason::Stop {
+                    match s.detok.flush(&self.tokenizer) {
+                        Ok(rest) => {
+                            let outcome = s.stop.push(&rest);
+                            t.text.push_str(&outcome.emit);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "detokenizer flush failed"),
+                    }
                     t.text.push_str(&s.stop.flush());
                 }
                 let mut seq = self.running.remove(i);

@@ -519,6 +519,36 @@ pub fn byte_level_bpe(vocab_size: usize) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ModelConfig;
+
+    #[test]
+    fn presets_have_the_documented_shapes() {
+        let params = |name: &str| {
+            let spec = ModelSpec::preset(name).unwrap();
+            spec.check().unwrap();
+            let cfg =
+                ModelConfig::from_json(&spec.config_json(), Path::new("config.json")).unwrap();
+            let from_tensors: usize = spec
+                .tensors()
+                .iter()
+                .map(|(_, s, _)| s.iter().product::<usize>())
+                .sum();
+            assert_eq!(cfg.num_parameters(), from_tensors, "{name}");
+            from_tensors
+        };
+        let small = params("small");
+        assert!(
+            (120_000_000..135_000_000).contains(&small),
+            "small has {small} parameters"
+        );
+        let big = params("llama3-8b");
+        assert!(
+            (8_000_000_000..8_100_000_000).contains(&big),
+            "llama3-8b has {big} parameters"
+        );
+        assert!(params("tiny") < 2_000_000);
+        assert!(ModelSpec::preset("huge").is_none());
+    }
 
     #[test]
     fn tokenizer_has_exact_vocab_and_round_trips_any_text() {

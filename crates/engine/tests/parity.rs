@@ -18,6 +18,7 @@ struct Case {
     max_new: u32,
     expected: Vec<u32>,
     logprobs: Vec<f32>,
+    text: Option<String>,
 }
 
 fn models() -> Vec<(String, PathBuf, Vec<Case>)> {
@@ -45,6 +46,7 @@ fn models() -> Vec<(String, PathBuf, Vec<Case>)> {
                 prompt_ids: ids(&c["prompt_ids"]),
                 max_new: c["max_new_tokens"].as_u64().unwrap() as u32,
                 expected: ids(&c["output_ids"]),
+                text: c["output_text"].as_str().map(str::to_string),
                 logprobs: c["output_logprobs"].as_array().map_or(Vec::new(), |a| {
                     a.iter().map(|x| x.as_f64().unwrap() as f32).collect()
                 }),
@@ -103,6 +105,31 @@ fn every_case_alone_matches_transformers() {
                     lp.logprob
                 );
                 assert_eq!(lp.top[0].0, lp.token_id, "greedy picks the top-1 token");
+            }
+            // Streamed deltas add up to the decoded output, also where the random model
+            // produces broken UTF-8 sequences.
+            let decoded = engine.tokenizer().decode(&c.expected).unwrap();
+            assert_eq!(
+                o.text, decoded,
+                "{model} case {i}: deltas concatenate to the decoded text"
+            );
+            if let Some(hf_text) = &c.text {
+                // The fixture kept special tokens in its text; serving skips them.
+                let mut hf_text = hf_text.clone();
+                for t in engine
+                    .tokenizer()
+                    .inner()
+                    .get_added_tokens_decoder()
+                    .values()
+                {
+                    if t.special {
+                        hf_text = hf_text.replace(&t.content, "");
+                    }
+                }
+                assert_eq!(
+                    o.text, hf_text,
+                    "{model} case {i}: same text as transformers decodes"
+                );
             }
             assert_eq!(
                 engine.capacity().free_blocks,

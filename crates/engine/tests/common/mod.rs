@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use openinfer_core::{FinishReason, SamplingParams, SequenceId, StoppingParams};
+use openinfer_core::{FinishReason, SequenceId};
 use openinfer_engine::engine::SequenceRequest;
 use openinfer_engine::sampling::TokenLogprob;
 use openinfer_engine::{Engine, EngineConfig, Finished};
@@ -27,21 +27,9 @@ pub struct Outcome {
 
 /// A greedy request for `max_new` tokens that ignores eos.
 pub fn greedy(id: u64, prompt: &[u32], max_new: u32) -> SequenceRequest {
-    SequenceRequest {
-        id: SequenceId(id),
-        prompt: prompt.to_vec(),
-        generated: Vec::new(),
-        emitted_text_bytes: 0,
-        sampling: SamplingParams::default(),
-        stopping: StoppingParams {
-            max_new_tokens: max_new,
-            stop: Vec::new(),
-            ignore_eos: true,
-        },
-        logprobs: false,
-        top_logprobs: 0,
-        priority: 0,
-    }
+    let mut r = SequenceRequest::greedy(SequenceId(id), prompt.to_vec(), max_new);
+    r.stopping.ignore_eos = true;
+    r
 }
 
 /// Steps until no work is left (bounded), collecting every sequence's output. Preempted
