@@ -43,6 +43,10 @@ pub struct AttnGroup {
     pub ctx_slots: Tensor,
     /// `[batch, 1, 1, max_q, max_ctx]` additive f32 mask (0 or -inf).
     pub mask: Tensor,
+    /// `ctx_slots` on the host, for CPU kernels that read the cache directly.
+    pub ctx_slots_host: Vec<u32>,
+    /// Context length (cached + new) of each sequence.
+    pub ctx_lens: Vec<u32>,
 }
 
 /// All inputs of one forward pass.
@@ -151,8 +155,10 @@ fn build_group(
     let mut pad_index = Vec::with_capacity(batch * max_q);
     let mut unpad_index = Vec::with_capacity(len);
     let mut row = 0u32;
+    let mut ctx_lens = Vec::with_capacity(batch);
     for (b, c) in chunks.iter().enumerate() {
         let ctx = c.start_pos + c.tokens.len();
+        ctx_lens.push(ctx as u32);
         ctx_slots.extend((0..max_ctx).map(|p| {
             if p < ctx {
                 slot_of(c.block_table, block_size, p)
@@ -189,7 +195,9 @@ fn build_group(
         unpad_index: padded
             .then(|| Tensor::from_vec(unpad_index, len, device))
             .transpose()?,
-        ctx_slots: Tensor::from_vec(ctx_slots, batch * max_ctx, device)?,
+        ctx_slots: Tensor::from_slice(&ctx_slots, batch * max_ctx, device)?,
+        ctx_slots_host: ctx_slots,
+        ctx_lens,
         mask: Tensor::from_vec(mask, (batch, 1, 1, max_q, max_ctx), device)?
             .to_dtype(DType::F32)?,
     })

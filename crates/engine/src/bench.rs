@@ -61,32 +61,40 @@ pub fn prefill_seconds(engine: &mut Engine, prompt_len: usize, salt: u64) -> Res
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// Seconds of `steps` decode steps of `batch` sequences of `prompt_len` tokens, after an
-/// untimed prefill.
-pub fn decode_seconds(
+/// Tokens produced and seconds taken by `steps` decode steps of `batch` sequences of
+/// `prompt_len` tokens, after an untimed prefill. No sequence finishes inside the timed window,
+/// so every timed step decodes the whole batch.
+pub fn decode_tokens_and_seconds(
     engine: &mut Engine,
     batch: usize,
     prompt_len: usize,
     steps: usize,
     salt: u64,
-) -> Result<f64> {
+) -> Result<(usize, f64)> {
     let vocab = engine.info().vocab_size;
-    for b in 0..batch {
-        let id = salt * 1000 + b as u64;
-        engine.add(request(id, prompt(prompt_len, vocab, id), steps as u32 + 1))?;
+    let ids: Vec<SequenceId> = (0..batch as u64)
+        .map(|b| SequenceId(salt * 1000 + b))
+        .collect();
+    for id in &ids {
+        // Room for the prefill steps of the batch mates plus the timed steps.
+        let max_new = (steps + batch + 1) as u32;
+        engine.add(request(id.0, prompt(prompt_len, vocab, id.0), max_new))?;
     }
-    // Prefill until every sequence has its first token.
-    let mut first = 0;
-    while first < batch {
-        first += engine.step()?.tokens.len();
+    // Prefill (untimed) until every sequence of the batch has its first token.
+    let mut started = std::collections::HashSet::new();
+    while started.len() < batch {
+        started.extend(engine.step()?.tokens.iter().map(|t| t.id));
     }
     let t = Instant::now();
+    let mut tokens = 0;
     for _ in 0..steps {
-        engine.step()?;
+        tokens += engine.step()?.tokens.len();
     }
     let secs = t.elapsed().as_secs_f64();
-    step_until_idle(engine)?;
-    Ok(secs)
+    for id in ids {
+        engine.cancel(id);
+    }
+    Ok((tokens, secs))
 }
 
 /// Memory bandwidth of copying a 256 MiB buffer with `threads` threads.

@@ -294,15 +294,28 @@ impl ModelConfig {
 
     /// Parameters in the weights (for reporting and benchmarks).
     pub fn num_parameters(&self) -> usize {
+        let embed = self.vocab_size * self.hidden_size;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.lm_head_parameters()
+        };
+        embed + head + self.layer_parameters() + self.hidden_size
+    }
+
+    /// Parameters of all decoder layers (the weights every token passes through).
+    pub fn layer_parameters(&self) -> usize {
         let h = self.hidden_size;
         let q = self.num_heads * self.head_dim;
         let kv = self.num_kv_heads * self.head_dim;
         let attn = h * q + 2 * h * kv + q * h;
         let mlp = 3 * h * self.intermediate_size;
-        let per_layer = attn + mlp + 2 * h;
-        let embed = self.vocab_size * h;
-        let head = if self.tie_word_embeddings { 0 } else { embed };
-        embed + head + self.num_layers * per_layer + h
+        self.num_layers * (attn + mlp + 2 * h)
+    }
+
+    /// Parameters of the output projection (shared with the embedding when tied).
+    pub fn lm_head_parameters(&self) -> usize {
+        self.vocab_size * self.hidden_size
     }
 }
 

@@ -113,6 +113,11 @@ impl KvCache {
         Ok(())
     }
 
+    /// The K and V tensors of `layer`.
+    pub fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.k[layer], &self.v[layer])
+    }
+
     /// Keys and values at `slots` (`[n]` u32): two `[n, row]` tensors.
     pub fn gather(&self, layer: usize, slots: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((

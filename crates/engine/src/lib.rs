@@ -10,6 +10,7 @@
 pub mod batch;
 pub mod bench;
 pub mod config;
+pub mod cpu_attention;
 pub mod detokenize;
 pub mod engine;
 pub mod error;
@@ -19,6 +20,7 @@ pub mod model;
 pub mod model_dir;
 pub mod rope;
 pub mod sampling;
+pub mod skinny_matmul;
 pub mod tokenizer;
 
 pub use candle_core::{DType, Device};

@@ -8,10 +8,12 @@ use candle_nn::ops::{rms_norm, softmax_last_dim};
 
 use crate::batch::{AttnGroup, StepBatch};
 use crate::config::ModelConfig;
+use crate::cpu_attention::DecodeAttention;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::model_dir::Weights;
 use crate::rope::Rope;
+use crate::skinny_matmul;
 
 /// `y = x W^T (+ b)`.
 struct Linear {
@@ -21,7 +23,7 @@ struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.w.t()?)?;
+        let y = matmul_t(x, &self.w)?;
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -219,7 +221,7 @@ impl Llama {
         }
         let x = x.index_select(&batch.logit_rows, 0)?;
         let x = rms_norm(&x, &self.norm, eps)?;
-        Ok(x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+        Ok(matmul_t(&x, &self.lm_head)?.to_dtype(DType::F32)?)
     }
 
     /// Attention of one group. `q` is `[tokens, heads, head_dim]`; returns
@@ -230,6 +232,22 @@ impl Llama {
         let rep = nh / nkv;
         let (b, mq, mc) = (g.batch, g.max_q, g.max_ctx);
         let q = q.narrow(0, g.start, g.len)?;
+        if g.max_q == 1 && self.device.is_cpu() && self.dtype == DType::F32 {
+            let (k, v) = kv.layer(layer);
+            let op = DecodeAttention {
+                num_heads: nh,
+                num_kv_heads: nkv,
+                head_dim: hd,
+                ctx_slots: &g.ctx_slots_host,
+                ctx_lens: &g.ctx_lens,
+                max_ctx: g.max_ctx,
+                window: cfg.sliding_window,
+            };
+            return Ok(q
+                .reshape((g.len, nh * hd))?
+                .contiguous()?
+                .apply_op3_no_bwd(k, v, &op)?);
+        }
         let q = match &g.pad_index {
             Some(ix) => q.index_select(ix, 0)?,
             None => q,
@@ -263,6 +281,18 @@ impl Llama {
             Some(ix) => out.index_select(ix, 0)?,
             None => out,
         })
+    }
+}
+
+/// `x [m, k] · w [n, k]ᵀ`: the skinny CPU kernel for decode-sized f32 inputs, the general
+/// matmul otherwise.
+fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let m = x.dim(0)?;
+    if x.device().is_cpu() && x.dtype() == DType::F32 && m <= skinny_matmul::MAX_ROWS {
+        Ok(x.contiguous()?
+            .apply_op2_no_bwd(w, &skinny_matmul::SkinnyMatmul)?)
+    } else {
+        Ok(x.matmul(&w.t()?)?)
     }
 }
 

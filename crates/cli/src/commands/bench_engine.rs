@@ -18,7 +18,8 @@ use crate::chart::{grouped_bars, Group};
 struct Report {
     model: String,
     parameters: usize,
-    weight_bytes: u64,
+    /// Bytes of weights read per decode step (layers + lm_head).
+    step_weight_bytes: u64,
     threads: usize,
     prompt_len: usize,
     decode_steps: usize,
@@ -60,9 +61,6 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
     .with_context(|| format!("cannot load {}", model.display()))?;
     pb.finish_and_clear();
     let info = engine.info().clone();
-    let weight_bytes = openinfer_engine::ModelDir::open(&model)?
-        .weights
-        .total_bytes();
 
     let pb = crate::progress::bar((3 * a.repeats + 3) as u64, "measuring");
     let mut prefill = Vec::new();
@@ -70,19 +68,22 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
     let mut batched = Vec::new();
     // Warm-up (untimed).
     bench::prefill_seconds(&mut engine, a.prompt_len, 0)?;
-    bench::decode_seconds(&mut engine, 1, a.prompt_len, 2, 0)?;
+    bench::decode_tokens_and_seconds(&mut engine, 1, a.prompt_len, 2, 0)?;
     for r in 1..=a.repeats as u64 {
         prefill.push(a.prompt_len as f64 / bench::prefill_seconds(&mut engine, a.prompt_len, r)?);
         pb.inc(1);
-        single.push(
-            a.decode_steps as f64
-                / bench::decode_seconds(&mut engine, 1, a.prompt_len, a.decode_steps, r)?,
-        );
+        let (n, secs) =
+            bench::decode_tokens_and_seconds(&mut engine, 1, a.prompt_len, a.decode_steps, r)?;
+        single.push(n as f64 / secs);
         pb.inc(1);
-        batched.push(
-            (a.batch * a.decode_steps) as f64
-                / bench::decode_seconds(&mut engine, a.batch, a.prompt_len, a.decode_steps, r)?,
-        );
+        let (n, secs) = bench::decode_tokens_and_seconds(
+            &mut engine,
+            a.batch,
+            a.prompt_len,
+            a.decode_steps,
+            r,
+        )?;
+        batched.push(n as f64 / secs);
         pb.inc(1);
     }
     let ours = PhaseRates {
@@ -104,15 +105,23 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
     pb.inc(2);
     pb.finish_and_clear();
 
-    let flops_per_token = 2.0 * info.num_parameters as f64;
-    let step_floor = |batch: f64| {
-        (weight_bytes as f64 / ceilings.memory_bandwidth)
-            .max(batch * flops_per_token / ceilings.matmul_flops)
+    // Cost model: each decode step reads the layer weights and lm_head once and does 2 FLOPs
+    // per weight per token; prefill does the layers for every token and lm_head once.
+    let mc = openinfer_engine::ModelConfig::from_file(&model.join("config.json"))?;
+    let elem = info.dtype.size_in_bytes() as f64;
+    let (layer_w, head_w) = (mc.layer_parameters() as f64, mc.lm_head_parameters() as f64);
+    let step_bytes = (layer_w + head_w) * elem;
+    let decode_floor = |batch: f64| {
+        (step_bytes / ceilings.memory_bandwidth)
+            .max(batch * 2.0 * (layer_w + head_w) / ceilings.matmul_flops)
     };
+    let p = a.prompt_len as f64;
+    let prefill_floor = (p * 2.0 * layer_w + 2.0 * head_w) / ceilings.matmul_flops;
     let fraction = PhaseRates {
-        prefill_tok_s: ours.prefill_tok_s / (ceilings.matmul_flops / flops_per_token),
-        single_decode_tok_s: ours.single_decode_tok_s / (1.0 / step_floor(1.0)),
-        batch_decode_tok_s: ours.batch_decode_tok_s / (a.batch as f64 / step_floor(a.batch as f64)),
+        prefill_tok_s: ours.prefill_tok_s / (p / prefill_floor),
+        single_decode_tok_s: ours.single_decode_tok_s / (1.0 / decode_floor(1.0)),
+        batch_decode_tok_s: ours.batch_decode_tok_s
+            / (a.batch as f64 / decode_floor(a.batch as f64)),
     };
     let ratio = hf.as_ref().map(|h| {
         let get = |k: &str| h.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
@@ -125,7 +134,7 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
     let report = Report {
         model: model.display().to_string(),
         parameters: info.num_parameters,
-        weight_bytes,
+        step_weight_bytes: step_bytes as u64,
         threads,
         prompt_len: a.prompt_len,
         decode_steps: a.decode_steps,
@@ -213,10 +222,10 @@ fn print_table(r: &Report) {
     let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     let ratio = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}x"));
     println!(
-        "model {} ({:.1}M parameters, {:.0} MB), {} threads, prompt {} tokens, {} decode steps, batch {}",
+        "model {} ({:.1}M parameters, {:.0} MB read per decode step), {} threads, prompt {} tokens, {} decode steps, batch {}",
         r.model,
         r.parameters as f64 / 1e6,
-        r.weight_bytes as f64 / 1e6,
+        r.step_weight_bytes as f64 / 1e6,
         r.threads,
         r.prompt_len,
         r.decode_steps,
