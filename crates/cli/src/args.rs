@@ -84,7 +84,8 @@ pub struct WorkerArgs {
     /// Address to serve gRPC on.
     #[arg(long, env = "OPENINFER_LISTEN", default_value = "127.0.0.1:50061")]
     pub listen: SocketAddr,
-    /// Step messages buffered per router connection.
+    /// Step messages buffered per router connection; a router that falls this far behind is
+    /// disconnected (its sequences cancelled) so that it cannot stall the engine.
     #[arg(long, env = "OPENINFER_CONNECTION_BUFFER", default_value_t = 256)]
     pub connection_buffer: usize,
     /// Commands buffered for the engine thread.

@@ -254,3 +254,96 @@ fn bad_model_directory_fails_at_start_naming_the_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("config.json"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_that_stops_reading_is_disconnected_and_others_keep_going() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    make_tiny(&model);
+    let (_worker, url) = start_worker(&model, &["--connection-buffer", "4"]);
+    let mut health = WorkerClient::connect(url.clone()).await.unwrap();
+    let total = health
+        .health(pb::HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capacity
+        .unwrap()
+        .total_blocks;
+
+    // Router A dispatches long sequences and never reads its stream (but keeps it open). A
+    // small HTTP/2 window makes the backpressure reach the worker after a few messages.
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        .unwrap()
+        .initial_stream_window_size(Some(1024))
+        .initial_connection_window_size(Some(1024))
+        .connect()
+        .await
+        .unwrap();
+    let mut a = WorkerClient::new(channel);
+    let (tx_a, rx_a) = mpsc::channel(4);
+    let _stalled = a
+        .execute(ReceiverStream::new(rx_a))
+        .await
+        .unwrap()
+        .into_inner();
+    let long: Vec<_> = (0..8)
+        .map(|i| spec(100 + i, (1..40).collect(), 1900))
+        .collect();
+    tx_a.send(pb::ExecuteRequest {
+        kind: Some(pb::execute_request::Kind::Dispatch(pb::Dispatch {
+            sequences: long,
+        })),
+    })
+    .await
+    .unwrap();
+
+    // Router B is served meanwhile and afterwards.
+    let mut b = WorkerClient::connect(url).await.unwrap();
+    let (tx_b, rx_b) = mpsc::channel(4);
+    let mut stream_b = b
+        .execute(ReceiverStream::new(rx_b))
+        .await
+        .unwrap()
+        .into_inner();
+    tx_b.send(pb::ExecuteRequest {
+        kind: Some(pb::execute_request::Kind::Dispatch(pb::Dispatch {
+            sequences: vec![spec(1, vec![1, 2, 3], 2000)],
+        })),
+    })
+    .await
+    .unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut b_tokens = 0;
+    let mut saw_a_running = false;
+    let mut seen = Vec::new();
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled router was never disconnected; running counts seen: {seen:?}"
+        );
+        let m = tokio::time::timeout_at(deadline, stream_b.message())
+            .await
+            .unwrap_or_else(|_| panic!("router B is starved; running counts seen: {seen:?}"))
+            .unwrap()
+            .expect("router B's stream stays open");
+        b_tokens += m.tokens.iter().filter(|t| t.sequence_id == 1).count();
+        let cap = m.capacity.unwrap();
+        saw_a_running |= cap.running_sequences == 9;
+        if seen.last() != Some(&cap.running_sequences) {
+            seen.push(cap.running_sequences);
+        }
+        // A's 8 sequences are gone; only B's one runs, and A's blocks are back.
+        if saw_a_running && cap.running_sequences == 1 {
+            assert!(b_tokens < 2000, "B still running");
+            let used = total - cap.free_blocks;
+            assert!(
+                used <= 2 + (b_tokens as u32 + 3).div_ceil(16),
+                "A's KV was freed: {used} blocks in use"
+            );
+            break;
+        }
+    }
+    drop(tx_a);
+}

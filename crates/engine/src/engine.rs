@@ -6,7 +6,7 @@
 //! happened. When a decode cannot get a block, the lowest-priority, most recently admitted
 //! sequence is preempted (its KV freed, reported as [`FinishReason::Preempted`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 
 use candle_core::{DType, Device};
@@ -255,7 +255,8 @@ pub struct Engine {
     cfg: EngineConfig,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
-    ids: HashMap<SequenceId, ()>,
+    /// Ids of every sequence on the engine (waiting or running).
+    ids: HashSet<SequenceId>,
     arrivals: u64,
     steps: u64,
 }
@@ -350,7 +351,7 @@ impl Engine {
             cfg,
             waiting: VecDeque::new(),
             running: Vec::new(),
-            ids: HashMap::new(),
+            ids: HashSet::new(),
             arrivals: 0,
             steps: 0,
         })
@@ -387,7 +388,7 @@ impl Engine {
     /// Checks `req` and queues it. Nothing changes when it is refused.
     pub fn add(&mut self, req: SequenceRequest) -> Result<()> {
         self.validate(&req)?;
-        if self.ids.contains_key(&req.id) {
+        if self.ids.contains(&req.id) {
             return Err(EngineError::DuplicateSequence(req.id.0));
         }
         if self.waiting.len() >= self.cfg.max_waiting {
@@ -409,7 +410,7 @@ impl Engine {
         };
         self.arrivals += 1;
         let seed = req.sampling.seed.unwrap_or_else(rand::random);
-        self.ids.insert(req.id, ());
+        self.ids.insert(req.id);
         self.waiting.push_back(Sequence {
             id: req.id,
             prompt_len,
@@ -564,10 +565,13 @@ impl Engine {
     fn admit(&mut self) {
         let watermark = self.alloc.total().div_ceil(100);
         while self.running.len() < self.cfg.max_running {
-            let Some(seq) = self.waiting.front() else {
+            let Some(need) = self
+                .waiting
+                .front()
+                .map(|s| self.alloc.blocks_for(s.tokens.len()))
+            else {
                 break;
             };
-            let need = self.alloc.blocks_for(seq.tokens.len());
             let spare = if self.running.is_empty() {
                 0
             } else {
@@ -576,9 +580,13 @@ impl Engine {
             if self.alloc.free() < need + spare {
                 break;
             }
-            let mut seq = self.waiting.pop_front().expect("front exists");
-            let ok = self.alloc.grow(&mut seq.blocks, seq.tokens.len());
-            debug_assert!(ok, "free blocks were checked");
+            let Some(mut seq) = self.waiting.pop_front() else {
+                break;
+            };
+            if !self.alloc.grow(&mut seq.blocks, seq.tokens.len()) {
+                self.waiting.push_front(seq);
+                break;
+            }
             self.running.push(seq);
         }
     }
@@ -606,7 +614,8 @@ impl Engine {
                 i += 1;
                 continue;
             }
-            let victim = self.victim();
+            // `i` is running, so there is always a victim.
+            let Some(victim) = self.victim() else { break };
             let mut seq = self.running.remove(victim);
             tracing::debug!(sequence = %seq.id, "preempted: KV cache full");
             plan.retain(|p| p.id != seq.id);
@@ -632,15 +641,13 @@ impl Engine {
     }
 
     /// The running sequence to preempt: lowest priority, then latest arrival.
-    fn victim(&self) -> usize {
-        (0..self.running.len())
-            .min_by_key(|&i| {
-                (
-                    self.running[i].priority,
-                    std::cmp::Reverse(self.running[i].arrival),
-                )
-            })
-            .expect("a sequence is running")
+    fn victim(&self) -> Option<usize> {
+        (0..self.running.len()).min_by_key(|&i| {
+            (
+                self.running[i].priority,
+                std::cmp::Reverse(self.running[i].arrival),
+            )
+        })
     }
 
     /// Runs the forward pass for `plan` and samples the sequences whose input is complete.

@@ -199,10 +199,9 @@ impl Llama {
                 .iter()
                 .map(|g| self.attend(&q, kv, i, g))
                 .collect::<Result<Vec<_>>>()?;
-            let attn = if attn.len() == 1 {
-                attn.into_iter().next().expect("one group")
-            } else {
-                Tensor::cat(&attn, 0)?
+            let attn = match <[Tensor; 1]>::try_from(attn) {
+                Ok([one]) => one,
+                Err(groups) => Tensor::cat(&groups, 0)?,
             };
             x = (x + layer.o.forward(&attn)?)?;
             let h = rms_norm(&x, &layer.post_norm, eps)?;

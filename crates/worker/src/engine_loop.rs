@@ -26,8 +26,8 @@ pub type ResponseSender = mpsc::Sender<Result<pb::ExecuteResponse, Status>>;
 pub struct LoopConfig {
     /// Commands waiting for the engine thread.
     pub command_queue: usize,
-    /// Step messages buffered per router connection; a router that falls this far behind
-    /// slows the engine down rather than growing memory.
+    /// Step messages buffered per router connection. A router that falls this far behind is
+    /// disconnected (its sequences cancelled) so that it cannot stall the engine for others.
     pub connection_buffer: usize,
 }
 
@@ -187,7 +187,7 @@ impl Loop {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Connect { conn, tx } => {
-                let _ = tx.blocking_send(Ok(pb::ExecuteResponse {
+                let _ = tx.try_send(Ok(pb::ExecuteResponse {
                     capacity: Some(convert::capacity(&self.engine.capacity())),
                     ..Default::default()
                 }));
@@ -313,7 +313,7 @@ impl Loop {
     }
 
     /// Sends the assembled messages with the current capacity. A connection whose receiver is
-    /// gone is disconnected.
+    /// gone, or that stopped reading and filled its buffer, is disconnected.
     fn flush(&mut self) {
         let cap = convert::capacity(&self.engine.capacity());
         self.capacity.send_replace(cap);
@@ -323,8 +323,13 @@ impl Loop {
                 continue;
             };
             msg.capacity = Some(cap);
-            if tx.blocking_send(Ok(msg)).is_err() {
-                gone.push(conn);
+            match tx.try_send(Ok(msg)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!(conn, "router connection stopped reading; disconnecting it");
+                    gone.push(conn);
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => gone.push(conn),
             }
         }
         for conn in gone {
