@@ -11,6 +11,7 @@ pub mod batch;
 pub mod bench;
 pub mod config;
 pub mod cpu_attention;
+pub mod cpu_ops;
 pub mod detokenize;
 pub mod engine;
 pub mod error;
@@ -18,9 +19,9 @@ pub mod kv_cache;
 pub mod make_model;
 pub mod model;
 pub mod model_dir;
+pub mod packed_matmul;
 pub mod rope;
 pub mod sampling;
-pub mod skinny_matmul;
 pub mod tokenizer;
 
 pub use candle_core::{DType, Device};

@@ -9,21 +9,49 @@ use candle_nn::ops::{rms_norm, softmax_last_dim};
 use crate::batch::{AttnGroup, StepBatch};
 use crate::config::ModelConfig;
 use crate::cpu_attention::DecodeAttention;
+use crate::cpu_ops::SiluMul;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::model_dir::Weights;
+use crate::packed_matmul::{PackedMatmul, PackedWeight};
 use crate::rope::Rope;
-use crate::skinny_matmul;
+
+/// A weight matrix `[out, in]`: packed once for the CPU kernel (f32 on CPU), a plain tensor
+/// for the device's own matmul otherwise.
+enum Weight {
+    Packed(PackedWeight),
+    Tensor(Tensor),
+}
+
+impl Weight {
+    fn new(w: Tensor) -> Result<Self> {
+        if w.device().is_cpu() && w.dtype() == DType::F32 {
+            let (n, k) = w.dims2()?;
+            let flat = w.flatten_all()?.to_vec1::<f32>()?;
+            Ok(Weight::Packed(PackedWeight::pack(&flat, n, k)))
+        } else {
+            Ok(Weight::Tensor(w))
+        }
+    }
+
+    /// `x [m, in]` → `[m, out]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Weight::Packed(p) => x.contiguous()?.apply_op1_no_bwd(&PackedMatmul(p))?,
+            Weight::Tensor(w) => x.matmul(&w.t()?)?,
+        })
+    }
+}
 
 /// `y = x W^T (+ b)`.
 struct Linear {
-    w: Tensor,
+    w: Weight,
     b: Option<Tensor>,
 }
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = matmul_t(x, &self.w)?;
+        let y = self.w.forward(x)?;
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -48,7 +76,7 @@ pub struct Llama {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Weight,
     rope: Rope,
     dtype: DType,
     device: Device,
@@ -80,7 +108,7 @@ impl Loader<'_> {
     }
 
     fn linear(&self, parts: &[(String, usize)], cols: usize, bias: bool) -> Result<Linear> {
-        let w = self.cat(parts, Some(cols))?;
+        let w = Weight::new(self.cat(parts, Some(cols))?)?;
         let b = if bias {
             let bparts: Vec<(String, usize)> = parts
                 .iter()
@@ -143,11 +171,11 @@ impl Llama {
             progress(i + 2, steps);
         }
         let norm = l.get("model.norm.weight", &[h])?;
-        let lm_head = if cfg.tie_word_embeddings {
+        let lm_head = Weight::new(if cfg.tie_word_embeddings {
             embed.clone()
         } else {
             l.get("lm_head.weight", &[cfg.vocab_size, h])?
-        };
+        })?;
         progress(steps, steps);
         Ok(Llama {
             cfg: cfg.clone(),
@@ -207,7 +235,11 @@ impl Llama {
             let h = rms_norm(&x, &layer.post_norm, eps)?;
             let gu = layer.gate_up.forward(&h)?;
             let inter = cfg.intermediate_size;
-            let act = (gu.narrow(1, 0, inter)?.silu()? * gu.narrow(1, inter, inter)?)?;
+            let act = if gu.device().is_cpu() && gu.dtype() == DType::F32 {
+                gu.apply_op1_no_bwd(&SiluMul)?
+            } else {
+                (gu.narrow(1, 0, inter)?.silu()? * gu.narrow(1, inter, inter)?)?
+            };
             x = (x + layer.down.forward(&act)?)?;
         }
         if batch.logit_rows.dim(0)? == 0 {
@@ -220,7 +252,7 @@ impl Llama {
         }
         let x = x.index_select(&batch.logit_rows, 0)?;
         let x = rms_norm(&x, &self.norm, eps)?;
-        Ok(matmul_t(&x, &self.lm_head)?.to_dtype(DType::F32)?)
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
     /// Attention of one group. `q` is `[tokens, heads, head_dim]`; returns
@@ -280,18 +312,6 @@ impl Llama {
             Some(ix) => out.index_select(ix, 0)?,
             None => out,
         })
-    }
-}
-
-/// `x [m, k] · w [n, k]ᵀ`: the skinny CPU kernel for decode-sized f32 inputs, the general
-/// matmul otherwise.
-fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let m = x.dim(0)?;
-    if x.device().is_cpu() && x.dtype() == DType::F32 && m <= skinny_matmul::MAX_ROWS {
-        Ok(x.contiguous()?
-            .apply_op2_no_bwd(w, &skinny_matmul::SkinnyMatmul)?)
-    } else {
-        Ok(x.matmul(&w.t()?)?)
     }
 }
 
