@@ -56,6 +56,34 @@ fn start_worker(model: &std::path::Path, extra: &[&str]) -> (Proc, String) {
     (child, format!("http://{addr}"))
 }
 
+/// A worker on a fresh tiny model (kept alive by the returned guard and directory).
+fn tiny_worker(extra: &[&str]) -> (tempfile::TempDir, Proc, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    make_tiny(&model);
+    let (worker, url) = start_worker(&model, extra);
+    (tmp, worker, url)
+}
+
+/// The worker's latest capacity report.
+async fn capacity(client: &mut WorkerClient<tonic::transport::Channel>) -> pb::CapacityReport {
+    let health = client
+        .health(pb::HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    health.capacity.unwrap()
+}
+
+/// An `Execute` message that dispatches `sequences`.
+fn dispatch(sequences: Vec<pb::SequenceSpec>) -> pb::ExecuteRequest {
+    pb::ExecuteRequest {
+        kind: Some(pb::execute_request::Kind::Dispatch(pb::Dispatch {
+            sequences,
+        })),
+    }
+}
+
 fn spec(id: u64, prompt: Vec<u32>, max_new: u32) -> pb::SequenceSpec {
     pb::SequenceSpec {
         sequence_id: id,
@@ -71,10 +99,7 @@ fn spec(id: u64, prompt: Vec<u32>, max_new: u32) -> pb::SequenceSpec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_streams_tokens_reports_capacity_and_cancels_within_a_step() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny");
-    make_tiny(&model);
-    let (_worker, url) = start_worker(&model, &["--kv-cache-memory", "8MiB"]);
+    let (_dir, _worker, url) = tiny_worker(&["--kv-cache-memory", "8MiB"]);
     let mut client = WorkerClient::connect(url).await.unwrap();
     let mut health_client = client.clone();
 
@@ -187,19 +212,9 @@ async fn worker_streams_tokens_reports_capacity_and_cancels_within_a_step() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_router_stream_frees_its_sequences() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny");
-    make_tiny(&model);
-    let (_worker, url) = start_worker(&model, &[]);
+    let (_dir, _worker, url) = tiny_worker(&[]);
     let mut client = WorkerClient::connect(url.clone()).await.unwrap();
-    let total = client
-        .health(pb::HealthRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .capacity
-        .unwrap()
-        .total_blocks;
+    let total = capacity(&mut client).await.total_blocks;
     {
         let (tx, rx) = mpsc::channel(4);
         let mut stream = client
@@ -207,13 +222,9 @@ async fn a_dropped_router_stream_frees_its_sequences() {
             .await
             .unwrap()
             .into_inner();
-        tx.send(pb::ExecuteRequest {
-            kind: Some(pb::execute_request::Kind::Dispatch(pb::Dispatch {
-                sequences: vec![spec(1, (1..200).collect(), 1500)],
-            })),
-        })
-        .await
-        .unwrap();
+        tx.send(dispatch(vec![spec(1, (1..200).collect(), 1500)]))
+            .await
+            .unwrap();
         // Wait until it runs, then vanish without cancelling.
         loop {
             let m = stream.message().await.unwrap().unwrap();
@@ -224,13 +235,7 @@ async fn a_dropped_router_stream_frees_its_sequences() {
     }
     let mut client = WorkerClient::connect(url).await.unwrap();
     for _ in 0..100 {
-        let cap = client
-            .health(pb::HealthRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .capacity
-            .unwrap();
+        let cap = capacity(&mut client).await;
         if cap.free_blocks == total && cap.running_sequences == 0 {
             return;
         }
@@ -257,19 +262,9 @@ fn bad_model_directory_fails_at_start_naming_the_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_that_stops_reading_is_disconnected_and_others_keep_going() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny");
-    make_tiny(&model);
-    let (_worker, url) = start_worker(&model, &["--connection-buffer", "4"]);
+    let (_dir, _worker, url) = tiny_worker(&["--connection-buffer", "4"]);
     let mut health = WorkerClient::connect(url.clone()).await.unwrap();
-    let total = health
-        .health(pb::HealthRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .capacity
-        .unwrap()
-        .total_blocks;
+    let total = capacity(&mut health).await.total_blocks;
 
     // Router A dispatches long sequences and never reads its stream (but keeps it open). A
     // small HTTP/2 window makes the backpressure reach the worker after a few messages.
@@ -290,13 +285,7 @@ async fn a_router_that_stops_reading_is_disconnected_and_others_keep_going() {
     let long: Vec<_> = (0..8)
         .map(|i| spec(100 + i, (1..40).collect(), 1900))
         .collect();
-    tx_a.send(pb::ExecuteRequest {
-        kind: Some(pb::execute_request::Kind::Dispatch(pb::Dispatch {
-            sequences: long,
-        })),
-    })
-    .await
-    .unwrap();
+    tx_a.send(dispatch(long)).await.unwrap();
 
     // Router B is served meanwhile and afterwards.
     let mut b = WorkerClient::connect(url).await.unwrap();
@@ -306,13 +295,9 @@ async fn a_router_that_stops_reading_is_disconnected_and_others_keep_going() {
         .await
         .unwrap()
         .into_inner();
-    tx_b.send(pb::ExecuteRequest {
-        kind: Some(pb::execute_request::Kind::Dispatch(pb::Dispatch {
-            sequences: vec![spec(1, vec![1, 2, 3], 2000)],
-        })),
-    })
-    .await
-    .unwrap();
+    tx_b.send(dispatch(vec![spec(1, vec![1, 2, 3], 2000)]))
+        .await
+        .unwrap();
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut b_tokens = 0;
