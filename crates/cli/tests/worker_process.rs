@@ -44,6 +44,8 @@ fn start_worker(model: &std::path::Path, extra: &[&str]) -> (Proc, String) {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            // Shown by the test harness when a test fails.
+            eprintln!("worker: {line}");
             if let Some(i) = line.find("addr=") {
                 let addr = line[i + 5..].split_whitespace().next().unwrap().to_string();
                 let _ = tx.send(addr);
@@ -277,7 +279,7 @@ async fn a_router_that_stops_reading_is_disconnected_and_others_keep_going() {
         .unwrap();
     let mut a = WorkerClient::new(channel);
     let (tx_a, rx_a) = mpsc::channel(4);
-    let _stalled = a
+    let mut stalled = a
         .execute(ReceiverStream::new(rx_a))
         .await
         .unwrap()
@@ -330,5 +332,16 @@ async fn a_router_that_stops_reading_is_disconnected_and_others_keep_going() {
             break;
         }
     }
+    // When A reads again it gets what was buffered, then a status saying why the stream ends.
+    let status = loop {
+        let next = tokio::time::timeout(Duration::from_secs(30), stalled.message()).await;
+        match next.expect("A's stream ends") {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("A's stream ended without saying why"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("fell"), "{}", status.message());
     drop(tx_a);
 }

@@ -194,6 +194,8 @@ impl Loop {
                 self.conns.insert(conn, tx);
             }
             Command::Disconnect { conn } => self.disconnect(conn),
+            // A connection already dropped (it stopped reading) gets no new work.
+            Command::Dispatch { conn, .. } if !self.conns.contains_key(&conn) => {}
             Command::Dispatch { conn, sequences } => {
                 for spec in sequences {
                     self.dispatch(conn, spec);
@@ -323,17 +325,29 @@ impl Loop {
                 continue;
             };
             msg.capacity = Some(cap);
-            match tx.try_send(Ok(msg)) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    tracing::warn!(conn, "router connection stopped reading; disconnecting it");
-                    gone.push(conn);
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => gone.push(conn),
+            // The last free slot is kept for the status that tells a lagging router why its
+            // stream ends.
+            let sent = if tx.capacity() > 1 {
+                tx.try_send(Ok(msg)).is_ok()
+            } else {
+                tracing::warn!(conn, "router connection stopped reading; disconnecting it");
+                let _ = tx.try_send(Err(Status::resource_exhausted(format!(
+                    "this router fell {} step messages behind the worker; its sequences were cancelled, reconnect and resubmit",
+                    tx.max_capacity()
+                ))));
+                false
+            };
+            if !sent {
+                gone.push(conn);
             }
         }
-        for conn in gone {
-            self.disconnect(conn);
+        if !gone.is_empty() {
+            for conn in gone {
+                self.disconnect(conn);
+            }
+            // Their cancelled sequences freed blocks: Health must see that now.
+            self.capacity
+                .send_replace(convert::capacity(&self.engine.capacity()));
         }
     }
 }

@@ -48,8 +48,8 @@ impl Worker for WorkerService {
         request: Request<Streaming<pb::ExecuteRequest>>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
         let conn = self.engine.new_connection();
-        let (tx, rx) = mpsc::channel(self.engine.config().connection_buffer.max(1));
-        let watch_tx = tx.clone();
+        // One slot beyond the buffer is reserved for the final status of a lagging router.
+        let (tx, rx) = mpsc::channel(self.engine.config().connection_buffer.max(1) + 1);
         self.engine.send(Command::Connect { conn, tx }).await?;
         let engine = self.engine.clone();
         let mut inbound = request.into_inner();
@@ -71,12 +71,9 @@ impl Worker for WorkerService {
                         },
                         None => continue,
                     },
-                    // The router half-closed: keep its sequences running until it stops
-                    // reading our messages.
-                    Ok(None) => {
-                        watch_tx.closed().await;
-                        break;
-                    }
+                    // The router half-closed: its sequences keep running; the engine notices
+                    // when the router stops reading (its next send fails) and cleans up then.
+                    Ok(None) => return,
                     Err(status) => {
                         tracing::debug!(conn, %status, "router stream broke");
                         break;
