@@ -355,3 +355,24 @@ fn half_precision_dtypes_load_and_track_f32() {
         }
     }
 }
+
+#[test]
+fn a_missing_shard_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixtures().join("llama3");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+    }
+    assert!(ModelDir::open(tmp.path()).is_ok(), "the sharded copy loads");
+    std::fs::remove_file(tmp.path().join("model-00003-of-00005.safetensors")).unwrap();
+    let e = ModelDir::open(tmp.path())
+        .err()
+        .expect("missing shard")
+        .to_string();
+    assert!(
+        e.contains("model-00003-of-00005.safetensors")
+            && e.contains("model.safetensors.index.json"),
+        "{e}"
+    );
+}
