@@ -32,37 +32,38 @@ impl Detokenizer {
     /// Adds `id`; returns the text it completes (possibly empty while a character is split).
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let full = tok.decode(&self.ids[self.prefix_offset..])?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
-            let delta = full[prefix.len()..].to_string();
-            self.prefix_offset = self.read_offset;
-            self.read_offset = self.ids.len();
-            // Keep the buffer bounded: everything before prefix_offset is decoded for good.
-            if self.prefix_offset > 64 {
-                self.ids.drain(..self.prefix_offset);
-                self.read_offset -= self.prefix_offset;
-                self.prefix_offset = 0;
-            }
-            Ok(delta)
-        } else {
-            Ok(String::new())
-        }
+        self.take(tok, false)
     }
-}
 
-impl Detokenizer {
     /// Text of tokens not yet returned (an incomplete character at the very end decodes to
     /// U+FFFD), so that the deltas of a finished sequence add up to its decoded text.
     pub fn flush(&mut self, tok: &Tokenizer) -> Result<String> {
+        self.take(tok, true)
+    }
+
+    /// The text of the tokens after `read_offset`. Unless `finish`, nothing is returned while
+    /// that text ends in an incomplete character.
+    fn take(&mut self, tok: &Tokenizer, finish: bool) -> Result<String> {
         if self.read_offset == self.ids.len() {
             return Ok(String::new());
         }
         let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = tok.decode(&self.ids[self.prefix_offset..])?;
+        let complete =
+            full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix);
+        if !complete && !finish {
+            return Ok(String::new());
+        }
+        let delta = full.get(prefix.len()..).unwrap_or_default().to_string();
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
-        Ok(full.get(prefix.len()..).unwrap_or_default().to_string())
+        // Keep the buffer bounded: everything before prefix_offset is decoded for good.
+        if self.prefix_offset > 64 {
+            self.ids.drain(..self.prefix_offset);
+            self.read_offset -= self.prefix_offset;
+            self.prefix_offset = 0;
+        }
+        Ok(delta)
     }
 }
 

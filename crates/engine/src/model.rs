@@ -16,8 +16,14 @@ use crate::model_dir::Weights;
 use crate::packed_matmul::{PackedMatmul, PackedWeight};
 use crate::rope::Rope;
 
-/// A weight matrix `[out, in]`: packed once for the CPU kernel (f32 on CPU), a plain tensor
-/// for the device's own matmul otherwise.
+/// Whether the CPU kernels (packed matmul, paged decode attention, fused SiLU·up) serve this
+/// device and dtype; everything else takes candle's general path.
+fn uses_cpu_kernels(device: &Device, dtype: DType) -> bool {
+    device.is_cpu() && dtype == DType::F32
+}
+
+/// A weight matrix `[out, in]`: packed once for the CPU kernel, a plain tensor for the device's
+/// own matmul otherwise.
 enum Weight {
     Packed(PackedWeight),
     Tensor(Tensor),
@@ -25,7 +31,7 @@ enum Weight {
 
 impl Weight {
     fn new(w: Tensor) -> Result<Self> {
-        if w.device().is_cpu() && w.dtype() == DType::F32 {
+        if uses_cpu_kernels(w.device(), w.dtype()) {
             let (n, k) = w.dims2()?;
             let flat = w.flatten_all()?.to_vec1::<f32>()?;
             Ok(Weight::Packed(PackedWeight::pack(&flat, n, k)))
@@ -235,7 +241,7 @@ impl Llama {
             let h = rms_norm(&x, &layer.post_norm, eps)?;
             let gu = layer.gate_up.forward(&h)?;
             let inter = cfg.intermediate_size;
-            let act = if gu.device().is_cpu() && gu.dtype() == DType::F32 {
+            let act = if uses_cpu_kernels(&self.device, self.dtype) {
                 gu.apply_op1_no_bwd(&SiluMul)?
             } else {
                 (gu.narrow(1, 0, inter)?.silu()? * gu.narrow(1, inter, inter)?)?
@@ -263,7 +269,7 @@ impl Llama {
         let rep = nh / nkv;
         let (b, mq, mc) = (g.batch, g.max_q, g.max_ctx);
         let q = q.narrow(0, g.start, g.len)?;
-        if g.max_q == 1 && self.device.is_cpu() && self.dtype == DType::F32 {
+        if g.max_q == 1 && uses_cpu_kernels(&self.device, self.dtype) {
             let (k, v) = kv.layer(layer);
             let op = DecodeAttention {
                 num_heads: nh,
