@@ -13,6 +13,7 @@ use candle_core::{DType, Device};
 use openinfer_core::{FinishReason, SamplingParams, SequenceId, StoppingParams};
 
 use crate::batch::{SeqChunk, StepBatch};
+use crate::config::ModelConfig;
 use crate::detokenize::{Detokenizer, StopMatcher};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{bytes_per_block, BlockAllocator, KvCache};
@@ -360,6 +361,11 @@ impl Engine {
     /// Static facts about the engine.
     pub fn info(&self) -> &EngineInfo {
         &self.info
+    }
+
+    /// The configuration of the loaded model.
+    pub fn model_config(&self) -> &ModelConfig {
+        self.model.config()
     }
 
     /// The model's tokenizer.

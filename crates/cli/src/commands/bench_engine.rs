@@ -61,6 +61,7 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
     .with_context(|| format!("cannot load {}", model.display()))?;
     pb.finish_and_clear();
     let info = engine.info().clone();
+    let mc = engine.model_config().clone();
 
     let pb = crate::progress::bar((3 * a.repeats + 3) as u64, "measuring");
     let mut prefill = Vec::new();
@@ -107,7 +108,6 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
 
     // Cost model: each decode step reads the layer weights and lm_head once and does 2 FLOPs
     // per weight per token; prefill does the layers for every token and lm_head once.
-    let mc = openinfer_engine::ModelConfig::from_file(&model.join("config.json"))?;
     let elem = info.dtype.size_in_bytes() as f64;
     let (layer_w, head_w) = (mc.layer_parameters() as f64, mc.lm_head_parameters() as f64);
     let step_bytes = (layer_w + head_w) * elem;
