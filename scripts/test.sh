@@ -4,6 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Test-time tools are installed here as the suite grows (etcd, promtool, ...).
+# Third-party Python clients (grpcio + reflection) for the cross-process tests, in a venv under
+# target/ that is rebuilt when scripts/requirements-test.txt changes.
+venv=target/test-venv
+stamp="$venv/.requirements"
+if ! cmp -s scripts/requirements-test.txt "$stamp" 2>/dev/null; then
+    echo "installing the Python test clients into $venv" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r scripts/requirements-test.txt
+    cp scripts/requirements-test.txt "$stamp"
+fi
+export OPENINFER_TEST_PYTHON="$PWD/$venv/bin/python"
 
 cargo test --workspace --all-targets --locked "$@"

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -17,8 +18,15 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run router and worker in one process: the one-command server (creates the `tiny` demo
+    /// model when no --model is given).
+    Serve(ServeArgs),
+    /// Run a router: the public `openinfer.v1.Inference` API in front of workers.
+    Router(RouterCmdArgs),
     /// Run a worker: load a model and serve `openinfer.worker.v1` over gRPC.
     Worker(WorkerArgs),
+    /// Send one prompt to a router and stream the answer to the terminal.
+    Generate(GenerateArgs),
     /// Write a random-weight Hugging Face model directory (for demos, tests, benchmarks).
     MakeModel(MakeModelArgs),
     /// Measure engine speed (prefill, single and batched decode) beside HF transformers.
@@ -47,9 +55,9 @@ pub enum LogFormat {
 /// Where and how the engine runs.
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
-    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
-    #[arg(long, env = "OPENINFER_MODEL")]
-    pub model: PathBuf,
+    /// Model id announced to routers and clients (default: the model directory's name).
+    #[arg(long, env = "OPENINFER_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, env = "OPENINFER_DEVICE", default_value = "cpu")]
     pub device: String,
@@ -79,11 +87,21 @@ pub struct EngineArgs {
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long, env = "OPENINFER_MODEL")]
+    pub model: PathBuf,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub worker: WorkerLoopArgs,
     /// Address to serve gRPC on.
     #[arg(long, env = "OPENINFER_LISTEN", default_value = "127.0.0.1:50061")]
     pub listen: SocketAddr,
+}
+
+/// Buffers of the worker's engine loop.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerLoopArgs {
     /// Step messages buffered per router connection; a router that falls this far behind is
     /// disconnected (its sequences cancelled) so that it cannot stall the engine.
     #[arg(long, env = "OPENINFER_CONNECTION_BUFFER", default_value_t = 256)]
@@ -91,6 +109,172 @@ pub struct WorkerArgs {
     /// Commands buffered for the engine thread.
     #[arg(long, env = "OPENINFER_COMMAND_QUEUE", default_value_t = 1024)]
     pub command_queue: usize,
+}
+
+/// Admission, scheduling and limits of the router.
+#[derive(Debug, Clone, Args)]
+pub struct RouterArgs {
+    /// Model used when a request names none (default: the only model served).
+    #[arg(long, env = "OPENINFER_DEFAULT_MODEL")]
+    pub default_model: Option<String>,
+    /// Most requests waiting in the router (all models and priorities).
+    #[arg(long, env = "OPENINFER_MAX_QUEUED_REQUESTS", default_value_t = 4096)]
+    pub max_queued_requests: usize,
+    /// Most requests waiting at one priority level of one model.
+    #[arg(long, env = "OPENINFER_MAX_QUEUE_PER_PRIORITY", default_value_t = 1024)]
+    pub max_queue_per_priority: usize,
+    /// Most prompt tokens waiting in the router.
+    #[arg(long, env = "OPENINFER_MAX_QUEUED_TOKENS", default_value_t = 1 << 20)]
+    pub max_queued_tokens: usize,
+    /// Share of the queue bounds open to sheddable (negative priority) requests.
+    #[arg(long, env = "OPENINFER_SHEDDABLE_SHARE", default_value_t = 0.5)]
+    pub sheddable_share: f64,
+    /// Longest queue wait when the client sets no grpc-timeout (e.g. 60s, 500ms).
+    #[arg(long, env = "OPENINFER_QUEUE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub queue_timeout: Duration,
+    /// Waiting this long raises a queued request's priority by one level; 0 turns aging off.
+    #[arg(long, env = "OPENINFER_AGING_STEP", default_value = "5s", value_parser = parse_duration)]
+    pub aging_step: Duration,
+    /// Preempt lower-priority running sequences when a higher-priority request cannot be
+    /// placed (they resume later, invisibly to their clients).
+    #[arg(long, env = "OPENINFER_PREEMPTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub preemption: bool,
+    /// Delay suggested to refused clients (grpc-retry-pushback-ms).
+    #[arg(long, env = "OPENINFER_RETRY_PUSHBACK", default_value = "500ms", value_parser = parse_duration)]
+    pub retry_pushback: Duration,
+    /// max_new_tokens of requests that set none (capped by the context).
+    #[arg(long, env = "OPENINFER_DEFAULT_MAX_NEW_TOKENS", default_value_t = 256)]
+    pub default_max_new_tokens: u32,
+    /// Most stop strings per request.
+    #[arg(long, env = "OPENINFER_MAX_STOP_STRINGS", default_value_t = 16)]
+    pub max_stop_strings: usize,
+    /// Longest stop string in bytes.
+    #[arg(long, env = "OPENINFER_MAX_STOP_BYTES", default_value_t = 256)]
+    pub max_stop_bytes: usize,
+    /// Largest request accepted, e.g. 4MiB.
+    #[arg(long, env = "OPENINFER_MAX_REQUEST_BYTES", default_value = "4MiB", value_parser = parse_bytes)]
+    pub max_request_bytes: u64,
+    /// Messages buffered towards each worker.
+    #[arg(long, env = "OPENINFER_WORKER_QUEUE", default_value_t = 1024)]
+    pub worker_queue: usize,
+    /// Messages buffered for the scheduler task.
+    #[arg(long, env = "OPENINFER_SCHEDULER_QUEUE", default_value_t = 8192)]
+    pub scheduler_queue: usize,
+    /// Most concurrent streams per client connection.
+    #[arg(
+        long,
+        env = "OPENINFER_MAX_CONCURRENT_STREAMS",
+        default_value_t = 16_384
+    )]
+    pub max_concurrent_streams: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct RouterCmdArgs {
+    /// Address to serve the public API on.
+    #[arg(long, env = "OPENINFER_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Worker addresses (host:port), comma-separated.
+    #[arg(
+        long,
+        env = "OPENINFER_WORKERS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub workers: Vec<String>,
+    #[command(flatten)]
+    pub router: RouterArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Hugging Face model directory; default: the `tiny` demo model, made under --cache-dir.
+    #[arg(long, env = "OPENINFER_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Where demo models are made (default: $XDG_CACHE_HOME/openinfer or ~/.cache/openinfer).
+    #[arg(long, env = "OPENINFER_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Address to serve the public API on.
+    #[arg(long, env = "OPENINFER_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub worker: WorkerLoopArgs,
+    #[command(flatten)]
+    pub router: RouterArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// The prompt.
+    pub prompt: String,
+    /// Router address.
+    #[arg(long, env = "OPENINFER_ADDR", default_value = "127.0.0.1:50051")]
+    pub addr: String,
+    /// Model id (default: the router's default model).
+    #[arg(long, env = "OPENINFER_GENERATE_MODEL", default_value = "")]
+    pub model: String,
+    /// Tokens to generate at most (default: the router's).
+    #[arg(long, env = "OPENINFER_MAX_NEW_TOKENS")]
+    pub max_new_tokens: Option<u32>,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, env = "OPENINFER_TEMPERATURE")]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling threshold.
+    #[arg(long, env = "OPENINFER_TOP_P")]
+    pub top_p: Option<f32>,
+    /// Keep the k most likely tokens.
+    #[arg(long, env = "OPENINFER_TOP_K")]
+    pub top_k: Option<i32>,
+    /// Random seed.
+    #[arg(long, env = "OPENINFER_SEED")]
+    pub seed: Option<u64>,
+    /// Stop string (repeatable).
+    #[arg(long, env = "OPENINFER_STOP")]
+    pub stop: Vec<String>,
+    /// Priority (higher first; negative is sheddable).
+    #[arg(
+        long,
+        env = "OPENINFER_PRIORITY",
+        default_value_t = 0,
+        allow_hyphen_values = true
+    )]
+    pub priority: i32,
+    /// Keep going after end-of-sequence.
+    #[arg(long, env = "OPENINFER_IGNORE_EOS")]
+    pub ignore_eos: bool,
+    /// Deadline of the call (sent as grpc-timeout), e.g. 30s.
+    #[arg(long, env = "OPENINFER_TIMEOUT", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h` or `0` into a duration.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 500ms, 5s or 2m"))?;
+    let secs = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" if value == 0.0 => 0.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        "" => return Err(format!("`{s}` needs a unit: ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "unknown duration unit `{other}`; use ms, s, m or h"
+            ))
+        }
+    };
+    if !(secs >= 0.0 && secs.is_finite()) {
+        return Err(format!("`{s}` is not a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 #[derive(Debug, Args)]
@@ -226,6 +410,16 @@ mod tests {
         assert_eq!(parse_bytes("1.5GB").unwrap(), 1_500_000_000);
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("5XB").is_err());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("-1s").is_err());
     }
 
     #[test]

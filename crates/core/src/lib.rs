@@ -5,4 +5,7 @@ pub mod error;
 pub mod params;
 
 pub use error::{Code, ErrorCode};
-pub use params::{FinishReason, SamplingParams, SequenceId, StoppingParams};
+pub use params::{
+    check_top_logprobs, with_bos, FinishReason, InvalidField, SamplingParams, SequenceId,
+    StoppingParams, MAX_TOP_LOGPROBS,
+};

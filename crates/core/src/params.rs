@@ -91,3 +91,88 @@ impl FinishReason {
         }
     }
 }
+
+/// Most alternatives a request may ask log-probabilities for.
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// A request field that breaks its rule; the message says what to send instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InvalidField {
+    /// The offending field, as named in the public API.
+    pub field: &'static str,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl InvalidField {
+    /// A broken rule on `field`.
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        InvalidField {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Checks every parameter's range (the same rules on the router and the worker).
+    pub fn check(&self) -> Result<(), InvalidField> {
+        let bad = |field, message: &str| Err(InvalidField::new(field, message));
+        if self
+            .temperature
+            .is_some_and(|t| !(t >= 0.0 && t.is_finite()))
+        {
+            return bad("temperature", "must be a finite number ≥ 0 (0 = greedy)");
+        }
+        if self.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+            return bad("top_p", "must be in (0, 1]");
+        }
+        if self.min_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
+            return bad("min_p", "must be in [0, 1]");
+        }
+        if self
+            .repetition_penalty
+            .is_some_and(|p| !(p > 0.0 && p.is_finite()))
+        {
+            return bad(
+                "repetition_penalty",
+                "must be a finite number > 0 (1 = off)",
+            );
+        }
+        if self
+            .frequency_penalty
+            .is_some_and(|p| !(-2.0..=2.0).contains(&p))
+        {
+            return bad("frequency_penalty", "must be in [-2, 2]");
+        }
+        if self
+            .presence_penalty
+            .is_some_and(|p| !(-2.0..=2.0).contains(&p))
+        {
+            return bad("presence_penalty", "must be in [-2, 2]");
+        }
+        Ok(())
+    }
+}
+
+/// Checks the number of log-probability alternatives asked for.
+pub fn check_top_logprobs(top_logprobs: u32) -> Result<(), InvalidField> {
+    if top_logprobs > MAX_TOP_LOGPROBS {
+        return Err(InvalidField::new(
+            "top_logprobs",
+            format!("at most {MAX_TOP_LOGPROBS}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Prepends `bos` when the model wants one and the tokenizer did not add it.
+pub fn with_bos(mut ids: Vec<u32>, bos: Option<u32>, add_bos: bool) -> Vec<u32> {
+    if let (true, Some(bos)) = (add_bos, bos) {
+        if ids.first() != Some(&bos) {
+            ids.insert(0, bos);
+        }
+    }
+    ids
+}

@@ -22,8 +22,7 @@ use crate::model_dir::ModelDir;
 use crate::sampling::{self, SampleContext, TokenLogprob};
 use crate::tokenizer::Tokenizer;
 
-/// Most alternatives a request may ask log-probabilities for.
-pub const MAX_TOP_LOGPROBS: u32 = 20;
+pub use openinfer_core::MAX_TOP_LOGPROBS;
 
 /// Limits and resources of an engine.
 #[derive(Debug, Clone)]
@@ -472,34 +471,13 @@ impl Engine {
                 ),
             );
         }
-        let s = &req.sampling;
-        if s.temperature.is_some_and(|t| !(t >= 0.0 && t.is_finite())) {
-            return bad("temperature", "must be a finite number ≥ 0".into());
-        }
-        if s.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
-            return bad("top_p", "must be in (0, 1]".into());
-        }
-        if s.min_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
-            return bad("min_p", "must be in [0, 1]".into());
-        }
-        if s.repetition_penalty
-            .is_some_and(|p| !(p > 0.0 && p.is_finite()))
-        {
-            return bad("repetition_penalty", "must be a finite number > 0".into());
-        }
-        if s.frequency_penalty
-            .is_some_and(|p| !(-2.0..=2.0).contains(&p))
-        {
-            return bad("frequency_penalty", "must be in [-2, 2]".into());
-        }
-        if s.presence_penalty
-            .is_some_and(|p| !(-2.0..=2.0).contains(&p))
-        {
-            return bad("presence_penalty", "must be in [-2, 2]".into());
-        }
-        if req.top_logprobs > MAX_TOP_LOGPROBS {
-            return bad("top_logprobs", format!("at most {MAX_TOP_LOGPROBS}"));
-        }
+        req.sampling
+            .check()
+            .and_then(|()| openinfer_core::check_top_logprobs(req.top_logprobs))
+            .map_err(|e| EngineError::InvalidRequest {
+                field: e.field,
+                message: e.message,
+            })?;
         Ok(())
     }
 

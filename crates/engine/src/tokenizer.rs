@@ -109,15 +109,11 @@ impl Tokenizer {
             .inner
             .encode(text, true)
             .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        let mut ids = enc.get_ids().to_vec();
-        if self.add_bos_token {
-            if let Some(bos) = self.bos_token_id {
-                if ids.first() != Some(&bos) {
-                    ids.insert(0, bos);
-                }
-            }
-        }
-        Ok(ids)
+        Ok(openinfer_core::with_bos(
+            enc.get_ids().to_vec(),
+            self.bos_token_id,
+            self.add_bos_token,
+        ))
     }
 
     /// Text of `ids`, special tokens skipped.

@@ -3,6 +3,7 @@
 use openinfer_core::{FinishReason, SamplingParams, SequenceId, StoppingParams};
 use openinfer_engine::engine::{Capacity, EngineInfo, Finished, SequenceRequest};
 use openinfer_engine::sampling::TokenLogprob;
+use openinfer_engine::Tokenizer;
 use openinfer_proto::worker::v1 as pb;
 
 /// A dispatched sequence as the engine takes it (`id` is the engine's own id).
@@ -83,6 +84,7 @@ pub fn capacity(c: &Capacity) -> pb::CapacityReport {
         waiting_sequences: c.waiting as u32,
         step: c.step,
         free_sequence_slots: c.free_slots() as u32,
+        dispatched: 0,
     }
 }
 
@@ -110,5 +112,14 @@ pub fn info(i: &EngineInfo) -> pb::InfoResponse {
         add_bos_token: i.add_bos_token,
         revision: String::new(),
         version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+/// The tokenizer on the wire.
+pub fn tokenizer(t: &Tokenizer) -> pb::TokenizerResponse {
+    pb::TokenizerResponse {
+        tokenizer_json: t.inner().to_string(false).unwrap_or_default(),
+        bos_token_id: t.bos_token_id,
+        add_bos_token: t.add_bos_token,
     }
 }

@@ -29,6 +29,8 @@ pub struct LoopConfig {
     /// Step messages buffered per router connection. A router that falls this far behind is
     /// disconnected (its sequences cancelled) so that it cannot stall the engine for others.
     pub connection_buffer: usize,
+    /// Model id announced to routers (default: the engine's, its directory name).
+    pub model_name: Option<String>,
 }
 
 impl Default for LoopConfig {
@@ -36,6 +38,7 @@ impl Default for LoopConfig {
         LoopConfig {
             command_queue: 1024,
             connection_buffer: 256,
+            model_name: None,
         }
     }
 }
@@ -82,6 +85,7 @@ pub enum Command {
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     info: Arc<pb::InfoResponse>,
+    tokenizer: Arc<pb::TokenizerResponse>,
     capacity: watch::Receiver<pb::CapacityReport>,
     next_conn: Arc<AtomicU64>,
     cfg: LoopConfig,
@@ -91,7 +95,12 @@ impl EngineHandle {
     /// Starts the engine thread.
     pub fn spawn(engine: Engine, cfg: LoopConfig) -> (EngineHandle, std::thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(cfg.command_queue.max(1));
-        let info = Arc::new(convert::info(engine.info()));
+        let mut info = convert::info(engine.info());
+        if let Some(name) = &cfg.model_name {
+            info.model = name.clone();
+        }
+        let info = Arc::new(info);
+        let tokenizer = Arc::new(convert::tokenizer(engine.tokenizer()));
         let (cap_tx, cap_rx) = watch::channel(convert::capacity(&engine.capacity()));
         let lp = Loop {
             engine,
@@ -101,6 +110,7 @@ impl EngineHandle {
             by_engine: HashMap::new(),
             by_wire: HashMap::new(),
             next_id: 0,
+            total_dispatched: 0,
             outbox: HashMap::new(),
         };
         let join = std::thread::Builder::new()
@@ -111,6 +121,7 @@ impl EngineHandle {
             EngineHandle {
                 tx,
                 info,
+                tokenizer,
                 capacity: cap_rx,
                 next_conn: Arc::new(AtomicU64::new(1)),
                 cfg,
@@ -132,6 +143,11 @@ impl EngineHandle {
         &self.info
     }
 
+    /// The model's tokenizer, as served to routers.
+    pub fn tokenizer(&self) -> &pb::TokenizerResponse {
+        &self.tokenizer
+    }
+
     /// The latest capacity report.
     pub fn capacity(&self) -> pb::CapacityReport {
         *self.capacity.borrow()
@@ -148,14 +164,23 @@ impl EngineHandle {
     }
 }
 
+/// One router connection.
+struct Connection {
+    tx: ResponseSender,
+    /// Sequences it dispatched that the loop has taken in (reported back as credits).
+    dispatched: u64,
+}
+
 struct Loop {
     engine: Engine,
     rx: mpsc::Receiver<Command>,
     capacity: watch::Sender<pb::CapacityReport>,
-    conns: HashMap<u64, ResponseSender>,
+    conns: HashMap<u64, Connection>,
     by_engine: HashMap<SequenceId, (u64, u64)>,
     by_wire: HashMap<(u64, u64), SequenceId>,
     next_id: u64,
+    /// Sequences dispatched over all connections, ever (reported by `Health`).
+    total_dispatched: u64,
     /// Messages being assembled for each connection this iteration.
     outbox: HashMap<u64, pb::ExecuteResponse>,
 }
@@ -191,12 +216,18 @@ impl Loop {
                     capacity: Some(convert::capacity(&self.engine.capacity())),
                     ..Default::default()
                 }));
-                self.conns.insert(conn, tx);
+                self.conns.insert(conn, Connection { tx, dispatched: 0 });
             }
             Command::Disconnect { conn } => self.disconnect(conn),
             // A connection already dropped (it stopped reading) gets no new work.
             Command::Dispatch { conn, .. } if !self.conns.contains_key(&conn) => {}
             Command::Dispatch { conn, sequences } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.dispatched += sequences.len() as u64;
+                }
+                self.total_dispatched += sequences.len() as u64;
+                // The router hears the new count with the next step's capacity report.
+                self.outbox.entry(conn).or_default();
                 for spec in sequences {
                     self.dispatch(conn, spec);
                 }
@@ -317,14 +348,17 @@ impl Loop {
     /// Sends the assembled messages with the current capacity. A connection whose receiver is
     /// gone, or that stopped reading and filled its buffer, is disconnected.
     fn flush(&mut self) {
-        let cap = convert::capacity(&self.engine.capacity());
+        let cap = self.capacity_report();
         self.capacity.send_replace(cap);
         let mut gone = Vec::new();
         for (conn, mut msg) in self.outbox.drain() {
-            let Some(tx) = self.conns.get(&conn) else {
+            let Some(Connection { tx, dispatched }) = self.conns.get(&conn) else {
                 continue;
             };
-            msg.capacity = Some(cap);
+            msg.capacity = Some(pb::CapacityReport {
+                dispatched: *dispatched,
+                ..cap
+            });
             // The last free slot is kept for the status that tells a lagging router why its
             // stream ends.
             let sent = if tx.capacity() > 1 {
@@ -346,8 +380,15 @@ impl Loop {
                 self.disconnect(conn);
             }
             // Their cancelled sequences freed blocks: Health must see that now.
-            self.capacity
-                .send_replace(convert::capacity(&self.engine.capacity()));
+            self.capacity.send_replace(self.capacity_report());
+        }
+    }
+
+    /// The engine's capacity, with the all-connections dispatch count (as `Health` shows it).
+    fn capacity_report(&self) -> pb::CapacityReport {
+        pb::CapacityReport {
+            dispatched: self.total_dispatched,
+            ..convert::capacity(&self.engine.capacity())
         }
     }
 }

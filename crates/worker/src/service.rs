@@ -41,6 +41,13 @@ impl Worker for WorkerService {
         }))
     }
 
+    async fn tokenizer(
+        &self,
+        _: Request<pb::TokenizerRequest>,
+    ) -> Result<Response<pb::TokenizerResponse>, Status> {
+        Ok(Response::new(self.engine.tokenizer().clone()))
+    }
+
     type ExecuteStream = ReceiverStream<Result<pb::ExecuteResponse, Status>>;
 
     async fn execute(

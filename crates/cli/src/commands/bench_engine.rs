@@ -2,12 +2,11 @@
 //! engine, beside HF transformers (same weights, same threads, measured in the same run) and
 //! beside the machine's ceilings (memory bandwidth for decode, matmul rate for prefill).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context};
 use openinfer_engine::bench::{self, Ceilings, PhaseRates};
-use openinfer_engine::make_model::{make_model, ModelSpec};
 use openinfer_engine::{Device, Engine, EngineConfig};
 use serde::Serialize;
 
@@ -42,7 +41,7 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     let model = match &a.model {
         Some(m) => m.clone(),
-        None => ensure_small_model(&a.cache_dir)?,
+        None => super::ensure_preset_model(&a.cache_dir, "small")?,
     };
     if a.repeats == 0 || a.batch == 0 || a.decode_steps == 0 || a.prompt_len == 0 {
         bail!("--repeats, --batch, --decode-steps and --prompt-len must be positive");
@@ -153,23 +152,6 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-/// The `small` preset, made once under `cache_dir`.
-fn ensure_small_model(cache_dir: &Path) -> anyhow::Result<PathBuf> {
-    let dir = cache_dir.join("small");
-    if dir.join("config.json").exists() && dir.join("model.safetensors").exists() {
-        return Ok(dir);
-    }
-    tracing::info!(dir = %dir.display(), "making the `small` preset model (~125M parameters, f32)");
-    let spec = ModelSpec::preset("small").expect("preset exists");
-    let pb = crate::progress::bytes_bar(0, "making model");
-    make_model(&spec, &dir, &|d, t| {
-        pb.set_length(t);
-        pb.set_position(d);
-    })?;
-    pb.finish_and_clear();
-    Ok(dir)
 }
 
 /// Runs `scripts/bench_hf.py` with the same settings; `None` when no such Python exists.

@@ -1,17 +1,27 @@
 //! One module per subcommand.
 
 mod bench_engine;
+mod generate;
 mod make_model;
+mod router;
+mod serve;
 mod worker;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 use crate::args::{Command, EngineArgs};
 use anyhow::Context;
+use openinfer_engine::make_model::{make_model, ModelSpec};
 use openinfer_engine::{parse_device, parse_dtype, Engine, EngineConfig};
 
 /// Runs a parsed subcommand.
 pub fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
+        Command::Serve(a) => serve::run(a),
+        Command::Router(a) => router::run(a),
         Command::Worker(a) => worker::run(a),
+        Command::Generate(a) => generate::run(a),
         Command::MakeModel(a) => make_model::run(a),
         Command::BenchEngine(a) => bench_engine::run(a),
     }
@@ -38,17 +48,52 @@ pub fn engine_config(a: &EngineArgs) -> anyhow::Result<EngineConfig> {
 }
 
 /// Loads the engine the flags describe, with a progress bar.
-pub fn load_engine(a: &EngineArgs) -> anyhow::Result<Engine> {
+pub fn load_engine(model: &Path, a: &EngineArgs) -> anyhow::Result<Engine> {
     let cfg = engine_config(a)?;
-    tracing::info!(model = %a.model.display(), "loading model");
+    tracing::info!(model = %model.display(), "loading model");
     let pb = crate::progress::bar(0, "loading");
-    let engine = Engine::load(&a.model, cfg, &|done, total| {
+    let engine = Engine::load(model, cfg, &|done, total| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
     })
-    .with_context(|| format!("cannot load the model in {}", a.model.display()))?;
+    .with_context(|| format!("cannot load the model in {}", model.display()))?;
     pb.finish_and_clear();
     Ok(engine)
+}
+
+/// The model of `preset` under `cache_dir`, made on first use.
+pub fn ensure_preset_model(cache_dir: &Path, preset: &str) -> anyhow::Result<PathBuf> {
+    let dir = cache_dir.join(preset);
+    if dir.join("config.json").exists() && dir.join("tokenizer.json").exists() {
+        return Ok(dir);
+    }
+    let Some(spec) = ModelSpec::preset(preset) else {
+        anyhow::bail!("unknown model preset `{preset}`");
+    };
+    tracing::info!(dir = %dir.display(), preset, "making the `{preset}` demo model (random weights)");
+    let pb = crate::progress::bytes_bar(0, "making model");
+    make_model(&spec, &dir, &|d, t| {
+        pb.set_length(t);
+        pb.set_position(d);
+    })
+    .with_context(|| format!("cannot write the model to {}", dir.display()))?;
+    pb.finish_and_clear();
+    Ok(dir)
+}
+
+/// The async runtime of the services.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Binds a TCP listener, with an error that says what to do.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}; pick a free address with --listen"))
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.

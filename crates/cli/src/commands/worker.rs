@@ -1,33 +1,15 @@
 //! `openinfer worker`.
 
-use anyhow::Context;
+use std::path::Path;
+
 use openinfer_worker::{EngineHandle, LoopConfig, WorkerService};
 
-use crate::args::WorkerArgs;
+use crate::args::{EngineArgs, WorkerArgs, WorkerLoopArgs};
 
 pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
-    let engine = super::load_engine(&a.engine)?;
-    let (handle, _engine_thread) = EngineHandle::spawn(
-        engine,
-        LoopConfig {
-            command_queue: a.command_queue,
-            connection_buffer: a.connection_buffer,
-        },
-    );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(a.listen)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot listen on {}; pick a free address with --listen",
-                    a.listen
-                )
-            })?;
+    let handle = start_engine(&a.model, &a.engine, &a.worker)?;
+    super::runtime()?.block_on(async move {
+        let listener = super::bind(a.listen).await?;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, model = %handle.info().model, "worker serving openinfer.worker.v1");
         openinfer_worker::serve_on(
@@ -38,4 +20,22 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
         .await?;
         anyhow::Ok(())
     })
+}
+
+/// Loads the model and starts the engine thread.
+pub fn start_engine(
+    model: &Path,
+    engine: &EngineArgs,
+    worker: &WorkerLoopArgs,
+) -> anyhow::Result<EngineHandle> {
+    let engine_ = super::load_engine(model, engine)?;
+    let (handle, _engine_thread) = EngineHandle::spawn(
+        engine_,
+        LoopConfig {
+            command_queue: worker.command_queue,
+            connection_buffer: worker.connection_buffer,
+            model_name: engine.served_model_name.clone(),
+        },
+    );
+    Ok(handle)
 }

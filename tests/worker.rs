@@ -2,79 +2,21 @@
 //! loopback gRPC: Info, Health, streaming tokens with a capacity report on every message,
 //! cancellation freeing KV within a step, and rejected dispatches.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::Duration;
 
+use common::{bin, capacity, make_tiny, Proc};
 use openinfer_proto::worker::v1::{self as pb, worker_client::WorkerClient};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-const BIN: &str = env!("CARGO_BIN_EXE_openinfer");
-
-/// Kills the worker when the test ends, pass or fail.
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn make_tiny(dir: &std::path::Path) {
-    let st = Command::new(BIN)
-        .args(["make-model", "--preset", "tiny", "--out"])
-        .arg(dir)
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
-/// Starts a worker on an ephemeral port and returns it with its address.
-fn start_worker(model: &std::path::Path, extra: &[&str]) -> (Proc, String) {
-    let mut child = Command::new(BIN)
-        .args(["worker", "--listen", "127.0.0.1:0", "--model"])
-        .arg(model)
-        .args(extra)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let child = Proc(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            // Shown by the test harness when a test fails.
-            eprintln!("worker: {line}");
-            if let Some(i) = line.find("addr=") {
-                let addr = line[i + 5..].split_whitespace().next().unwrap().to_string();
-                let _ = tx.send(addr);
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("worker announced its address");
-    (child, format!("http://{addr}"))
-}
-
 /// A worker on a fresh tiny model (kept alive by the returned guard and directory).
 fn tiny_worker(extra: &[&str]) -> (tempfile::TempDir, Proc, String) {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny");
-    make_tiny(&model);
-    let (worker, url) = start_worker(&model, extra);
-    (tmp, worker, url)
-}
-
-/// The worker's latest capacity report.
-async fn capacity(client: &mut WorkerClient<tonic::transport::Channel>) -> pb::CapacityReport {
-    let health = client
-        .health(pb::HealthRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    health.capacity.unwrap()
+    let (tmp, model) = common::tiny_model();
+    let (worker, addr) = common::start_worker(&model, extra);
+    (tmp, worker, format!("http://{addr}"))
 }
 
 /// An `Execute` message that dispatches `sequences`.
@@ -252,7 +194,7 @@ fn bad_model_directory_fails_at_start_naming_the_file() {
     let model = tmp.path().join("tiny");
     make_tiny(&model);
     std::fs::remove_file(model.join("config.json")).unwrap();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["worker", "--listen", "127.0.0.1:0", "--model"])
         .arg(&model)
         .output()

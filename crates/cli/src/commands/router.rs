@@ -1,0 +1,41 @@
+//! `openinfer router`.
+
+use openinfer_router::{Router, RouterConfig};
+
+use crate::args::{RouterArgs, RouterCmdArgs};
+
+pub fn run(a: RouterCmdArgs) -> anyhow::Result<()> {
+    super::runtime()?.block_on(async move {
+        let listener = super::bind(a.listen).await?;
+        let router = Router::start(config(&a.router));
+        for w in &a.workers {
+            router.add_worker(w.trim().to_string());
+        }
+        tracing::info!(addr = %listener.local_addr()?, workers = ?a.workers, "router serving openinfer.v1.Inference");
+        router.serve_on(listener, super::shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}
+
+/// The router configuration the flags describe.
+pub fn config(a: &RouterArgs) -> RouterConfig {
+    RouterConfig {
+        default_model: a.default_model.clone(),
+        max_queued_requests: a.max_queued_requests,
+        max_queue_per_priority: a.max_queue_per_priority,
+        max_queued_tokens: a.max_queued_tokens,
+        sheddable_share: a.sheddable_share,
+        default_queue_timeout: a.queue_timeout,
+        aging_step: (!a.aging_step.is_zero()).then_some(a.aging_step),
+        preemption: a.preemption,
+        retry_pushback: a.retry_pushback,
+        default_max_new_tokens: a.default_max_new_tokens,
+        max_stop_strings: a.max_stop_strings,
+        max_stop_bytes: a.max_stop_bytes,
+        max_request_bytes: a.max_request_bytes as usize,
+        worker_queue: a.worker_queue,
+        scheduler_queue: a.scheduler_queue,
+        max_concurrent_streams: a.max_concurrent_streams,
+        ..RouterConfig::default()
+    }
+}

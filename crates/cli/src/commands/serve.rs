@@ -1,0 +1,59 @@
+//! `openinfer serve`: router and worker in one process, with a static registry of one worker.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use openinfer_router::Router;
+use openinfer_worker::WorkerService;
+
+use crate::args::ServeArgs;
+
+pub fn run(a: ServeArgs) -> anyhow::Result<()> {
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => {
+            let cache = a.cache_dir.clone().unwrap_or_else(default_cache_dir);
+            let dir = super::ensure_preset_model(&cache, "tiny")?;
+            tracing::info!(
+                model = %dir.display(),
+                "no --model given: serving the `tiny` demo model (random weights, for trying the API; pass --model DIR for a real one)"
+            );
+            dir
+        }
+    };
+    let handle = super::worker::start_engine(&model, &a.engine, &a.worker)?;
+    super::runtime()?.block_on(async move {
+        let listener = super::bind(a.listen).await?;
+        // The worker listens on an ephemeral loopback port that only this router uses.
+        let worker_listener = super::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let worker_addr = worker_listener.local_addr()?;
+        let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
+        let worker = tokio::spawn(openinfer_worker::serve_on(
+            WorkerService::new(handle.clone()),
+            worker_listener,
+            async {
+                let _ = worker_stopped.await;
+            },
+        ));
+        let router = Router::start(super::router::config(&a.router));
+        router.add_worker(worker_addr.to_string());
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            model = %handle.info().model,
+            "serving openinfer.v1.Inference (router + worker in one process)"
+        );
+        router.serve_on(listener, super::shutdown_signal()).await?;
+        let _ = stop_worker.send(());
+        worker.await??;
+        anyhow::Ok(())
+    })
+}
+
+/// `$XDG_CACHE_HOME/openinfer`, else `~/.cache/openinfer`, else `./.openinfer-cache`.
+fn default_cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|d| d.join("openinfer"))
+        .unwrap_or_else(|| PathBuf::from(".openinfer-cache"))
+}

@@ -1,0 +1,67 @@
+//! Router limits and policies. Every bound on a queue or buffer lives here, with its default.
+
+use std::time::Duration;
+
+/// How the router admits, orders and places requests.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Model used when a request leaves `model` empty; `None`: the only model served.
+    pub default_model: Option<String>,
+    /// Most requests waiting in the router, all models and priorities together.
+    pub max_queued_requests: usize,
+    /// Most requests waiting at one priority level of one model.
+    pub max_queue_per_priority: usize,
+    /// Most prompt tokens waiting in the router, all models together.
+    pub max_queued_tokens: usize,
+    /// Share of the queue bounds (requests and tokens) open to sheddable (negative priority)
+    /// requests; beyond it they are refused first.
+    pub sheddable_share: f64,
+    /// How long a request may wait for a worker when the client sets no `grpc-timeout`.
+    pub default_queue_timeout: Duration,
+    /// Waiting this long raises a queued request's priority by one level (`None`: no aging).
+    pub aging_step: Option<Duration>,
+    /// Preempt lower-priority running sequences when a higher-priority request cannot be placed.
+    pub preemption: bool,
+    /// The `grpc-retry-pushback-ms` sent with `RESOURCE_EXHAUSTED`.
+    pub retry_pushback: Duration,
+    /// `max_new_tokens` of a request that sets none (capped by the room left in the context).
+    pub default_max_new_tokens: u32,
+    /// Most stop strings per request.
+    pub max_stop_strings: usize,
+    /// Longest stop string, in bytes.
+    pub max_stop_bytes: usize,
+    /// Largest encoded request accepted; larger ones are refused with the biggest field named.
+    pub max_request_bytes: usize,
+    /// Messages buffered towards one worker's `Execute` stream.
+    pub worker_queue: usize,
+    /// Worker events and client submissions buffered for the scheduler task.
+    pub scheduler_queue: usize,
+    /// Most concurrent HTTP/2 streams per client connection.
+    pub max_concurrent_streams: u32,
+    /// Times a sequence the workers refuse is retried before the client gets `UNAVAILABLE`.
+    pub max_dispatch_attempts: u32,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            default_model: None,
+            max_queued_requests: 4096,
+            max_queue_per_priority: 1024,
+            max_queued_tokens: 1 << 20,
+            sheddable_share: 0.5,
+            default_queue_timeout: Duration::from_secs(60),
+            aging_step: Some(Duration::from_secs(5)),
+            preemption: true,
+            retry_pushback: Duration::from_millis(500),
+            default_max_new_tokens: 256,
+            max_stop_strings: 16,
+            max_stop_bytes: 256,
+            max_request_bytes: 4 << 20,
+            worker_queue: 1024,
+            scheduler_queue: 8192,
+            max_concurrent_streams: 16_384,
+            max_dispatch_attempts: 3,
+        }
+    }
+}

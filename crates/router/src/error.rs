@@ -1,0 +1,92 @@
+//! Why a request failed, and the gRPC status each failure becomes (ARCHITECTURE §3).
+
+use std::time::Duration;
+
+use openinfer_core::{Code, ErrorCode, InvalidField};
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::Status;
+
+/// A request the router refused or could not complete.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RouterError {
+    /// A field breaks its rule; the message names it.
+    #[error("invalid argument: {0}")]
+    Invalid(#[from] InvalidField),
+    /// No model of that name is known to this router.
+    #[error("model `{model}` is not served here; served models: {served}")]
+    UnknownModel {
+        /// The name asked for.
+        model: String,
+        /// What is served, comma-separated.
+        served: String,
+    },
+    /// Admission refused: a queue or token budget is full.
+    #[error("{0}; retry after the pushback delay or lower the load")]
+    QueueFull(String, Duration),
+    /// The queue deadline passed before a worker could take the request.
+    #[error(
+        "waited {0:.3?} in the queue without reaching a worker; raise the deadline or retry later"
+    )]
+    QueueTimeout(Duration),
+    /// No worker serves the model now, or the router is draining.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The worker failed the sequence.
+    #[error("the worker failed this request: {0}")]
+    Worker(String),
+}
+
+impl ErrorCode for RouterError {
+    fn code(&self) -> Code {
+        match self {
+            RouterError::Invalid(_) => Code::InvalidArgument,
+            RouterError::UnknownModel { .. } => Code::NotFound,
+            RouterError::QueueFull(..) => Code::ResourceExhausted,
+            RouterError::QueueTimeout(_) => Code::DeadlineExceeded,
+            RouterError::Unavailable(_) => Code::Unavailable,
+            RouterError::Worker(_) => Code::Internal,
+        }
+    }
+}
+
+impl RouterError {
+    /// A broken rule on `field`.
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        RouterError::Invalid(InvalidField::new(field, message))
+    }
+}
+
+/// The gRPC code of an error class.
+pub fn grpc_code(code: Code) -> tonic::Code {
+    match code {
+        Code::InvalidArgument => tonic::Code::InvalidArgument,
+        Code::ResourceExhausted => tonic::Code::ResourceExhausted,
+        Code::DeadlineExceeded => tonic::Code::DeadlineExceeded,
+        Code::Unavailable => tonic::Code::Unavailable,
+        Code::NotFound => tonic::Code::NotFound,
+        Code::Internal => tonic::Code::Internal,
+        Code::Cancelled => tonic::Code::Cancelled,
+        Code::FailedPrecondition => tonic::Code::FailedPrecondition,
+    }
+}
+
+impl From<RouterError> for Status {
+    fn from(e: RouterError) -> Status {
+        let code = grpc_code(e.code());
+        let message = match &e {
+            RouterError::Invalid(f) => f.to_string(),
+            other => other.to_string(),
+        };
+        match e {
+            RouterError::QueueFull(_, pushback) => {
+                let mut md = MetadataMap::new();
+                md.insert(
+                    "grpc-retry-pushback-ms",
+                    MetadataValue::from(pushback.as_millis() as u64),
+                );
+                Status::with_metadata(code, message, md)
+            }
+            _ => Status::new(code, message),
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! The OpenInferencev2 router: the public `openinfer.v1.Inference` API in front of a set of
+//! workers (ARCHITECTURE §2–§3).
+//!
+//! A request flows through one module per concern:
+//! * [`validate`] checks it against the model's limits ([`models`]) and names a bad field;
+//! * [`scheduler`] admits it into a per-model [`queue`] (bounded, priority + aging), places it on
+//!   the least-loaded worker with credits, preempts lower priorities when it must, and streams
+//!   the worker's tokens into the request's [`request::Output`];
+//! * [`worker_link`] keeps one `Execute` stream per worker and feeds the scheduler;
+//! * [`service`] is the gRPC face: it streams the output and cancels on disconnect.
+
+pub mod config;
+pub mod error;
+pub mod models;
+pub mod queue;
+pub mod request;
+pub mod scheduler;
+pub mod server;
+pub mod service;
+pub mod validate;
+pub mod worker_link;
+
+pub use config::RouterConfig;
+pub use error::RouterError;
+pub use server::{Router, ServeError};

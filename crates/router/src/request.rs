@@ -1,0 +1,181 @@
+//! A request after validation, and the buffer its output flows through from the scheduler to
+//! the client's stream.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use openinfer_core::FinishReason;
+use openinfer_proto::worker::v1 as wpb;
+use tokio::sync::Notify;
+
+use crate::error::RouterError;
+
+/// A validated request, ready for admission.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Router-wide id; also the sequence id on the worker.
+    pub id: u64,
+    /// The client's request id (or one the router made).
+    pub request_id: String,
+    /// The model id.
+    pub model: String,
+    /// Prompt token ids.
+    pub prompt_ids: Vec<u32>,
+    /// Sampling parameters, as sent to workers.
+    pub sampling: wpb::SamplingParams,
+    /// Stopping parameters, as sent to workers.
+    pub stopping: wpb::StoppingParams,
+    /// Return log-probabilities.
+    pub logprobs: bool,
+    /// Alternatives per position.
+    pub top_logprobs: u32,
+    /// Higher first; negative is sheddable.
+    pub priority: i32,
+    /// When the router received it.
+    pub arrived: Instant,
+    /// When it must have reached a worker.
+    pub deadline: Instant,
+}
+
+/// New output since the client last looked.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Delta {
+    /// New token ids.
+    pub token_ids: Vec<u32>,
+    /// New text.
+    pub text: String,
+    /// Log-probabilities of the new tokens (when asked for).
+    pub logprobs: Vec<wpb::TokenLogprob>,
+}
+
+impl Delta {
+    fn is_empty(&self) -> bool {
+        self.token_ids.is_empty() && self.text.is_empty()
+    }
+}
+
+/// How a request ended.
+#[derive(Debug, Clone)]
+pub enum End {
+    /// It finished normally.
+    Finished(Summary),
+    /// It failed.
+    Failed(RouterError),
+}
+
+/// The last facts of a finished request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// Why it stopped.
+    pub reason: FinishReason,
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Generated tokens.
+    pub completion_tokens: u32,
+    /// Seconds from arrival to the first dispatch.
+    pub queue_time: f64,
+    /// Seconds from arrival to the first token.
+    pub time_to_first_token: f64,
+    /// Seconds from arrival to the end.
+    pub total_time: f64,
+}
+
+/// What the client's stream gets next.
+#[derive(Debug)]
+pub enum Next {
+    /// More output.
+    Delta(Delta),
+    /// The end, with whatever output came just before it.
+    End(Delta, End),
+}
+
+#[derive(Default)]
+struct State {
+    delta: Delta,
+    end: Option<End>,
+    dispatched: Option<Instant>,
+    first_token: Option<Instant>,
+}
+
+/// The output buffer of one request: the scheduler writes, the client's stream reads. A slow
+/// client gets coalesced deltas; the buffer never holds more than the request's own output,
+/// which `max_new_tokens` bounds.
+pub struct Output {
+    arrived: Instant,
+    state: Mutex<State>,
+    notify: Notify,
+}
+
+impl Output {
+    /// An empty buffer for a request that arrived at `arrived`.
+    pub fn new(arrived: Instant) -> Arc<Self> {
+        Arc::new(Output {
+            arrived,
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The request went to a worker (the first time counts for `queue_time`).
+    pub fn dispatched(&self, now: Instant) {
+        self.lock().dispatched.get_or_insert(now);
+    }
+
+    /// Appends a worker's token event.
+    pub fn push(&self, ev: wpb::TokenEvent, now: Instant) {
+        let mut s = self.lock();
+        if !ev.token_ids.is_empty() {
+            s.first_token.get_or_insert(now);
+        }
+        s.delta.token_ids.extend(ev.token_ids);
+        s.delta.text.push_str(&ev.text);
+        s.delta.logprobs.extend(ev.logprobs);
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    /// Ends the request. Later calls change nothing.
+    pub fn finish(&self, reason: FinishReason, prompt_tokens: u32, completion_tokens: u32) {
+        let now = Instant::now();
+        let mut s = self.lock();
+        let secs = |t: Option<Instant>| t.map_or(0.0, |t| (t - self.arrived).as_secs_f64());
+        let summary = Summary {
+            reason,
+            prompt_tokens,
+            completion_tokens,
+            queue_time: secs(s.dispatched),
+            time_to_first_token: secs(s.first_token),
+            total_time: (now - self.arrived).as_secs_f64(),
+        };
+        s.end.get_or_insert(End::Finished(summary));
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    /// Fails the request. Later calls change nothing.
+    pub fn fail(&self, e: RouterError) {
+        self.lock().end.get_or_insert(End::Failed(e));
+        self.notify.notify_one();
+    }
+
+    /// Waits for new output or the end.
+    pub async fn next(&self) -> Next {
+        loop {
+            {
+                let mut s = self.lock();
+                if let Some(end) = s.end.take() {
+                    return Next::End(std::mem::take(&mut s.delta), end);
+                }
+                if !s.delta.is_empty() {
+                    return Next::Delta(std::mem::take(&mut s.delta));
+                }
+            }
+            // One reader: a notification sent since the check above is kept as a permit.
+            self.notify.notified().await;
+        }
+    }
+}

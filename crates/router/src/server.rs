@@ -1,0 +1,132 @@
+//! Assembles the router: scheduler task, worker links, and the gRPC server with the
+//! `Inference` service, `grpc.health.v1.Health` and server reflection (v1 and v1alpha).
+
+use std::sync::Arc;
+
+use openinfer_proto::v1::inference_server::InferenceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::config::RouterConfig;
+use crate::models::ModelTable;
+use crate::scheduler::{self, SchedulerHandle};
+use crate::service::InferenceService;
+use crate::worker_link;
+
+/// Hard ceiling on a decoded client message; requests above `max_request_bytes` but below it
+/// get a clear `INVALID_ARGUMENT` naming the field.
+const MESSAGE_CEILING: usize = 64 << 20;
+
+/// Why the router's server stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection could not be built from the descriptor set (a build bug).
+    #[error("server reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// A running router core: scheduler plus worker links.
+pub struct Router {
+    cfg: Arc<RouterConfig>,
+    models: ModelTable,
+    scheduler: SchedulerHandle,
+    serving: watch::Receiver<bool>,
+}
+
+impl Router {
+    /// Starts the scheduler. Workers are added with [`Router::add_worker`].
+    pub fn start(cfg: RouterConfig) -> Router {
+        let cfg = Arc::new(cfg);
+        let models = ModelTable::default();
+        let (serving_tx, serving) = watch::channel(false);
+        let scheduler = scheduler::spawn(cfg.clone(), models.clone(), serving_tx);
+        Router {
+            cfg,
+            models,
+            scheduler,
+            serving,
+        }
+    }
+
+    /// Keeps a link to the worker at `addr` (reconnecting as needed) until the task is
+    /// aborted or the router stops.
+    pub fn add_worker(&self, addr: String) -> JoinHandle<()> {
+        tokio::spawn(worker_link::run(
+            addr,
+            self.scheduler.sender(),
+            self.cfg.worker_queue,
+        ))
+    }
+
+    /// The models known now.
+    pub fn models(&self) -> &ModelTable {
+        &self.models
+    }
+
+    /// Serves the public API on `listener` until `shutdown` resolves; then stops admitting
+    /// (health turns NOT_SERVING) and lets in-flight requests finish.
+    pub async fn serve_on(
+        self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        let reflection = |b: tonic_reflection::server::Builder<'static>| {
+            b.register_encoded_file_descriptor_set(openinfer_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 =
+            reflection(tonic_reflection::server::Builder::configure()).build_v1()?;
+        let reflection_v1alpha =
+            reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
+
+        let mut serving = self.serving.clone();
+        tokio::spawn(async move {
+            loop {
+                let status = if *serving.borrow_and_update() {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                for name in ["", "openinfer.v1.Inference"] {
+                    reporter.set_service_status(name, status).await;
+                }
+                if serving.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+
+        let service = InferenceService::new(
+            self.scheduler.clone(),
+            self.models.clone(),
+            self.cfg.clone(),
+        );
+        let scheduler = self.scheduler.clone();
+        let shutdown = async move {
+            shutdown.await;
+            tracing::info!("draining: no new requests; waiting for in-flight ones");
+            scheduler.drain().await;
+        };
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .max_concurrent_streams(self.cfg.max_concurrent_streams)
+            .add_service(
+                InferenceServer::new(service)
+                    .max_decoding_message_size(MESSAGE_CEILING)
+                    .max_encoding_message_size(MESSAGE_CEILING),
+            )
+            .add_service(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await?;
+        Ok(())
+    }
+}

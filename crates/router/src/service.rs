@@ -1,0 +1,269 @@
+//! The public `openinfer.v1.Inference` gRPC service: validate, submit to the scheduler, stream
+//! the output back. A client that goes away has its request cancelled.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use openinfer_proto::v1 as pb;
+use openinfer_proto::v1::inference_server::Inference;
+use openinfer_proto::worker::v1 as wpb;
+use tonic::{Request, Response, Status};
+
+use crate::config::RouterConfig;
+use crate::models::ModelTable;
+use crate::request::{Delta, End, Next, Output, Summary};
+use crate::scheduler::SchedulerHandle;
+use crate::validate::validate;
+
+/// The `Inference` service.
+#[derive(Clone)]
+pub struct InferenceService {
+    scheduler: SchedulerHandle,
+    models: ModelTable,
+    cfg: Arc<RouterConfig>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl InferenceService {
+    /// A service submitting to `scheduler`.
+    pub fn new(scheduler: SchedulerHandle, models: ModelTable, cfg: Arc<RouterConfig>) -> Self {
+        InferenceService {
+            scheduler,
+            models,
+            cfg,
+            next_id: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    /// Validates and admits a request; the guard cancels it when dropped before its end.
+    async fn start(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<(Started, CancelGuard), Status> {
+        let timeout = grpc_timeout(request.metadata());
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let req = validate(request.into_inner(), &self.models, &self.cfg, id, timeout)?;
+        let started = Started {
+            request_id: req.request_id.clone(),
+            model: req.model.clone(),
+            output: Output::new(req.arrived),
+        };
+        self.scheduler.submit(req, started.output.clone()).await?;
+        let guard = CancelGuard {
+            id,
+            scheduler: Some(self.scheduler.clone()),
+        };
+        Ok((started, guard))
+    }
+}
+
+struct Started {
+    request_id: String,
+    model: String,
+    output: Arc<Output>,
+}
+
+/// Cancels the request when the client's call is dropped before the request ended.
+struct CancelGuard {
+    id: u64,
+    scheduler: Option<SchedulerHandle>,
+}
+
+impl CancelGuard {
+    fn disarm(&mut self) {
+        self.scheduler = None;
+    }
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if let Some(s) = &self.scheduler {
+            s.cancel(self.id);
+        }
+    }
+}
+
+type GenerateStream =
+    Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
+        let (s, mut guard) = self.start(request).await?;
+        let mut resp = pb::GenerateResponse {
+            request_id: s.request_id,
+            model: s.model,
+            ..Default::default()
+        };
+        loop {
+            match s.output.next().await {
+                Next::Delta(d) => append(&mut resp, d),
+                Next::End(d, end) => {
+                    guard.disarm();
+                    append(&mut resp, d);
+                    let summary = finished(end)?;
+                    resp.finish_reason = summary.reason.as_str().into();
+                    resp.usage = Some(usage(&summary));
+                    resp.timings = Some(timings(&summary));
+                    return Ok(Response::new(resp));
+                }
+            }
+        }
+    }
+
+    type GenerateStreamStream = GenerateStream;
+
+    async fn generate_stream(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<GenerateStream>, Status> {
+        let (s, mut guard) = self.start(request).await?;
+        let stream = async_stream::stream! {
+            loop {
+                match s.output.next().await {
+                    Next::Delta(d) => yield Ok(message(&s, d)),
+                    Next::End(d, end) => {
+                        guard.disarm();
+                        match finished(end) {
+                            Ok(summary) => {
+                                let mut last = message(&s, d);
+                                last.finish_reason = summary.reason.as_str().into();
+                                last.usage = Some(usage(&summary));
+                                last.timings = Some(timings(&summary));
+                                yield Ok(last);
+                            }
+                            Err(status) => {
+                                if !d.token_ids.is_empty() {
+                                    yield Ok(message(&s, d));
+                                }
+                                yield Err(status);
+                            }
+                        }
+                        break;
+                    }
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_models(
+        &self,
+        _: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let models = self
+            .models
+            .list()
+            .into_iter()
+            .map(|e| pb::ModelInfo {
+                id: e.spec.id.clone(),
+                max_model_len: e.spec.max_model_len as u32,
+                workers: e.workers as u32,
+            })
+            .collect();
+        Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+}
+
+fn finished(end: End) -> Result<Summary, Status> {
+    match end {
+        End::Finished(s) => Ok(s),
+        End::Failed(e) => Err(e.into()),
+    }
+}
+
+fn message(s: &Started, d: Delta) -> pb::GenerateStreamResponse {
+    pb::GenerateStreamResponse {
+        token_ids: d.token_ids,
+        text: d.text,
+        logprobs: d.logprobs.into_iter().map(logprob).collect(),
+        request_id: s.request_id.clone(),
+        model: s.model.clone(),
+        ..Default::default()
+    }
+}
+
+fn append(resp: &mut pb::GenerateResponse, d: Delta) {
+    resp.token_ids.extend(d.token_ids);
+    resp.text.push_str(&d.text);
+    resp.logprobs.extend(d.logprobs.into_iter().map(logprob));
+}
+
+fn usage(s: &Summary) -> pb::Usage {
+    pb::Usage {
+        prompt_tokens: s.prompt_tokens,
+        completion_tokens: s.completion_tokens,
+    }
+}
+
+fn timings(s: &Summary) -> pb::Timings {
+    pb::Timings {
+        queue_time: s.queue_time,
+        time_to_first_token: s.time_to_first_token,
+        total_time: s.total_time,
+    }
+}
+
+fn logprob(l: wpb::TokenLogprob) -> pb::TokenLogprob {
+    pb::TokenLogprob {
+        token_id: l.token_id,
+        logprob: l.logprob,
+        top: l
+            .top
+            .into_iter()
+            .map(|t| pb::TopLogprob {
+                token_id: t.token_id,
+                logprob: t.logprob,
+            })
+            .collect(),
+    }
+}
+
+/// The client's deadline from the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
+pub fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        let mut md = tonic::metadata::MetadataMap::new();
+        assert_eq!(grpc_timeout(&md), None);
+        for (v, d) in [
+            ("250m", Duration::from_millis(250)),
+            ("3S", Duration::from_secs(3)),
+            ("2M", Duration::from_secs(120)),
+            ("1H", Duration::from_secs(3600)),
+            ("7u", Duration::from_micros(7)),
+            ("9n", Duration::from_nanos(9)),
+        ] {
+            md.insert("grpc-timeout", v.parse().unwrap());
+            assert_eq!(grpc_timeout(&md), Some(d), "{v}");
+        }
+        md.insert("grpc-timeout", "12x".parse().unwrap());
+        assert_eq!(grpc_timeout(&md), None);
+    }
+}

@@ -1,0 +1,250 @@
+//! Request validation: every rule is checked before anything is queued, and a broken rule
+//! names its field (ARCHITECTURE §3).
+
+use std::time::{Duration, Instant};
+
+use openinfer_core::{check_top_logprobs, SamplingParams};
+use openinfer_proto::v1 as pb;
+use openinfer_proto::worker::v1 as wpb;
+use prost::Message;
+
+use crate::config::RouterConfig;
+use crate::error::RouterError;
+use crate::models::{ModelEntry, ModelTable};
+use crate::request::Request;
+
+/// Longest client request id kept.
+const MAX_REQUEST_ID_BYTES: usize = 256;
+
+/// Checks `req` and turns it into a [`Request`] for model `entry`.
+///
+/// `id` is the router's id for it; `queue_timeout` the client's `grpc-timeout`, if any.
+pub fn validate(
+    req: pb::GenerateRequest,
+    models: &ModelTable,
+    cfg: &RouterConfig,
+    id: u64,
+    queue_timeout: Option<Duration>,
+) -> Result<Request, RouterError> {
+    let arrived = Instant::now();
+    check_size(&req, cfg)?;
+    let entry = resolve_model(&req.model, models, cfg)?;
+    let spec = &entry.spec;
+
+    if req.request_id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(RouterError::invalid(
+            "request_id",
+            format!("at most {MAX_REQUEST_ID_BYTES} bytes"),
+        ));
+    }
+    let prompt_ids = match (req.prompt.is_empty(), req.prompt_ids.is_empty()) {
+        (true, true) => {
+            return Err(RouterError::invalid(
+                "prompt",
+                "the input is empty; send `prompt` text or `prompt_ids`",
+            ))
+        }
+        (false, false) => {
+            return Err(RouterError::invalid(
+                "prompt_ids",
+                "send either `prompt` or `prompt_ids`, not both",
+            ))
+        }
+        (false, true) => spec
+            .encode(&req.prompt)
+            .map_err(|e| RouterError::invalid("prompt", format!("cannot be tokenized: {e}")))?,
+        (true, false) => {
+            if let Some((i, t)) = req
+                .prompt_ids
+                .iter()
+                .enumerate()
+                .find(|(_, &t)| t >= spec.vocab_size)
+            {
+                return Err(RouterError::invalid(
+                    "prompt_ids",
+                    format!(
+                        "prompt_ids[{i}] = {t} is outside the vocabulary of `{}` (ids 0..{})",
+                        spec.id, spec.vocab_size
+                    ),
+                ));
+            }
+            req.prompt_ids
+        }
+    };
+    if prompt_ids.is_empty() {
+        return Err(RouterError::invalid("prompt", "tokenizes to no tokens"));
+    }
+    let context = spec.max_model_len;
+    if prompt_ids.len() >= context {
+        return Err(RouterError::invalid(
+            "prompt",
+            format!(
+                "{} tokens leave no room to generate in the context of `{}` ({context} tokens); shorten it",
+                prompt_ids.len(),
+                spec.id
+            ),
+        ));
+    }
+    let room = (context - prompt_ids.len()) as u32;
+    let max_new_tokens = match req.max_new_tokens {
+        None => cfg.default_max_new_tokens.min(room),
+        Some(0) => return Err(RouterError::invalid("max_new_tokens", "must be at least 1")),
+        Some(n) if n > room => {
+            return Err(RouterError::invalid(
+                "max_new_tokens",
+                format!(
+                    "prompt ({} tokens) + max_new_tokens ({n}) exceeds the context of `{}` ({context} tokens); at most {room} fit",
+                    prompt_ids.len(),
+                    spec.id
+                ),
+            ))
+        }
+        Some(n) => n,
+    };
+
+    let top_k = match req.top_k {
+        Some(k) if k < 0 => {
+            return Err(RouterError::invalid(
+                "top_k",
+                "must be ≥ 0 (0 or absent = no limit)",
+            ))
+        }
+        k => k.map(|k| k as u32),
+    };
+    let sampling = SamplingParams {
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k,
+        min_p: req.min_p,
+        repetition_penalty: req.repetition_penalty,
+        frequency_penalty: req.frequency_penalty,
+        presence_penalty: req.presence_penalty,
+        seed: req.seed,
+    };
+    sampling.check()?;
+    check_top_logprobs(req.top_logprobs)?;
+    check_stop(&req.stop, cfg)?;
+
+    // The queue gives up a little before the client's deadline: tonic ends a unary call at
+    // the deadline itself with CANCELLED, and the client should hear DEADLINE_EXCEEDED.
+    let timeout = queue_timeout.map_or(cfg.default_queue_timeout, |t| {
+        t.saturating_sub((t / 20).min(Duration::from_millis(50)))
+            .min(cfg.default_queue_timeout)
+    });
+    Ok(Request {
+        id,
+        request_id: if req.request_id.is_empty() {
+            format!("req-{id:x}")
+        } else {
+            req.request_id
+        },
+        model: spec.id.clone(),
+        prompt_ids,
+        sampling: wpb::SamplingParams {
+            temperature: sampling.temperature,
+            top_p: sampling.top_p,
+            top_k: sampling.top_k,
+            min_p: sampling.min_p,
+            repetition_penalty: sampling.repetition_penalty,
+            frequency_penalty: sampling.frequency_penalty,
+            presence_penalty: sampling.presence_penalty,
+            seed: sampling.seed,
+        },
+        stopping: wpb::StoppingParams {
+            max_new_tokens,
+            stop: req.stop,
+            ignore_eos: req.ignore_eos,
+        },
+        logprobs: req.logprobs || req.top_logprobs > 0,
+        top_logprobs: req.top_logprobs,
+        priority: req.priority,
+        arrived,
+        deadline: arrived + timeout,
+    })
+}
+
+/// The entry for `name`; empty selects the default model.
+pub fn resolve_model(
+    name: &str,
+    models: &ModelTable,
+    cfg: &RouterConfig,
+) -> Result<ModelEntry, RouterError> {
+    let unknown = |model: &str| RouterError::UnknownModel {
+        model: model.to_string(),
+        served: models.names(),
+    };
+    if !name.is_empty() {
+        return models.get(name).ok_or_else(|| unknown(name));
+    }
+    if let Some(default) = &cfg.default_model {
+        return models.get(default).ok_or_else(|| unknown(default));
+    }
+    let all = models.list();
+    match all.as_slice() {
+        [only] => Ok(only.clone()),
+        [] => Err(RouterError::Unavailable(
+            "no worker has connected yet; retry shortly".into(),
+        )),
+        _ => Err(RouterError::invalid(
+            "model",
+            format!(
+                "this router serves several models ({}); name one",
+                models.names()
+            ),
+        )),
+    }
+}
+
+fn check_size(req: &pb::GenerateRequest, cfg: &RouterConfig) -> Result<(), RouterError> {
+    let size = req.encoded_len();
+    if size <= cfg.max_request_bytes {
+        return Ok(());
+    }
+    let stop: usize = req.stop.iter().map(String::len).sum();
+    let fields = [
+        ("prompt", req.prompt.len()),
+        ("prompt_ids", req.prompt_ids.len() * 4),
+        ("stop", stop),
+        ("request_id", req.request_id.len()),
+    ];
+    let field = fields
+        .iter()
+        .max_by_key(|(_, n)| *n)
+        .map_or("prompt", |(f, _)| f);
+    Err(RouterError::invalid(
+        field,
+        format!(
+            "the request is {size} bytes, over the router's limit of {} bytes (--max-request-bytes); shorten `{field}`",
+            cfg.max_request_bytes
+        ),
+    ))
+}
+
+fn check_stop(stop: &[String], cfg: &RouterConfig) -> Result<(), RouterError> {
+    if stop.len() > cfg.max_stop_strings {
+        return Err(RouterError::invalid(
+            "stop",
+            format!(
+                "{} stop strings; at most {} are allowed",
+                stop.len(),
+                cfg.max_stop_strings
+            ),
+        ));
+    }
+    for (i, s) in stop.iter().enumerate() {
+        if s.is_empty() {
+            return Err(RouterError::invalid("stop", format!("stop[{i}] is empty")));
+        }
+        if s.len() > cfg.max_stop_bytes {
+            return Err(RouterError::invalid(
+                "stop",
+                format!(
+                    "stop[{i}] is {} bytes; at most {} are allowed",
+                    s.len(),
+                    cfg.max_stop_bytes
+                ),
+            ));
+        }
+    }
+    Ok(())
+}

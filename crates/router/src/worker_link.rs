@@ -1,0 +1,123 @@
+//! One task per worker address: it connects, reads the worker's `Info` and `Tokenizer`, opens
+//! the `Execute` stream, and hands everything the worker says to the scheduler. When the stream
+//! breaks it tells the scheduler (which resumes the worker's sequences elsewhere) and dials
+//! again with backoff.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openinfer_proto::worker::v1 as wpb;
+use openinfer_proto::worker::v1::worker_client::WorkerClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+use crate::models::ModelSpec;
+use crate::scheduler::{Msg, WorkerId};
+
+/// Largest message exchanged with a worker (the tokenizer of a big vocabulary is several MB).
+const MAX_WORKER_MESSAGE: usize = 64 << 20;
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+static NEXT_WORKER: AtomicU64 = AtomicU64::new(1);
+
+/// What the scheduler learns when a worker connects.
+pub struct WorkerUp {
+    /// This connection's id (a reconnect gets a new one).
+    pub id: WorkerId,
+    /// The worker's address.
+    pub addr: String,
+    /// Its model.
+    pub spec: Arc<ModelSpec>,
+    /// Its first capacity report.
+    pub capacity: wpb::CapacityReport,
+    /// Messages to its `Execute` stream.
+    pub tx: mpsc::Sender<wpb::ExecuteRequest>,
+}
+
+/// Keeps a link to the worker at `addr` until the scheduler goes away.
+pub async fn run(addr: String, sched: mpsc::Sender<Msg>, worker_queue: usize) {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let id = WorkerId(NEXT_WORKER.fetch_add(1, Ordering::Relaxed));
+        match connect(&addr, id, &sched, worker_queue).await {
+            Ok(mut inbound) => {
+                backoff = FIRST_BACKOFF;
+                let reason = loop {
+                    match inbound.message().await {
+                        Ok(Some(resp)) => {
+                            if sched.send(Msg::WorkerEvent(id, resp)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => break "the worker closed its stream".to_string(),
+                        Err(status) => break format!("stream broke: {status}"),
+                    };
+                };
+                tracing::warn!(worker = %addr, %reason, "lost worker; its sequences resume elsewhere");
+                if sched.send(Msg::WorkerDown(id)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(worker = %addr, error = %e, "cannot reach worker; retrying");
+            }
+        }
+        if sched.is_closed() {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn connect(
+    addr: &str,
+    id: WorkerId,
+    sched: &mpsc::Sender<Msg>,
+    worker_queue: usize,
+) -> Result<tonic::Streaming<wpb::ExecuteResponse>, Box<dyn std::error::Error + Send + Sync>> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let channel = Endpoint::from_shared(uri)?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .connect()
+        .await?;
+    let mut client = WorkerClient::new(channel)
+        .max_decoding_message_size(MAX_WORKER_MESSAGE)
+        .max_encoding_message_size(MAX_WORKER_MESSAGE);
+    let info = client.info(wpb::InfoRequest {}).await?.into_inner();
+    let tok = client
+        .tokenizer(wpb::TokenizerRequest {})
+        .await?
+        .into_inner();
+    let spec = Arc::new(ModelSpec::new(&info, &tok)?);
+    let (tx, rx) = mpsc::channel(worker_queue.max(1));
+    let mut inbound = client.execute(ReceiverStream::new(rx)).await?.into_inner();
+    // The worker's first message is its capacity.
+    let capacity = inbound
+        .message()
+        .await?
+        .and_then(|m| m.capacity)
+        .ok_or("the worker closed its stream before reporting capacity")?;
+    tracing::info!(worker = %addr, model = %spec.id, free_blocks = capacity.free_blocks, "worker connected");
+    sched
+        .send(Msg::WorkerUp(WorkerUp {
+            id,
+            addr: addr.to_string(),
+            spec,
+            capacity,
+            tx,
+        }))
+        .await
+        .map_err(|_| "router is shutting down")?;
+    Ok(inbound)
+}

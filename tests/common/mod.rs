@@ -1,0 +1,140 @@
+//! Helpers shared by the cross-process tests: the `openinfer` binary, child processes that are
+//! killed when a test ends, and the address each one logs when it is ready.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use openinfer_proto::v1::inference_client::InferenceClient;
+use openinfer_proto::worker::v1::{self as wpb, worker_client::WorkerClient};
+use tonic::transport::Channel;
+
+/// The `openinfer` binary of this build (`cargo test --workspace` builds it).
+pub fn bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> → target/<profile>/openinfer
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join(format!("openinfer{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p openinfer-cli` first (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A child process, killed when dropped (pass or fail).
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Writes the `tiny` preset model into `dir`.
+pub fn make_tiny(dir: &Path) {
+    let st = Command::new(bin())
+        .args(["make-model", "--preset", "tiny", "--out"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Runs `openinfer ARGS` and waits until it logs `addr=HOST:PORT`; its log lines are echoed
+/// with `name` in front (the test harness shows them when a test fails).
+pub fn spawn(name: &str, args: &[&str]) -> (Proc, String) {
+    let mut child = Command::new(bin())
+        .args(args)
+        .env("OPENINFER_LOG", "info,openinfer_router=debug")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let child = Proc(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{name}: {line}");
+            if let Some(i) = line.find("addr=") {
+                let addr = line[i + 5..].split_whitespace().next().unwrap().to_string();
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("{args:?} never announced its address"));
+    (child, addr)
+}
+
+/// A worker on `model`, on an ephemeral port.
+pub fn start_worker(model: &Path, extra: &[&str]) -> (Proc, String) {
+    let model = model.to_str().unwrap();
+    let mut args = vec!["worker", "--listen", "127.0.0.1:0", "--model", model];
+    args.extend(extra);
+    spawn("worker", &args)
+}
+
+/// A router in front of `workers`, on an ephemeral port.
+pub fn start_router(workers: &[&str], extra: &[&str]) -> (Proc, String) {
+    let list = workers.join(",");
+    let mut args = vec!["router", "--listen", "127.0.0.1:0", "--workers", &list];
+    args.extend(extra);
+    spawn("router", &args)
+}
+
+/// A fresh `tiny` model in a temporary directory (kept while the guard lives).
+pub fn tiny_model() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    make_tiny(&model);
+    (tmp, model)
+}
+
+/// A client of the router's public API.
+pub async fn router_client(addr: &str) -> InferenceClient<Channel> {
+    InferenceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+}
+
+/// A client of a worker's internal API.
+pub async fn worker_client(addr: &str) -> WorkerClient<Channel> {
+    WorkerClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+}
+
+/// A worker's latest capacity report (in `Health`, `dispatched` counts every connection).
+pub async fn capacity(client: &mut WorkerClient<Channel>) -> wpb::CapacityReport {
+    client
+        .health(wpb::HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capacity
+        .unwrap()
+}
+
+/// Waits until the router lists `model` with `workers` workers.
+pub async fn wait_for_workers(client: &mut InferenceClient<Channel>, workers: u32) {
+    for _ in 0..200 {
+        let list = client
+            .list_models(openinfer_proto::v1::ListModelsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if list.models.iter().map(|m| m.workers).sum::<u32>() >= workers {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the router never saw {workers} workers");
+}
