@@ -686,3 +686,122 @@ async fn requests_past_their_queue_deadline_never_reach_a_worker() {
     );
     drop(busy);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_models_are_served_at_once_and_an_empty_model_needs_a_default() {
+    let (_dir, model) = common::tiny_model();
+    let (_tiny, tiny) = start_worker(&model, &[]);
+    let (_sim, sim) = common::spawn(
+        "sim worker",
+        &[
+            "worker",
+            "--engine",
+            "sim",
+            "--sim-step-time",
+            "1ms",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let (_router, addr) = start_router(&[&tiny, &sim], &[]);
+    let mut client = router_client(&addr).await;
+    common::wait_for_workers(&mut client, 2).await;
+
+    let mut names: Vec<String> = client
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    names.sort();
+    assert_eq!(names, ["sim", "tiny"]);
+    for name in ["tiny", "sim"] {
+        let mut r = req("hello", 6);
+        r.model = name.into();
+        let resp = client.generate(r).await.unwrap().into_inner();
+        assert_eq!((resp.model.as_str(), resp.token_ids.len()), (name, 6));
+    }
+    let sim_text = {
+        let mut r = req("hello", 9);
+        r.model = "sim".into();
+        client.generate(r).await.unwrap().into_inner().text
+    };
+    // The sim engine's tokens spell out a fixed text.
+    assert!(
+        sim_text.starts_with("The quick")
+            && "The quick brown fox jumps over the lazy dog".starts_with(&sim_text),
+        "{sim_text}"
+    );
+
+    let err = client.generate(req("hello", 6)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("model:"), "{}", err.message());
+
+    // A router with a default model serves requests that name none.
+    let (_r2, addr2) = start_router(&[&tiny, &sim], &["--default-model", "sim"]);
+    let mut client2 = router_client(&addr2).await;
+    common::wait_for_workers(&mut client2, 2).await;
+    let resp = client2
+        .generate(req("hello", 3))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.model, "sim");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_worker_s_stream_resumes_on_the_other_without_a_gap_or_a_repeat() {
+    let (_dir, model) = common::tiny_model();
+    let (w1, a1) = start_worker(&model, &[]);
+    let (w2, a2) = start_worker(&model, &[]);
+    let mut workers = vec![Some(w1), Some(w2)];
+    let (_router, addr) = start_router(&[&a1, &a2], &[]);
+    let mut client = router_client(&addr).await;
+    common::wait_for_workers(&mut client, 2).await;
+    let solo = client
+        .generate(req("keep going", 300))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut stream = client
+        .generate_stream(req("keep going", 300))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ids = Vec::new();
+    let mut text = String::new();
+    while ids.len() < 20 {
+        let m = stream.message().await.unwrap().unwrap();
+        ids.extend(m.token_ids);
+        text.push_str(&m.text);
+    }
+    // Kill whichever worker runs it.
+    for (i, a) in [&a1, &a2].into_iter().enumerate() {
+        if capacity(&mut worker_client(a).await)
+            .await
+            .running_sequences
+            == 1
+        {
+            workers[i] = None;
+        }
+    }
+    assert_eq!(workers.iter().filter(|w| w.is_none()).count(), 1);
+    while let Some(m) = stream.message().await.unwrap() {
+        ids.extend(&m.token_ids);
+        text.push_str(&m.text);
+        if !m.finish_reason.is_empty() {
+            assert_eq!(m.finish_reason, "length");
+            assert_eq!(m.usage.unwrap().completion_tokens, 300);
+            break;
+        }
+    }
+    assert_eq!(
+        ids, solo.token_ids,
+        "the stream continued exactly where it stopped"
+    );
+    assert_eq!(text, solo.text);
+}

@@ -49,19 +49,24 @@ pub fn make_tiny(dir: &Path) {
 /// Runs `openinfer ARGS` and waits until it logs `addr=HOST:PORT`; its log lines are echoed
 /// with `name` in front (the test harness shows them when a test fails).
 pub fn spawn(name: &str, args: &[&str]) -> (Proc, String) {
-    let mut child = Command::new(bin())
-        .args(args)
+    spawn_command(name, Command::new(bin()).args(args))
+}
+
+/// [`spawn`] for a prepared command (extra environment, say).
+pub fn spawn_command(name: &str, cmd: &mut Command) -> (Proc, String) {
+    let mut child = cmd
         .env("OPENINFER_LOG", "info,openinfer_router=debug")
+        .env("OPENINFER_LOG_FORMAT", "text")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let child = Proc(child);
     let (tx, rx) = std::sync::mpsc::channel();
-    let name = name.to_string();
+    let tag = name.to_string();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("{name}: {line}");
+            eprintln!("{tag}: {line}");
             if let Some(i) = line.find("addr=") {
                 let addr = line[i + 5..].split_whitespace().next().unwrap().to_string();
                 let _ = tx.send(addr);
@@ -70,7 +75,7 @@ pub fn spawn(name: &str, args: &[&str]) -> (Proc, String) {
     });
     let addr = rx
         .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("{args:?} never announced its address"));
+        .unwrap_or_else(|_| panic!("{name} never announced its address"));
     (child, addr)
 }
 

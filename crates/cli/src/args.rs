@@ -31,6 +31,9 @@ pub enum Command {
     MakeModel(MakeModelArgs),
     /// Measure engine speed (prefill, single and batched decode) beside HF transformers.
     BenchEngine(BenchEngineArgs),
+    /// Measure what the router adds: time to first token versus direct-to-worker, and many
+    /// concurrent streams with the router's memory (uses `--engine sim` workers).
+    BenchRouter(BenchRouterArgs),
 }
 
 /// Logging flags.
@@ -45,6 +48,14 @@ pub struct LogArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineKind {
+    /// The model in --model.
+    Model,
+    /// No model: tokens at a fixed rate, with real KV-block accounting.
+    Sim,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines.
     Text,
@@ -55,6 +66,16 @@ pub enum LogFormat {
 /// Where and how the engine runs.
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
+    /// What produces tokens: the model, or `sim`, which makes one token per sequence every
+    /// --sim-step-time without a model (router benchmarks, load tests).
+    #[arg(long, env = "OPENINFER_ENGINE", value_enum, default_value_t = EngineKind::Model)]
+    pub engine: EngineKind,
+    /// Step time of the sim engine.
+    #[arg(long, env = "OPENINFER_SIM_STEP_TIME", default_value = "10ms", value_parser = parse_duration)]
+    pub sim_step_time: Duration,
+    /// KV blocks of the sim engine.
+    #[arg(long, env = "OPENINFER_SIM_KV_BLOCKS", default_value_t = 65_536)]
+    pub sim_kv_blocks: usize,
     /// Model id announced to routers and clients (default: the model directory's name).
     #[arg(long, env = "OPENINFER_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
@@ -87,9 +108,10 @@ pub struct EngineArgs {
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json); not used with
+    /// --engine sim.
     #[arg(long, env = "OPENINFER_MODEL")]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
@@ -249,7 +271,7 @@ pub struct GenerateArgs {
     pub timeout: Option<Duration>,
 }
 
-/// Parses `250ms`, `5s`, `2m`, `1h` or `0` into a duration.
+/// Parses `500us`, `250ms`, `5s`, `2m`, `1h` or `0` into a duration.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
@@ -259,6 +281,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("`{s}` is not a duration like 500ms, 5s or 2m"))?;
     let secs = match unit.trim() {
+        "us" | "µs" => value / 1e6,
         "ms" => value / 1000.0,
         "" if value == 0.0 => 0.0,
         "s" => value,
@@ -369,6 +392,38 @@ pub struct BenchEngineArgs {
     pub out: PathBuf,
 }
 
+#[derive(Debug, Args)]
+pub struct BenchRouterArgs {
+    /// Time-to-first-token samples per path (direct and through the router).
+    #[arg(long, env = "OPENINFER_BENCH_SAMPLES", default_value_t = 300)]
+    pub samples: usize,
+    /// Sim step time while sampling time to first token.
+    #[arg(long, env = "OPENINFER_BENCH_TTFT_STEP_TIME", default_value = "2ms", value_parser = parse_duration)]
+    pub ttft_step_time: Duration,
+    /// Concurrent streams held through one router.
+    #[arg(long, env = "OPENINFER_BENCH_STREAMS", default_value_t = 5000)]
+    pub streams: usize,
+    /// Tokens per concurrent stream.
+    #[arg(long, env = "OPENINFER_BENCH_STREAM_TOKENS", default_value_t = 40)]
+    pub stream_tokens: u32,
+    /// Sim step time while holding the concurrent streams.
+    #[arg(long, env = "OPENINFER_BENCH_STREAM_STEP_TIME", default_value = "50ms", value_parser = parse_duration)]
+    pub stream_step_time: Duration,
+    /// Client HTTP/2 connections the streams share.
+    #[arg(long, env = "OPENINFER_BENCH_CONNECTIONS", default_value_t = 16)]
+    pub connections: usize,
+    /// Times the concurrent load is repeated on the same router (memory must stay flat).
+    #[arg(long, env = "OPENINFER_BENCH_ROUNDS", default_value_t = 3)]
+    pub rounds: usize,
+    /// Directory for the JSON results and the SVG chart.
+    #[arg(
+        long,
+        env = "OPENINFER_BENCH_OUT",
+        default_value = "target/bench-router"
+    )]
+    pub out: PathBuf,
+}
+
 /// Parses `1024`, `512KiB`, `64MiB`, `8GiB`, `1.5GB` into bytes.
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -418,6 +473,10 @@ mod tests {
         assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(
+            parse_duration("1500us").unwrap(),
+            Duration::from_micros(1500)
+        );
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("-1s").is_err());
     }
@@ -426,5 +485,31 @@ mod tests {
     fn cli_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_has_an_openinfer_env_fallback() {
+        use clap::CommandFactory;
+        fn walk(cmd: &clap::Command, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_positional() || id == "help" || id == "version" {
+                    continue;
+                }
+                match arg.get_env().and_then(|e| e.to_str()) {
+                    Some(env) if env.starts_with("OPENINFER_") => {}
+                    _ => missing.push(format!("{} --{id}", cmd.get_name())),
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), &mut missing);
+        assert!(
+            missing.is_empty(),
+            "flags without OPENINFER_* env: {missing:?}"
+        );
     }
 }

@@ -2,9 +2,11 @@
 
 mod args;
 mod chart;
+mod child;
 mod commands;
 mod logging;
 mod progress;
+mod stats;
 
 use std::process::ExitCode;
 

@@ -5,8 +5,10 @@
 //! * [`model`] is the batched decoder; [`batch`] lays out one step's inputs.
 //! * [`kv_cache`] holds the paged cache; [`engine`] schedules and runs steps.
 //! * [`sampling`] and [`detokenize`] turn logits into tokens and text.
+//! * [`backend`] is what a worker drives: the [`Engine`] or the model-free [`sim`] engine.
 //! * [`make_model`] writes random-weight model directories for demos, tests and benchmarks.
 
+pub mod backend;
 pub mod batch;
 pub mod bench;
 pub mod config;
@@ -22,8 +24,10 @@ pub mod model_dir;
 pub mod packed_matmul;
 pub mod rope;
 pub mod sampling;
+pub mod sim;
 pub mod tokenizer;
 
+pub use backend::Backend;
 pub use candle_core::{DType, Device};
 pub use config::{Architecture, ModelConfig};
 pub use engine::{
@@ -31,6 +35,7 @@ pub use engine::{
 };
 pub use error::{EngineError, Result};
 pub use model_dir::ModelDir;
+pub use sim::{SimConfig, SimEngine};
 pub use tokenizer::Tokenizer;
 
 /// Parses a dtype name as used on the command line and in `config.json`.

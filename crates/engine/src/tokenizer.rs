@@ -102,6 +102,21 @@ impl Tokenizer {
         })
     }
 
+    /// A tokenizer with its special tokens given directly.
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        bos_token_id: Option<u32>,
+        eos_token_ids: Vec<u32>,
+        add_bos_token: bool,
+    ) -> Self {
+        Tokenizer {
+            inner,
+            bos_token_id,
+            eos_token_ids,
+            add_bos_token,
+        }
+    }
+
     /// Token ids of `text` as a prompt: the tokenizer's own special tokens, plus bos when the
     /// model wants one and the tokenizer did not add it.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {

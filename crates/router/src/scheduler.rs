@@ -157,6 +157,10 @@ struct Worker {
     addr: String,
     spec: Arc<ModelSpec>,
     tx: mpsc::Sender<wpb::ExecuteRequest>,
+    /// Messages that found the link's queue full, sent first when it has room. Dispatches
+    /// stop while it is non-empty, so it holds at most control messages (each live request
+    /// sends at most one cancel) and one dispatch.
+    backlog: VecDeque<wpb::ExecuteRequest>,
     capacity: wpb::CapacityReport,
     /// Sequences sent on this connection.
     sent: u64,
@@ -190,10 +194,34 @@ impl Worker {
         self.capacity = cap;
     }
 
-    fn send(&self, kind: Kind) -> bool {
-        self.tx
-            .try_send(wpb::ExecuteRequest { kind: Some(kind) })
-            .is_ok()
+    /// True when a dispatch may go out now: nothing backlogged, and room left in the link's
+    /// queue beyond the share kept for cancels and preemptions.
+    fn can_take(&self) -> bool {
+        self.backlog.is_empty() && self.tx.capacity() > self.tx.max_capacity() / 4
+    }
+
+    /// Sends `kind` to the worker, after anything backlogged. A closed link is left to the
+    /// link task, which reports the worker down.
+    fn send(&mut self, kind: Kind) {
+        self.backlog
+            .push_back(wpb::ExecuteRequest { kind: Some(kind) });
+        self.flush();
+    }
+
+    fn flush(&mut self) {
+        while let Some(m) = self.backlog.pop_front() {
+            match self.tx.try_send(m) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(m)) => {
+                    self.backlog.push_front(m);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.backlog.clear();
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -215,10 +243,17 @@ struct Scheduler {
 /// Messages handled between two scheduling passes at most.
 const MAX_BATCH: usize = 512;
 
+/// How often waiting work is retried when no event arrives.
+const RETRY_TICK: std::time::Duration = std::time::Duration::from_millis(5);
+
 impl Scheduler {
     async fn run(mut self) {
         loop {
             let next_deadline = self.deadlines.first().map(|&(d, _)| d);
+            // Waiting work is retried on a short tick as well as on every worker event, so a
+            // link whose queue was full is served as soon as it drains.
+            let waiting = self.workers.values().any(|w| !w.backlog.is_empty())
+                || self.queues.values().any(|q| !q.is_empty());
             tokio::select! {
                 biased;
                 Some(id) = self.cancels.recv() => self.cancel(id),
@@ -227,6 +262,7 @@ impl Scheduler {
                     None => break,
                 },
                 _ = sleep_until(next_deadline), if next_deadline.is_some() => {}
+                _ = tokio::time::sleep(RETRY_TICK), if waiting => {}
             }
             for _ in 0..MAX_BATCH {
                 if let Ok(id) = self.cancels.try_recv() {
@@ -400,11 +436,9 @@ impl Scheduler {
                 self.requests.remove(&id);
                 if let Some(w) = self.workers.get_mut(&wid) {
                     w.running.remove(&id);
-                    if !w.send(Kind::Cancel(wpb::Cancel {
+                    w.send(Kind::Cancel(wpb::Cancel {
                         sequence_ids: vec![id],
-                    })) {
-                        tracing::warn!(worker = %w.addr, id, "cannot send a cancel: the worker's queue is full");
-                    }
+                    }));
                 }
             }
         }
@@ -414,6 +448,9 @@ impl Scheduler {
     // ---- placement ------------------------------------------------------------------------
 
     fn schedule(&mut self) {
+        for w in self.workers.values_mut() {
+            w.flush();
+        }
         let now = Instant::now();
         let mut batches: HashMap<WorkerId, Vec<wpb::SequenceSpec>> = HashMap::new();
         let models: Vec<String> = self
@@ -447,16 +484,8 @@ impl Scheduler {
             }
         }
         for (wid, sequences) in batches {
-            let sent = self
-                .workers
-                .get(&wid)
-                .is_some_and(|w| w.send(Kind::Dispatch(wpb::Dispatch { sequences })));
-            if !sent {
-                tracing::warn!(
-                    ?wid,
-                    "worker's queue is full or closed; treating it as lost"
-                );
-                self.worker_down(wid);
+            if let Some(w) = self.workers.get_mut(&wid) {
+                w.send(Kind::Dispatch(wpb::Dispatch { sequences }));
             }
         }
     }
@@ -465,7 +494,7 @@ impl Scheduler {
     fn pick_worker(&self, model: &str, tokens: usize) -> Option<WorkerId> {
         self.workers
             .iter()
-            .filter(|(_, w)| w.spec.id == model && w.free_slots() > 0)
+            .filter(|(_, w)| w.spec.id == model && w.free_slots() > 0 && w.can_take())
             .filter(|(_, w)| w.free_blocks() >= tokens.div_ceil(w.spec.block_size) as i64)
             .min_by(|(a_id, a), (b_id, b)| {
                 a.load()
@@ -530,14 +559,13 @@ impl Scheduler {
             return;
         };
         if let Some(w) = self.workers.get_mut(&wid) {
-            if w.send(Kind::Preempt(wpb::Preempt {
+            w.send(Kind::Preempt(wpb::Preempt {
                 sequence_ids: vec![id],
-            })) {
-                if let Some(r) = w.running.get_mut(&id) {
-                    r.preempting = true;
-                }
-                tracing::debug!(id, worker = %w.addr, "preempting for priority {priority}");
+            }));
+            if let Some(r) = w.running.get_mut(&id) {
+                r.preempting = true;
             }
+            tracing::debug!(id, worker = %w.addr, "preempting for priority {priority}");
         }
     }
 
@@ -565,6 +593,7 @@ impl Scheduler {
                 addr: up.addr,
                 spec: up.spec,
                 tx: up.tx,
+                backlog: VecDeque::new(),
                 capacity: up.capacity,
                 sent: 0,
                 in_flight: VecDeque::new(),

@@ -7,7 +7,6 @@ use openinfer_proto::v1::inference_server::InferenceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::config::RouterConfig;
@@ -115,7 +114,6 @@ impl Router {
             scheduler.drain().await;
         };
         tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .max_concurrent_streams(self.cfg.max_concurrent_streams)
             .add_service(
                 InferenceServer::new(service)
@@ -125,7 +123,11 @@ impl Router {
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(
+                // Token deltas are small writes: no Nagle delay.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                shutdown,
+            )
             .await?;
         Ok(())
     }

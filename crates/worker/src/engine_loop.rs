@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use openinfer_core::SequenceId;
 use openinfer_engine::engine::{Finished, StepOutput};
-use openinfer_engine::Engine;
+use openinfer_engine::Backend;
 use openinfer_proto::worker::v1 as pb;
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
@@ -92,8 +92,12 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    /// Starts the engine thread.
-    pub fn spawn(engine: Engine, cfg: LoopConfig) -> (EngineHandle, std::thread::JoinHandle<()>) {
+    /// Starts the engine thread around `engine` (the model [`Engine`](openinfer_engine::Engine)
+    /// or a [`SimEngine`](openinfer_engine::SimEngine)).
+    pub fn spawn<E: Backend>(
+        engine: E,
+        cfg: LoopConfig,
+    ) -> (EngineHandle, std::thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(cfg.command_queue.max(1));
         let mut info = convert::info(engine.info());
         if let Some(name) = &cfg.model_name {
@@ -171,8 +175,8 @@ struct Connection {
     dispatched: u64,
 }
 
-struct Loop {
-    engine: Engine,
+struct Loop<E> {
+    engine: E,
     rx: mpsc::Receiver<Command>,
     capacity: watch::Sender<pb::CapacityReport>,
     conns: HashMap<u64, Connection>,
@@ -185,7 +189,7 @@ struct Loop {
     outbox: HashMap<u64, pb::ExecuteResponse>,
 }
 
-impl Loop {
+impl<E: Backend> Loop<E> {
     fn run(mut self) {
         loop {
             // Block only when idle; otherwise take whatever arrived and keep stepping.
@@ -232,8 +236,8 @@ impl Loop {
                     self.dispatch(conn, spec);
                 }
             }
-            Command::Cancel { conn, ids } => self.remove(conn, ids, Engine::cancel),
-            Command::Preempt { conn, ids } => self.remove(conn, ids, Engine::preempt),
+            Command::Cancel { conn, ids } => self.remove(conn, ids, E::cancel),
+            Command::Preempt { conn, ids } => self.remove(conn, ids, E::preempt),
         }
     }
 
@@ -274,12 +278,7 @@ impl Loop {
             });
     }
 
-    fn remove(
-        &mut self,
-        conn: u64,
-        ids: Vec<u64>,
-        op: fn(&mut Engine, SequenceId) -> Option<Finished>,
-    ) {
+    fn remove(&mut self, conn: u64, ids: Vec<u64>, op: fn(&mut E, SequenceId) -> Option<Finished>) {
         for wire in ids {
             if let Some(id) = self.by_wire.get(&(conn, wire)).copied() {
                 if let Some(f) = op(&mut self.engine, id) {

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 mod bench_engine;
+mod bench_router;
 mod generate;
 mod make_model;
 mod router;
@@ -24,6 +25,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::MakeModel(a) => make_model::run(a),
         Command::BenchEngine(a) => bench_engine::run(a),
+        Command::BenchRouter(a) => bench_router::run(a),
     }
 }
 

@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use openinfer_router::Router;
 use openinfer_worker::WorkerService;
 
-use crate::args::ServeArgs;
+use crate::args::{EngineKind, ServeArgs};
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let model = match &a.model {
-        Some(m) => m.clone(),
+        Some(m) => Some(m.clone()),
+        None if a.engine.engine == EngineKind::Sim => None,
         None => {
             let cache = a.cache_dir.clone().unwrap_or_else(default_cache_dir);
             let dir = super::ensure_preset_model(&cache, "tiny")?;
@@ -18,10 +19,10 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
                 model = %dir.display(),
                 "no --model given: serving the `tiny` demo model (random weights, for trying the API; pass --model DIR for a real one)"
             );
-            dir
+            Some(dir)
         }
     };
-    let handle = super::worker::start_engine(&model, &a.engine, &a.worker)?;
+    let handle = super::worker::start_engine(model.as_deref(), &a.engine, &a.worker)?;
     super::runtime()?.block_on(async move {
         let listener = super::bind(a.listen).await?;
         // The worker listens on an ephemeral loopback port that only this router uses.

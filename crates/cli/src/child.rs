@@ -1,0 +1,80 @@
+//! `openinfer` child processes started by benchmarks: each is killed when dropped, and is ready
+//! once it logs the address it listens on.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+/// A running `openinfer` service in a child process.
+pub struct ChildService {
+    child: Child,
+    /// The address it listens on.
+    pub addr: String,
+}
+
+impl ChildService {
+    /// Runs `openinfer ARGS` and waits (up to a minute) for its `addr=` log line.
+    pub fn spawn(name: &str, args: &[&str]) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("cannot find the openinfer binary")?;
+        let mut child = Command::new(exe)
+            .args(args)
+            .env("OPENINFER_LOG", "info")
+            .env("OPENINFER_LOG_FORMAT", "text")
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start the {name}"))?;
+        let stderr = child.stderr.take().context("child stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let name_ = name.to_string();
+        std::thread::spawn(move || {
+            let mut last = String::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                tracing::debug!(target: "openinfer::child", "{name_}: {line}");
+                if let Some(i) = line.find("addr=") {
+                    let addr = line[i + 5..].split_whitespace().next().unwrap_or_default();
+                    let _ = tx.send(Ok(addr.to_string()));
+                }
+                last = line;
+            }
+            // It exited before announcing an address: pass on its last words.
+            let _ = tx.send(Err(last));
+        });
+        let mut svc = ChildService {
+            child,
+            addr: String::new(),
+        };
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(Ok(addr)) => svc.addr = addr,
+            Ok(Err(last)) => bail!("the {name} exited at start: {last}"),
+            Err(_) => bail!(
+                "the {name} did not start within a minute (run with --log debug to see its log)"
+            ),
+        }
+        Ok(svc)
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for ChildService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident and peak resident memory of a process, in bytes (Linux `/proc`).
+pub fn memory(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}

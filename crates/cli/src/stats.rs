@@ -1,0 +1,66 @@
+//! Summary statistics of benchmark samples.
+
+use serde::Serialize;
+
+/// Mean and percentiles of a sample, in the sample's unit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Summary {
+    /// Samples.
+    pub n: usize,
+    /// Arithmetic mean.
+    pub mean: f64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+}
+
+impl Summary {
+    /// Summarises `values` (any order); all zero when empty.
+    pub fn of(values: &[f64]) -> Summary {
+        if values.is_empty() {
+            return Summary::default();
+        }
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        Summary {
+            n: v.len(),
+            mean: v.iter().sum::<f64>() / v.len() as f64,
+            p50: percentile(&v, 50.0),
+            p90: percentile(&v, 90.0),
+            p99: percentile(&v, 99.0),
+        }
+    }
+}
+
+/// The `q`-th percentile of sorted `v`, interpolating linearly between closest ranks (the
+/// definition of numpy's default).
+pub fn percentile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let rank = (q / 100.0).clamp(0.0, 1.0) * (v.len() - 1) as f64;
+    let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+    v[lo] + (v[hi] - v[lo]) * (rank - lo as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_match_hand_computed_values() {
+        let v: Vec<f64> = (1..=10).map(f64::from).collect();
+        // numpy.percentile(range(1, 11), [50, 90, 99]) = 5.5, 9.1, 9.91
+        let s = Summary::of(&v);
+        assert_eq!(s.n, 10);
+        assert!((s.mean - 5.5).abs() < 1e-12);
+        assert!((s.p50 - 5.5).abs() < 1e-12);
+        assert!((s.p90 - 9.1).abs() < 1e-12);
+        assert!((s.p99 - 9.91).abs() < 1e-12);
+        assert_eq!(Summary::of(&[3.0]).p99, 3.0);
+        assert_eq!(Summary::of(&[]), Summary::default());
+    }
+}
