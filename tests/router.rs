@@ -757,7 +757,7 @@ async fn a_lost_worker_s_stream_resumes_on_the_other_without_a_gap_or_a_repeat()
     let (_dir, model) = common::tiny_model();
     let (w1, a1) = start_worker(&model, &[]);
     let (w2, a2) = start_worker(&model, &[]);
-    let mut workers = vec![Some(w1), Some(w2)];
+    let mut workers = [Some(w1), Some(w2)];
     let (_router, addr) = start_router(&[&a1, &a2], &[]);
     let mut client = router_client(&addr).await;
     common::wait_for_workers(&mut client, 2).await;
