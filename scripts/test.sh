@@ -4,6 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# A real etcd for the cluster-membership tests (Debian's etcd-server), when none is installed.
+if ! command -v etcd >/dev/null 2>&1 && [ -z "${OPENINFER_TEST_ETCD:-}" ]; then
+    echo "installing etcd-server for the membership tests" >&2
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo=sudo; fi
+    $sudo apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends etcd-server >/dev/null
+fi
+
 # Third-party Python clients (grpcio + reflection) for the cross-process tests, in a venv under
 # target/ that is rebuilt when scripts/requirements-test.txt changes.
 venv=target/test-venv

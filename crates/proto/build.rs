@@ -17,5 +17,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("openinfer_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure().compile_fds(fds)?;
+
+    // etcd's v3 API, client side only (cluster membership).
+    let third = root.join("third_party");
+    println!("cargo:rerun-if-changed={}", third.display());
+    let etcd = protox::compile([third.join("etcd/api/etcdserverpb/rpc.proto")], [&third])?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_fds(etcd)?;
     Ok(())
 }

@@ -119,6 +119,31 @@ pub struct WorkerArgs {
     /// Address to serve gRPC on.
     #[arg(long, env = "OPENINFER_LISTEN", default_value = "127.0.0.1:50061")]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Address routers dial (default: the listen address; required when listening on 0.0.0.0).
+    #[arg(long, env = "OPENINFER_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+    /// This worker group's id in the registry (default: HOSTNAME-PORT).
+    #[arg(long, env = "OPENINFER_GROUP_ID")]
+    pub group_id: Option<String>,
+    /// Lifetime of the registry lease; it is kept alive every third of it.
+    #[arg(long, env = "OPENINFER_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+}
+
+/// Where cluster membership lives.
+#[derive(Debug, Clone, Args)]
+pub struct RegistryArgs {
+    /// etcd endpoints, etcd://HOST:PORT[,HOST:PORT]; without it membership is static.
+    #[arg(long, env = "OPENINFER_REGISTRY")]
+    pub registry: Option<String>,
+    /// etcd user (with --etcd-password).
+    #[arg(long, env = "OPENINFER_ETCD_USER", requires = "etcd_password")]
+    pub etcd_user: Option<String>,
+    /// etcd password.
+    #[arg(long, env = "OPENINFER_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
 }
 
 /// Buffers of the worker's engine loop.
@@ -196,14 +221,16 @@ pub struct RouterCmdArgs {
     /// Address to serve the public API on.
     #[arg(long, env = "OPENINFER_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
-    /// Worker addresses (host:port), comma-separated.
+    /// Worker addresses (host:port), comma-separated (static membership).
     #[arg(
         long,
         env = "OPENINFER_WORKERS",
         value_delimiter = ',',
-        required = true
+        required_unless_present = "registry"
     )]
     pub workers: Vec<String>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     #[command(flatten)]
     pub router: RouterArgs,
 }

@@ -2,6 +2,7 @@
 //!
 //! * [`v1`]: the public `openinfer.v1.Inference` API.
 //! * [`worker::v1`]: the internal router ↔ worker protocol.
+//! * [`etcd`]: etcd's v3 API, client side (from `proto/third_party`).
 
 #![allow(clippy::large_enum_variant, clippy::doc_overindented_list_items)]
 
@@ -15,6 +16,23 @@ pub mod worker {
     /// `openinfer.worker.v1`.
     pub mod v1 {
         tonic::include_proto!("openinfer.worker.v1");
+    }
+}
+
+/// etcd's v3 API (client side), for cluster membership.
+pub mod etcd {
+    #![allow(missing_docs, clippy::all)]
+    /// Keys and values.
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    /// Users and roles.
+    pub mod authpb {
+        tonic::include_proto!("authpb");
+    }
+    /// The KV, Watch, Lease and Auth services.
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
     }
 }
 

@@ -22,4 +22,4 @@ pub mod worker_link;
 
 pub use config::RouterConfig;
 pub use error::RouterError;
-pub use server::{Router, ServeError};
+pub use server::{Router, ServeError, WorkerLink};

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use openinfer_proto::v1::inference_server::InferenceServer;
+use openinfer_registry::Change;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic_health::ServingStatus;
 
 use crate::config::RouterConfig;
@@ -28,6 +28,11 @@ pub enum ServeError {
     /// Reflection could not be built from the descriptor set (a build bug).
     #[error("server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Keeps one worker linked; dropping it unlinks the worker.
+pub struct WorkerLink {
+    _stop: oneshot::Sender<()>,
 }
 
 /// A running router core: scheduler plus worker links.
@@ -53,14 +58,59 @@ impl Router {
         }
     }
 
-    /// Keeps a link to the worker at `addr` (reconnecting as needed) until the task is
-    /// aborted or the router stops.
-    pub fn add_worker(&self, addr: String) -> JoinHandle<()> {
+    /// Keeps a link to the worker at `addr` (reconnecting as needed) while the returned
+    /// handle lives; dropping it removes the worker (its sequences resume elsewhere).
+    pub fn add_worker(&self, addr: String) -> WorkerLink {
+        let (stop, stopped) = oneshot::channel();
         tokio::spawn(worker_link::run(
             addr,
             self.scheduler.sender(),
             self.cfg.worker_queue,
-        ))
+            stopped,
+        ));
+        WorkerLink { _stop: stop }
+    }
+
+    /// Follows registry changes (from [`openinfer_registry::etcd::discover`]): a worker is
+    /// linked when its record appears and dropped when it goes. Runs until `changes` closes.
+    pub fn follow_registry(
+        &self,
+        mut changes: mpsc::Receiver<Change>,
+    ) -> tokio::task::JoinHandle<()> {
+        let router = self.clone_handles();
+        tokio::spawn(async move {
+            let mut links: std::collections::HashMap<String, (String, WorkerLink)> =
+                std::collections::HashMap::new();
+            while let Some(change) = changes.recv().await {
+                match change {
+                    Change::Up { key, record } => {
+                        if links
+                            .get(&key)
+                            .is_some_and(|(addr, _)| *addr == record.address)
+                        {
+                            continue;
+                        }
+                        tracing::info!(%key, address = %record.address, model = %record.model, "worker registered");
+                        let link = router.add_worker(record.address.clone());
+                        links.insert(key, (record.address, link));
+                    }
+                    Change::Down { key } => {
+                        if links.remove(&key).is_some() {
+                            tracing::info!(%key, "worker deregistered");
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    fn clone_handles(&self) -> Router {
+        Router {
+            cfg: self.cfg.clone(),
+            models: self.models.clone(),
+            scheduler: self.scheduler.clone(),
+            serving: self.serving.clone(),
+        }
     }
 
     /// The models known now.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use openinfer_proto::worker::v1 as wpb;
 use openinfer_proto::worker::v1::worker_client::WorkerClient;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
@@ -37,16 +37,34 @@ pub struct WorkerUp {
     pub tx: mpsc::Sender<wpb::ExecuteRequest>,
 }
 
-/// Keeps a link to the worker at `addr` until the scheduler goes away.
-pub async fn run(addr: String, sched: mpsc::Sender<Msg>, worker_queue: usize) {
+/// Keeps a link to the worker at `addr` until `stop` fires (or its sender is dropped) or the
+/// scheduler goes away.
+pub async fn run(
+    addr: String,
+    sched: mpsc::Sender<Msg>,
+    worker_queue: usize,
+    mut stop: oneshot::Receiver<()>,
+) {
     let mut backoff = FIRST_BACKOFF;
     loop {
         let id = WorkerId(NEXT_WORKER.fetch_add(1, Ordering::Relaxed));
-        match connect(&addr, id, &sched, worker_queue).await {
+        let connected = tokio::select! {
+            _ = &mut stop => return,
+            c = connect(&addr, id, &sched, worker_queue) => c,
+        };
+        match connected {
             Ok(mut inbound) => {
                 backoff = FIRST_BACKOFF;
                 let reason = loop {
-                    match inbound.message().await {
+                    let msg = tokio::select! {
+                        _ = &mut stop => {
+                            tracing::info!(worker = %addr, "worker left the registry; its sequences resume elsewhere");
+                            let _ = sched.send(Msg::WorkerDown(id)).await;
+                            return;
+                        }
+                        m = inbound.message() => m,
+                    };
+                    match msg {
                         Ok(Some(resp)) => {
                             if sched.send(Msg::WorkerEvent(id, resp)).await.is_err() {
                                 return;
@@ -68,7 +86,10 @@ pub async fn run(addr: String, sched: mpsc::Sender<Msg>, worker_queue: usize) {
         if sched.is_closed() {
             return;
         }
-        tokio::time::sleep(backoff).await;
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }

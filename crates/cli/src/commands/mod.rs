@@ -83,6 +83,20 @@ pub fn ensure_preset_model(cache_dir: &Path, preset: &str) -> anyhow::Result<Pat
     Ok(dir)
 }
 
+/// The etcd settings the flags describe (`None`: static membership).
+pub fn etcd_config(
+    a: &crate::args::RegistryArgs,
+) -> anyhow::Result<Option<openinfer_registry::EtcdConfig>> {
+    let Some(url) = &a.registry else {
+        return Ok(None);
+    };
+    let mut cfg = openinfer_registry::EtcdConfig::from_url(url)?;
+    if let (Some(user), Some(password)) = (&a.etcd_user, &a.etcd_password) {
+        cfg.auth = Some((user.clone(), password.clone()));
+    }
+    Ok(Some(cfg))
+}
+
 /// The async runtime of the services.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()

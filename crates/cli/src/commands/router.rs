@@ -5,13 +5,22 @@ use openinfer_router::{Router, RouterConfig};
 use crate::args::{RouterArgs, RouterCmdArgs};
 
 pub fn run(a: RouterCmdArgs) -> anyhow::Result<()> {
+    let registry = super::etcd_config(&a.registry)?;
     super::runtime()?.block_on(async move {
         let listener = super::bind(a.listen).await?;
         let router = Router::start(config(&a.router));
-        for w in &a.workers {
-            router.add_worker(w.trim().to_string());
+        // Static workers stay linked as long as their handles live: the whole run.
+        let _static: Vec<_> = a
+            .workers
+            .iter()
+            .map(|w| router.add_worker(w.trim().to_string()))
+            .collect();
+        if let Some(cfg) = registry {
+            let (tx, rx) = tokio::sync::mpsc::channel(1024);
+            openinfer_registry::etcd::discover(cfg, tx);
+            router.follow_registry(rx);
         }
-        tracing::info!(addr = %listener.local_addr()?, workers = ?a.workers, "router serving openinfer.v1.Inference");
+        tracing::info!(addr = %listener.local_addr()?, workers = ?a.workers, registry = ?a.registry.registry, "router serving openinfer.v1.Inference");
         router.serve_on(listener, super::shutdown_signal()).await?;
         anyhow::Ok(())
     })

@@ -37,7 +37,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             },
         ));
         let router = Router::start(super::router::config(&a.router));
-        router.add_worker(worker_addr.to_string());
+        let _link = router.add_worker(worker_addr.to_string());
         tracing::info!(
             addr = %listener.local_addr()?,
             model = %handle.info().model,

@@ -3,25 +3,116 @@
 use std::path::Path;
 
 use anyhow::Context;
-use openinfer_engine::{SimConfig, SimEngine};
+use openinfer_core::SequenceId;
+use openinfer_engine::{Backend, SequenceRequest, SimConfig, SimEngine};
 use openinfer_worker::{EngineHandle, LoopConfig, WorkerService};
 
 use crate::args::{EngineArgs, EngineKind, WorkerArgs, WorkerLoopArgs};
 
 pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
+    let registry = super::etcd_config(&a.registry)?;
+    let revision = match (&a.model, a.engine.engine) {
+        (Some(dir), EngineKind::Model) => model_revision(dir),
+        _ => "sim".to_string(),
+    };
     let handle = start_engine(a.model.as_deref(), &a.engine, &a.worker)?;
     super::runtime()?.block_on(async move {
         let listener = super::bind(a.listen).await?;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, model = %handle.info().model, "worker serving openinfer.worker.v1");
-        openinfer_worker::serve_on(
-            WorkerService::new(handle),
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(openinfer_worker::serve_on(
+            WorkerService::new(handle.clone()),
             listener,
-            super::shutdown_signal(),
-        )
-        .await?;
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        // Registered only now: the model is loaded and warmed up and the port is open.
+        let registration = registry.map(|cfg| {
+            let record = record(&a, &handle, addr, revision);
+            tracing::info!(key = %record.key(), "registering in etcd");
+            openinfer_registry::Registration::start(cfg, record, a.lease_ttl)
+        });
+        super::shutdown_signal().await;
+        if let Some(r) = registration {
+            r.deregister().await;
+        }
+        let _ = stop_tx.send(());
+        server.await??;
         anyhow::Ok(())
     })
+}
+
+/// This worker's registry record.
+fn record(
+    a: &WorkerArgs,
+    handle: &EngineHandle,
+    addr: std::net::SocketAddr,
+    revision: String,
+) -> openinfer_registry::WorkerRecord {
+    let info = handle.info();
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    let address = a.advertise_addr.clone().unwrap_or_else(|| {
+        if addr.ip().is_unspecified() {
+            format!("{host}:{}", addr.port())
+        } else {
+            addr.to_string()
+        }
+    });
+    let kv = info.kv.unwrap_or_default();
+    openinfer_registry::WorkerRecord {
+        group_id: a
+            .group_id
+            .clone()
+            .unwrap_or_else(|| format!("{host}-{}", addr.port())),
+        address,
+        model: info.model.clone(),
+        revision,
+        dtype: info.dtype.clone(),
+        tp_size: info.tp_size,
+        devices: vec![info.device.clone()],
+        kv_blocks: kv.total_blocks,
+        block_size: kv.block_size,
+        max_running: info.max_running_sequences,
+        max_model_len: info.max_model_len,
+        version: info.version.clone(),
+        labels: Default::default(),
+    }
+}
+
+/// A digest of the model directory's config and weight files (names, sizes, config text):
+/// workers with the same revision serve the same weights.
+fn model_revision(dir: &Path) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+    };
+    eat(&std::fs::read(dir.join("config.json")).unwrap_or_default());
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let len = e.metadata().ok()?.len();
+            name.ends_with(".safetensors").then_some((name, len))
+        })
+        .collect();
+    files.sort();
+    for (name, len) in files {
+        eat(name.as_bytes());
+        eat(&len.to_le_bytes());
+    }
+    format!("{h:016x}")
 }
 
 /// Loads the model (or sets up the sim engine) and starts the engine thread.
@@ -38,7 +129,7 @@ pub fn start_engine(
     let handle = match engine.engine {
         EngineKind::Model => {
             let model = model.context("--model DIR is required (or --engine sim)")?;
-            EngineHandle::spawn(super::load_engine(model, engine)?, cfg).0
+            spawn_warm(super::load_engine(model, engine)?, cfg)?
         }
         EngineKind::Sim => {
             let sim = SimEngine::new(SimConfig {
@@ -55,8 +146,21 @@ pub fn start_engine(
                 ..SimConfig::default()
             })?;
             tracing::info!(step_time = ?engine.sim_step_time, "sim engine: no model, fixed step time");
-            EngineHandle::spawn(sim, cfg).0
+            spawn_warm(sim, cfg)?
         }
     };
     Ok(handle)
+}
+
+/// Runs one short sequence through the engine (first-use costs are paid before any client
+/// or registry sees the worker), then starts the engine thread.
+fn spawn_warm<E: Backend>(mut engine: E, cfg: LoopConfig) -> anyhow::Result<EngineHandle> {
+    let bos = engine.info().bos_token_id.unwrap_or(0);
+    let mut req = SequenceRequest::greedy(SequenceId(u64::MAX), vec![bos], 1);
+    req.stopping.ignore_eos = true;
+    engine.add(req).context("warm-up")?;
+    while engine.has_work() {
+        engine.step().context("warm-up step")?;
+    }
+    Ok(EngineHandle::spawn(engine, cfg).0)
 }

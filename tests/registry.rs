@@ -1,0 +1,253 @@
+//! Cluster membership through a real etcd: workers register once ready and deregister on
+//! SIGTERM, routers discover them within a second, a killed worker's streams finish on another
+//! replica, and an etcd outage stops nothing.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::etcd::EtcdServer;
+use common::{router_client, spawn, Proc};
+use futures::future::join_all;
+use openinfer_proto::v1 as pb;
+use openinfer_proto::v1::inference_client::InferenceClient;
+use openinfer_registry::client::Etcd;
+use openinfer_registry::{EtcdConfig, WorkerRecord, WORKERS_PREFIX};
+use tonic::transport::Channel;
+
+/// A sim worker registered in `etcd` (lease TTL 2 s).
+fn sim_worker(etcd: &EtcdServer, group: &str) -> (Proc, String) {
+    spawn(
+        &format!("worker {group}"),
+        &[
+            "worker",
+            "--engine",
+            "sim",
+            "--sim-step-time",
+            "5ms",
+            "--listen",
+            "127.0.0.1:0",
+            "--registry",
+            &etcd.url(),
+            "--group-id",
+            group,
+            "--lease-ttl",
+            "2s",
+        ],
+    )
+}
+
+fn router(etcd: &EtcdServer) -> (Proc, String) {
+    spawn(
+        "router",
+        &[
+            "router",
+            "--listen",
+            "127.0.0.1:0",
+            "--registry",
+            &etcd.url(),
+        ],
+    )
+}
+
+async fn records(etcd: &EtcdServer) -> Vec<WorkerRecord> {
+    let client = Etcd::connect(&EtcdConfig::from_url(&etcd.url()).unwrap())
+        .await
+        .unwrap();
+    let (kvs, _) = client.get_prefix(WORKERS_PREFIX.as_bytes()).await.unwrap();
+    kvs.iter()
+        .map(|kv| WorkerRecord::parse(&String::from_utf8_lossy(&kv.key), &kv.value).unwrap())
+        .collect()
+}
+
+async fn workers_seen(client: &mut InferenceClient<Channel>) -> u32 {
+    client
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models
+        .iter()
+        .map(|m| m.workers)
+        .sum()
+}
+
+/// Waits until the router sees `n` workers; returns how long that took.
+async fn until_workers(
+    client: &mut InferenceClient<Channel>,
+    n: u32,
+    within: Duration,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        if workers_seen(client).await == n {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "router saw {} workers, not {n}, after {within:?}",
+            workers_seen(client).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn sigterm(p: &Proc) {
+    let st = Command::new("kill")
+        .args(["-TERM", &p.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+fn req(max_new: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: "hello".into(),
+        max_new_tokens: Some(max_new),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_register_when_ready_and_routers_follow_within_a_second() {
+    let etcd = EtcdServer::start();
+    let (_router, addr) = router(&etcd);
+    let mut client = router_client(&addr).await;
+    assert_eq!(workers_seen(&mut client).await, 0);
+
+    let (_a, a_addr) = sim_worker(&etcd, "a");
+    let took = until_workers(&mut client, 1, Duration::from_secs(5)).await;
+    let recs = records(&etcd).await;
+    assert_eq!(recs.len(), 1);
+    let r = &recs[0];
+    assert_eq!((r.group_id.as_str(), r.model.as_str()), ("a", "sim"));
+    assert_eq!(r.address, a_addr);
+    assert_eq!(
+        (r.tp_size, r.revision.as_str(), r.dtype.as_str()),
+        (1, "sim", "f32")
+    );
+    assert!(r.kv_blocks > 0 && r.max_running > 0 && !r.version.is_empty());
+    assert!(took < Duration::from_secs(3), "{took:?}");
+
+    // A second worker is picked up within a second of its registration.
+    let (b, _) = sim_worker(&etcd, "b");
+    let start = Instant::now();
+    while records(&etcd).await.len() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let registered = start.elapsed();
+    let took = until_workers(&mut client, 2, Duration::from_secs(5)).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "seen {took:?} after registration ({registered:?})"
+    );
+    let r = client.generate(req(4)).await.unwrap().into_inner();
+    assert_eq!(r.token_ids.len(), 4);
+
+    // SIGTERM: the record goes at once (lease revoked), the router drops the worker within a
+    // second, and the worker exits 0.
+    sigterm(&b);
+    let took = until_workers(&mut client, 1, Duration::from_secs(1)).await;
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert_eq!(records(&etcd).await.len(), 1);
+    let mut b = b;
+    let status = b.0.wait().unwrap();
+    assert!(status.success(), "worker exit status {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_s_fifty_streams_finish_on_the_other_replica() {
+    let etcd = EtcdServer::start();
+    let (a, _) = sim_worker(&etcd, "a");
+    let (b, _) = sim_worker(&etcd, "b");
+    let mut procs = [Some(a), Some(b)];
+    let (_router, addr) = router(&etcd);
+    let mut client = router_client(&addr).await;
+    until_workers(&mut client, 2, Duration::from_secs(10)).await;
+    let expected = client.generate(req(200)).await.unwrap().into_inner();
+
+    let streams = (0..50).map(|_| {
+        let mut client = client.clone();
+        async move {
+            let mut s = client.generate_stream(req(200)).await?.into_inner();
+            let (mut ids, mut text, mut reason) = (Vec::new(), String::new(), String::new());
+            while let Some(m) = s.message().await? {
+                ids.extend(m.token_ids);
+                text.push_str(&m.text);
+                reason = m.finish_reason;
+            }
+            Ok::<_, tonic::Status>((ids, text, reason))
+        }
+    });
+    let run = tokio::spawn(join_all(streams));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // kill -9 one replica mid-stream.
+    let killed = procs[0].take().unwrap();
+    drop(killed);
+    eprintln!("killed worker a (SIGKILL) with streams in flight");
+    let results = run.await.unwrap();
+    let mut received = Vec::new();
+    for (i, r) in results.into_iter().enumerate() {
+        let (ids, text, reason) = r.unwrap_or_else(|e| panic!("stream {i} failed: {e:?}"));
+        received.push(ids.len());
+        assert_eq!(reason, "length", "stream {i}");
+        assert_eq!(ids, expected.token_ids, "stream {i}: no gap, no repeat");
+        assert_eq!(text, expected.text, "stream {i}");
+    }
+    eprintln!("every client received 200 tokens: {received:?}");
+    // The router stopped using it at once: new work succeeds right away.
+    let r = client.generate(req(3)).await.unwrap().into_inner();
+    assert_eq!(r.token_ids.len(), 3);
+    // Its record disappears when the 2 s lease expires.
+    let start = Instant::now();
+    while records(&etcd).await.len() != 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(6),
+            "record of the killed worker stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(procs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_outage_stops_nothing_and_both_sides_recover() {
+    let mut etcd = EtcdServer::start();
+    let (mut a, _) = sim_worker(&etcd, "a");
+    let (mut router_proc, addr) = router(&etcd);
+    let mut client = router_client(&addr).await;
+    until_workers(&mut client, 1, Duration::from_secs(10)).await;
+
+    etcd.stop();
+    eprintln!("etcd stopped for 60 s");
+    let start = Instant::now();
+    let mut served = 0;
+    while start.elapsed() < Duration::from_secs(60) {
+        let r = client.generate(req(4)).await.unwrap().into_inner();
+        assert_eq!(r.token_ids.len(), 4);
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(a.0.try_wait().unwrap().is_none(), "the worker exited");
+    assert!(
+        router_proc.0.try_wait().unwrap().is_none(),
+        "the router exited"
+    );
+    eprintln!("served {served} requests during the outage");
+
+    etcd.resume();
+    // The worker registers again, and the router watches again: a new worker is found.
+    let start = Instant::now();
+    while records(&etcd).await.is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the worker never re-registered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_b, _) = sim_worker(&etcd, "b");
+    until_workers(&mut client, 2, Duration::from_secs(10)).await;
+    let r = client.generate(req(4)).await.unwrap().into_inner();
+    assert_eq!(r.token_ids.len(), 4);
+}
