@@ -251,3 +251,195 @@ async fn an_etcd_outage_stops_nothing_and_both_sides_recover() {
     let r = client.generate(req(4)).await.unwrap().into_inner();
     assert_eq!(r.token_ids.len(), 4);
 }
+
+/// A sim worker with a short drain grace period.
+fn draining_worker(etcd: &EtcdServer, group: &str, grace: &str) -> (Proc, String) {
+    spawn(
+        &format!("worker {group}"),
+        &[
+            "worker",
+            "--engine",
+            "sim",
+            "--sim-step-time",
+            "5ms",
+            "--listen",
+            "127.0.0.1:0",
+            "--registry",
+            &etcd.url(),
+            "--group-id",
+            group,
+            "--lease-ttl",
+            "2s",
+            "--drain-grace",
+            grace,
+        ],
+    )
+}
+
+/// Streams `req(n)` to the end: (token ids, text, finish reason).
+async fn stream(
+    mut client: InferenceClient<Channel>,
+    n: u32,
+) -> Result<(Vec<u32>, String, String), tonic::Status> {
+    let mut s = client.generate_stream(req(n)).await?.into_inner();
+    let (mut ids, mut text, mut reason) = (Vec::new(), String::new(), String::new());
+    while let Some(m) = s.message().await? {
+        ids.extend(m.token_ids);
+        text.push_str(&m.text);
+        reason = m.finish_reason;
+    }
+    Ok((ids, text, reason))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_sigterm_refuses_new_work_and_finishes_its_streams() {
+    let (_w, w_addr) = spawn(
+        "worker",
+        &[
+            "worker",
+            "--engine",
+            "sim",
+            "--sim-step-time",
+            "5ms",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let (router_proc, addr) = spawn(
+        "router",
+        &["router", "--listen", "127.0.0.1:0", "--workers", &w_addr],
+    );
+    let mut client = router_client(&addr).await;
+    until_workers(&mut client, 1, Duration::from_secs(10)).await;
+    let expected = client.generate(req(200)).await.unwrap().into_inner();
+
+    let running = tokio::spawn(stream(client.clone(), 200));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sigterm(&router_proc);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "openinfer.v1.Inference".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
+    let refused = router_client(&addr)
+        .await
+        .generate(req(4))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+
+    let (ids, text, reason) = running
+        .await
+        .unwrap()
+        .expect("the in-flight stream finishes");
+    assert_eq!(
+        (ids, text, reason.as_str()),
+        (expected.token_ids, expected.text, "length")
+    );
+    let mut router_proc = router_proc;
+    let exit = router_proc.0.wait().unwrap();
+    assert!(exit.success(), "router exit status {exit}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_sigterm_leaves_the_registry_and_hands_back_work_after_its_grace() {
+    let etcd = EtcdServer::start();
+    let (a, _) = draining_worker(&etcd, "a", "300ms");
+    let (_b, _) = draining_worker(&etcd, "b", "300ms");
+    let (_router, addr) = router(&etcd);
+    let mut client = router_client(&addr).await;
+    until_workers(&mut client, 2, Duration::from_secs(10)).await;
+    let expected = client.generate(req(400)).await.unwrap().into_inner();
+
+    let streams: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(stream(client.clone(), 400)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let start = Instant::now();
+    sigterm(&a);
+    let mut a = a;
+    let exit = a.0.wait().unwrap();
+    let took = start.elapsed();
+    assert!(exit.success(), "worker exit status {exit}");
+    assert!(
+        took < Duration::from_secs(2),
+        "drain took {took:?} with a 300 ms grace"
+    );
+    assert_eq!(records(&etcd).await.len(), 1, "its record left with it");
+    for (i, s) in streams.into_iter().enumerate() {
+        let (ids, text, reason) = s
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("stream {i}: {e:?}"));
+        assert_eq!(reason, "length");
+        assert_eq!(ids, expected.token_ids, "stream {i}");
+        assert_eq!(text, expected.text, "stream {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_steady_load_loses_nothing() {
+    let etcd = EtcdServer::start();
+    let mut workers = vec![
+        draining_worker(&etcd, "a", "10s").0,
+        draining_worker(&etcd, "b", "10s").0,
+    ];
+    let (_router, addr) = router(&etcd);
+    let mut client = router_client(&addr).await;
+    until_workers(&mut client, 2, Duration::from_secs(10)).await;
+    let expected = client.generate(req(60)).await.unwrap().into_inner();
+
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let load: Vec<_> = (0..8)
+        .map(|_| {
+            let client = client.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut done = Vec::new();
+                while !*stop.borrow() {
+                    done.push(stream(client.clone(), 60).await);
+                }
+                done
+            })
+        })
+        .collect();
+    for (i, group) in ["a", "b"].into_iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sigterm(&workers[i]);
+        let exit = workers[i].0.wait().unwrap();
+        assert!(exit.success(), "worker {group} exit status {exit}");
+        eprintln!("restarted worker {group}");
+        workers[i] = draining_worker(&etcd, group, "10s").0;
+        until_workers(&mut client, 2, Duration::from_secs(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop_tx.send(true).unwrap();
+    let mut total = 0;
+    for task in load {
+        for r in task.await.unwrap() {
+            let (ids, text, reason) = r.unwrap_or_else(|e| panic!("a client got {e:?}"));
+            assert_eq!(reason, "length");
+            assert_eq!(ids, expected.token_ids);
+            assert_eq!(text, expected.text);
+            total += 1;
+        }
+    }
+    eprintln!("{total} streams, all complete, during two worker restarts");
+    assert!(total > 16, "{total} streams ran");
+}

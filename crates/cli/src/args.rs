@@ -127,6 +127,10 @@ pub struct WorkerArgs {
     /// This worker group's id in the registry (default: HOSTNAME-PORT).
     #[arg(long, env = "OPENINFER_GROUP_ID")]
     pub group_id: Option<String>,
+    /// On SIGTERM, how long running sequences may take to finish before they are handed back
+    /// to their routers (which resume them on other workers).
+    #[arg(long, env = "OPENINFER_DRAIN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub drain_grace: Duration,
     /// Lifetime of the registry lease; it is kept alive every third of it.
     #[arg(long, env = "OPENINFER_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
@@ -214,6 +218,9 @@ pub struct RouterArgs {
         default_value_t = 16_384
     )]
     pub max_concurrent_streams: u32,
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    #[arg(long, env = "OPENINFER_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, Args)]

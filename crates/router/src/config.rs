@@ -40,6 +40,8 @@ pub struct RouterConfig {
     pub max_concurrent_streams: u32,
     /// Times a sequence the workers refuse is retried before the client gets `UNAVAILABLE`.
     pub max_dispatch_attempts: u32,
+    /// On shutdown, how long in-flight requests may take to finish.
+    pub drain_timeout: Duration,
 }
 
 impl Default for RouterConfig {
@@ -62,6 +64,7 @@ impl Default for RouterConfig {
             scheduler_queue: 8192,
             max_concurrent_streams: 16_384,
             max_dispatch_attempts: 3,
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -38,6 +38,8 @@ pub enum Msg {
     WorkerUp(WorkerUp),
     /// A worker's step message.
     WorkerEvent(WorkerId, wpb::ExecuteResponse),
+    /// A worker left the registry: nothing new goes there; what runs may finish.
+    WorkerLeaving(WorkerId),
     /// A worker's stream ended.
     WorkerDown(WorkerId),
     /// Stop admitting; finish what is queued and running.
@@ -48,6 +50,7 @@ pub enum Msg {
 #[derive(Clone)]
 pub struct SchedulerHandle {
     tx: mpsc::Sender<Msg>,
+    live: watch::Receiver<usize>,
     // Unbounded, but each admitted request sends at most one cancel, so admission bounds it.
     cancels: mpsc::UnboundedSender<u64>,
 }
@@ -74,6 +77,11 @@ impl SchedulerHandle {
         let _ = self.tx.send(Msg::Drain).await;
     }
 
+    /// Waits until no request is queued or running.
+    pub async fn idle(&self) {
+        let _ = self.live.clone().wait_for(|n| *n == 0).await;
+    }
+
     /// The channel worker links report to.
     pub fn sender(&self) -> mpsc::Sender<Msg> {
         self.tx.clone()
@@ -89,7 +97,9 @@ pub fn spawn(
 ) -> SchedulerHandle {
     let (tx, rx) = mpsc::channel(cfg.scheduler_queue.max(1));
     let (cancel_tx, cancels) = mpsc::unbounded_channel();
+    let (live_tx, live) = watch::channel(0);
     let s = Scheduler {
+        live: live_tx,
         cfg,
         models,
         serving,
@@ -105,6 +115,7 @@ pub fn spawn(
     tokio::spawn(s.run());
     SchedulerHandle {
         tx,
+        live,
         cancels: cancel_tx,
     }
 }
@@ -167,6 +178,8 @@ struct Worker {
     /// Blocks asked for by the sequences the worker has not acknowledged yet, in send order.
     in_flight: VecDeque<usize>,
     running: HashMap<u64, Running>,
+    /// Left the registry: gets no new sequences.
+    leaving: bool,
 }
 
 impl Worker {
@@ -197,7 +210,7 @@ impl Worker {
     /// True when a dispatch may go out now: nothing backlogged, and room left in the link's
     /// queue beyond the share kept for cancels and preemptions.
     fn can_take(&self) -> bool {
-        self.backlog.is_empty() && self.tx.capacity() > self.tx.max_capacity() / 4
+        !self.leaving && self.backlog.is_empty() && self.tx.capacity() > self.tx.max_capacity() / 4
     }
 
     /// Sends `kind` to the worker, after anything backlogged. A closed link is left to the
@@ -226,6 +239,8 @@ impl Worker {
 }
 
 struct Scheduler {
+    /// Requests queued or running, for drain.
+    live: watch::Sender<usize>,
     cfg: Arc<RouterConfig>,
     models: ModelTable,
     serving: watch::Sender<bool>,
@@ -275,6 +290,9 @@ impl Scheduler {
             }
             self.expire(Instant::now());
             self.schedule();
+            let live = self.requests.len();
+            self.live
+                .send_if_modified(|n| std::mem::replace(n, live) != live);
         }
         tracing::debug!("scheduler stopped");
     }
@@ -288,6 +306,11 @@ impl Scheduler {
             Msg::WorkerUp(up) => self.worker_up(up),
             Msg::WorkerEvent(id, resp) => self.worker_event(id, resp),
             Msg::WorkerDown(id) => self.worker_down(id),
+            Msg::WorkerLeaving(id) => {
+                if let Some(w) = self.workers.get_mut(&id) {
+                    w.leaving = true;
+                }
+            }
             Msg::Drain => {
                 self.draining = true;
                 self.update_serving();
@@ -598,6 +621,7 @@ impl Scheduler {
                 sent: 0,
                 in_flight: VecDeque::new(),
                 running: HashMap::new(),
+                leaving: false,
             },
         );
         self.update_serving();

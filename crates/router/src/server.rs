@@ -158,10 +158,22 @@ impl Router {
             self.cfg.clone(),
         );
         let scheduler = self.scheduler.clone();
+        let drain_timeout = self.cfg.drain_timeout;
         let shutdown = async move {
             shutdown.await;
-            tracing::info!("draining: no new requests; waiting for in-flight ones");
+            tracing::info!(
+                "draining: health NOT_SERVING, new requests refused; waiting for in-flight ones"
+            );
             scheduler.drain().await;
+            if tokio::time::timeout(drain_timeout, scheduler.idle())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    ?drain_timeout,
+                    "drain timeout: stopping with requests in flight"
+                );
+            }
         };
         tonic::transport::Server::builder()
             .max_concurrent_streams(self.cfg.max_concurrent_streams)

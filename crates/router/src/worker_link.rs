@@ -55,12 +55,18 @@ pub async fn run(
         match connected {
             Ok(mut inbound) => {
                 backoff = FIRST_BACKOFF;
+                let mut leaving = false;
                 let reason = loop {
                     let msg = tokio::select! {
-                        _ = &mut stop => {
-                            tracing::info!(worker = %addr, "worker left the registry; its sequences resume elsewhere");
-                            let _ = sched.send(Msg::WorkerDown(id)).await;
-                            return;
+                        _ = &mut stop, if !leaving => {
+                            // Left the registry (drain or lease expiry): no new work, but what
+                            // runs there may finish until the worker closes the stream.
+                            tracing::info!(worker = %addr, "worker left the registry; no new work goes there");
+                            leaving = true;
+                            if sched.send(Msg::WorkerLeaving(id)).await.is_err() {
+                                return;
+                            }
+                            continue;
                         }
                         m = inbound.message() => m,
                     };
@@ -74,6 +80,11 @@ pub async fn run(
                         Err(status) => break format!("stream broke: {status}"),
                     };
                 };
+                if leaving {
+                    tracing::info!(worker = %addr, %reason, "worker gone after leaving the registry");
+                    let _ = sched.send(Msg::WorkerDown(id)).await;
+                    return;
+                }
                 tracing::warn!(worker = %addr, %reason, "lost worker; its sequences resume elsewhere");
                 if sched.send(Msg::WorkerDown(id)).await.is_err() {
                     return;

@@ -85,6 +85,7 @@ pub fn capacity(c: &Capacity) -> pb::CapacityReport {
         step: c.step,
         free_sequence_slots: c.free_slots() as u32,
         dispatched: 0,
+        draining: false,
     }
 }
 

@@ -71,6 +71,12 @@ pub enum Command {
         /// Router-side ids.
         ids: Vec<u64>,
     },
+    /// Stop taking new sequences (they are rejected, and capacity reports say `draining`).
+    Drain,
+    /// Preempt every sequence: the routers resume them elsewhere (the end of a drain).
+    PreemptAll,
+    /// End every router's stream (after a drain, so that the server can stop).
+    CloseAll,
     /// Preempt sequences (their KV is freed; the router resumes them later).
     Preempt {
         /// Connection id.
@@ -115,6 +121,7 @@ impl EngineHandle {
             by_wire: HashMap::new(),
             next_id: 0,
             total_dispatched: 0,
+            draining: false,
             outbox: HashMap::new(),
         };
         let join = std::thread::Builder::new()
@@ -157,6 +164,31 @@ impl EngineHandle {
         *self.capacity.borrow()
     }
 
+    /// Drains the worker: new sequences are refused at once; running ones get up to `grace`
+    /// to finish, then are preempted so that their routers resume them elsewhere. Returns when
+    /// the engine is empty.
+    pub async fn drain(&self, grace: std::time::Duration) -> Result<(), Status> {
+        self.send(Command::Drain).await?;
+        let mut cap = self.capacity.clone();
+        let idle =
+            |c: &pb::CapacityReport| c.draining && c.running_sequences + c.waiting_sequences == 0;
+        if tokio::time::timeout(grace, cap.wait_for(idle))
+            .await
+            .is_err()
+        {
+            let c = self.capacity();
+            tracing::info!(
+                running = c.running_sequences,
+                waiting = c.waiting_sequences,
+                "drain grace period over; preempting the rest so that routers resume them elsewhere"
+            );
+            self.send(Command::PreemptAll).await?;
+            let _ = cap.wait_for(idle).await;
+        }
+        // Routers see their streams end (and stop dialing a worker that left the registry).
+        self.send(Command::CloseAll).await
+    }
+
     /// A fresh connection id.
     pub fn new_connection(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
@@ -185,6 +217,8 @@ struct Loop<E> {
     next_id: u64,
     /// Sequences dispatched over all connections, ever (reported by `Health`).
     total_dispatched: u64,
+    /// Shutting down: no new sequences.
+    draining: bool,
     /// Messages being assembled for each connection this iteration.
     outbox: HashMap<u64, pb::ExecuteResponse>,
 }
@@ -238,12 +272,40 @@ impl<E: Backend> Loop<E> {
             }
             Command::Cancel { conn, ids } => self.remove(conn, ids, E::cancel),
             Command::Preempt { conn, ids } => self.remove(conn, ids, E::preempt),
+            Command::Drain => {
+                self.draining = true;
+                // Every router hears it with the next report.
+                for &conn in self.conns.keys() {
+                    self.outbox.entry(conn).or_default();
+                }
+            }
+            Command::CloseAll => {
+                self.conns.clear();
+                self.outbox.clear();
+            }
+            Command::PreemptAll => {
+                let ids: Vec<SequenceId> = self.by_engine.keys().copied().collect();
+                for id in ids {
+                    if let Some(f) = self.engine.preempt(id) {
+                        self.finish(&f);
+                    }
+                }
+            }
         }
     }
 
     fn dispatch(&mut self, conn: u64, spec: pb::SequenceSpec) {
         let wire = spec.sequence_id;
         let prompt_tokens = spec.prompt_ids.len() as u32;
+        if self.draining {
+            self.reject(
+                conn,
+                wire,
+                prompt_tokens,
+                "this worker is draining; send the sequence to another worker".into(),
+            );
+            return;
+        }
         if self.by_wire.contains_key(&(conn, wire)) {
             self.reject(
                 conn,
@@ -385,9 +447,16 @@ impl<E: Backend> Loop<E> {
 
     /// The engine's capacity, with the all-connections dispatch count (as `Health` shows it).
     fn capacity_report(&self) -> pb::CapacityReport {
+        let cap = convert::capacity(&self.engine.capacity());
         pb::CapacityReport {
             dispatched: self.total_dispatched,
-            ..convert::capacity(&self.engine.capacity())
+            draining: self.draining,
+            free_sequence_slots: if self.draining {
+                0
+            } else {
+                cap.free_sequence_slots
+            },
+            ..cap
         }
     }
 }

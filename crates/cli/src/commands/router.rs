@@ -45,6 +45,7 @@ pub fn config(a: &RouterArgs) -> RouterConfig {
         worker_queue: a.worker_queue,
         scheduler_queue: a.scheduler_queue,
         max_concurrent_streams: a.max_concurrent_streams,
+        drain_timeout: a.drain_timeout,
         ..RouterConfig::default()
     }
 }

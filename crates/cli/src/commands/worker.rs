@@ -35,9 +35,13 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
             openinfer_registry::Registration::start(cfg, record, a.lease_ttl)
         });
         super::shutdown_signal().await;
+        // Drain: leave the registry first, so that routers stop sending work, then finish or
+        // hand back what runs.
         if let Some(r) = registration {
             r.deregister().await;
         }
+        handle.drain(a.drain_grace).await?;
+        tracing::info!("drained; stopping");
         let _ = stop_tx.send(());
         server.await??;
         anyhow::Ok(())
