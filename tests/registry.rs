@@ -396,7 +396,7 @@ async fn worker_sigterm_leaves_the_registry_and_hands_back_work_after_its_grace(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_under_steady_load_loses_nothing() {
     let etcd = EtcdServer::start();
-    let mut workers = vec![
+    let mut workers = [
         draining_worker(&etcd, "a", "10s").0,
         draining_worker(&etcd, "b", "10s").0,
     ];
