@@ -12,6 +12,13 @@ if ! command -v etcd >/dev/null 2>&1 && [ -z "${OPENINFER_TEST_ETCD:-}" ]; then
     $sudo apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends etcd-server >/dev/null
 fi
+# openssl makes the certificates of the etcd TLS test.
+if ! command -v openssl >/dev/null 2>&1; then
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo=sudo; fi
+    $sudo apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends openssl >/dev/null
+fi
 
 # Third-party Python clients (grpcio + reflection) for the cross-process tests, in a venv under
 # target/ that is rebuilt when scripts/requirements-test.txt changes.

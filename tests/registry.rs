@@ -443,3 +443,183 @@ async fn a_rolling_restart_under_steady_load_loses_nothing() {
     eprintln!("{total} streams, all complete, during two worker restarts");
     assert!(total > 16, "{total} streams ran");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_with_client_certificates() {
+    let etcd = EtcdServer::start_tls();
+    let url = etcd.url();
+    let c = etcd.certs();
+    let path = |f: &str| c.join(f).to_str().unwrap().to_string();
+    let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client.key"));
+    let tls = ["--etcd-ca", &ca, "--etcd-cert", &cert, "--etcd-key", &key];
+    let mut worker_args = vec![
+        "worker",
+        "--engine",
+        "sim",
+        "--listen",
+        "127.0.0.1:0",
+        "--registry",
+        &url,
+        "--group-id",
+        "tls",
+    ];
+    worker_args.extend(tls);
+    let (_w, _) = spawn("worker tls", &worker_args);
+    let mut router_args = vec!["router", "--listen", "127.0.0.1:0", "--registry", &url];
+    router_args.extend(tls);
+    let (_r, addr) = spawn("router", &router_args);
+    let mut client = router_client(&addr).await;
+    until_workers(&mut client, 1, Duration::from_secs(10)).await;
+    assert_eq!(
+        client
+            .generate(req(3))
+            .await
+            .unwrap()
+            .into_inner()
+            .token_ids
+            .len(),
+        3
+    );
+
+    // Without a client certificate etcd refuses it; the worker serves on and keeps trying.
+    let (mut bare, _) = spawn(
+        "worker bare",
+        &[
+            "worker",
+            "--engine",
+            "sim",
+            "--listen",
+            "127.0.0.1:0",
+            "--registry",
+            &url,
+            "--group-id",
+            "bare",
+            "--etcd-ca",
+            &ca,
+        ],
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(workers_seen(&mut client).await, 1);
+    assert!(bare.0.try_wait().unwrap().is_none(), "the worker exited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_password_authentication_and_bad_records_are_ignored() {
+    use openinfer_proto::etcd::etcdserverpb::{self as epb, auth_client::AuthClient};
+    let etcd = EtcdServer::start();
+    let url = etcd.url();
+    let plain = EtcdConfig::from_url(&url).unwrap();
+    let endpoint = plain.endpoints[0].clone();
+    let mut auth = AuthClient::new(
+        Channel::from_shared(endpoint)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let _ = auth
+        .role_add(epb::AuthRoleAddRequest {
+            name: "root".into(),
+        })
+        .await;
+    auth.user_add(epb::AuthUserAddRequest {
+        name: "root".into(),
+        password: "s3cret".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    auth.user_grant_role(epb::AuthUserGrantRoleRequest {
+        user: "root".into(),
+        role: "root".into(),
+    })
+    .await
+    .unwrap();
+    auth.auth_enable(epb::AuthEnableRequest {}).await.unwrap();
+
+    let creds = ["--etcd-user", "root", "--etcd-password", "s3cret"];
+    let mut args = vec![
+        "worker",
+        "--engine",
+        "sim",
+        "--listen",
+        "127.0.0.1:0",
+        "--registry",
+        &url,
+        "--group-id",
+        "authed",
+    ];
+    args.extend(creds);
+    let (_w, _) = spawn("worker authed", &args);
+    let mut args = vec!["router", "--listen", "127.0.0.1:0", "--registry", &url];
+    args.extend(creds);
+    let (mut router_proc, addr) = spawn("router", &args);
+    let mut client = router_client(&addr).await;
+    until_workers(&mut client, 1, Duration::from_secs(10)).await;
+
+    // A wrong password registers nothing, and the worker serves on.
+    let (mut wrong, _) = spawn(
+        "worker wrong",
+        &[
+            "worker",
+            "--engine",
+            "sim",
+            "--listen",
+            "127.0.0.1:0",
+            "--registry",
+            &url,
+            "--group-id",
+            "wrong",
+            "--etcd-user",
+            "root",
+            "--etcd-password",
+            "nope",
+        ],
+    );
+
+    // Records that are not JSON, or that sit under another model's prefix, are ignored.
+    let mut cfg = plain.clone();
+    cfg.auth = Some(("root".into(), "s3cret".into()));
+    let admin = Etcd::connect(&cfg).await.unwrap();
+    admin
+        .put(&format!("{WORKERS_PREFIX}sim/garbage"), "{not json", 0)
+        .await
+        .unwrap();
+    let mut theirs: WorkerRecord = {
+        let (kvs, _) = admin.get_prefix(WORKERS_PREFIX.as_bytes()).await.unwrap();
+        serde_json::from_slice(&kvs[0].value).unwrap()
+    };
+    theirs.address = "127.0.0.1:1".into();
+    admin
+        .put(
+            &format!("{WORKERS_PREFIX}other-model/authed"),
+            &serde_json::to_string(&theirs).unwrap(),
+            0,
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(workers_seen(&mut client).await, 1);
+    let models = client
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    assert_eq!(models.len(), 1, "{models:?}");
+    assert_eq!(
+        client
+            .generate(req(3))
+            .await
+            .unwrap()
+            .into_inner()
+            .token_ids
+            .len(),
+        3
+    );
+    assert!(
+        router_proc.0.try_wait().unwrap().is_none(),
+        "the router exited"
+    );
+    assert!(wrong.0.try_wait().unwrap().is_none(), "the worker exited");
+}

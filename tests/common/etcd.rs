@@ -12,6 +12,20 @@ pub struct EtcdServer {
     client_port: u16,
     peer_port: u16,
     child: Option<Child>,
+    /// With TLS: the CA, server and client certificates live in `dir/certs`.
+    tls: bool,
+}
+
+/// Runs openssl with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let st = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl runs (scripts/test.sh installs it)");
+    assert!(st.success(), "openssl {args:?}");
 }
 
 fn free_port() -> u16 {
@@ -45,9 +59,94 @@ impl EtcdServer {
             client_port: free_port(),
             peer_port: free_port(),
             child: None,
+            tls: false,
         };
         e.resume();
         e
+    }
+
+    /// Starts one that speaks only TLS and requires client certificates signed by its CA
+    /// (made here with openssl: `ca.pem`, `server.pem`/`server.key` for 127.0.0.1,
+    /// `client.pem`/`client.key`).
+    pub fn start_tls() -> EtcdServer {
+        let mut e = EtcdServer {
+            dir: tempfile::tempdir().unwrap(),
+            client_port: free_port(),
+            peer_port: free_port(),
+            child: None,
+            tls: true,
+        };
+        let certs = e.certs();
+        std::fs::create_dir_all(&certs).unwrap();
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec![
+            "req",
+            "-x509",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=openinfer-test-ca",
+        ];
+        ca.extend(ec);
+        ca.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        openssl(&certs, &ca);
+        for (name, usage) in [("server", "serverAuth"), ("client", "clientAuth")] {
+            let key = format!("{name}.key");
+            let csr = format!("{name}.csr");
+            let pem = format!("{name}.pem");
+            let ext = format!("{name}.ext");
+            std::fs::write(
+                certs.join(&ext),
+                format!("subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n"),
+            )
+            .unwrap();
+            let mut req = vec!["req", "-subj", "/CN=openinfer-test"];
+            req.extend(ec);
+            req.extend(["-keyout", &key, "-out", &csr]);
+            openssl(&certs, &req);
+            openssl(
+                &certs,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-days",
+                    "2",
+                    "-out",
+                    &pem,
+                    "-extfile",
+                    &ext,
+                ],
+            );
+        }
+        e.resume();
+        e
+    }
+
+    /// Where the TLS material is.
+    pub fn certs(&self) -> PathBuf {
+        self.dir.path().join("certs")
     }
 
     /// `etcd://127.0.0.1:PORT`.
@@ -65,9 +164,21 @@ impl EtcdServer {
 
     /// Starts it again on the same data and ports; waits until it answers.
     pub fn resume(&mut self) {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.tls { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(etcd_binary())
+        let mut cmd = Command::new(etcd_binary());
+        if self.tls {
+            let c = self.certs();
+            cmd.arg("--cert-file")
+                .arg(c.join("server.pem"))
+                .arg("--key-file")
+                .arg(c.join("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(c.join("ca.pem"))
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
             .args(["--name", "test", "--listen-client-urls", &client])

@@ -148,6 +148,15 @@ pub struct RegistryArgs {
     /// etcd password.
     #[arg(long, env = "OPENINFER_ETCD_PASSWORD", hide_env_values = true)]
     pub etcd_password: Option<String>,
+    /// CA certificate (PEM) of etcd's server certificate; turns on TLS.
+    #[arg(long, env = "OPENINFER_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM), when etcd requires one (with --etcd-key).
+    #[arg(long, env = "OPENINFER_ETCD_CERT", requires_all = ["etcd_key", "etcd_ca"])]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client key (PEM) of --etcd-cert.
+    #[arg(long, env = "OPENINFER_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
 }
 
 /// Buffers of the worker's engine loop.

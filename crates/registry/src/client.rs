@@ -13,7 +13,7 @@ use openinfer_proto::etcd::mvccpb::KeyValue;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Streaming;
 
 use crate::etcd::EtcdConfig;
@@ -58,19 +58,32 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 impl Etcd {
     /// Connects (and authenticates, when a user is configured).
     pub async fn connect(cfg: &EtcdConfig) -> Result<Etcd, EtcdError> {
+        let tls = cfg.tls.as_ref().map(|t| {
+            let mut c = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&t.ca));
+            if let Some((cert, key)) = &t.identity {
+                c = c.identity(Identity::from_pem(cert, key));
+            }
+            c
+        });
         let endpoints = cfg
             .endpoints
             .iter()
             .map(|e| {
-                Endpoint::from_shared(e.clone())
-                    .map(|ep| {
-                        ep.connect_timeout(cfg.timeout)
-                            .tcp_nodelay(true)
-                            .http2_keep_alive_interval(Duration::from_secs(2))
-                            .keep_alive_timeout(cfg.timeout)
-                            .keep_alive_while_idle(true)
-                    })
-                    .map_err(|e| EtcdError::Endpoint(e.to_string()))
+                let ep = Endpoint::from_shared(e.clone())
+                    .map_err(|e| EtcdError::Endpoint(e.to_string()))?
+                    .connect_timeout(cfg.timeout)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(2))
+                    .keep_alive_timeout(cfg.timeout)
+                    .keep_alive_while_idle(true);
+                match &tls {
+                    Some(t) => ep.tls_config(t.clone()).map_err(|e| {
+                        EtcdError::Endpoint(format!(
+                            "{e}: check --etcd-ca / --etcd-cert / --etcd-key"
+                        ))
+                    }),
+                    None => Ok(ep),
+                }
             })
             .collect::<Result<Vec<_>, _>>()?;
         let channel = Channel::balance_list(endpoints.into_iter());

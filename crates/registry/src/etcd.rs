@@ -25,8 +25,19 @@ pub struct EtcdConfig {
     pub endpoints: Vec<String>,
     /// User and password, for etcd's authentication.
     pub auth: Option<(String, String)>,
+    /// TLS towards etcd (endpoints become `https://`).
+    pub tls: Option<Tls>,
     /// Bound on connecting and on each request.
     pub timeout: Duration,
+}
+
+/// TLS material for etcd, PEM-encoded.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// CA certificate(s) that sign etcd's server certificate.
+    pub ca: Vec<u8>,
+    /// Client certificate and key, when etcd requires client certificates.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// A registry URL that is not `etcd://HOST:PORT[,HOST:PORT]`.
@@ -52,8 +63,20 @@ impl EtcdConfig {
         Ok(EtcdConfig {
             endpoints,
             auth: None,
+            tls: None,
             timeout: Duration::from_secs(3),
         })
+    }
+
+    /// Speaks TLS to etcd with `tls`.
+    pub fn with_tls(mut self, tls: Tls) -> Self {
+        for e in &mut self.endpoints {
+            if let Some(rest) = e.strip_prefix("http://") {
+                *e = format!("https://{rest}");
+            }
+        }
+        self.tls = Some(tls);
+        self
     }
 }
 

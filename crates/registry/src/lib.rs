@@ -9,7 +9,7 @@ pub mod client;
 pub mod etcd;
 pub mod record;
 
-pub use etcd::{EtcdConfig, Registration};
+pub use etcd::{EtcdConfig, Registration, Tls};
 pub use record::{WorkerRecord, WORKERS_PREFIX};
 
 /// A change in the set of registered workers, by key.

@@ -94,6 +94,18 @@ pub fn etcd_config(
     if let (Some(user), Some(password)) = (&a.etcd_user, &a.etcd_password) {
         cfg.auth = Some((user.clone(), password.clone()));
     }
+    if let Some(ca) = &a.etcd_ca {
+        let read =
+            |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        let identity = match (&a.etcd_cert, &a.etcd_key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            _ => None,
+        };
+        cfg = cfg.with_tls(openinfer_registry::Tls {
+            ca: read(ca)?,
+            identity,
+        });
+    }
     Ok(Some(cfg))
 }
 
