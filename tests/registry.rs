@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::etcd::EtcdServer;
-use common::{router_client, spawn, Proc};
+use common::{router_client, spawn, workers_seen, Proc};
 use futures::future::join_all;
 use openinfer_proto::v1 as pb;
 use openinfer_proto::v1::inference_client::InferenceClient;
@@ -16,26 +16,9 @@ use openinfer_registry::client::Etcd;
 use openinfer_registry::{EtcdConfig, WorkerRecord, WORKERS_PREFIX};
 use tonic::transport::Channel;
 
-/// A sim worker registered in `etcd` (lease TTL 2 s).
+/// A sim worker registered in `etcd` (lease TTL 2 s, default drain grace).
 fn sim_worker(etcd: &EtcdServer, group: &str) -> (Proc, String) {
-    spawn(
-        &format!("worker {group}"),
-        &[
-            "worker",
-            "--engine",
-            "sim",
-            "--sim-step-time",
-            "5ms",
-            "--listen",
-            "127.0.0.1:0",
-            "--registry",
-            &etcd.url(),
-            "--group-id",
-            group,
-            "--lease-ttl",
-            "2s",
-        ],
-    )
+    draining_worker(etcd, group, "30s")
 }
 
 fn router(etcd: &EtcdServer) -> (Proc, String) {
@@ -59,18 +42,6 @@ async fn records(etcd: &EtcdServer) -> Vec<WorkerRecord> {
     kvs.iter()
         .map(|kv| WorkerRecord::parse(&String::from_utf8_lossy(&kv.key), &kv.value).unwrap())
         .collect()
-}
-
-async fn workers_seen(client: &mut InferenceClient<Channel>) -> u32 {
-    client
-        .list_models(pb::ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .models
-        .iter()
-        .map(|m| m.workers)
-        .sum()
 }
 
 /// Waits until the router sees `n` workers; returns how long that took.
@@ -252,8 +223,9 @@ async fn an_etcd_outage_stops_nothing_and_both_sides_recover() {
     assert_eq!(r.token_ids.len(), 4);
 }
 
-/// A sim worker with a short drain grace period.
+/// A sim worker registered in `etcd` (lease TTL 2 s) with drain grace `grace`.
 fn draining_worker(etcd: &EtcdServer, group: &str, grace: &str) -> (Proc, String) {
+    let url = etcd.url();
     spawn(
         &format!("worker {group}"),
         &[
@@ -265,7 +237,7 @@ fn draining_worker(etcd: &EtcdServer, group: &str, grace: &str) -> (Proc, String
             "--listen",
             "127.0.0.1:0",
             "--registry",
-            &etcd.url(),
+            &url,
             "--group-id",
             group,
             "--lease-ttl",

@@ -130,15 +130,23 @@ pub async fn capacity(client: &mut WorkerClient<Channel>) -> wpb::CapacityReport
         .unwrap()
 }
 
-/// Waits until the router lists `model` with `workers` workers.
+/// Workers the router lists, over all models.
+pub async fn workers_seen(client: &mut InferenceClient<Channel>) -> u32 {
+    client
+        .list_models(openinfer_proto::v1::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models
+        .iter()
+        .map(|m| m.workers)
+        .sum()
+}
+
+/// Waits until the router lists at least `workers` workers.
 pub async fn wait_for_workers(client: &mut InferenceClient<Channel>, workers: u32) {
     for _ in 0..200 {
-        let list = client
-            .list_models(openinfer_proto::v1::ListModelsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        if list.models.iter().map(|m| m.workers).sum::<u32>() >= workers {
+        if workers_seen(client).await >= workers {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
