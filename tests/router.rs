@@ -233,6 +233,12 @@ async fn every_validation_rule_names_its_field_and_nothing_reaches_a_worker() {
             "prompt:",
         ),
         (
+            "text prompt longer than the context",
+            |r| r.prompt = "hello ".repeat(3000),
+            Code::InvalidArgument,
+            "prompt:",
+        ),
+        (
             "max_new_tokens 0",
             |r| r.max_new_tokens = Some(0),
             Code::InvalidArgument,

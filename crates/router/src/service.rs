@@ -18,6 +18,9 @@ use crate::request::{Delta, End, Next, Output, Summary};
 use crate::scheduler::SchedulerHandle;
 use crate::validate::validate;
 
+/// Prompts up to this size are tokenized inline; longer ones on the blocking pool.
+const INLINE_TOKENIZE_BYTES: usize = 8 << 10;
+
 /// The `Inference` service.
 #[derive(Clone)]
 pub struct InferenceService {
@@ -45,7 +48,16 @@ impl InferenceService {
     ) -> Result<(Started, CancelGuard), Status> {
         let timeout = grpc_timeout(request.metadata());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let req = validate(request.into_inner(), &self.models, &self.cfg, id, timeout)?;
+        let req = request.into_inner();
+        let req = if req.prompt.len() <= INLINE_TOKENIZE_BYTES {
+            validate(req, &self.models, &self.cfg, id, timeout)?
+        } else {
+            // Long prompts are tokenized off the async threads.
+            let (models, cfg) = (self.models.clone(), self.cfg.clone());
+            tokio::task::spawn_blocking(move || validate(req, &models, &cfg, id, timeout))
+                .await
+                .map_err(|e| Status::internal(format!("tokenizer task failed: {e}")))??
+        };
         let started = Started {
             request_id: req.request_id.clone(),
             model: req.model.clone(),
