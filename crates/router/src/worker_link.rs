@@ -50,10 +50,15 @@ pub async fn run(
         let id = WorkerId(NEXT_WORKER.fetch_add(1, Ordering::Relaxed));
         let connected = tokio::select! {
             _ = &mut stop => return,
-            c = connect(&addr, id, &sched, worker_queue) => c,
+            c = connect(&addr, id, worker_queue) => c,
         };
         match connected {
-            Ok(mut inbound) => {
+            Ok((up, mut inbound)) => {
+                // Announced only once fully connected, outside the cancellable part: every
+                // WorkerUp the scheduler sees is followed by a WorkerDown.
+                if sched.send(Msg::WorkerUp(up)).await.is_err() {
+                    return;
+                }
                 backoff = FIRST_BACKOFF;
                 let mut leaving = false;
                 let reason = loop {
@@ -105,12 +110,15 @@ pub async fn run(
     }
 }
 
+/// Connects, learns the model and opens the `Execute` stream.
 async fn connect(
     addr: &str,
     id: WorkerId,
-    sched: &mpsc::Sender<Msg>,
     worker_queue: usize,
-) -> Result<tonic::Streaming<wpb::ExecuteResponse>, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<
+    (WorkerUp, tonic::Streaming<wpb::ExecuteResponse>),
+    Box<dyn std::error::Error + Send + Sync>,
+> {
     let uri = if addr.contains("://") {
         addr.to_string()
     } else {
@@ -141,15 +149,12 @@ async fn connect(
         .and_then(|m| m.capacity)
         .ok_or("the worker closed its stream before reporting capacity")?;
     tracing::info!(worker = %addr, model = %spec.id, free_blocks = capacity.free_blocks, "worker connected");
-    sched
-        .send(Msg::WorkerUp(WorkerUp {
-            id,
-            addr: addr.to_string(),
-            spec,
-            capacity,
-            tx,
-        }))
-        .await
-        .map_err(|_| "router is shutting down")?;
-    Ok(inbound)
+    let up = WorkerUp {
+        id,
+        addr: addr.to_string(),
+        spec,
+        capacity,
+        tx,
+    };
+    Ok((up, inbound))
 }

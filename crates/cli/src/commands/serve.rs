@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use anyhow::Context;
+
 use openinfer_router::Router;
 use openinfer_worker::WorkerService;
 
@@ -38,6 +40,15 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         ));
         let router = Router::start(super::router::config(&a.router));
         let _link = router.add_worker(worker_addr.to_string());
+        // Ready means ready: announce the address once the embedded worker is linked.
+        let linked = async {
+            while router.models().serving() == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(60), linked)
+            .await
+            .context("the embedded worker did not connect to the router within a minute")?;
         tracing::info!(
             addr = %listener.local_addr()?,
             model = %handle.info().model,
