@@ -31,6 +31,9 @@ pub enum Command {
     MakeModel(MakeModelArgs),
     /// Measure engine speed (prefill, single and batched decode) beside HF transformers.
     BenchEngine(BenchEngineArgs),
+    /// Load a router and report latency percentiles, throughput and goodput, overall and per
+    /// priority (synthetic prompts; fixed concurrency or Poisson/gamma arrivals).
+    Bench(BenchArgs),
     /// Measure what the router adds: time to first token versus direct-to-worker, and many
     /// concurrent streams with the router's memory (uses `--engine sim` workers).
     BenchRouter(BenchRouterArgs),
@@ -432,6 +435,49 @@ pub struct BenchEngineArgs {
         env = "OPENINFER_BENCH_OUT",
         default_value = "target/bench-engine"
     )]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Router to load.
+    #[arg(long, env = "OPENINFER_BENCH_ADDR", default_value = "127.0.0.1:50051")]
+    pub addr: String,
+    /// Start `openinfer serve` (the tiny demo model, or --model) and load that instead.
+    #[arg(long, env = "OPENINFER_BENCH_SPAWN")]
+    pub spawn: bool,
+    /// Model directory for --spawn.
+    #[arg(long, env = "OPENINFER_BENCH_MODEL", requires = "spawn")]
+    pub model: Option<PathBuf>,
+    /// The `model` field of every request (empty: the router's default).
+    #[arg(long, env = "OPENINFER_BENCH_MODEL_NAME", default_value = "")]
+    pub model_name: String,
+    /// Requests to send.
+    #[arg(long, env = "OPENINFER_BENCH_NUM_REQUESTS", default_value_t = 200)]
+    pub num_requests: usize,
+    /// Requests in flight at once (without --rate).
+    #[arg(long, env = "OPENINFER_BENCH_CONCURRENCY", default_value_t = 8)]
+    pub concurrency: usize,
+    /// Requests per second, arriving as a gamma process (instead of a fixed concurrency).
+    #[arg(long, env = "OPENINFER_BENCH_RATE")]
+    pub rate: Option<f64>,
+    /// Shape of the arrival process: 1 = Poisson, below 1 burstier, above 1 smoother.
+    #[arg(long, env = "OPENINFER_BENCH_BURSTINESS", default_value_t = 1.0)]
+    pub burstiness: f64,
+    /// Words per synthetic prompt.
+    #[arg(long, env = "OPENINFER_BENCH_INPUT_LEN", default_value_t = 128)]
+    pub input_len: usize,
+    /// Tokens generated per request (eos ignored).
+    #[arg(long, env = "OPENINFER_BENCH_OUTPUT_LEN", default_value_t = 64)]
+    pub output_len: u32,
+    /// Priorities by weight, e.g. 0:80,5:20.
+    #[arg(long, env = "OPENINFER_BENCH_PRIORITY_MIX", default_value = "0:100")]
+    pub priority_mix: String,
+    /// Objectives for goodput, e.g. ttft=200ms,tpot=50ms,e2e=10s.
+    #[arg(long, env = "OPENINFER_BENCH_SLO", default_value = "")]
+    pub slo: String,
+    /// Directory for bench.json.
+    #[arg(long, env = "OPENINFER_BENCH_OUT", default_value = "target/bench")]
     pub out: PathBuf,
 }
 

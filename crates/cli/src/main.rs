@@ -4,6 +4,7 @@ mod args;
 mod chart;
 mod child;
 mod commands;
+mod load;
 mod logging;
 mod progress;
 mod stats;

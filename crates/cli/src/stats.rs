@@ -64,3 +64,60 @@ mod tests {
         assert_eq!(Summary::of(&[]), Summary::default());
     }
 }
+
+/// Service-level objectives a request must meet to count towards goodput.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Slo {
+    /// Time to first token, seconds.
+    pub ttft: Option<f64>,
+    /// Time per output token after the first, seconds.
+    pub tpot: Option<f64>,
+    /// End-to-end latency, seconds.
+    pub e2e: Option<f64>,
+}
+
+impl Slo {
+    /// Parses `ttft=200ms,tpot=50ms,e2e=5s`.
+    pub fn parse(s: &str) -> Result<Slo, String> {
+        let mut slo = Slo::default();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| format!("`{item}`: expected NAME=DURATION, e.g. ttft=200ms"))?;
+            let d = crate::args::parse_duration(v)?.as_secs_f64();
+            match k.trim() {
+                "ttft" => slo.ttft = Some(d),
+                "tpot" => slo.tpot = Some(d),
+                "e2e" => slo.e2e = Some(d),
+                other => return Err(format!("unknown SLO `{other}`; use ttft, tpot or e2e")),
+            }
+        }
+        Ok(slo)
+    }
+
+    /// True when a request with these latencies meets every objective.
+    pub fn met(&self, ttft: f64, tpot: f64, e2e: f64) -> bool {
+        self.ttft.is_none_or(|t| ttft <= t)
+            && self.tpot.is_none_or(|t| tpot <= t)
+            && self.e2e.is_none_or(|t| e2e <= t)
+    }
+}
+
+#[cfg(test)]
+mod slo_tests {
+    use super::*;
+
+    #[test]
+    fn slos_parse_and_judge() {
+        let slo = Slo::parse("ttft=200ms, tpot=50ms").unwrap();
+        assert_eq!(slo.ttft, Some(0.2));
+        assert_eq!(slo.tpot, Some(0.05));
+        assert_eq!(slo.e2e, None);
+        assert!(slo.met(0.2, 0.05, 100.0));
+        assert!(!slo.met(0.21, 0.01, 1.0));
+        assert!(!slo.met(0.1, 0.06, 1.0));
+        assert!(Slo::default().met(9.0, 9.0, 9.0));
+        assert!(Slo::parse("latency=1s").is_err());
+        assert!(Slo::parse("ttft").is_err());
+    }
+}

@@ -136,7 +136,7 @@ fn router(worker: &str, queue: usize) -> anyhow::Result<ChildService> {
     )
 }
 
-async fn channel(addr: &str) -> anyhow::Result<Channel> {
+pub(super) async fn channel(addr: &str) -> anyhow::Result<Channel> {
     Endpoint::from_shared(format!("http://{addr}"))?
         .tcp_nodelay(true)
         .connect()
@@ -145,7 +145,7 @@ async fn channel(addr: &str) -> anyhow::Result<Channel> {
 }
 
 /// Waits until the router has a worker.
-async fn ready(client: &mut InferenceClient<Channel>) -> anyhow::Result<()> {
+pub(super) async fn ready(client: &mut InferenceClient<Channel>) -> anyhow::Result<()> {
     for _ in 0..600 {
         let models = client
             .list_models(pb::ListModelsRequest {})

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+mod bench;
 mod bench_engine;
 mod bench_router;
 mod generate;
@@ -24,6 +25,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Worker(a) => worker::run(a),
         Command::Generate(a) => generate::run(a),
         Command::MakeModel(a) => make_model::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::BenchEngine(a) => bench_engine::run(a),
         Command::BenchRouter(a) => bench_router::run(a),
     }

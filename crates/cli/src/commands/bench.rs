@@ -1,0 +1,412 @@
+//! `openinfer bench`: drives a router the way serving systems are measured (after vLLM's
+//! `bench serve`): a fixed concurrency or a fixed request rate (Poisson or gamma arrivals),
+//! synthetic prompts, a priority mix; it reports latency percentiles, throughput, outcomes and
+//! goodput against SLOs, overall and per priority, as a table and a JSON file.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use openinfer_proto::v1 as pb;
+use openinfer_proto::v1::inference_client::InferenceClient;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use crate::args::BenchArgs;
+use crate::child::ChildService;
+use crate::load::{interarrival, parse_priority_mix, priority_of};
+use crate::stats::{Slo, Summary};
+
+/// Words synthetic prompts are made of.
+const WORDS: &[&str] = &[
+    "the", "model", "serves", "many", "requests", "at", "once", "while", "each", "client", "waits",
+    "for", "its", "answer", "to", "stream", "back", "token", "by", "and",
+];
+
+/// How one request went.
+struct Outcome {
+    priority: i32,
+    result: Result<Done, Failure>,
+}
+
+struct Done {
+    prompt_tokens: u32,
+    output_tokens: u32,
+    /// Seconds.
+    ttft: f64,
+    e2e: f64,
+    /// Gaps between tokens after the first, seconds (a message with k tokens counts k gaps of
+    /// its gap / k).
+    itl: Vec<f64>,
+}
+
+enum Failure {
+    /// Admission refused it (`RESOURCE_EXHAUSTED`).
+    Refused,
+    /// Anything else.
+    Error(String),
+}
+
+/// Results of one group of requests (all, or one priority).
+#[derive(Serialize)]
+struct Group {
+    requests: usize,
+    completed: usize,
+    refused: usize,
+    errors: usize,
+    /// Completed requests per second of the run.
+    request_throughput: f64,
+    output_tokens_per_s: f64,
+    total_tokens_per_s: f64,
+    ttft_ms: Summary,
+    tpot_ms: Summary,
+    itl_ms: Summary,
+    e2e_ms: Summary,
+    /// Completed requests meeting every SLO, per second.
+    goodput: f64,
+    slo_met: usize,
+    /// The first error seen, if any (refusals are not errors).
+    first_error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    addr: String,
+    mode: String,
+    num_requests: usize,
+    input_words: usize,
+    output_tokens: u32,
+    priority_mix: String,
+    slo: Slo,
+    wall_seconds: f64,
+    overall: Group,
+    by_priority: BTreeMap<i32, Group>,
+}
+
+pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    if a.num_requests == 0 || a.output_len == 0 || a.input_len == 0 {
+        bail!("--num-requests, --input-len and --output-len must be positive");
+    }
+    let positive = |x: f64| x.is_finite() && x > 0.0;
+    if a.rate.is_some_and(|r| !positive(r)) || !positive(a.burstiness) {
+        bail!("--rate and --burstiness must be positive");
+    }
+    let mix = parse_priority_mix(&a.priority_mix).map_err(anyhow::Error::msg)?;
+    let slo = Slo::parse(&a.slo).map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    super::runtime()?.block_on(async move {
+        let server = if a.spawn {
+            let mut args = vec!["serve".to_string(), "--listen".into(), "127.0.0.1:0".into()];
+            if let Some(m) = &a.model {
+                args.push("--model".into());
+                args.push(m.display().to_string());
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Some(ChildService::spawn("server", &args)?)
+        } else {
+            None
+        };
+        let addr = server.as_ref().map_or(a.addr.clone(), |s| s.addr.clone());
+        let mut client = InferenceClient::new(super::bench_router::channel(&addr).await?);
+        super::bench_router::ready(&mut client).await?;
+
+        let start = Instant::now();
+        let outcomes = drive(&a, client, &mix).await;
+        let wall = start.elapsed().as_secs_f64();
+
+        let mut by_priority: BTreeMap<i32, Vec<&Outcome>> = BTreeMap::new();
+        for o in &outcomes {
+            by_priority.entry(o.priority).or_default().push(o);
+        }
+        let report = Report {
+            addr,
+            mode: match a.rate {
+                Some(r) => format!("rate {r}/s, burstiness {}", a.burstiness),
+                None => format!("concurrency {}", a.concurrency),
+            },
+            num_requests: a.num_requests,
+            input_words: a.input_len,
+            output_tokens: a.output_len,
+            priority_mix: a.priority_mix.clone(),
+            slo,
+            wall_seconds: wall,
+            overall: group(&outcomes.iter().collect::<Vec<_>>(), wall, &slo),
+            by_priority: by_priority
+                .into_iter()
+                .map(|(p, os)| (p, group(&os, wall, &slo)))
+                .collect(),
+        };
+        print_table(&report);
+        let path = a.out.join("bench.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+        tracing::info!(path = %path.display(), "wrote the results");
+        anyhow::Ok(())
+    })
+}
+
+fn request(a: &BenchArgs, i: usize, priority: i32) -> pb::GenerateRequest {
+    let prompt: Vec<&str> = (0..a.input_len)
+        .map(|k| WORDS[(i * 7 + k * 3) % WORDS.len()])
+        .collect();
+    pb::GenerateRequest {
+        model: a.model_name.clone(),
+        prompt: prompt.join(" "),
+        max_new_tokens: Some(a.output_len),
+        ignore_eos: true,
+        priority,
+        ..Default::default()
+    }
+}
+
+/// Runs every request, at the configured concurrency or rate.
+async fn drive(
+    a: &BenchArgs,
+    client: InferenceClient<Channel>,
+    mix: &[(i32, f64)],
+) -> Vec<Outcome> {
+    let pb = crate::progress::bar(a.num_requests as u64, "requests");
+    let mut tasks = tokio::task::JoinSet::new();
+    match a.rate {
+        Some(rate) => {
+            let mut rng = rand::rng();
+            for i in 0..a.num_requests {
+                let priority = priority_of(mix, i);
+                let (mut client, req, pb) = (client.clone(), request(a, i, priority), pb.clone());
+                tasks.spawn(async move {
+                    let o = one(&mut client, req, priority).await;
+                    pb.inc(1);
+                    vec![o]
+                });
+                tokio::time::sleep(interarrival(&mut rng, rate, a.burstiness)).await;
+            }
+        }
+        None => {
+            let next = Arc::new(AtomicUsize::new(0));
+            for _ in 0..a.concurrency.max(1) {
+                let (mut client, next, pb) = (client.clone(), next.clone(), pb.clone());
+                let reqs: Vec<(i32, pb::GenerateRequest)> = (0..a.num_requests)
+                    .map(|i| {
+                        let p = priority_of(mix, i);
+                        (p, request(a, i, p))
+                    })
+                    .collect();
+                tasks.spawn(async move {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some((priority, req)) = reqs.get(i).cloned() else {
+                            return done;
+                        };
+                        done.push(one(&mut client, req, priority).await);
+                        pb.inc(1);
+                    }
+                });
+            }
+        }
+    }
+    let mut outcomes = Vec::with_capacity(a.num_requests);
+    while let Some(r) = tasks.join_next().await {
+        outcomes.extend(r.unwrap_or_default());
+    }
+    pb.finish_and_clear();
+    outcomes
+}
+
+/// Sends one streaming request and times it.
+async fn one(
+    client: &mut InferenceClient<Channel>,
+    req: pb::GenerateRequest,
+    priority: i32,
+) -> Outcome {
+    let failure = |s: tonic::Status| {
+        if s.code() == tonic::Code::ResourceExhausted {
+            Failure::Refused
+        } else {
+            Failure::Error(format!("{:?}: {}", s.code(), s.message()))
+        }
+    };
+    let start = Instant::now();
+    let result = async {
+        let mut stream = client
+            .generate_stream(req)
+            .await
+            .map_err(failure)?
+            .into_inner();
+        let (mut ttft, mut last, mut itl, mut tokens) = (None, start, Vec::new(), 0u32);
+        while let Some(m) = stream.message().await.map_err(failure)? {
+            let now = Instant::now();
+            let k = m.token_ids.len();
+            if k > 0 {
+                if ttft.is_none() {
+                    ttft = Some((now - start).as_secs_f64());
+                    // Tokens that arrived with the first one have no gap of their own.
+                    itl.extend(std::iter::repeat_n(0.0, k - 1));
+                } else {
+                    let gap = (now - last).as_secs_f64() / k as f64;
+                    itl.extend(std::iter::repeat_n(gap, k));
+                }
+                last = now;
+                tokens += k as u32;
+            }
+            if !m.finish_reason.is_empty() {
+                return Ok(Done {
+                    prompt_tokens: m.usage.map_or(0, |u| u.prompt_tokens),
+                    output_tokens: tokens,
+                    ttft: ttft.unwrap_or_default(),
+                    e2e: (now - start).as_secs_f64(),
+                    itl,
+                });
+            }
+        }
+        Err(Failure::Error(
+            "the stream ended without a final message".into(),
+        ))
+    }
+    .await;
+    Outcome { priority, result }
+}
+
+fn tpot(d: &Done) -> f64 {
+    if d.output_tokens > 1 {
+        (d.e2e - d.ttft) / f64::from(d.output_tokens - 1)
+    } else {
+        0.0
+    }
+}
+
+fn group(outcomes: &[&Outcome], wall: f64, slo: &Slo) -> Group {
+    let done: Vec<&Done> = outcomes
+        .iter()
+        .filter_map(|o| o.result.as_ref().ok())
+        .collect();
+    let refused = outcomes
+        .iter()
+        .filter(|o| matches!(o.result, Err(Failure::Refused)))
+        .count();
+    let errors = outcomes
+        .iter()
+        .filter(|o| matches!(o.result, Err(Failure::Error(_))))
+        .count();
+    let ms = |f: &dyn Fn(&Done) -> f64| {
+        Summary::of(&done.iter().map(|d| f(d) * 1e3).collect::<Vec<_>>())
+    };
+    let itl: Vec<f64> = done
+        .iter()
+        .flat_map(|d| d.itl.iter().map(|g| g * 1e3))
+        .collect();
+    let out: u64 = done.iter().map(|d| u64::from(d.output_tokens)).sum();
+    let total: u64 = out + done.iter().map(|d| u64::from(d.prompt_tokens)).sum::<u64>();
+    let slo_met = done
+        .iter()
+        .filter(|d| slo.met(d.ttft, tpot(d), d.e2e))
+        .count();
+    let per_s = |n: f64| if wall > 0.0 { n / wall } else { 0.0 };
+    Group {
+        requests: outcomes.len(),
+        completed: done.len(),
+        refused,
+        errors,
+        request_throughput: per_s(done.len() as f64),
+        output_tokens_per_s: per_s(out as f64),
+        total_tokens_per_s: per_s(total as f64),
+        ttft_ms: ms(&|d| d.ttft),
+        tpot_ms: ms(&tpot),
+        itl_ms: Summary::of(&itl),
+        e2e_ms: ms(&|d| d.e2e),
+        goodput: per_s(slo_met as f64),
+        slo_met,
+        first_error: outcomes.iter().find_map(|o| match &o.result {
+            Err(Failure::Error(e)) => Some(e.clone()),
+            _ => None,
+        }),
+    }
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "{} requests, {}, {} prompt words, {} output tokens, priorities {}, {:.2} s",
+        r.num_requests, r.mode, r.input_words, r.output_tokens, r.priority_mix, r.wall_seconds
+    );
+    println!(
+        "{:<9} {:>5} {:>5} {:>5} {:>5} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
+        "group",
+        "reqs",
+        "ok",
+        "refus",
+        "err",
+        "req/s",
+        "out t/s",
+        "ttft p50",
+        "ttft p99",
+        "tpot p50",
+        "itl p99",
+        "e2e p50",
+        "e2e p99",
+        "goodput"
+    );
+    let row = |name: String, g: &Group| {
+        println!(
+            "{name:<9} {:>5} {:>5} {:>5} {:>5} {:>7.2} {:>8.1} {:>9.1} {:>9.1} {:>9.2} {:>9.2} {:>9.1} {:>9.1} {:>8.2}",
+            g.requests, g.completed, g.refused, g.errors, g.request_throughput,
+            g.output_tokens_per_s, g.ttft_ms.p50, g.ttft_ms.p99, g.tpot_ms.p50, g.itl_ms.p99,
+            g.e2e_ms.p50, g.e2e_ms.p99, g.goodput
+        );
+    };
+    row("all".into(), &r.overall);
+    for (p, g) in &r.by_priority {
+        row(format!("prio {p}"), g);
+    }
+    println!("latencies in ms; goodput: requests/s meeting every SLO given with --slo");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(priority: i32, ttft: f64, e2e: f64, tokens: u32) -> Outcome {
+        Outcome {
+            priority,
+            result: Ok(Done {
+                prompt_tokens: 10,
+                output_tokens: tokens,
+                ttft,
+                e2e,
+                itl: vec![(e2e - ttft) / f64::from(tokens - 1); tokens as usize - 1],
+            }),
+        }
+    }
+
+    #[test]
+    fn groups_count_outcomes_and_goodput_by_hand() {
+        let outcomes = [
+            done(0, 0.1, 1.0, 10),  // tpot 0.1
+            done(0, 0.3, 1.2, 10),  // ttft misses the SLO
+            done(5, 0.05, 2.05, 5), // tpot 0.5 misses the SLO
+            Outcome {
+                priority: 0,
+                result: Err(Failure::Refused),
+            },
+            Outcome {
+                priority: 5,
+                result: Err(Failure::Error("Internal: boom".into())),
+            },
+        ];
+        let slo = Slo::parse("ttft=200ms,tpot=200ms").unwrap();
+        let all: Vec<&Outcome> = outcomes.iter().collect();
+        let g = group(&all, 2.0, &slo);
+        assert_eq!((g.requests, g.completed, g.refused, g.errors), (5, 3, 1, 1));
+        assert_eq!(g.slo_met, 1);
+        assert!((g.goodput - 0.5).abs() < 1e-12);
+        assert!((g.request_throughput - 1.5).abs() < 1e-12);
+        // 25 output tokens and 30 prompt tokens over 2 s.
+        assert!((g.output_tokens_per_s - 12.5).abs() < 1e-12);
+        assert!((g.total_tokens_per_s - 27.5).abs() < 1e-12);
+        // TPOTs 100, 100, 500 ms: median 100.
+        assert!((g.tpot_ms.p50 - 100.0).abs() < 1e-9);
+        assert!((g.ttft_ms.mean - 150.0).abs() < 1e-9);
+        assert_eq!(g.first_error.as_deref(), Some("Internal: boom"));
+    }
+}

@@ -1,0 +1,123 @@
+//! Load shapes for `openinfer bench`: request arrival times and the priority of each request.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+/// Parses `0:80,5:20` (priority:weight, ...) into (priority, cumulative share) pairs.
+pub fn parse_priority_mix(s: &str) -> Result<Vec<(i32, f64)>, String> {
+    let mut parts = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (p, w) = item
+            .split_once(':')
+            .ok_or_else(|| format!("`{item}`: expected PRIORITY:WEIGHT, e.g. 0:80,5:20"))?;
+        let p: i32 = p
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{p}` is not a priority"))?;
+        let w: f64 = w
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{w}` is not a weight"))?;
+        if !(w > 0.0 && w.is_finite()) {
+            return Err(format!("`{item}`: the weight must be positive"));
+        }
+        parts.push((p, w));
+    }
+    if parts.is_empty() {
+        return Err("the priority mix is empty; e.g. 0:80,5:20".into());
+    }
+    let total: f64 = parts.iter().map(|(_, w)| w).sum();
+    let mut acc = 0.0;
+    Ok(parts
+        .into_iter()
+        .map(|(p, w)| {
+            acc += w / total;
+            (p, acc)
+        })
+        .collect())
+}
+
+/// The priority of request `i` of `n`, spread evenly so that every prefix of the run has the
+/// mix's proportions (no randomness: runs are comparable).
+pub fn priority_of(mix: &[(i32, f64)], i: usize) -> i32 {
+    // Low-discrepancy position of request i in [0, 1).
+    let x = ((i as f64 + 0.5) * 0.618_033_988_749_895).fract();
+    mix.iter()
+        .find(|(_, cum)| x < *cum)
+        .or(mix.last())
+        .map_or(0, |(p, _)| *p)
+}
+
+/// Gaps between arrivals at `rate` requests per second: gamma-distributed with shape
+/// `burstiness` (1 = Poisson; below 1 burstier, above 1 smoother) and mean `1 / rate`.
+pub fn interarrival<R: Rng>(rng: &mut R, rate: f64, burstiness: f64) -> Duration {
+    let scale = 1.0 / (rate * burstiness);
+    Duration::from_secs_f64(gamma(rng, burstiness) * scale)
+}
+
+/// A Gamma(shape, 1) sample (Marsaglia and Tsang; shape < 1 by boosting).
+fn gamma<R: Rng>(rng: &mut R, shape: f64) -> f64 {
+    if shape < 1.0 {
+        let u: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+        return gamma(rng, shape + 1.0) * u.powf(1.0 / shape);
+    }
+    let d = shape - 1.0 / 3.0;
+    let c = 1.0 / (9.0 * d).sqrt();
+    loop {
+        let x = normal(rng);
+        let v = (1.0 + c * x).powi(3);
+        if v <= 0.0 {
+            continue;
+        }
+        let u: f64 = rng.random();
+        if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
+            return d * v;
+        }
+    }
+}
+
+/// A standard normal sample (Box–Muller).
+fn normal<R: Rng>(rng: &mut R) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn priority_mix_parses_and_spreads_in_proportion() {
+        let mix = parse_priority_mix("0:80, 5:20").unwrap();
+        assert_eq!(mix.len(), 2);
+        assert!((mix[0].1 - 0.8).abs() < 1e-12 && (mix[1].1 - 1.0).abs() < 1e-12);
+        let high = (0..1000).filter(|&i| priority_of(&mix, i) == 5).count();
+        assert!((190..=210).contains(&high), "{high}");
+        assert!(parse_priority_mix("0").is_err());
+        assert!(parse_priority_mix("0:-1").is_err());
+        assert!(parse_priority_mix("").is_err());
+    }
+
+    #[test]
+    fn arrivals_have_the_asked_mean_and_burstiness() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for burstiness in [0.5, 1.0, 4.0] {
+            let gaps: Vec<f64> = (0..20_000)
+                .map(|_| interarrival(&mut rng, 50.0, burstiness).as_secs_f64())
+                .collect();
+            let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+            let var = gaps.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / gaps.len() as f64;
+            // Gamma(k, θ): mean kθ = 1/rate, coefficient of variation 1/√k.
+            assert!(
+                (mean - 0.02).abs() < 0.02 * 0.05,
+                "mean {mean} at burstiness {burstiness}"
+            );
+            let cv = var.sqrt() / mean;
+            let want = 1.0 / burstiness.sqrt();
+            assert!((cv - want).abs() < want * 0.08, "cv {cv}, want {want}");
+        }
+    }
+}
