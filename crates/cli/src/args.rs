@@ -464,10 +464,14 @@ pub struct BenchArgs {
     /// Shape of the arrival process: 1 = Poisson, below 1 burstier, above 1 smoother.
     #[arg(long, env = "OPENINFER_BENCH_BURSTINESS", default_value_t = 1.0)]
     pub burstiness: f64,
+    /// Prompts from a file instead of synthetic ones: JSON Lines (`.jsonl`) of
+    /// {"prompt", "output_len"?, "priority"?}, or a ShareGPT JSON array (docs/bench.md).
+    #[arg(long, env = "OPENINFER_BENCH_DATASET")]
+    pub dataset: Option<PathBuf>,
     /// Words per synthetic prompt.
     #[arg(long, env = "OPENINFER_BENCH_INPUT_LEN", default_value_t = 128)]
     pub input_len: usize,
-    /// Tokens generated per request (eos ignored).
+    /// Tokens generated per request (eos ignored); with --dataset, the cap.
     #[arg(long, env = "OPENINFER_BENCH_OUTPUT_LEN", default_value_t = 64)]
     pub output_len: u32,
     /// Priorities by weight, e.g. 0:80,5:20.

@@ -1,8 +1,89 @@
-//! Load shapes for `openinfer bench`: request arrival times and the priority of each request.
+//! Load shapes for `openinfer bench`: prompts (synthetic or from a dataset file), request
+//! arrival times and the priority of each request.
 
+use std::path::Path;
 use std::time::Duration;
 
 use rand::Rng;
+use serde::Deserialize;
+
+/// One prompt of a dataset.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Prompt {
+    /// The text sent as `prompt`.
+    pub prompt: String,
+    /// Tokens to generate (default: `--output-len`).
+    #[serde(default)]
+    pub output_len: Option<u32>,
+    /// Priority (default: from `--priority-mix`).
+    #[serde(default)]
+    pub priority: Option<i32>,
+}
+
+#[derive(Deserialize)]
+struct ShareGptEntry {
+    conversations: Vec<ShareGptTurn>,
+}
+
+#[derive(Deserialize)]
+struct ShareGptTurn {
+    from: String,
+    value: String,
+}
+
+/// Reads a dataset: JSON Lines of `{"prompt": ..., "output_len": ..., "priority": ...}`
+/// (`.jsonl`), or a ShareGPT JSON array, whose first human turn is the prompt and whose first
+/// reply's word count (a stand-in for its token count) is the output length.
+pub fn read_dataset(path: &Path) -> Result<Vec<Prompt>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let prompts = if path.extension().is_some_and(|e| e == "jsonl") {
+        parse_jsonl(&text)
+    } else {
+        parse_sharegpt(&text)
+    }
+    .map_err(|e| format!("{}: {e}", path.display()))?;
+    if prompts.is_empty() {
+        return Err(format!("{}: no prompts in the file", path.display()));
+    }
+    Ok(prompts)
+}
+
+fn parse_jsonl(text: &str) -> Result<Vec<Prompt>, String> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let p: Prompt = serde_json::from_str(l).map_err(|e| format!("line {}: {e}", i + 1))?;
+            if p.prompt.is_empty() || p.output_len == Some(0) {
+                return Err(format!(
+                    "line {}: `prompt` must be non-empty and `output_len` at least 1",
+                    i + 1
+                ));
+            }
+            Ok(p)
+        })
+        .collect()
+}
+
+fn parse_sharegpt(text: &str) -> Result<Vec<Prompt>, String> {
+    let entries: Vec<ShareGptEntry> = serde_json::from_str(text)
+        .map_err(|e| format!("not JSON Lines (.jsonl) nor a ShareGPT array: {e}"))?;
+    Ok(entries
+        .into_iter()
+        .filter_map(|e| {
+            let mut turns = e.conversations.into_iter();
+            let ask = turns.find(|t| t.from == "human" || t.from == "user")?;
+            let reply = turns.next()?;
+            let words = reply.value.split_whitespace().count() as u32;
+            (!ask.value.is_empty() && words > 0).then_some(Prompt {
+                prompt: ask.value,
+                output_len: Some(words),
+                priority: None,
+            })
+        })
+        .collect())
+}
 
 /// Parses `0:80,5:20` (priority:weight, ...) into (priority, cumulative share) pairs.
 pub fn parse_priority_mix(s: &str) -> Result<Vec<(i32, f64)>, String> {
@@ -88,6 +169,30 @@ fn normal<R: Rng>(rng: &mut R) -> f64 {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn datasets_parse_in_both_formats() {
+        let jsonl =
+            "{\"prompt\": \"Hi\", \"output_len\": 5, \"priority\": 3}\n\n{\"prompt\": \"Yo\"}\n";
+        let p = parse_jsonl(jsonl).unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!((p[0].output_len, p[0].priority), (Some(5), Some(3)));
+        assert_eq!((p[1].output_len, p[1].priority), (None, None));
+        assert!(parse_jsonl("{\"prompt\": \"\"}").is_err());
+        assert!(parse_jsonl("not json").unwrap_err().starts_with("line 1"));
+
+        let sharegpt = r#"[
+            {"conversations": [{"from": "human", "value": "Tell me"},
+                               {"from": "gpt", "value": "one two three"}]},
+            {"conversations": [{"from": "human", "value": "no reply"}]}
+        ]"#;
+        let p = parse_sharegpt(sharegpt).unwrap();
+        assert_eq!(p.len(), 1, "entries without a reply are skipped");
+        assert_eq!(
+            (p[0].prompt.as_str(), p[0].output_len),
+            ("Tell me", Some(3))
+        );
+    }
 
     #[test]
     fn priority_mix_parses_and_spreads_in_proportion() {

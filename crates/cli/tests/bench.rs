@@ -49,3 +49,43 @@ fn bench_loads_the_embedded_server_and_reports_per_priority() {
     let n: u64 = by.values().map(|g| g["completed"].as_u64().unwrap()).sum();
     assert_eq!(n, 12);
 }
+
+#[test]
+fn bench_reads_prompts_lengths_and_priorities_from_a_dataset() {
+    let out = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let dataset = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/bench/sample.jsonl");
+    let run = Command::new(env!("CARGO_BIN_EXE_openinfer"))
+        .env("XDG_CACHE_HOME", cache.path())
+        .args([
+            "bench",
+            "--spawn",
+            "--num-requests",
+            "6",
+            "--output-len",
+            "32",
+            "--dataset",
+        ])
+        .arg(&dataset)
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("bench.json")).unwrap()).unwrap();
+    // The sample's priorities, and its output lengths capped at --output-len:
+    // 24 + min(48, 32) + 16 + 20 + 32 + 32 (default) tokens.
+    let by = json["by_priority"].as_object().unwrap();
+    let keys: Vec<&str> = by.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["-1", "0", "5"]);
+    assert_eq!(json["overall"]["completed"], 6);
+    let tokens = json["overall"]["output_tokens_per_s"].as_f64().unwrap()
+        * json["wall_seconds"].as_f64().unwrap();
+    assert!((tokens - 156.0).abs() < 0.5, "{tokens} output tokens");
+}

@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 
 use crate::args::BenchArgs;
 use crate::child::ChildService;
-use crate::load::{interarrival, parse_priority_mix, priority_of};
+use crate::load::{interarrival, parse_priority_mix, priority_of, read_dataset, Prompt};
 use crate::stats::{Slo, Summary};
 
 /// Words synthetic prompts are made of.
@@ -95,6 +95,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     let mix = parse_priority_mix(&a.priority_mix).map_err(anyhow::Error::msg)?;
     let slo = Slo::parse(&a.slo).map_err(anyhow::Error::msg)?;
+    let dataset = match &a.dataset {
+        Some(path) => read_dataset(path).map_err(anyhow::Error::msg)?,
+        None => Vec::new(),
+    };
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
     super::runtime()?.block_on(async move {
@@ -114,7 +118,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         super::bench_router::ready(&mut client).await?;
 
         let start = Instant::now();
-        let outcomes = drive(&a, client, &mix).await;
+        let outcomes = drive(&a, client, &mix, &dataset).await;
         let wall = start.elapsed().as_secs_f64();
 
         let mut by_priority: BTreeMap<i32, Vec<&Outcome>> = BTreeMap::new();
@@ -147,18 +151,36 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     })
 }
 
-fn request(a: &BenchArgs, i: usize, priority: i32) -> pb::GenerateRequest {
-    let prompt: Vec<&str> = (0..a.input_len)
-        .map(|k| WORDS[(i * 7 + k * 3) % WORDS.len()])
-        .collect();
-    pb::GenerateRequest {
+/// Request `i`: the dataset's entry `i` (cycling) or a synthetic prompt; its priority.
+fn request(
+    a: &BenchArgs,
+    i: usize,
+    mix: &[(i32, f64)],
+    dataset: &[Prompt],
+) -> (i32, pb::GenerateRequest) {
+    let (prompt, output_len, priority) = match dataset.get(i % dataset.len().max(1)) {
+        Some(p) => (
+            p.prompt.clone(),
+            p.output_len.unwrap_or(a.output_len).min(a.output_len),
+            p.priority,
+        ),
+        None => {
+            let words: Vec<&str> = (0..a.input_len)
+                .map(|k| WORDS[(i * 7 + k * 3) % WORDS.len()])
+                .collect();
+            (words.join(" "), a.output_len, None)
+        }
+    };
+    let priority = priority.unwrap_or_else(|| priority_of(mix, i));
+    let req = pb::GenerateRequest {
         model: a.model_name.clone(),
-        prompt: prompt.join(" "),
-        max_new_tokens: Some(a.output_len),
+        prompt,
+        max_new_tokens: Some(output_len),
         ignore_eos: true,
         priority,
         ..Default::default()
-    }
+    };
+    (priority, req)
 }
 
 /// Runs every request, at the configured concurrency or rate.
@@ -166,6 +188,7 @@ async fn drive(
     a: &BenchArgs,
     client: InferenceClient<Channel>,
     mix: &[(i32, f64)],
+    dataset: &[Prompt],
 ) -> Vec<Outcome> {
     let pb = crate::progress::bar(a.num_requests as u64, "requests");
     let mut tasks = tokio::task::JoinSet::new();
@@ -173,8 +196,8 @@ async fn drive(
         Some(rate) => {
             let mut rng = rand::rng();
             for i in 0..a.num_requests {
-                let priority = priority_of(mix, i);
-                let (mut client, req, pb) = (client.clone(), request(a, i, priority), pb.clone());
+                let (priority, req) = request(a, i, mix, dataset);
+                let (mut client, pb) = (client.clone(), pb.clone());
                 tasks.spawn(async move {
                     let o = one(&mut client, req, priority).await;
                     pb.inc(1);
@@ -188,10 +211,7 @@ async fn drive(
             for _ in 0..a.concurrency.max(1) {
                 let (mut client, next, pb) = (client.clone(), next.clone(), pb.clone());
                 let reqs: Vec<(i32, pb::GenerateRequest)> = (0..a.num_requests)
-                    .map(|i| {
-                        let p = priority_of(mix, i);
-                        (p, request(a, i, p))
-                    })
+                    .map(|i| request(a, i, mix, dataset))
                     .collect();
                 tasks.spawn(async move {
                     let mut done = Vec::new();
