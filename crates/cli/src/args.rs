@@ -455,12 +455,21 @@ pub struct BenchArgs {
     /// Requests to send.
     #[arg(long, env = "OPENINFER_BENCH_NUM_REQUESTS", default_value_t = 200)]
     pub num_requests: usize,
-    /// Requests in flight at once (without --rate).
-    #[arg(long, env = "OPENINFER_BENCH_CONCURRENCY", default_value_t = 8)]
-    pub concurrency: usize,
-    /// Requests per second, arriving as a gamma process (instead of a fixed concurrency).
-    #[arg(long, env = "OPENINFER_BENCH_RATE")]
-    pub rate: Option<f64>,
+    /// Requests in flight at once (without --rate); a list (1,4,16) runs one step each.
+    #[arg(
+        long,
+        env = "OPENINFER_BENCH_CONCURRENCY",
+        value_delimiter = ',',
+        default_value = "8"
+    )]
+    pub concurrency: Vec<usize>,
+    /// Requests per second, arriving as a gamma process (instead of a fixed concurrency); a
+    /// list runs one step each.
+    #[arg(long, env = "OPENINFER_BENCH_RATE", value_delimiter = ',')]
+    pub rate: Vec<f64>,
+    /// Run the standard scenario: concurrency 1, 2, 4, 8, 16 and 32, one step each.
+    #[arg(long, env = "OPENINFER_BENCH_SWEEP")]
+    pub sweep: bool,
     /// Shape of the arrival process: 1 = Poisson, below 1 burstier, above 1 smoother.
     #[arg(long, env = "OPENINFER_BENCH_BURSTINESS", default_value_t = 1.0)]
     pub burstiness: f64,
@@ -480,7 +489,7 @@ pub struct BenchArgs {
     /// Objectives for goodput, e.g. ttft=200ms,tpot=50ms,e2e=10s.
     #[arg(long, env = "OPENINFER_BENCH_SLO", default_value = "")]
     pub slo: String,
-    /// Directory for bench.json.
+    /// Directory for bench.json (and bench.svg when several steps ran).
     #[arg(long, env = "OPENINFER_BENCH_OUT", default_value = "target/bench")]
     pub out: PathBuf,
 }

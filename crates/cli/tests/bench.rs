@@ -38,13 +38,13 @@ fn bench_loads_the_embedded_server_and_reports_per_priority() {
     assert!(stdout.contains("prio 5"), "{stdout}");
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("bench.json")).unwrap()).unwrap();
-    let all = &json["overall"];
+    let all = &json["steps"][0]["overall"];
     assert_eq!(all["requests"], 12);
     assert_eq!(all["completed"], 12, "{all}");
     assert_eq!(all["slo_met"], 12);
     assert!(all["ttft_ms"]["p50"].as_f64().unwrap() > 0.0);
     assert!(all["output_tokens_per_s"].as_f64().unwrap() > 0.0);
-    let by = json["by_priority"].as_object().unwrap();
+    let by = json["steps"][0]["by_priority"].as_object().unwrap();
     assert_eq!(by.len(), 2);
     let n: u64 = by.values().map(|g| g["completed"].as_u64().unwrap()).sum();
     assert_eq!(n, 12);
@@ -81,11 +81,53 @@ fn bench_reads_prompts_lengths_and_priorities_from_a_dataset() {
         serde_json::from_slice(&std::fs::read(out.path().join("bench.json")).unwrap()).unwrap();
     // The sample's priorities, and its output lengths capped at --output-len:
     // 24 + min(48, 32) + 16 + 20 + 32 + 32 (default) tokens.
-    let by = json["by_priority"].as_object().unwrap();
+    let step = &json["steps"][0];
+    let by = step["by_priority"].as_object().unwrap();
     let keys: Vec<&str> = by.keys().map(String::as_str).collect();
     assert_eq!(keys, ["-1", "0", "5"]);
-    assert_eq!(json["overall"]["completed"], 6);
-    let tokens = json["overall"]["output_tokens_per_s"].as_f64().unwrap()
-        * json["wall_seconds"].as_f64().unwrap();
+    assert_eq!(step["overall"]["completed"], 6);
+    let tokens = step["overall"]["output_tokens_per_s"].as_f64().unwrap()
+        * step["wall_seconds"].as_f64().unwrap();
     assert!((tokens - 156.0).abs() < 0.5, "{tokens} output tokens");
+}
+
+#[test]
+fn bench_sweep_runs_the_standard_concurrencies_and_charts_latency_against_load() {
+    let out = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_openinfer"))
+        .env("XDG_CACHE_HOME", cache.path())
+        .args([
+            "bench",
+            "--spawn",
+            "--sweep",
+            "--num-requests",
+            "8",
+            "--input-len",
+            "4",
+            "--output-len",
+            "4",
+            "--out",
+        ])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("bench.json")).unwrap()).unwrap();
+    let steps = json["steps"].as_array().unwrap();
+    let loads: Vec<u64> = steps
+        .iter()
+        .map(|s| s["load"]["concurrency"].as_u64().unwrap())
+        .collect();
+    assert_eq!(loads, [1, 2, 4, 8, 16, 32]);
+    assert!(steps.iter().all(|s| s["overall"]["completed"] == 8));
+    assert_eq!(stdout.matches("concurrency 32").count(), 1, "{stdout}");
+    let svg = std::fs::read_to_string(out.path().join("bench.svg")).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 4);
 }

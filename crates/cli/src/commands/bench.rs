@@ -15,6 +15,7 @@ use serde::Serialize;
 use tonic::transport::Channel;
 
 use crate::args::BenchArgs;
+use crate::chart::lines;
 use crate::child::ChildService;
 use crate::load::{interarrival, parse_priority_mix, priority_of, read_dataset, Prompt};
 use crate::stats::{Slo, Summary};
@@ -71,9 +72,35 @@ struct Group {
     first_error: Option<String>,
 }
 
+/// How load is offered in one step.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Load {
+    /// This many requests in flight.
+    Concurrency(usize),
+    /// This many arrivals per second.
+    Rate(f64),
+}
+
+impl Load {
+    fn label(&self) -> String {
+        match self {
+            Load::Concurrency(c) => format!("concurrency {c}"),
+            Load::Rate(r) => format!("{r} req/s"),
+        }
+    }
+}
+
+/// The whole run: one report per step.
+#[derive(Serialize)]
+struct Run {
+    addr: String,
+    steps: Vec<Report>,
+}
+
 #[derive(Serialize)]
 struct Report {
-    addr: String,
+    load: Load,
     mode: String,
     num_requests: usize,
     input_words: usize,
@@ -90,9 +117,19 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         bail!("--num-requests, --input-len and --output-len must be positive");
     }
     let positive = |x: f64| x.is_finite() && x > 0.0;
-    if a.rate.is_some_and(|r| !positive(r)) || !positive(a.burstiness) {
+    if a.rate.iter().any(|&r| !positive(r)) || !positive(a.burstiness) {
         bail!("--rate and --burstiness must be positive");
     }
+    let steps: Vec<Load> = if a.sweep {
+        [1, 2, 4, 8, 16, 32].map(Load::Concurrency).to_vec()
+    } else if !a.rate.is_empty() {
+        a.rate.iter().map(|&r| Load::Rate(r)).collect()
+    } else {
+        a.concurrency
+            .iter()
+            .map(|&c| Load::Concurrency(c.max(1)))
+            .collect()
+    };
     let mix = parse_priority_mix(&a.priority_mix).map_err(anyhow::Error::msg)?;
     let slo = Slo::parse(&a.slo).map_err(anyhow::Error::msg)?;
     let dataset = match &a.dataset {
@@ -117,41 +154,70 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         let mut client = InferenceClient::new(super::bench_router::channel(&addr).await?);
         super::bench_router::ready(&mut client).await?;
 
-        let start = Instant::now();
-        let outcomes = drive(&a, client, &mix, &dataset).await;
-        let wall = start.elapsed().as_secs_f64();
-
-        let mut by_priority: BTreeMap<i32, Vec<&Outcome>> = BTreeMap::new();
-        for o in &outcomes {
-            by_priority.entry(o.priority).or_default().push(o);
-        }
-        let report = Report {
+        let mut run = Run {
             addr,
-            mode: match a.rate {
-                Some(r) => format!("rate {r}/s, burstiness {}", a.burstiness),
-                None => format!("concurrency {}", a.concurrency),
-            },
-            num_requests: a.num_requests,
-            input_words: a.input_len,
-            output_tokens: a.output_len,
-            priority_mix: a.priority_mix.clone(),
-            slo,
-            wall_seconds: wall,
-            overall: group(&outcomes.iter().collect::<Vec<_>>(), wall, &slo),
-            by_priority: by_priority
-                .into_iter()
-                .map(|(p, os)| (p, group(&os, wall, &slo)))
-                .collect(),
+            steps: Vec::new(),
         };
-        print_table(&report);
+        for load in steps {
+            let start = Instant::now();
+            let outcomes = drive(&a, load, client.clone(), &mix, &dataset).await;
+            let report = report(&a, load, &outcomes, start.elapsed().as_secs_f64(), &slo);
+            print_table(&report);
+            run.steps.push(report);
+        }
         let path = a.out.join("bench.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
-        tracing::info!(path = %path.display(), "wrote the results");
+        std::fs::write(&path, serde_json::to_string_pretty(&run)?)?;
+        if run.steps.len() > 1 {
+            std::fs::write(a.out.join("bench.svg"), chart(&run))?;
+        }
+        tracing::info!(out = %a.out.display(), "wrote the results");
         anyhow::Ok(())
     })
 }
 
 /// Request `i`: the dataset's entry `i` (cycling) or a synthetic prompt; its priority.
+fn report(a: &BenchArgs, load: Load, outcomes: &[Outcome], wall: f64, slo: &Slo) -> Report {
+    let mut by_priority: BTreeMap<i32, Vec<&Outcome>> = BTreeMap::new();
+    for o in outcomes {
+        by_priority.entry(o.priority).or_default().push(o);
+    }
+    Report {
+        load,
+        mode: match load {
+            Load::Rate(r) => format!("rate {r}/s, burstiness {}", a.burstiness),
+            Load::Concurrency(c) => format!("concurrency {c}"),
+        },
+        num_requests: a.num_requests,
+        input_words: a.input_len,
+        output_tokens: a.output_len,
+        priority_mix: a.priority_mix.clone(),
+        slo: *slo,
+        wall_seconds: wall,
+        overall: group(&outcomes.iter().collect::<Vec<_>>(), wall, slo),
+        by_priority: by_priority
+            .into_iter()
+            .map(|(p, os)| (p, group(&os, wall, slo)))
+            .collect(),
+    }
+}
+
+/// Latency percentiles against load, one line each.
+fn chart(run: &Run) -> String {
+    let labels: Vec<String> = run.steps.iter().map(|r| r.load.label()).collect();
+    let pick = |f: fn(&Group) -> f64| run.steps.iter().map(|r| f(&r.overall)).collect();
+    lines(
+        "Latency against load (lower is better)",
+        "milliseconds",
+        &labels,
+        &[
+            ("TTFT p50", pick(|g| g.ttft_ms.p50)),
+            ("TTFT p99", pick(|g| g.ttft_ms.p99)),
+            ("E2E p50", pick(|g| g.e2e_ms.p50)),
+            ("E2E p99", pick(|g| g.e2e_ms.p99)),
+        ],
+    )
+}
+
 fn request(
     a: &BenchArgs,
     i: usize,
@@ -186,14 +252,15 @@ fn request(
 /// Runs every request, at the configured concurrency or rate.
 async fn drive(
     a: &BenchArgs,
+    load: Load,
     client: InferenceClient<Channel>,
     mix: &[(i32, f64)],
     dataset: &[Prompt],
 ) -> Vec<Outcome> {
     let pb = crate::progress::bar(a.num_requests as u64, "requests");
     let mut tasks = tokio::task::JoinSet::new();
-    match a.rate {
-        Some(rate) => {
+    match load {
+        Load::Rate(rate) => {
             let mut rng = rand::rng();
             for i in 0..a.num_requests {
                 let (priority, req) = request(a, i, mix, dataset);
@@ -206,9 +273,9 @@ async fn drive(
                 tokio::time::sleep(interarrival(&mut rng, rate, a.burstiness)).await;
             }
         }
-        None => {
+        Load::Concurrency(concurrency) => {
             let next = Arc::new(AtomicUsize::new(0));
-            for _ in 0..a.concurrency.max(1) {
+            for _ in 0..concurrency {
                 let (mut client, next, pb) = (client.clone(), next.clone(), pb.clone());
                 let reqs: Vec<(i32, pb::GenerateRequest)> = (0..a.num_requests)
                     .map(|i| request(a, i, mix, dataset))
