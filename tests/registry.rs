@@ -22,16 +22,31 @@ fn sim_worker(etcd: &EtcdServer, group: &str) -> (Proc, String) {
 }
 
 fn router(etcd: &EtcdServer) -> (Proc, String) {
-    spawn(
-        "router",
-        &[
-            "router",
-            "--listen",
-            "127.0.0.1:0",
-            "--registry",
-            &etcd.url(),
-        ],
-    )
+    registry_router(&etcd.url(), &[])
+}
+
+/// A router following the registry at `url`, with `extra` flags.
+fn registry_router(url: &str, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec!["router", "--listen", "127.0.0.1:0", "--registry", url];
+    args.extend(extra);
+    spawn("router", &args)
+}
+
+/// A sim worker registering as `group` in the registry at `url`, with `extra` flags.
+fn registered_worker(url: &str, group: &str, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec![
+        "worker",
+        "--engine",
+        "sim",
+        "--listen",
+        "127.0.0.1:0",
+        "--registry",
+        url,
+        "--group-id",
+        group,
+    ];
+    args.extend(extra);
+    spawn(&format!("worker {group}"), &args)
 }
 
 async fn records(etcd: &EtcdServer) -> Vec<WorkerRecord> {
@@ -225,21 +240,12 @@ async fn an_etcd_outage_stops_nothing_and_both_sides_recover() {
 
 /// A sim worker registered in `etcd` (lease TTL 2 s) with drain grace `grace`.
 fn draining_worker(etcd: &EtcdServer, group: &str, grace: &str) -> (Proc, String) {
-    let url = etcd.url();
-    spawn(
-        &format!("worker {group}"),
+    registered_worker(
+        &etcd.url(),
+        group,
         &[
-            "worker",
-            "--engine",
-            "sim",
             "--sim-step-time",
             "5ms",
-            "--listen",
-            "127.0.0.1:0",
-            "--registry",
-            &url,
-            "--group-id",
-            group,
             "--lease-ttl",
             "2s",
             "--drain-grace",
@@ -290,23 +296,8 @@ async fn router_sigterm_refuses_new_work_and_finishes_its_streams() {
     sigterm(&router_proc);
     tokio::time::sleep(Duration::from_millis(100)).await;
 
-    let mut health = tonic_health::pb::health_client::HealthClient::new(
-        Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
-    let status = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "openinfer.v1.Inference".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
     assert_eq!(
-        status,
+        common::health(&addr, "openinfer.v1.Inference").await,
         tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
     );
     let refused = router_client(&addr)
@@ -424,22 +415,8 @@ async fn etcd_over_tls_with_client_certificates() {
     let path = |f: &str| c.join(f).to_str().unwrap().to_string();
     let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client.key"));
     let tls = ["--etcd-ca", &ca, "--etcd-cert", &cert, "--etcd-key", &key];
-    let mut worker_args = vec![
-        "worker",
-        "--engine",
-        "sim",
-        "--listen",
-        "127.0.0.1:0",
-        "--registry",
-        &url,
-        "--group-id",
-        "tls",
-    ];
-    worker_args.extend(tls);
-    let (_w, _) = spawn("worker tls", &worker_args);
-    let mut router_args = vec!["router", "--listen", "127.0.0.1:0", "--registry", &url];
-    router_args.extend(tls);
-    let (_r, addr) = spawn("router", &router_args);
+    let (_w, _) = registered_worker(&url, "tls", &tls);
+    let (_r, addr) = registry_router(&url, &tls);
     let mut client = router_client(&addr).await;
     until_workers(&mut client, 1, Duration::from_secs(10)).await;
     assert_eq!(
@@ -454,22 +431,7 @@ async fn etcd_over_tls_with_client_certificates() {
     );
 
     // Without a client certificate etcd refuses it; the worker serves on and keeps trying.
-    let (mut bare, _) = spawn(
-        "worker bare",
-        &[
-            "worker",
-            "--engine",
-            "sim",
-            "--listen",
-            "127.0.0.1:0",
-            "--registry",
-            &url,
-            "--group-id",
-            "bare",
-            "--etcd-ca",
-            &ca,
-        ],
-    );
+    let (mut bare, _) = registered_worker(&url, "bare", &["--etcd-ca", &ca]);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(workers_seen(&mut client).await, 1);
     assert!(bare.0.try_wait().unwrap().is_none(), "the worker exited");
@@ -510,43 +472,16 @@ async fn etcd_password_authentication_and_bad_records_are_ignored() {
     auth.auth_enable(epb::AuthEnableRequest {}).await.unwrap();
 
     let creds = ["--etcd-user", "root", "--etcd-password", "s3cret"];
-    let mut args = vec![
-        "worker",
-        "--engine",
-        "sim",
-        "--listen",
-        "127.0.0.1:0",
-        "--registry",
-        &url,
-        "--group-id",
-        "authed",
-    ];
-    args.extend(creds);
-    let (_w, _) = spawn("worker authed", &args);
-    let mut args = vec!["router", "--listen", "127.0.0.1:0", "--registry", &url];
-    args.extend(creds);
-    let (mut router_proc, addr) = spawn("router", &args);
+    let (_w, _) = registered_worker(&url, "authed", &creds);
+    let (mut router_proc, addr) = registry_router(&url, &creds);
     let mut client = router_client(&addr).await;
     until_workers(&mut client, 1, Duration::from_secs(10)).await;
 
     // A wrong password registers nothing, and the worker serves on.
-    let (mut wrong, _) = spawn(
-        "worker wrong",
-        &[
-            "worker",
-            "--engine",
-            "sim",
-            "--listen",
-            "127.0.0.1:0",
-            "--registry",
-            &url,
-            "--group-id",
-            "wrong",
-            "--etcd-user",
-            "root",
-            "--etcd-password",
-            "nope",
-        ],
+    let (mut wrong, _) = registered_worker(
+        &url,
+        "wrong",
+        &["--etcd-user", "root", "--etcd-password", "nope"],
     );
 
     // Records that are not JSON, or that sit under another model's prefix, are ignored.

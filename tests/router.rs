@@ -96,24 +96,9 @@ async fn streams_and_unary_calls_are_served_by_two_workers() {
     assert_eq!((models[0].id.as_str(), models[0].workers), ("tiny", 2));
     assert_eq!(models[0].max_model_len, 2048);
 
-    let mut health = tonic_health::pb::health_client::HealthClient::new(
-        Channel::from_shared(format!("http://{}", c.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
     for service in ["", "openinfer.v1.Inference"] {
-        let status = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status;
         assert_eq!(
-            status,
+            common::health(&c.addr, service).await,
             tonic_health::pb::health_check_response::ServingStatus::Serving as i32
         );
     }

@@ -130,6 +130,23 @@ pub async fn capacity(client: &mut WorkerClient<Channel>) -> wpb::CapacityReport
         .unwrap()
 }
 
+/// The `grpc.health.v1` status of `service` at `addr`, on a fresh connection.
+pub async fn health(addr: &str, service: &str) -> i32 {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
 /// Workers the router lists, over all models.
 pub async fn workers_seen(client: &mut InferenceClient<Channel>) -> u32 {
     client

@@ -1,43 +1,28 @@
 //! `openinfer bench --spawn` loads the embedded server end to end and writes its report, with
 //! a per-priority breakdown and goodput.
 
-use std::process::Command;
+mod common;
 
 #[test]
 fn bench_loads_the_embedded_server_and_reports_per_priority() {
-    let out = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_openinfer"))
-        .env("XDG_CACHE_HOME", cache.path())
-        .args([
-            "bench",
-            "--spawn",
-            "--num-requests",
-            "12",
-            "--concurrency",
-            "3",
-            "--input-len",
-            "8",
-            "--output-len",
-            "6",
-            "--priority-mix",
-            "0:50,5:50",
-            "--slo",
-            "ttft=60s",
-            "--out",
-        ])
-        .arg(out.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    assert!(stdout.contains("prio 5"), "{stdout}");
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.path().join("bench.json")).unwrap()).unwrap();
+    let run = common::run(&[
+        "bench",
+        "--spawn",
+        "--num-requests",
+        "12",
+        "--concurrency",
+        "3",
+        "--input-len",
+        "8",
+        "--output-len",
+        "6",
+        "--priority-mix",
+        "0:50,5:50",
+        "--slo",
+        "ttft=60s",
+    ]);
+    assert!(run.stdout.contains("prio 5"), "{}", run.stdout);
+    let json = run.json("bench.json");
     let all = &json["steps"][0]["overall"];
     assert_eq!(all["requests"], 12);
     assert_eq!(all["completed"], 12, "{all}");
@@ -52,33 +37,19 @@ fn bench_loads_the_embedded_server_and_reports_per_priority() {
 
 #[test]
 fn bench_reads_prompts_lengths_and_priorities_from_a_dataset() {
-    let out = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
     let dataset = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/bench/sample.jsonl");
-    let run = Command::new(env!("CARGO_BIN_EXE_openinfer"))
-        .env("XDG_CACHE_HOME", cache.path())
-        .args([
-            "bench",
-            "--spawn",
-            "--num-requests",
-            "6",
-            "--output-len",
-            "32",
-            "--dataset",
-        ])
-        .arg(&dataset)
-        .arg("--out")
-        .arg(out.path())
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.path().join("bench.json")).unwrap()).unwrap();
+    let run = common::run(&[
+        "bench",
+        "--spawn",
+        "--num-requests",
+        "6",
+        "--output-len",
+        "32",
+        "--dataset",
+        dataset.to_str().unwrap(),
+    ]);
+    let json = run.json("bench.json");
     // The sample's priorities, and its output lengths capped at --output-len:
     // 24 + min(48, 32) + 16 + 20 + 32 + 32 (default) tokens.
     let step = &json["steps"][0];
@@ -93,33 +64,18 @@ fn bench_reads_prompts_lengths_and_priorities_from_a_dataset() {
 
 #[test]
 fn bench_sweep_runs_the_standard_concurrencies_and_charts_latency_against_load() {
-    let out = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_openinfer"))
-        .env("XDG_CACHE_HOME", cache.path())
-        .args([
-            "bench",
-            "--spawn",
-            "--sweep",
-            "--num-requests",
-            "8",
-            "--input-len",
-            "4",
-            "--output-len",
-            "4",
-            "--out",
-        ])
-        .arg(out.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.path().join("bench.json")).unwrap()).unwrap();
+    let run = common::run(&[
+        "bench",
+        "--spawn",
+        "--sweep",
+        "--num-requests",
+        "8",
+        "--input-len",
+        "4",
+        "--output-len",
+        "4",
+    ]);
+    let json = run.json("bench.json");
     let steps = json["steps"].as_array().unwrap();
     let loads: Vec<u64> = steps
         .iter()
@@ -127,7 +83,11 @@ fn bench_sweep_runs_the_standard_concurrencies_and_charts_latency_against_load()
         .collect();
     assert_eq!(loads, [1, 2, 4, 8, 16, 32]);
     assert!(steps.iter().all(|s| s["overall"]["completed"] == 8));
-    assert_eq!(stdout.matches("concurrency 32").count(), 1, "{stdout}");
-    let svg = std::fs::read_to_string(out.path().join("bench.svg")).unwrap();
-    assert_eq!(svg.matches("<polyline").count(), 4);
+    assert_eq!(
+        run.stdout.matches("concurrency 32").count(),
+        1,
+        "{}",
+        run.stdout
+    );
+    assert_eq!(run.text("bench.svg").matches("<polyline").count(), 4);
 }
