@@ -484,6 +484,68 @@ async fn higher_priority_goes_first_and_preemption_lets_it_overtake_the_running_
     assert_eq!(with, 0, "with preemption the urgent request finishes first");
 }
 
+/// A preempting request is dispatched in the same pass as the preemption, so it starts in the
+/// worker's next step: its first token comes within two steps of its arrival (arrival mid-step,
+/// then one step), not after the extra step a report round trip would cost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preempting_request_starts_in_the_worker_s_next_step() {
+    let step = Duration::from_millis(200);
+    let (_sim, sim) = common::spawn(
+        "sim worker",
+        &[
+            "worker",
+            "--engine",
+            "sim",
+            "--sim-step-time",
+            "200ms",
+            "--max-running",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let (_router, addr) = start_router(&[&sim], &["--aging-step", "0"]);
+    let client = router_client(&addr).await;
+    common::wait_for_workers(&mut client.clone(), 1).await;
+    // Two long priority-0 streams fill both slots and keep them full (a preempted one resumes
+    // in the slot the urgent request leaves).
+    let low: Vec<_> = (0..2)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move { stream_all(&mut client, req("background", 60)).await })
+        })
+        .collect();
+    tokio::time::sleep(step * 3).await;
+    let mut ttfts = Vec::new();
+    for _ in 0..3 {
+        let mut high = client.clone();
+        let start = Instant::now();
+        let mut stream = high
+            .generate_stream(with_priority(req("urgent", 2), 5))
+            .await
+            .unwrap()
+            .into_inner();
+        while let Some(m) = stream.message().await.unwrap() {
+            if !m.token_ids.is_empty() && ttfts.len() < 3 && m.finish_reason.is_empty() {
+                ttfts.push(start.elapsed());
+            }
+        }
+        // Let the preempted request resume before the next urgent one arrives.
+        tokio::time::sleep(step * 2).await;
+    }
+    assert_eq!(ttfts.len(), 3);
+    for t in &ttfts {
+        assert!(
+            *t < step * 9 / 4,
+            "time to first token {t:?} with a {step:?} step: the urgent request waited for a report round trip ({ttfts:?})"
+        );
+    }
+    for l in low {
+        let (ids, ..) = l.await.unwrap().unwrap();
+        assert_eq!(ids.len(), 60, "a preempted stream lost or repeated tokens");
+    }
+}
+
 /// Keeps `depth` priority-5 requests in flight until `stop`; returns how many finished.
 async fn high_priority_load(
     client: InferenceClient<Channel>,

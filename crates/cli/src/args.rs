@@ -449,6 +449,34 @@ pub struct BenchArgs {
     /// Model directory for --spawn.
     #[arg(long, env = "OPENINFER_BENCH_MODEL", requires = "spawn")]
     pub model: Option<PathBuf>,
+    /// Start this many `--engine sim` workers and a router in front of them (separate
+    /// processes) and load that: the router's own behaviour and cost, with no model.
+    #[arg(
+        long,
+        env = "OPENINFER_BENCH_SPAWN_SIM_WORKERS",
+        conflicts_with = "spawn"
+    )]
+    pub spawn_sim_workers: Option<usize>,
+    /// Step time of the spawned sim workers.
+    #[arg(long, env = "OPENINFER_BENCH_SIM_STEP_TIME", default_value = "20ms", value_parser = parse_duration)]
+    pub sim_step_time: Duration,
+    /// Running sequences per spawned sim worker.
+    #[arg(long, env = "OPENINFER_BENCH_SIM_MAX_RUNNING", default_value_t = 32)]
+    pub sim_max_running: usize,
+    /// Also run HF transformers `generate` on --model at batch sizes equal to the
+    /// --concurrency steps, in the same run (scripts/bench_hf_generate.py).
+    #[arg(long, env = "OPENINFER_BENCH_HF_BASELINE", requires = "model")]
+    pub hf_baseline: bool,
+    /// Python with torch + transformers for --hf-baseline.
+    #[arg(
+        long,
+        env = "OPENINFER_BENCH_PYTHON",
+        default_value = ".venv/bin/python"
+    )]
+    pub python: PathBuf,
+    /// Threads for the HF baseline (default: every core, as the spawned server uses).
+    #[arg(long, env = "OPENINFER_BENCH_THREADS")]
+    pub threads: Option<usize>,
     /// The `model` field of every request (empty: the router's default).
     #[arg(long, env = "OPENINFER_BENCH_MODEL_NAME", default_value = "")]
     pub model_name: String,

@@ -55,6 +55,38 @@ impl ChildService {
         Ok(svc)
     }
 
+    /// A `--engine sim` worker on a free loopback port: one token per sequence every `step`,
+    /// `slots` running sequences at most (and as many waiting).
+    pub fn sim_worker(step: Duration, slots: usize) -> anyhow::Result<Self> {
+        let step = format!("{}us", step.as_micros());
+        let slots = slots.to_string();
+        Self::spawn(
+            "sim worker",
+            &[
+                "worker",
+                "--engine",
+                "sim",
+                "--listen",
+                "127.0.0.1:0",
+                "--sim-step-time",
+                &step,
+                "--max-running",
+                &slots,
+                "--max-waiting",
+                &slots,
+            ],
+        )
+    }
+
+    /// A router on a free loopback port in front of `workers`, with `extra` flags (other
+    /// settings come from its defaults and `OPENINFER_*` variables).
+    pub fn router(workers: &[&str], extra: &[String]) -> anyhow::Result<Self> {
+        let list = workers.join(",");
+        let mut args = vec!["router", "--listen", "127.0.0.1:0", "--workers", &list];
+        args.extend(extra.iter().map(String::as_str));
+        Self::spawn("router", &args)
+    }
+
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

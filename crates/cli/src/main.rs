@@ -7,6 +7,7 @@ mod commands;
 mod load;
 mod logging;
 mod progress;
+mod python;
 mod stats;
 
 use std::process::ExitCode;

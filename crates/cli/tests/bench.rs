@@ -1,5 +1,6 @@
 //! `openinfer bench --spawn` loads the embedded server end to end and writes its report, with
-//! a per-priority breakdown and goodput.
+//! a per-priority breakdown and goodput; `--spawn-sim-workers` loads a router in front of sim
+//! workers, past its capacity.
 
 mod common;
 
@@ -90,4 +91,52 @@ fn bench_sweep_runs_the_standard_concurrencies_and_charts_latency_against_load()
         run.stdout
     );
     assert_eq!(run.text("bench.svg").matches("<polyline").count(), 4);
+}
+
+#[test]
+fn bench_overloads_a_sim_cluster_and_the_router_refuses_low_priority_only() {
+    // Two sim workers of 4 slots, 8 tokens of 10 ms each: 100 requests/s. Offered 400/s, a
+    // tenth of it priority 5; the router's queue holds 4 requests per priority level.
+    let run = common::run_with_env(
+        &[("OPENINFER_MAX_QUEUE_PER_PRIORITY", "4")],
+        &[
+            "bench",
+            "--spawn-sim-workers",
+            "2",
+            "--sim-step-time",
+            "10ms",
+            "--sim-max-running",
+            "4",
+            "--rate",
+            "400",
+            "--num-requests",
+            "120",
+            "--input-len",
+            "4",
+            "--output-len",
+            "8",
+            "--priority-mix",
+            "0:90,5:10",
+        ],
+    );
+    let json = run.json("bench.json");
+    assert_eq!(json["sim"]["workers"], 2);
+    assert!((json["sim"]["capacity_rps"].as_f64().unwrap() - 100.0).abs() < 1e-9);
+    let step = &json["steps"][0];
+    let memory = &step["server_memory"];
+    assert_eq!(memory["process"], "router");
+    assert!(memory["peak_rss_mib"].as_f64().unwrap() > 1.0, "{memory}");
+    let (low, high) = (&step["by_priority"]["0"], &step["by_priority"]["5"]);
+    assert!(low["refused"].as_u64().unwrap() > 0, "{low}");
+    assert_eq!(low["errors"], 0, "{low}");
+    assert_eq!(high["requests"], 12);
+    assert_eq!(
+        high["completed"], 12,
+        "priority 5 must never be refused: {high}"
+    );
+    assert!(
+        run.stdout.contains("router process memory"),
+        "{}",
+        run.stdout
+    );
 }

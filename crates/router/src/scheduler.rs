@@ -178,6 +178,9 @@ struct Worker {
     /// Blocks asked for by the sequences the worker has not acknowledged yet, in send order.
     in_flight: VecDeque<usize>,
     running: HashMap<u64, Running>,
+    /// Sequences preempted to make room, with the KV blocks they hold, until the worker
+    /// reports them gone: their slots and blocks count as free already.
+    releasing: Vec<(u64, i64)>,
     /// Left the registry: gets no new sequences.
     leaving: bool,
 }
@@ -188,11 +191,12 @@ impl Worker {
     }
 
     fn free_slots(&self) -> i64 {
-        self.capacity.free_sequence_slots as i64 - self.unacked()
+        self.capacity.free_sequence_slots as i64 + self.releasing.len() as i64 - self.unacked()
     }
 
     fn free_blocks(&self) -> i64 {
-        self.capacity.free_blocks as i64 - self.in_flight.iter().sum::<usize>() as i64
+        let releasing: i64 = self.releasing.iter().map(|&(_, b)| b).sum();
+        self.capacity.free_blocks as i64 + releasing - self.in_flight.iter().sum::<usize>() as i64
     }
 
     fn load(&self) -> f64 {
@@ -498,10 +502,20 @@ impl Scheduler {
                         }
                     }
                     None => {
-                        if self.cfg.preemption {
-                            self.preempt_for(&model, e.priority);
+                        // A preemption makes room at once: the worker handles the preempt
+                        // before the dispatch that follows it on the same stream.
+                        let room = if self.cfg.preemption {
+                            self.preempt_for(&model, e.priority, e.tokens + 1)
+                        } else {
+                            None
+                        };
+                        let Some(wid) = room else { break };
+                        if let Some(q) = self.queues.get_mut(&model) {
+                            q.remove(e.id, e.priority);
                         }
-                        break;
+                        if let Some(spec) = self.place(e.id, wid, now) {
+                            batches.entry(wid).or_default().push(spec);
+                        }
                     }
                 }
             }
@@ -564,32 +578,45 @@ impl Scheduler {
     }
 
     /// Preempts the lowest-priority (newest first) running sequence of `model` below
-    /// `priority`, unless a preemption for this model is already under way.
-    fn preempt_for(&mut self, model: &str, priority: i32) {
-        let of_model = || self.workers.iter().filter(|(_, w)| w.spec.id == model);
-        if of_model().any(|(_, w)| w.running.values().any(|r| r.preempting)) {
-            return;
-        }
-        let victim = of_model()
-            .flat_map(|(&wid, w)| w.running.iter().map(move |(&id, r)| (wid, id, *r)))
-            .filter(|(_, _, r)| r.priority < priority)
+    /// `priority` whose slot and KV blocks make room for a request of `tokens`, and returns
+    /// its worker. The caller dispatches the request there right away: the worker frees the
+    /// victim before it admits what follows on the same stream, so the request starts in the
+    /// worker's next step rather than one report later.
+    fn preempt_for(&mut self, model: &str, priority: i32, tokens: usize) -> Option<WorkerId> {
+        let requests = &self.requests;
+        let (wid, id, held) = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.spec.id == model && w.can_take())
+            .flat_map(|(&wid, w)| {
+                let blocks = |n: usize| n.div_ceil(w.spec.block_size) as i64;
+                let need = blocks(tokens);
+                w.running
+                    .iter()
+                    .filter(|(_, r)| r.priority < priority && !r.preempting)
+                    .map(move |(&id, r)| {
+                        let held = requests.get(&id).map_or(0, |t| blocks(t.tokens() + 1));
+                        (wid, id, *r, held)
+                    })
+                    .filter(move |&(.., held)| w.free_blocks() + held >= need)
+            })
             .min_by(|a, b| {
                 a.2.priority
                     .cmp(&b.2.priority)
                     .then(b.2.order.cmp(&a.2.order))
-            });
-        let Some((wid, id, _)) = victim else {
-            return;
-        };
-        if let Some(w) = self.workers.get_mut(&wid) {
-            w.send(Kind::Preempt(wpb::Preempt {
-                sequence_ids: vec![id],
-            }));
-            if let Some(r) = w.running.get_mut(&id) {
-                r.preempting = true;
-            }
-            tracing::debug!(id, worker = %w.addr, "preempting for priority {priority}");
+            })
+            .map(|(wid, id, _, held)| (wid, id, held))?;
+        let w = self.workers.get_mut(&wid)?;
+        w.send(Kind::Preempt(wpb::Preempt {
+            sequence_ids: vec![id],
+        }));
+        if let Some(r) = w.running.get_mut(&id) {
+            r.preempting = true;
         }
+        // Its slot and blocks count as free until the worker reports them freed.
+        w.releasing.push((id, held));
+        tracing::debug!(id, worker = %w.addr, "preempting for priority {priority}");
+        Some(wid)
     }
 
     /// Puts a request that left its worker unfinished back in the queue, resume state kept.
@@ -621,6 +648,7 @@ impl Scheduler {
                 sent: 0,
                 in_flight: VecDeque::new(),
                 running: HashMap::new(),
+                releasing: Vec::new(),
                 leaving: false,
             },
         );
@@ -668,6 +696,7 @@ impl Scheduler {
         let Some(w) = self.workers.get_mut(&wid) else {
             return;
         };
+        w.releasing.retain(|&(r, _)| r != id);
         if w.running.remove(&id).is_none() {
             return;
         }

@@ -15,8 +15,8 @@ use serde::Serialize;
 use tonic::transport::Channel;
 
 use crate::args::BenchArgs;
-use crate::chart::lines;
-use crate::child::ChildService;
+use crate::chart::{grouped_bars, lines, Group as Bars};
+use crate::child::{memory, ChildService};
 use crate::load::{interarrival, parse_priority_mix, priority_of, read_dataset, Prompt};
 use crate::stats::{Slo, Summary};
 
@@ -57,6 +57,9 @@ struct Group {
     completed: usize,
     refused: usize,
     errors: usize,
+    /// Prompt and generated tokens of the completed requests.
+    input_tokens: u64,
+    output_tokens: u64,
     /// Completed requests per second of the run.
     request_throughput: f64,
     output_tokens_per_s: f64,
@@ -95,7 +98,105 @@ impl Load {
 #[derive(Serialize)]
 struct Run {
     addr: String,
+    /// The sim cluster this run started (--spawn-sim-workers).
+    sim: Option<SimCluster>,
     steps: Vec<Report>,
+    /// HF transformers `generate` at the concurrency steps' batch sizes (--hf-baseline).
+    hf_transformers: Option<serde_json::Value>,
+}
+
+/// What a spawned sim cluster can do at best.
+#[derive(Serialize)]
+struct SimCluster {
+    workers: usize,
+    step_ms: f64,
+    max_running_per_worker: usize,
+    /// Requests per second when every slot is busy: workers × slots / (output tokens × step).
+    capacity_rps: f64,
+    /// End-to-end latency with no overhead at all: one step per output token.
+    ideal_e2e_ms: f64,
+}
+
+/// Memory of the spawned server process (the router, or `openinfer serve`) after a step.
+#[derive(Serialize)]
+struct ServerMemory {
+    process: &'static str,
+    rss_mib: f64,
+    peak_rss_mib: f64,
+}
+
+/// The processes a run started, stopped when dropped.
+struct Spawned {
+    /// Kept to keep them running.
+    _procs: Vec<ChildService>,
+    addr: String,
+    /// The process whose memory is reported, and what it is.
+    server: (u32, &'static str),
+    sim: Option<SimCluster>,
+}
+
+impl Spawned {
+    fn start(a: &BenchArgs) -> anyhow::Result<Option<Spawned>> {
+        if let Some(n) = a.spawn_sim_workers {
+            if n == 0 || a.sim_max_running == 0 || a.sim_step_time.is_zero() {
+                bail!(
+                    "--spawn-sim-workers, --sim-max-running and --sim-step-time must be positive"
+                );
+            }
+            let mut procs = (0..n)
+                .map(|_| ChildService::sim_worker(a.sim_step_time, a.sim_max_running))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let addrs: Vec<&str> = procs.iter().map(|p| p.addr.as_str()).collect();
+            let router = ChildService::router(&addrs, &[])?;
+            let step = a.sim_step_time.as_secs_f64();
+            let sim = SimCluster {
+                workers: n,
+                step_ms: step * 1e3,
+                max_running_per_worker: a.sim_max_running,
+                capacity_rps: (n * a.sim_max_running) as f64 / (f64::from(a.output_len) * step),
+                ideal_e2e_ms: f64::from(a.output_len) * step * 1e3,
+            };
+            println!(
+                "sim cluster: {n} workers × {} slots, {:.1} ms steps: capacity {:.1} req/s at {} output tokens, ideal e2e {:.0} ms",
+                a.sim_max_running, sim.step_ms, sim.capacity_rps, a.output_len, sim.ideal_e2e_ms
+            );
+            let (addr, pid) = (router.addr.clone(), router.pid());
+            procs.push(router);
+            return Ok(Some(Spawned {
+                _procs: procs,
+                addr,
+                server: (pid, "router"),
+                sim: Some(sim),
+            }));
+        }
+        if !a.spawn {
+            return Ok(None);
+        }
+        let mut args = vec!["serve".to_string(), "--listen".into(), "127.0.0.1:0".into()];
+        if let Some(m) = &a.model {
+            args.push("--model".into());
+            args.push(m.display().to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let serve = ChildService::spawn("server", &args)?;
+        Ok(Some(Spawned {
+            addr: serve.addr.clone(),
+            server: (serve.pid(), "serve"),
+            _procs: vec![serve],
+            sim: None,
+        }))
+    }
+
+    fn memory(&self) -> Option<ServerMemory> {
+        let (pid, process) = self.server;
+        let (rss, peak) = memory(pid)?;
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        Some(ServerMemory {
+            process,
+            rss_mib: mib(rss),
+            peak_rss_mib: mib(peak),
+        })
+    }
 }
 
 #[derive(Serialize)]
@@ -108,6 +209,8 @@ struct Report {
     priority_mix: String,
     slo: Slo,
     wall_seconds: f64,
+    /// The spawned server's memory after the step (--spawn, --spawn-sim-workers).
+    server_memory: Option<ServerMemory>,
     overall: Group,
     by_priority: BTreeMap<i32, Group>,
 }
@@ -139,36 +242,38 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
     super::runtime()?.block_on(async move {
-        let server = if a.spawn {
-            let mut args = vec!["serve".to_string(), "--listen".into(), "127.0.0.1:0".into()];
-            if let Some(m) = &a.model {
-                args.push("--model".into());
-                args.push(m.display().to_string());
-            }
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            Some(ChildService::spawn("server", &args)?)
-        } else {
-            None
-        };
-        let addr = server.as_ref().map_or(a.addr.clone(), |s| s.addr.clone());
+        let mut spawned = Spawned::start(&a)?;
+        let addr = spawned.as_ref().map_or(a.addr.clone(), |s| s.addr.clone());
         let mut client = InferenceClient::new(super::bench_router::channel(&addr).await?);
         super::bench_router::ready(&mut client).await?;
 
         let mut run = Run {
             addr,
+            sim: spawned.as_mut().and_then(|s| s.sim.take()),
             steps: Vec::new(),
+            hf_transformers: None,
         };
         for load in steps {
             let start = Instant::now();
             let outcomes = drive(&a, load, client.clone(), &mix, &dataset).await;
-            let report = report(&a, load, &outcomes, start.elapsed().as_secs_f64(), &slo);
+            let wall = start.elapsed().as_secs_f64();
+            let mut report = report(&a, load, &outcomes, wall, &slo);
+            report.server_memory = spawned.as_ref().and_then(Spawned::memory);
             print_table(&report);
             run.steps.push(report);
+        }
+        drop(spawned);
+        if a.hf_baseline {
+            run.hf_transformers = hf_baseline(&a, &run)?;
+            print_hf(&run);
         }
         let path = a.out.join("bench.json");
         std::fs::write(&path, serde_json::to_string_pretty(&run)?)?;
         if run.steps.len() > 1 {
             std::fs::write(a.out.join("bench.svg"), chart(&run))?;
+        }
+        if let Some(svg) = hf_chart(&run) {
+            std::fs::write(a.out.join("bench-hf.svg"), svg)?;
         }
         tracing::info!(out = %a.out.display(), "wrote the results");
         anyhow::Ok(())
@@ -193,6 +298,7 @@ fn report(a: &BenchArgs, load: Load, outcomes: &[Outcome], wall: f64, slo: &Slo)
         priority_mix: a.priority_mix.clone(),
         slo: *slo,
         wall_seconds: wall,
+        server_memory: None,
         overall: group(&outcomes.iter().collect::<Vec<_>>(), wall, slo),
         by_priority: by_priority
             .into_iter()
@@ -385,7 +491,8 @@ fn group(outcomes: &[&Outcome], wall: f64, slo: &Slo) -> Group {
         .flat_map(|d| d.itl.iter().map(|g| g * 1e3))
         .collect();
     let out: u64 = done.iter().map(|d| u64::from(d.output_tokens)).sum();
-    let total: u64 = out + done.iter().map(|d| u64::from(d.prompt_tokens)).sum::<u64>();
+    let input: u64 = done.iter().map(|d| u64::from(d.prompt_tokens)).sum();
+    let total = out + input;
     let slo_met = done
         .iter()
         .filter(|d| slo.met(d.ttft, tpot(d), d.e2e))
@@ -396,6 +503,8 @@ fn group(outcomes: &[&Outcome], wall: f64, slo: &Slo) -> Group {
         completed: done.len(),
         refused,
         errors,
+        input_tokens: input,
+        output_tokens: out,
         request_throughput: per_s(done.len() as f64),
         output_tokens_per_s: per_s(out as f64),
         total_tokens_per_s: per_s(total as f64),
@@ -447,6 +556,125 @@ fn print_table(r: &Report) {
         row(format!("prio {p}"), g);
     }
     println!("latencies in ms; goodput: requests/s meeting every SLO given with --slo");
+    if let Some(m) = &r.server_memory {
+        println!(
+            "{} process memory: {:.1} MiB resident, {:.1} MiB peak",
+            m.process, m.rss_mib, m.peak_rss_mib
+        );
+    }
+}
+
+/// The concurrency steps, as batch sizes for the HF baseline.
+fn batch_sizes(run: &Run) -> Vec<usize> {
+    run.steps
+        .iter()
+        .filter_map(|r| match r.load {
+            Load::Concurrency(c) => Some(c),
+            Load::Rate(_) => None,
+        })
+        .collect()
+}
+
+/// HF transformers `generate` at the concurrency steps' batch sizes, with the run's mean
+/// prompt length and output length (scripts/bench_hf_generate.py).
+fn hf_baseline(a: &BenchArgs, run: &Run) -> anyhow::Result<Option<serde_json::Value>> {
+    let batches = batch_sizes(run);
+    if batches.is_empty() {
+        bail!("--hf-baseline compares batch sizes: use --concurrency or --sweep, not --rate");
+    }
+    let (input, done) = run.steps.iter().fold((0, 0), |(t, n), r| {
+        (t + r.overall.input_tokens, n + r.overall.completed)
+    });
+    if done == 0 {
+        bail!("no request completed, so there is nothing to compare with HF transformers");
+    }
+    let model = a.model.as_ref().context("--hf-baseline needs --model")?;
+    let threads = a.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let list: Vec<String> = batches.iter().map(usize::to_string).collect();
+    let args = [
+        "--model".to_string(),
+        model.display().to_string(),
+        "--threads".into(),
+        threads.to_string(),
+        "--prompt-len".into(),
+        (input as f64 / done as f64).round().max(1.0).to_string(),
+        "--output-len".into(),
+        a.output_len.to_string(),
+        "--batches".into(),
+        list.join(","),
+    ];
+    crate::python::run_script(&a.python, "bench_hf_generate.py", &args)
+}
+
+/// HF's figures for batch size `batch`: (output tokens/s, TTFT ms, end-to-end ms).
+fn hf_at(hf: &serde_json::Value, batch: usize) -> Option<(f64, f64, f64)> {
+    let b = hf["batches"]
+        .as_array()?
+        .iter()
+        .find(|b| b["batch"].as_u64() == Some(batch as u64))?;
+    Some((
+        b["output_tok_s"].as_f64()?,
+        b["ttft_ms"].as_f64()?,
+        b["e2e_ms"].as_f64()?,
+    ))
+}
+
+/// openinfer beside HF transformers, one row per concurrency / batch size.
+fn print_hf(run: &Run) {
+    let Some(hf) = &run.hf_transformers else {
+        return;
+    };
+    println!(
+        "beside HF transformers generate (static batches of the same size, {} prompt tokens):",
+        hf["prompt_len"]
+    );
+    println!(
+        "{:>6} {:>10} {:>10} {:>7} {:>10} {:>10} {:>10} {:>10}",
+        "batch", "out t/s", "HF t/s", "ratio", "ttft p50", "HF ttft", "e2e p50", "HF e2e"
+    );
+    for r in &run.steps {
+        let Load::Concurrency(c) = r.load else {
+            continue;
+        };
+        let Some((tps, ttft, e2e)) = hf_at(hf, c) else {
+            continue;
+        };
+        let g = &r.overall;
+        println!(
+            "{c:>6} {:>10.1} {tps:>10.1} {:>6.2}× {:>10.1} {ttft:>10.1} {:>10.1} {e2e:>10.1}",
+            g.output_tokens_per_s,
+            g.output_tokens_per_s / tps,
+            g.ttft_ms.p50,
+            g.e2e_ms.p50
+        );
+    }
+    println!("t/s: output tokens per second; latencies in ms");
+}
+
+/// Output tokens/s of openinfer and HF transformers per batch size.
+fn hf_chart(run: &Run) -> Option<String> {
+    let hf = run.hf_transformers.as_ref()?;
+    let groups: Vec<Bars> = run
+        .steps
+        .iter()
+        .filter_map(|r| match r.load {
+            Load::Concurrency(c) => Some(Bars {
+                label: format!("batch {c}"),
+                values: vec![
+                    Some(r.overall.output_tokens_per_s),
+                    hf_at(hf, c).map(|h| h.0),
+                ],
+            }),
+            Load::Rate(_) => None,
+        })
+        .collect();
+    Some(grouped_bars(
+        "Output tokens/s: openinfer (continuous batching) vs HF generate (static batch)",
+        &["openinfer", "HF transformers"],
+        &groups,
+    ))
 }
 
 #[cfg(test)]
@@ -495,5 +723,16 @@ mod tests {
         assert!((g.tpot_ms.p50 - 100.0).abs() < 1e-9);
         assert!((g.ttft_ms.mean - 150.0).abs() < 1e-9);
         assert_eq!(g.first_error.as_deref(), Some("Internal: boom"));
+    }
+
+    #[test]
+    fn hf_figures_are_found_by_batch_size() {
+        let hf = serde_json::json!({"batches": [
+            {"batch": 1, "ttft_ms": 20.0, "e2e_ms": 500.0, "output_tok_s": 64.0},
+            {"batch": 4, "ttft_ms": 60.0, "e2e_ms": 800.0, "output_tok_s": 320.0},
+        ]});
+        assert_eq!(hf_at(&hf, 4), Some((320.0, 60.0, 800.0)));
+        assert_eq!(hf_at(&hf, 2), None);
+        assert_eq!(hf_at(&serde_json::json!({}), 1), None);
     }
 }

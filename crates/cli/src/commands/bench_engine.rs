@@ -3,7 +3,6 @@
 //! beside the machine's ceilings (memory bandwidth for decode, matmul rate for prefill).
 
 use std::path::Path;
-use std::process::Command;
 
 use anyhow::{bail, Context};
 use openinfer_engine::bench::{self, Ceilings, PhaseRates};
@@ -160,38 +159,21 @@ fn run_hf(
     model: &Path,
     threads: usize,
 ) -> anyhow::Result<Option<serde_json::Value>> {
-    if !a.python.exists() {
-        tracing::warn!(
-            python = %a.python.display(),
-            "no Python with torch + transformers; skipping the HF baseline (run scripts/setup-reference-venv.sh)"
-        );
-        return Ok(None);
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench_hf.py");
-    let out = Command::new(&a.python)
-        .arg(&script)
-        .arg("--model")
-        .arg(model)
-        .args(["--threads", &threads.to_string()])
-        .args(["--prompt-len", &a.prompt_len.to_string()])
-        .args(["--decode-steps", &a.decode_steps.to_string()])
-        .args(["--batch", &a.batch.to_string()])
-        .args(["--repeats", &a.repeats.to_string()])
-        .output()
-        .with_context(|| format!("cannot run {}", a.python.display()))?;
-    if !out.status.success() {
-        bail!(
-            "the HF baseline failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .context("bench_hf.py printed no JSON")?;
-    Ok(Some(serde_json::from_str(line)?))
+    let args = [
+        "--model".to_string(),
+        model.display().to_string(),
+        "--threads".into(),
+        threads.to_string(),
+        "--prompt-len".into(),
+        a.prompt_len.to_string(),
+        "--decode-steps".into(),
+        a.decode_steps.to_string(),
+        "--batch".into(),
+        a.batch.to_string(),
+        "--repeats".into(),
+        a.repeats.to_string(),
+    ];
+    crate::python::run_script(&a.python, "bench_hf.py", &args)
 }
 
 fn print_table(r: &Report) {

@@ -97,43 +97,12 @@ pub fn run(a: BenchRouterArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sim_worker(step: Duration, slots: usize) -> anyhow::Result<ChildService> {
-    let step = format!("{}us", step.as_micros());
-    let slots = slots.to_string();
-    ChildService::spawn(
-        "sim worker",
-        &[
-            "worker",
-            "--engine",
-            "sim",
-            "--listen",
-            "127.0.0.1:0",
-            "--sim-step-time",
-            &step,
-            "--max-running",
-            &slots,
-            "--max-waiting",
-            &slots,
-        ],
-    )
-}
-
-fn router(worker: &str, queue: usize) -> anyhow::Result<ChildService> {
-    let queue = queue.to_string();
-    ChildService::spawn(
-        "router",
-        &[
-            "router",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            worker,
-            "--max-queued-requests",
-            &queue,
-            "--max-queue-per-priority",
-            &queue,
-        ],
-    )
+/// Router flags that let `queue` requests wait.
+fn queue_flags(queue: usize) -> Vec<String> {
+    let q = queue.to_string();
+    ["--max-queued-requests", &q, "--max-queue-per-priority", &q]
+        .map(String::from)
+        .to_vec()
 }
 
 pub(super) async fn channel(addr: &str) -> anyhow::Result<Channel> {
@@ -169,8 +138,8 @@ fn request(max_new_tokens: u32) -> pb::GenerateRequest {
 }
 
 async fn ttft_phase(a: &BenchRouterArgs) -> anyhow::Result<TtftReport> {
-    let worker = sim_worker(a.ttft_step_time, 64)?;
-    let router = router(&worker.addr, 1024)?;
+    let worker = ChildService::sim_worker(a.ttft_step_time, 64)?;
+    let router = ChildService::router(&[worker.addr.as_str()], &queue_flags(1024))?;
     let mut client = InferenceClient::new(channel(&router.addr).await?);
     ready(&mut client).await?;
 
@@ -247,8 +216,8 @@ async fn ttft_phase(a: &BenchRouterArgs) -> anyhow::Result<TtftReport> {
 }
 
 async fn streams_phase(a: &BenchRouterArgs) -> anyhow::Result<StreamsReport> {
-    let worker = sim_worker(a.stream_step_time, a.streams)?;
-    let router = router(&worker.addr, a.streams)?;
+    let worker = ChildService::sim_worker(a.stream_step_time, a.streams)?;
+    let router = ChildService::router(&[worker.addr.as_str()], &queue_flags(a.streams))?;
     let mut clients = Vec::new();
     for _ in 0..a.connections {
         clients.push(InferenceClient::new(channel(&router.addr).await?));

@@ -15,10 +15,16 @@ pub struct Run {
 /// Runs `openinfer ARGS --out DIR` (DIR and the model cache are fresh temporary directories)
 /// and asserts that it succeeded.
 pub fn run(args: &[&str]) -> Run {
+    run_with_env(&[], args)
+}
+
+/// [`run`] with extra environment variables (the processes it spawns inherit them).
+pub fn run_with_env(env: &[(&str, &str)], args: &[&str]) -> Run {
     let out = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
     let done = Command::new(env!("CARGO_BIN_EXE_openinfer"))
         .env("XDG_CACHE_HOME", cache.path())
+        .envs(env.iter().copied())
         .args(args)
         .arg("--out")
         .arg(out.path())

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Re-measures the load-benchmark figures of docs/performance.md ("Load benchmark"), each with
+# `openinfer bench`, into target/bench-serving/:
+#   vs-hf/        the `small` preset served on CPU, concurrency 1..32, beside HF transformers
+#                 `generate` at the same batch sizes, in the same run
+#   scaling-N/    a router in front of N = 1, 2, 4 sim workers, every slot busy
+#   overload-*/   one sim worker offered 10x its capacity: unloaded priority-5 baseline, then
+#                 priority 5 at a fifth of capacity (three rounds on one router; once more
+#                 without preemption), then the 0:80,5:20 mix
+# Usage: scripts/bench-serving.sh [vs-hf|scaling|overload]...   (default: all three)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT=target/bench-serving
+BIN=target/release/openinfer
+cargo build --release -p openinfer-cli
+mkdir -p "$OUT"
+
+vs_hf() {
+    [ -x .venv/bin/python ] || scripts/setup-reference-venv.sh
+    [ -f target/openinfer-models/small/config.json ] ||
+        "$BIN" make-model --preset small --out target/openinfer-models/small
+    "$BIN" bench --spawn --model target/openinfer-models/small --sweep --hf-baseline \
+        --num-requests 128 --input-len 64 --output-len 64 --out "$OUT/vs-hf"
+}
+
+scaling() {
+    for n in 1 2 4; do
+        c=$((n * 32))
+        "$BIN" bench --spawn-sim-workers "$n" --concurrency "$c" --num-requests $((c * 16)) \
+            --input-len 32 --output-len 32 --out "$OUT/scaling-$n"
+    done
+}
+
+overload() {
+    # One sim worker: 32 slots, 32 tokens of 20 ms: 50 requests/s.
+    local sim=(--spawn-sim-workers 1 --input-len 32 --output-len 32)
+    "$BIN" bench "${sim[@]}" --rate 10 --priority-mix 5:100 --num-requests 150 \
+        --out "$OUT/overload-unloaded"
+    # Three rounds on the same router: its memory after each shows whether it stays bounded.
+    "$BIN" bench "${sim[@]}" --rate 500,500,500 --priority-mix 0:98,5:2 --num-requests 5000 \
+        --out "$OUT/overload-10x"
+    OPENINFER_PREEMPTION=false "$BIN" bench "${sim[@]}" --rate 500 --priority-mix 0:98,5:2 \
+        --num-requests 5000 --out "$OUT/overload-10x-no-preemption"
+    "$BIN" bench "${sim[@]}" --rate 500 --priority-mix 0:80,5:20 --num-requests 5000 \
+        --out "$OUT/overload-10x-mix-80-20"
+}
+
+for what in "${@:-vs-hf scaling overload}"; do
+    for w in $what; do
+        case "$w" in
+            vs-hf) vs_hf ;;
+            scaling) scaling ;;
+            overload) overload ;;
+            *) echo "unknown figure set: $w (vs-hf, scaling, overload)" >&2; exit 2 ;;
+        esac
+    done
+done
+echo "results under $OUT/*/bench.json"
