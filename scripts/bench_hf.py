@@ -18,20 +18,11 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import statistics
 import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def log(*args):
-    print(*args, file=sys.stderr, flush=True)
+from hf_baseline import log, prompt_sampler
 
 
 def main() -> None:
@@ -64,19 +55,7 @@ def main() -> None:
     if max_pos is not None and P + D > max_pos:
         log(f"warning: prompt_len + decode_steps = {P + D} > max_position_embeddings = {max_pos}")
 
-    # Random prompt ids, avoiding special ids (bos/eos/pad/... and anything the tokenizer
-    # marks special; the fixtures put specials at the low ids, so also skip ids < 16).
-    special = set()
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        v = getattr(cfg, key, None)
-        special.update(v if isinstance(v, list) else ([v] if v is not None else []))
-    vocab = cfg.vocab_size
-    lo = min(16, vocab // 4)
-    allowed = torch.tensor([i for i in range(lo, vocab) if i not in special], dtype=torch.long)
-    gen = torch.Generator().manual_seed(args.seed)
-
-    def rand_ids(b: int, n: int) -> torch.Tensor:
-        return allowed[torch.randint(len(allowed), (b, n), generator=gen)]
+    rand_ids = prompt_sampler(cfg, args.seed)
 
     prompt_1 = rand_ids(1, P)
     prompt_b = rand_ids(B, P)

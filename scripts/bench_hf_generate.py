@@ -19,20 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def log(*args):
-    print(*args, file=sys.stderr, flush=True)
+from hf_baseline import log, prompt_sampler
 
 
 def main() -> None:
@@ -57,18 +48,11 @@ def main() -> None:
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     cfg = model.config
-    special = set()
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        v = getattr(cfg, key, None)
-        special.update(v if isinstance(v, list) else ([v] if v is not None else []))
     eos = getattr(cfg, "eos_token_id", None)
     pad = getattr(cfg, "pad_token_id", None)
     if pad is None:
         pad = eos[0] if isinstance(eos, list) else (eos if eos is not None else 0)
-    vocab = cfg.vocab_size
-    lo = min(16, vocab // 4)
-    allowed = torch.tensor([i for i in range(lo, vocab) if i not in special], dtype=torch.long)
-    gen = torch.Generator().manual_seed(args.seed)
+    rand_ids = prompt_sampler(cfg, args.seed)
 
     def generate(ids: torch.Tensor, new: int) -> float:
         t0 = time.perf_counter()
@@ -86,10 +70,10 @@ def main() -> None:
 
     rows = []
     with torch.inference_mode():
-        warm = allowed[torch.randint(len(allowed), (1, P), generator=gen)]
+        warm = rand_ids(1, P)
         generate(warm, min(O, 8))
         for b in batches:
-            ids = allowed[torch.randint(len(allowed), (b, P), generator=gen)]
+            ids = rand_ids(b, P)
             ttft = statistics.median(generate(ids, 1) for _ in range(args.repeats))
             e2e = statistics.median(generate(ids, O) for _ in range(args.repeats))
             rows.append(

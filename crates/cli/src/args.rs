@@ -137,6 +137,42 @@ pub struct WorkerArgs {
     /// Lifetime of the registry lease; it is kept alive every third of it.
     #[arg(long, env = "OPENINFER_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
+    #[command(flatten)]
+    pub tp: TpArgs,
+}
+
+/// Tensor parallelism: one model replica split across several ranks (docs/tensor-parallel.md).
+#[derive(Debug, Clone, Args)]
+pub struct TpArgs {
+    /// Ranks the model is split across. Without --rank this process starts the ranks itself
+    /// (one per device) and supervises them.
+    #[arg(long, env = "OPENINFER_TP", default_value_t = 1)]
+    pub tp: usize,
+    /// This process's rank in its group (0 serves gRPC and registers the group); the ranks
+    /// find each other through --registry under --group-id, or through --tp-peers.
+    #[arg(long, env = "OPENINFER_RANK")]
+    pub rank: Option<usize>,
+    /// Collective backend: cpu (TCP ring between the rank processes) or nccl (CUDA builds);
+    /// default: nccl on CUDA devices, cpu otherwise.
+    #[arg(long, env = "OPENINFER_TP_BACKEND", value_enum)]
+    pub tp_backend: Option<TpBackend>,
+    /// Where this rank's collective listens (the cpu backend).
+    #[arg(long, env = "OPENINFER_TP_LISTEN", default_value = "127.0.0.1:0")]
+    pub tp_listen: SocketAddr,
+    /// Every rank's collective address, by rank, instead of a rendezvous through etcd.
+    #[arg(long, env = "OPENINFER_TP_PEERS", value_delimiter = ',')]
+    pub tp_peers: Vec<SocketAddr>,
+    /// How long a rank waits for the others to show up.
+    #[arg(long, env = "OPENINFER_TP_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub tp_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TpBackend {
+    /// Ranks in separate processes exchange tensors over TCP (a ring all-reduce).
+    Cpu,
+    /// NCCL between GPUs (needs a `--features cuda` build).
+    Nccl,
 }
 
 /// Where cluster membership lives.

@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use openinfer_core::{FinishReason, SamplingParams, SequenceId, StoppingParams};
@@ -21,6 +22,8 @@ use crate::model::{argmax_rows, Llama};
 use crate::model_dir::ModelDir;
 use crate::sampling::{self, SampleContext, TokenLogprob};
 use crate::tokenizer::Tokenizer;
+use crate::tp::plan::StepPlan;
+use crate::tp::{Communicator, Shard};
 
 pub use openinfer_core::MAX_TOP_LOGPROBS;
 
@@ -211,6 +214,8 @@ pub struct EngineInfo {
     pub add_bos_token: bool,
     /// Parameters of the model.
     pub num_parameters: usize,
+    /// Ranks the model is split across (tensor parallelism).
+    pub tp_size: usize,
 }
 
 struct Sequence {
@@ -259,21 +264,43 @@ pub struct Engine {
     ids: HashSet<SequenceId>,
     arrivals: u64,
     steps: u64,
+    /// The other ranks of this engine's tensor-parallel group, told each step's inputs.
+    group: Option<Arc<dyn Communicator>>,
 }
 
-impl Engine {
-    /// Opens a model directory and loads it. `progress(done, total)` reports loading.
-    pub fn load(dir: &Path, cfg: EngineConfig, progress: &dyn Fn(usize, usize)) -> Result<Self> {
-        Self::from_model_dir(ModelDir::open(dir)?, cfg, progress)
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Some(g) = &self.group {
+            // Followers stop on this; a group already broken has nobody left to tell.
+            let _ = g.broadcast(&StepPlan::Stop.encode());
+        }
     }
+}
 
-    /// Loads an opened model directory.
-    pub fn from_model_dir(
-        dir: ModelDir,
-        cfg: EngineConfig,
+/// What loading a model directory (or one rank's shard of it) produces.
+pub(crate) struct Loaded {
+    pub model: Llama,
+    pub kv: KvCache,
+    pub total_blocks: usize,
+    pub max_model_len: usize,
+    pub dtype: DType,
+}
+
+impl Loaded {
+    /// Loads this rank's shard (`comm`'s rank of its size; everything without one) and
+    /// sizes its KV cache: `cfg.kv_cache_bytes` for the KV heads this rank holds.
+    pub fn load(
+        dir: &ModelDir,
+        cfg: &EngineConfig,
+        comm: Option<Arc<dyn Communicator>>,
         progress: &dyn Fn(usize, usize),
     ) -> Result<Self> {
         let mc = &dir.config;
+        let shard = match &comm {
+            Some(c) => Shard::new(mc, c.rank(), c.size())?,
+            None => Shard::SINGLE,
+        };
+        let local = shard.local_config(mc);
         let dtype = cfg.dtype.unwrap_or(if cfg.device.is_cpu() {
             DType::F32
         } else {
@@ -285,10 +312,10 @@ impl Engine {
             ));
         }
         let per_block = bytes_per_block(
-            mc.num_layers,
+            local.num_layers,
             cfg.block_size,
-            mc.num_kv_heads,
-            mc.head_dim,
+            local.num_kv_heads,
+            local.head_dim,
             dtype,
         );
         let total_blocks = cfg.kv_cache_bytes / per_block;
@@ -305,19 +332,85 @@ impl Engine {
             .min(total_blocks * cfg.block_size);
         let model = Llama::load(
             mc,
+            shard,
+            comm,
             &dir.weights,
             dtype,
             &cfg.device,
             max_model_len + 1,
             progress,
         )?;
+        tracing::info!(
+            rank = shard.rank,
+            tp = shard.size,
+            weight_mib = model.weight_bytes() as f64 / f64::from(1 << 20),
+            "weights loaded"
+        );
         let kv = KvCache::new(
-            mc.num_layers,
+            local.num_layers,
             total_blocks * cfg.block_size,
-            mc.num_kv_heads * mc.head_dim,
+            local.num_kv_heads * local.head_dim,
             dtype,
             &cfg.device,
         )?;
+        Ok(Loaded {
+            model,
+            kv,
+            total_blocks,
+            max_model_len,
+            dtype,
+        })
+    }
+}
+
+impl Engine {
+    /// Opens a model directory and loads it. `progress(done, total)` reports loading.
+    pub fn load(dir: &Path, cfg: EngineConfig, progress: &dyn Fn(usize, usize)) -> Result<Self> {
+        Self::from_model_dir(ModelDir::open(dir)?, cfg, progress)
+    }
+
+    /// Loads an opened model directory.
+    pub fn from_model_dir(
+        dir: ModelDir,
+        cfg: EngineConfig,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<Self> {
+        Self::build(dir, cfg, None, progress)
+    }
+
+    /// Loads rank 0's shard of a tensor-parallel group joined by `comm`. This engine
+    /// schedules and samples for the group: before each forward it broadcasts the step's
+    /// inputs, and the other ranks ([`Follower`](crate::tp::follower::Follower)) run the
+    /// same forward on their shards. Dropping it stops the followers.
+    pub fn from_model_dir_in_group(
+        dir: ModelDir,
+        cfg: EngineConfig,
+        comm: Arc<dyn Communicator>,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<Self> {
+        if comm.rank() != 0 {
+            return Err(EngineError::Config(format!(
+                "rank {} runs a follower, not an engine: only rank 0 schedules",
+                comm.rank()
+            )));
+        }
+        Self::build(dir, cfg, Some(comm), progress)
+    }
+
+    fn build(
+        dir: ModelDir,
+        cfg: EngineConfig,
+        group: Option<Arc<dyn Communicator>>,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<Self> {
+        let Loaded {
+            model,
+            kv,
+            total_blocks,
+            max_model_len,
+            dtype,
+        } = Loaded::load(&dir, &cfg, group.clone(), progress)?;
+        let mc = &dir.config;
         let info = EngineInfo {
             model: dir.model_id(),
             architecture: mc.architecture.hf_name().into(),
@@ -336,6 +429,7 @@ impl Engine {
             bos_token_id: dir.tokenizer.bos_token_id,
             add_bos_token: dir.tokenizer.add_bos_token,
             num_parameters: mc.num_parameters(),
+            tp_size: group.as_ref().map_or(1, |g| g.size()),
         };
         tracing::info!(
             model = %info.model, architecture = %info.architecture, dtype = ?dtype,
@@ -354,6 +448,7 @@ impl Engine {
             ids: HashSet::new(),
             arrivals: 0,
             steps: 0,
+            group,
         })
     }
 
@@ -517,6 +612,9 @@ impl Engine {
         if !plan.is_empty() {
             match self.run(&plan) {
                 Ok(t) => tokens = t,
+                // The group is broken: no forward can run any more. The sequences stay as
+                // they are; the worker stops and routers resume them elsewhere.
+                Err(e @ EngineError::Collective(_)) => return Err(e),
                 Err(e) => {
                     // A failed forward leaves the cache of the planned sequences unusable:
                     // fail them, keep serving the rest.
@@ -670,6 +768,9 @@ impl Engine {
             .filter(|(p, &r)| self.running[r].computed + p.len == self.running[r].tokens.len())
             .map(|(_, &r)| r)
             .collect();
+        if let Some(g) = &self.group {
+            g.broadcast(&StepPlan::of(&chunks).encode())?;
+        }
         let logits = self.model.forward(&batch, &self.kv)?;
         for (p, &r) in plan.iter().zip(&rows) {
             self.running[r].computed += p.len;

@@ -56,6 +56,9 @@ pub enum EngineError {
     /// The tokenizer failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A collective operation of a tensor-parallel group failed (a rank is gone).
+    #[error("tensor parallelism: {0}")]
+    Collective(String),
     /// A tensor operation failed (a bug or a device failure).
     #[error("tensor operation failed: {}", first_line(.0))]
     Candle(#[from] candle_core::Error),
@@ -93,6 +96,7 @@ impl ErrorCode for EngineError {
             | EngineError::ConfigField { .. }
             | EngineError::Weight { .. }
             | EngineError::Config(_) => Code::FailedPrecondition,
+            EngineError::Collective(_) => Code::Unavailable,
             EngineError::Tokenizer(_) | EngineError::Candle(_) | EngineError::Io { .. } => {
                 Code::Internal
             }

@@ -6,6 +6,7 @@
 //! * [`kv_cache`] holds the paged cache; [`engine`] schedules and runs steps.
 //! * [`sampling`] and [`detokenize`] turn logits into tokens and text.
 //! * [`backend`] is what a worker drives: the [`Engine`] or the model-free [`sim`] engine.
+//! * [`tp`] splits a model across ranks (tensor parallelism) and holds their collectives.
 //! * [`make_model`] writes random-weight model directories for demos, tests and benchmarks.
 
 pub mod backend;
@@ -26,6 +27,7 @@ pub mod rope;
 pub mod sampling;
 pub mod sim;
 pub mod tokenizer;
+pub mod tp;
 
 pub use backend::Backend;
 pub use candle_core::{DType, Device};

@@ -3,6 +3,9 @@
 //! One [`Llama::forward`] runs every scheduled token of a step: projections and MLPs over the
 //! flattened token list, attention per [`AttnGroup`](crate::batch::AttnGroup).
 
+use std::cell::Cell;
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::ops::{rms_norm, softmax_last_dim};
 
@@ -15,6 +18,7 @@ use crate::kv_cache::KvCache;
 use crate::model_dir::Weights;
 use crate::packed_matmul::{PackedMatmul, PackedWeight};
 use crate::rope::Rope;
+use crate::tp::{Communicator, Shard};
 
 /// Whether the CPU kernels (packed matmul, paged decode attention, fused SiLU·up) serve this
 /// device and dtype; everything else takes candle's general path.
@@ -76,8 +80,9 @@ struct Layer {
     down: Linear,
 }
 
-/// A loaded model.
+/// A loaded model, or one rank's shard of it.
 pub struct Llama {
+    /// The shape this rank computes with (its heads, KV heads and MLP width).
     cfg: ModelConfig,
     embed: Tensor,
     layers: Vec<Layer>,
@@ -86,41 +91,88 @@ pub struct Llama {
     rope: Rope,
     dtype: DType,
     device: Device,
+    /// Sums the row-parallel projections over the group (`None`: the whole model is here).
+    comm: Option<Arc<dyn Communicator>>,
+    /// Bytes of weights this rank holds.
+    weight_bytes: usize,
 }
 
-/// Loads one tensor, or several concatenated along rows (fused projections).
+/// One projection's rows: `len` rows from `start` of a `[rows, cols]` tensor.
+struct Rows {
+    name: String,
+    rows: usize,
+    start: usize,
+    len: usize,
+}
+
+/// Loads tensors, or this rank's slices of them, and counts the bytes it holds.
 struct Loader<'a> {
     weights: &'a Weights,
     dtype: DType,
     device: &'a Device,
+    bytes: Cell<usize>,
 }
 
 impl Loader<'_> {
+    fn count(&self, t: Tensor) -> Tensor {
+        self.bytes
+            .set(self.bytes.get() + t.elem_count() * self.dtype.size_in_bytes());
+        t
+    }
+
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.weights.load(name, shape, self.dtype, self.device)
+        let t = self.weights.load(name, shape, self.dtype, self.device)?;
+        Ok(self.count(t))
     }
 
-    /// `parts` are `(name, rows)`; every part has `cols` columns (or is a bias when `cols` is
-    /// `None`).
-    fn cat(&self, parts: &[(String, usize)], cols: Option<usize>) -> Result<Tensor> {
-        let ts = parts
-            .iter()
-            .map(|(n, rows)| match cols {
-                Some(c) => self.get(n, &[*rows, c]),
-                None => self.get(n, &[*rows]),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&ts, 0)?)
+    fn slice(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dim: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<Tensor> {
+        let t = self
+            .weights
+            .load_slice(name, shape, dim, start, len, self.dtype, self.device)?;
+        Ok(self.count(t))
     }
 
-    fn linear(&self, parts: &[(String, usize)], cols: usize, bias: bool) -> Result<Linear> {
-        let w = Weight::new(self.cat(parts, Some(cols))?)?;
-        let b = if bias {
-            let bparts: Vec<(String, usize)> = parts
+    /// Column-parallel: each part's rows (and bias rows), concatenated (fused projections).
+    fn column_parallel(&self, parts: &[Rows], cols: usize, bias: bool) -> Result<Linear> {
+        let cat = |bias: bool| -> Result<Tensor> {
+            let ts = parts
                 .iter()
-                .map(|(n, r)| (n.replace(".weight", ".bias"), *r))
-                .collect();
-            Some(self.cat(&bparts, None)?)
+                .map(|p| {
+                    if bias {
+                        let name = p.name.replace(".weight", ".bias");
+                        self.slice(&name, &[p.rows], 0, p.start, p.len)
+                    } else {
+                        self.slice(&p.name, &[p.rows, cols], 0, p.start, p.len)
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&ts, 0)?)
+        };
+        Ok(Linear {
+            w: Weight::new(cat(false)?)?,
+            b: if bias { Some(cat(true)?) } else { None },
+        })
+    }
+
+    /// Row-parallel: columns `start..start + len` of `[rows, cols]`; the bias is whole, as
+    /// it is added once, after the all-reduce.
+    fn row_parallel(
+        &self,
+        name: &str,
+        (rows, cols): (usize, usize),
+        (start, len): (usize, usize),
+        bias: bool,
+    ) -> Result<Linear> {
+        let w = Weight::new(self.slice(name, &[rows, cols], 1, start, len)?)?;
+        let b = if bias {
+            Some(self.get(&name.replace(".weight", ".bias"), &[rows])?)
         } else {
             None
         };
@@ -129,9 +181,14 @@ impl Loader<'_> {
 }
 
 impl Llama {
-    /// Loads every weight, checking shapes against `cfg`. `progress` is told after each layer.
+    /// Loads every weight of `shard` (everything for [`Shard::SINGLE`]), checking shapes
+    /// against `cfg`, the whole model's shape. `comm` joins the shards of a group.
+    /// `progress` is told after each layer.
+    #[allow(clippy::too_many_arguments)]
     pub fn load(
         cfg: &ModelConfig,
+        shard: Shard,
+        comm: Option<Arc<dyn Communicator>>,
         weights: &Weights,
         dtype: DType,
         device: &Device,
@@ -142,37 +199,60 @@ impl Llama {
             weights,
             dtype,
             device,
+            bytes: Cell::new(0),
         };
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_rows, kv_rows) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
         let inter = cfg.intermediate_size;
+        let (q0, nq) = shard.heads(cfg);
+        let (kv0, nkv) = shard.kv_heads(cfg);
+        let (m0, nm) = shard.mlp(cfg);
         let steps = cfg.num_layers + 2;
         let embed = l.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
         progress(1, steps);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
-            let w = |s: &str, rows: usize| (format!("{p}.{s}.weight"), rows);
-            let qkv = l.linear(
+            let rows = |s: &str, rows: usize, start: usize, len: usize| Rows {
+                name: format!("{p}.{s}.weight"),
+                rows,
+                start,
+                len,
+            };
+            let qkv = l.column_parallel(
                 &[
-                    w("self_attn.q_proj", q_rows),
-                    w("self_attn.k_proj", kv_rows),
-                    w("self_attn.v_proj", kv_rows),
+                    rows("self_attn.q_proj", q_rows, q0 * hd, nq * hd),
+                    rows("self_attn.k_proj", kv_rows, kv0 * hd, nkv * hd),
+                    rows("self_attn.v_proj", kv_rows, kv0 * hd, nkv * hd),
                 ],
                 h,
                 cfg.qkv_bias,
+            )?;
+            let gate_up = l.column_parallel(
+                &[
+                    rows("mlp.gate_proj", inter, m0, nm),
+                    rows("mlp.up_proj", inter, m0, nm),
+                ],
+                h,
+                cfg.mlp_bias,
             )?;
             layers.push(Layer {
                 input_norm: l.get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 post_norm: l.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 qkv,
-                o: l.linear(&[w("self_attn.o_proj", h)], q_rows, cfg.o_bias)?,
-                gate_up: l.linear(
-                    &[w("mlp.gate_proj", inter), w("mlp.up_proj", inter)],
-                    h,
+                o: l.row_parallel(
+                    &format!("{p}.self_attn.o_proj.weight"),
+                    (h, q_rows),
+                    (q0 * hd, nq * hd),
+                    cfg.o_bias,
+                )?,
+                gate_up,
+                down: l.row_parallel(
+                    &format!("{p}.mlp.down_proj.weight"),
+                    (h, inter),
+                    (m0, nm),
                     cfg.mlp_bias,
                 )?,
-                down: l.linear(&[w("mlp.down_proj", h)], inter, cfg.mlp_bias)?,
             });
             progress(i + 2, steps);
         }
@@ -183,15 +263,36 @@ impl Llama {
             l.get("lm_head.weight", &[cfg.vocab_size, h])?
         })?;
         progress(steps, steps);
+        let local = shard.local_config(cfg);
         Ok(Llama {
-            cfg: cfg.clone(),
+            rope: Rope::new(&local, max_positions, dtype, device)?,
+            cfg: local,
             embed,
             layers,
             norm,
             lm_head,
-            rope: Rope::new(cfg, max_positions, dtype, device)?,
             dtype,
             device: device.clone(),
+            comm,
+            weight_bytes: l.bytes.get(),
+        })
+    }
+
+    /// Bytes of weights this rank holds (the shard, plus the replicated tensors).
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// `x W^T`, summed over the group, plus the bias: a row-parallel projection.
+    fn reduced(&self, l: &Linear, x: &Tensor) -> Result<Tensor> {
+        let y = l.w.forward(x)?;
+        let y = match &self.comm {
+            Some(c) => c.all_reduce_sum(&y)?,
+            None => y,
+        };
+        Ok(match &l.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
         })
     }
 
@@ -237,7 +338,7 @@ impl Llama {
                 Ok([one]) => one,
                 Err(groups) => Tensor::cat(&groups, 0)?,
             };
-            x = (x + layer.o.forward(&attn)?)?;
+            x = (x + self.reduced(&layer.o, &attn)?)?;
             let h = rms_norm(&x, &layer.post_norm, eps)?;
             let gu = layer.gate_up.forward(&h)?;
             let inter = cfg.intermediate_size;
@@ -246,7 +347,7 @@ impl Llama {
             } else {
                 (gu.narrow(1, 0, inter)?.silu()? * gu.narrow(1, inter, inter)?)?
             };
-            x = (x + layer.down.forward(&act)?)?;
+            x = (x + self.reduced(&layer.down, &act)?)?;
         }
         if batch.logit_rows.dim(0)? == 0 {
             // Only prefill chunks that do not finish their prompt: nothing to sample.

@@ -6,8 +6,10 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::MmapedSafetensors;
+use candle_core::safetensors::{Load, MmapedSafetensors};
 use candle_core::{DType, Device, Tensor};
+use safetensors::slice::TensorIndexer;
+use safetensors::tensor as st;
 use serde_json::Value;
 
 use crate::config::{token_id_list, ModelConfig};
@@ -183,6 +185,17 @@ impl Weights {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
+        let (path, view) = self.view(name, shape)?;
+        let t = view.load(&Device::Cpu).map_err(|e| EngineError::Weight {
+            path,
+            tensor: name.into(),
+            message: e.to_string(),
+        })?;
+        Ok(t.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    /// The file holding `name` and its bytes, checked to have `shape`.
+    fn view(&self, name: &str, shape: &[usize]) -> Result<(PathBuf, st::TensorView<'_>)> {
         let Some(&fi) = self.index.get(name) else {
             return Err(EngineError::Weight {
                 path: self.origin.clone(),
@@ -203,9 +216,51 @@ impl Weights {
                 view.shape()
             )));
         }
-        let t = st
-            .load(name, &Device::Cpu)
-            .map_err(|e| werr(e.to_string()))?;
+        Ok((path.clone(), view))
+    }
+}
+
+impl Weights {
+    /// `len` rows (`dim` 0) or columns (`dim` 1) of tensor `name` from `start`, reading only
+    /// those bytes; `shape` is the whole tensor's, checked as [`Weights::load`] does.
+    #[allow(clippy::too_many_arguments)]
+    pub fn load_slice(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dim: usize,
+        start: usize,
+        len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        if start == 0 && len == shape[dim] {
+            return self.load(name, shape, dtype, device);
+        }
+        let (path, view) = self.view(name, shape)?;
+        let werr = |message: String| EngineError::Weight {
+            path: path.clone(),
+            tensor: name.into(),
+            message,
+        };
+        let mut index: Vec<TensorIndexer> = shape.iter().map(|&n| (0..n).into()).collect();
+        index[dim] = (start..start + len).into();
+        let bytes: Vec<u8> = view
+            .sliced_data(&index)
+            .map_err(|e| {
+                werr(format!(
+                    "cannot take {start}..{} of dimension {dim}: {e:?}",
+                    start + len
+                ))
+            })?
+            .flatten()
+            .copied()
+            .collect();
+        let mut sliced = shape.to_vec();
+        sliced[dim] = len;
+        let part =
+            st::TensorView::new(view.dtype(), sliced, &bytes).map_err(|e| werr(e.to_string()))?;
+        let t = part.load(&Device::Cpu).map_err(|e| werr(e.to_string()))?;
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }
 }

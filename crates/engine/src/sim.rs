@@ -135,6 +135,7 @@ impl SimEngine {
             bos_token_id: Some(1),
             add_bos_token: true,
             num_parameters: 0,
+            tp_size: 1,
         };
         Ok(SimEngine {
             alloc: BlockAllocator::new(cfg.total_blocks, cfg.block_size),

@@ -5,63 +5,10 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-
 use common::*;
 use openinfer_core::FinishReason;
 use openinfer_engine::EngineConfig;
-use serde_json::Value;
-
-struct Case {
-    prompt_ids: Vec<u32>,
-    max_new: u32,
-    expected: Vec<u32>,
-    logprobs: Vec<f32>,
-    text: Option<String>,
-}
-
-fn models() -> Vec<(String, PathBuf, Vec<Case>)> {
-    let dir = fixtures().join("expected");
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(&dir).expect("tests/fixtures/expected exists") {
-        let path = entry.unwrap().path();
-        if path.extension().and_then(|e| e.to_str()) != Some("json") {
-            continue;
-        }
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        let name = v["model"].as_str().unwrap().to_string();
-        let ids = |x: &Value| -> Vec<u32> {
-            x.as_array()
-                .unwrap()
-                .iter()
-                .map(|i| i.as_u64().unwrap() as u32)
-                .collect()
-        };
-        let cases = v["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| Case {
-                prompt_ids: ids(&c["prompt_ids"]),
-                max_new: c["max_new_tokens"].as_u64().unwrap() as u32,
-                expected: ids(&c["output_ids"]),
-                text: c["output_text"].as_str().map(str::to_string),
-                logprobs: c["output_logprobs"].as_array().map_or(Vec::new(), |a| {
-                    a.iter().map(|x| x.as_f64().unwrap() as f32).collect()
-                }),
-            })
-            .collect();
-        out.push((name.clone(), fixtures().join(&name), cases));
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    assert!(
-        out.len() >= 4,
-        "expected fixtures for llama, llama3, mistral and qwen2, found {}",
-        out.len()
-    );
-    out
-}
+use std::collections::HashMap;
 
 fn cfg(block_size: usize, max_batch_tokens: usize) -> EngineConfig {
     EngineConfig {
@@ -145,11 +92,7 @@ fn all_cases_batched_match_transformers() {
     for (model, dir, cases) in models() {
         // Small blocks and a small step budget: multi-block tables and chunked prefill.
         let mut engine = load(&dir, cfg(4, 24));
-        let reqs = cases
-            .iter()
-            .enumerate()
-            .map(|(i, c)| greedy(i as u64, &c.prompt_ids, c.max_new))
-            .collect();
+        let reqs = requests(&cases);
         let got = run_all(&mut engine, reqs);
         check(&model, "batched, chunked prefill", &cases, &got);
     }
@@ -205,11 +148,7 @@ fn preemption_and_resume_keep_the_tokens() {
                 ..cfg(4, 64)
             },
         );
-        let reqs = cases
-            .iter()
-            .enumerate()
-            .map(|(i, c)| greedy(i as u64, &c.prompt_ids, c.max_new))
-            .collect();
+        let reqs = requests(&cases);
         let got = run_all(&mut engine, reqs);
         check(&model, "preempted and resumed", &cases, &got);
         let preempted: usize = got.values().map(|o| o.preemptions).sum();

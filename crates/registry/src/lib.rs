@@ -4,9 +4,12 @@
 //! * [`etcd`]: a worker's registration under a lease kept alive at TTL/3, re-made whenever
 //!   etcd comes back; and the router's discovery (get + watch, resynchronised after every
 //!   reconnect), which keeps the last-known set while etcd is away.
+//! * [`group`]: how the ranks of a tensor-parallel group find each other,
+//!   `/openinfer/v1/groups/{group_id}/ranks/{rank}`.
 
 pub mod client;
 pub mod etcd;
+pub mod group;
 pub mod record;
 
 pub use etcd::{EtcdConfig, Registration, Tls};

@@ -96,7 +96,7 @@ pub fn info(i: &EngineInfo) -> pb::InfoResponse {
         architecture: i.architecture.clone(),
         dtype: format!("{:?}", i.dtype).to_lowercase(),
         device: i.device.clone(),
-        tp_size: 1,
+        tp_size: i.tp_size as u32,
         vocab_size: i.vocab_size as u32,
         max_model_len: i.max_model_len as u32,
         kv: Some(pb::KvGeometry {

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use openinfer_core::SequenceId;
+use openinfer_core::{Code, ErrorCode, SequenceId};
 use openinfer_engine::engine::{Finished, StepOutput};
 use openinfer_engine::Backend;
 use openinfer_proto::worker::v1 as pb;
@@ -95,6 +95,8 @@ pub struct EngineHandle {
     capacity: watch::Receiver<pb::CapacityReport>,
     next_conn: Arc<AtomicU64>,
     cfg: LoopConfig,
+    /// Why the engine thread stopped on its own, once it has.
+    failure: watch::Receiver<Option<String>>,
 }
 
 impl EngineHandle {
@@ -112,7 +114,9 @@ impl EngineHandle {
         let info = Arc::new(info);
         let tokenizer = Arc::new(convert::tokenizer(engine.tokenizer()));
         let (cap_tx, cap_rx) = watch::channel(convert::capacity(&engine.capacity()));
+        let (failure_tx, failure) = watch::channel(None);
         let lp = Loop {
+            failure: failure_tx,
             engine,
             rx,
             capacity: cap_tx,
@@ -136,6 +140,7 @@ impl EngineHandle {
                 capacity: cap_rx,
                 next_conn: Arc::new(AtomicU64::new(1)),
                 cfg,
+                failure,
             },
             join,
         )
@@ -189,6 +194,17 @@ impl EngineHandle {
         self.send(Command::CloseAll).await
     }
 
+    /// Resolves with the reason when the engine stops on its own: its tensor-parallel group
+    /// broke (a rank is gone), so this worker can serve nothing more and must leave.
+    pub async fn failed(&self) -> String {
+        let mut f = self.failure.clone();
+        let reason = match f.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => "the engine thread stopped".into(),
+        };
+        reason
+    }
+
     /// A fresh connection id.
     pub fn new_connection(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
@@ -209,6 +225,8 @@ struct Connection {
 
 struct Loop<E> {
     engine: E,
+    /// Told why the loop stopped on its own.
+    failure: watch::Sender<Option<String>>,
     rx: mpsc::Receiver<Command>,
     capacity: watch::Sender<pb::CapacityReport>,
     conns: HashMap<u64, Connection>,
@@ -239,6 +257,13 @@ impl<E: Backend> Loop<E> {
             if self.engine.has_work() {
                 match self.engine.step() {
                     Ok(out) => self.route(out),
+                    // The group cannot step any more: stop, so that routers see the streams
+                    // end and resume the sequences elsewhere.
+                    Err(e) if e.code() == Code::Unavailable => {
+                        tracing::error!(error = %e, "engine stopped");
+                        self.failure.send_replace(Some(e.to_string()));
+                        break;
+                    }
                     Err(e) => tracing::error!(error = %e, "engine step failed"),
                 }
             }

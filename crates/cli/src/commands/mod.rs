@@ -7,15 +7,18 @@ mod generate;
 mod make_model;
 mod router;
 mod serve;
+mod tp_group;
 mod worker;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::args::{Command, EngineArgs};
 use anyhow::Context;
 use openinfer_engine::make_model::{make_model, ModelSpec};
-use openinfer_engine::{parse_device, parse_dtype, Engine, EngineConfig};
+use openinfer_engine::tp::Communicator;
+use openinfer_engine::{parse_device, parse_dtype, Engine, EngineConfig, ModelDir};
 
 /// Runs a parsed subcommand.
 pub fn run(cmd: Command) -> anyhow::Result<()> {
@@ -51,15 +54,25 @@ pub fn engine_config(a: &EngineArgs) -> anyhow::Result<EngineConfig> {
     })
 }
 
-/// Loads the engine the flags describe, with a progress bar.
-pub fn load_engine(model: &Path, a: &EngineArgs) -> anyhow::Result<Engine> {
+/// Loads the engine the flags describe, with a progress bar: the whole model, or rank 0's
+/// shard of a tensor-parallel `group`.
+pub fn load_engine(
+    model: &Path,
+    a: &EngineArgs,
+    group: Option<Arc<dyn Communicator>>,
+) -> anyhow::Result<Engine> {
     let cfg = engine_config(a)?;
     tracing::info!(model = %model.display(), "loading model");
     let pb = crate::progress::bar(0, "loading");
-    let engine = Engine::load(model, cfg, &|done, total| {
+    let progress = |done: usize, total: usize| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
-    })
+    };
+    let engine = match group {
+        None => Engine::load(model, cfg, &progress),
+        Some(g) => ModelDir::open(model)
+            .and_then(|dir| Engine::from_model_dir_in_group(dir, cfg, g, &progress)),
+    }
     .with_context(|| format!("cannot load the model in {}", model.display()))?;
     pb.finish_and_clear();
     Ok(engine)
@@ -109,6 +122,16 @@ pub fn etcd_config(
         });
     }
     Ok(Some(cfg))
+}
+
+/// This host's name (`HOSTNAME`, else `/etc/hostname`, else `worker`).
+pub fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into())
 }
 
 /// The async runtime of the services.

@@ -24,7 +24,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             Some(dir)
         }
     };
-    let handle = super::worker::start_engine(model.as_deref(), &a.engine, &a.worker)?;
+    let handle = super::worker::start_engine(model.as_deref(), &a.engine, &a.worker, None)?;
     super::runtime()?.block_on(async move {
         let listener = super::bind(a.listen).await?;
         // The worker listens on an ephemeral loopback port that only this router uses.

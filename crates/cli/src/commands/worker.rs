@@ -1,12 +1,15 @@
 //! `openinfer worker`.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context;
 use openinfer_core::SequenceId;
+use openinfer_engine::tp::Communicator;
 use openinfer_engine::{Backend, SequenceRequest, SimConfig, SimEngine};
 use openinfer_worker::{EngineHandle, LoopConfig, WorkerService};
 
+use super::tp_group::Role;
 use crate::args::{EngineArgs, EngineKind, WorkerArgs, WorkerLoopArgs};
 
 pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
@@ -15,7 +18,18 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
         (Some(dir), EngineKind::Model) => model_revision(dir),
         _ => "sim".to_string(),
     };
-    let handle = start_engine(a.model.as_deref(), &a.engine, &a.worker)?;
+    let group = match super::tp_group::role(&a)? {
+        Role::Whole => None,
+        Role::Supervisor => return super::tp_group::supervise(&a),
+        Role::Rank(rank) => {
+            let comm = super::tp_group::join(&a, rank, registry.as_ref())?;
+            if rank > 0 {
+                return super::tp_group::follow(&a, comm);
+            }
+            Some(comm)
+        }
+    };
+    let handle = start_engine(a.model.as_deref(), &a.engine, &a.worker, group)?;
     super::runtime()?.block_on(async move {
         let listener = super::bind(a.listen).await?;
         let addr = listener.local_addr()?;
@@ -34,7 +48,17 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
             tracing::info!(key = %record.key(), "registering in etcd");
             openinfer_registry::Registration::start(cfg, record, a.lease_ttl)
         });
-        super::shutdown_signal().await;
+        let failed = tokio::select! {
+            () = super::shutdown_signal() => None,
+            reason = handle.failed() => Some(reason),
+        };
+        if let Some(reason) = failed {
+            // The group broke: leave the registry at once; routers resume the sequences.
+            if let Some(r) = registration {
+                r.deregister().await;
+            }
+            anyhow::bail!("{reason}");
+        }
         // Drain: leave the registry first, so that routers stop sending work, then finish or
         // hand back what runs.
         if let Some(r) = registration {
@@ -56,12 +80,7 @@ fn record(
     revision: String,
 ) -> openinfer_registry::WorkerRecord {
     let info = handle.info();
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "worker".into());
+    let host = super::hostname();
     let address = a.advertise_addr.clone().unwrap_or_else(|| {
         if addr.ip().is_unspecified() {
             format!("{host}:{}", addr.port())
@@ -124,6 +143,7 @@ pub fn start_engine(
     model: Option<&Path>,
     engine: &EngineArgs,
     worker: &WorkerLoopArgs,
+    group: Option<Arc<dyn Communicator>>,
 ) -> anyhow::Result<EngineHandle> {
     let cfg = LoopConfig {
         command_queue: worker.command_queue,
@@ -133,7 +153,7 @@ pub fn start_engine(
     let handle = match engine.engine {
         EngineKind::Model => {
             let model = model.context("--model DIR is required (or --engine sim)")?;
-            spawn_warm(super::load_engine(model, engine)?, cfg)?
+            spawn_warm(super::load_engine(model, engine, group)?, cfg)?
         }
         EngineKind::Sim => {
             let sim = SimEngine::new(SimConfig {

@@ -8,6 +8,7 @@ use openinfer_core::{FinishReason, SequenceId};
 use openinfer_engine::engine::SequenceRequest;
 use openinfer_engine::sampling::TokenLogprob;
 use openinfer_engine::{Engine, EngineConfig, Finished};
+use serde_json::Value;
 
 /// `tests/fixtures` at the workspace root.
 pub fn fixtures() -> PathBuf {
@@ -30,6 +31,15 @@ pub fn greedy(id: u64, prompt: &[u32], max_new: u32) -> SequenceRequest {
     let mut r = SequenceRequest::greedy(SequenceId(id), prompt.to_vec(), max_new);
     r.stopping.ignore_eos = true;
     r
+}
+
+/// A greedy request per case, with the case's index as its id.
+pub fn requests(cases: &[Case]) -> Vec<SequenceRequest> {
+    cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| greedy(i as u64, &c.prompt_ids, c.max_new))
+        .collect()
 }
 
 /// Steps until no work is left (bounded), collecting every sequence's output. Preempted
@@ -90,4 +100,56 @@ pub fn run_all(engine: &mut Engine, reqs: Vec<SequenceRequest>) -> HashMap<u64, 
 /// Loads a model directory on CPU in f32 with `cfg`'s limits.
 pub fn load(dir: &Path, cfg: EngineConfig) -> Engine {
     Engine::load(dir, cfg, &|_, _| {}).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
+}
+
+/// One committed reference case: a prompt and HF transformers' greedy output.
+pub struct Case {
+    pub prompt_ids: Vec<u32>,
+    pub max_new: u32,
+    pub expected: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    pub text: Option<String>,
+}
+
+/// Every fixture model with its cases: (name, directory, cases), by name.
+pub fn models() -> Vec<(String, PathBuf, Vec<Case>)> {
+    let dir = fixtures().join("expected");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("tests/fixtures/expected exists") {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let name = v["model"].as_str().unwrap().to_string();
+        let ids = |x: &Value| -> Vec<u32> {
+            x.as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i.as_u64().unwrap() as u32)
+                .collect()
+        };
+        let cases = v["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| Case {
+                prompt_ids: ids(&c["prompt_ids"]),
+                max_new: c["max_new_tokens"].as_u64().unwrap() as u32,
+                expected: ids(&c["output_ids"]),
+                text: c["output_text"].as_str().map(str::to_string),
+                logprobs: c["output_logprobs"].as_array().map_or(Vec::new(), |a| {
+                    a.iter().map(|x| x.as_f64().unwrap() as f32).collect()
+                }),
+            })
+            .collect();
+        out.push((name.clone(), fixtures().join(&name), cases));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(
+        out.len() >= 4,
+        "expected fixtures for llama, llama3, mistral and qwen2, found {}",
+        out.len()
+    );
+    out
 }

@@ -1,0 +1,195 @@
+//! Tensor parallelism across real rank processes on CPU: `openinfer worker --tp N` groups
+//! behind a router give exactly the committed reference tokens (HF transformers, = tp 1) for
+//! every fixture model at tp 2 and 4; ranks started one by one meet through a real etcd and
+//! register as one worker; and when a rank dies the group leaves the registry and exits.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::etcd::EtcdServer;
+use common::{router_client, spawn, start_router, wait_for_workers, workers_seen, Proc};
+use openinfer_proto::v1 as pb;
+use openinfer_proto::v1::inference_client::InferenceClient;
+use serde_json::Value;
+use tonic::transport::Channel;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// (prompt ids, max new tokens, expected ids) of every reference case of `model`.
+fn cases(model: &str) -> Vec<(Vec<u32>, u32, Vec<u32>)> {
+    let path = fixtures().join("expected").join(format!("{model}.json"));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let ids = |x: &Value| -> Vec<u32> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_u64().unwrap() as u32)
+            .collect()
+    };
+    v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                ids(&c["prompt_ids"]),
+                c["max_new_tokens"].as_u64().unwrap() as u32,
+                ids(&c["output_ids"]),
+            )
+        })
+        .collect()
+}
+
+fn greedy(prompt_ids: &[u32], max_new: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt_ids: prompt_ids.to_vec(),
+        max_new_tokens: Some(max_new),
+        temperature: Some(0.0),
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+async fn generate(client: &mut InferenceClient<Channel>, r: pb::GenerateRequest) -> Vec<u32> {
+    client.generate(r).await.unwrap().into_inner().token_ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tp_2_and_4_groups_give_the_reference_tokens_through_the_router() {
+    for model in ["llama", "llama3", "mistral", "qwen2"] {
+        let dir = fixtures().join(model);
+        for tp in ["2", "4"] {
+            // Without --rank the worker starts and supervises the ranks itself.
+            let (_group, addr) = spawn(
+                &format!("{model} tp={tp}"),
+                &[
+                    "worker",
+                    "--tp",
+                    tp,
+                    "--model",
+                    dir.to_str().unwrap(),
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--block-size",
+                    "4",
+                    "--max-batch-tokens",
+                    "24",
+                ],
+            );
+            let (_router, raddr) = start_router(&[&addr], &[]);
+            let mut client = router_client(&raddr).await;
+            wait_for_workers(&mut client, 1).await;
+            // All cases at once: batched, with chunked prefill over small blocks.
+            let calls = cases(model).into_iter().map(|(prompt, max_new, want)| {
+                let mut client = client.clone();
+                async move { (generate(&mut client, greedy(&prompt, max_new)).await, want) }
+            });
+            for (i, (got, want)) in futures::future::join_all(calls)
+                .await
+                .into_iter()
+                .enumerate()
+            {
+                assert_eq!(
+                    got, want,
+                    "{model} tp={tp} case {i}: tokens differ from tp=1"
+                );
+            }
+        }
+    }
+}
+
+fn rank(etcd: &EtcdServer, model: &Path, rank: &str) -> (Proc, Option<String>) {
+    let args = [
+        "worker",
+        "--tp",
+        "2",
+        "--rank",
+        rank,
+        "--group-id",
+        "g-tp",
+        "--registry",
+        &etcd.url(),
+        "--lease-ttl",
+        "2s",
+        "--model",
+        model.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    if rank == "0" {
+        let (p, addr) = spawn("rank 0", &args);
+        (p, Some(addr))
+    } else {
+        let child = Command::new(common::bin())
+            .args(args)
+            .env("OPENINFER_LOG", "info")
+            .spawn()
+            .unwrap();
+        (Proc(child), None)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranks_meet_in_etcd_serve_as_one_worker_and_leave_together() {
+    let etcd = EtcdServer::start();
+    let model = fixtures().join("llama3");
+    let (mut follower, _) = rank(&etcd, &model, "1");
+    // Rank 0 announces its gRPC address only once the group has formed and loaded.
+    let (mut leader, _) = rank(&etcd, &model, "0");
+    let (_router, raddr) = spawn(
+        "router",
+        &[
+            "router",
+            "--listen",
+            "127.0.0.1:0",
+            "--registry",
+            &etcd.url(),
+        ],
+    );
+    let mut client = router_client(&raddr).await;
+    wait_for_workers(&mut client, 1).await;
+    let (prompt, max_new, want) = cases("llama3").remove(0);
+    assert_eq!(generate(&mut client, greedy(&prompt, max_new)).await, want);
+
+    // A rank dies: rank 0's next step fails, it leaves the registry at once and exits with an
+    // error, and the router no longer lists the group.
+    follower.0.kill().unwrap();
+    follower.0.wait().unwrap();
+    // This request reaches rank 0, whose step then fails; the router keeps it queued for the
+    // next worker of the model (there is none here).
+    let pending = {
+        let mut client = client.clone();
+        let r = greedy(&prompt, max_new);
+        tokio::spawn(async move { client.generate(r).await })
+    };
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = leader.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "rank 0 kept running without its group"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!status.success(), "rank 0 must fail when its group breaks");
+    let start = Instant::now();
+    while workers_seen(&mut client).await != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "the router still lists the broken group (the lease TTL is 2 s)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !pending.is_finished(),
+        "a half group must not answer: the request waits for a whole worker"
+    );
+    pending.abort();
+}
