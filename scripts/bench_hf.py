@@ -29,6 +29,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="HF model directory")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--batch", type=int, default=16)
@@ -44,7 +46,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     P, D, B, R = args.prompt_len, args.decode_steps, args.batch, args.repeats
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
+    device = torch.device(args.device)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+
+    def sync():
+        """Waits for queued GPU work, so that wall-clock times cover it."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     # transformers >= 5.2x renamed the forward kwarg / output field `past_key_values` -> `cache`.
     fwd_params = inspect.signature(model.forward).parameters
     cache_kw = "cache" if "cache" in fwd_params else "past_key_values"
@@ -57,8 +66,8 @@ def main() -> None:
 
     rand_ids = prompt_sampler(cfg, args.seed)
 
-    prompt_1 = rand_ids(1, P)
-    prompt_b = rand_ids(B, P)
+    prompt_1 = rand_ids(1, P).to(device)
+    prompt_b = rand_ids(B, P).to(device)
 
     def prefill(ids):
         return model(input_ids=ids, use_cache=True, **extra)
@@ -68,16 +77,20 @@ def main() -> None:
         out = prefill(ids)
         past = getattr(out, cache_kw)
         nxt = out.logits[:, -1:].argmax(-1)
+        sync()
         t0 = time.perf_counter()
         for _ in range(steps):
             out = model(input_ids=nxt, use_cache=True, **{cache_kw: past}, **extra)
             past = getattr(out, cache_kw)
             nxt = out.logits[:, -1:].argmax(-1)
+        sync()
         return time.perf_counter() - t0
 
     def time_prefill():
+        sync()
         t0 = time.perf_counter()
         prefill(prompt_1)
+        sync()
         return time.perf_counter() - t0
 
     def median_time(fn):
@@ -98,6 +111,8 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": args.threads,
+        "device": args.device,
+        "dtype": args.dtype,
         "prompt_len": P,
         "decode_steps": D,
         "batch": B,

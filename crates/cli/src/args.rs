@@ -34,6 +34,9 @@ pub enum Command {
     /// Load a router and report latency percentiles, throughput and goodput, overall and per
     /// priority (synthetic prompts; fixed concurrency or Poisson/gamma arrivals).
     Bench(BenchArgs),
+    /// Check greedy outputs against committed HF transformers references on this machine's
+    /// device and dtype (tests/fixtures/expected).
+    Parity(ParityArgs),
     /// Measure what the router adds: time to first token versus direct-to-worker, and many
     /// concurrent streams with the router's memory (uses `--engine sim` workers).
     BenchRouter(BenchRouterArgs),
@@ -430,9 +433,19 @@ pub struct MakeModelArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchEngineArgs {
-    /// Model directory; default: the `small` preset, made on first use under --cache-dir.
+    /// Model directory; default: the --preset model, made on first use under --cache-dir.
     #[arg(long, env = "OPENINFER_MODEL")]
     pub model: Option<PathBuf>,
+    /// Preset made and measured when no --model is given (`small` for CPU, `llama3-8b` for
+    /// a GPU).
+    #[arg(long, env = "OPENINFER_BENCH_PRESET", default_value = "small")]
+    pub preset: String,
+    /// Compute device for both engines: cpu, cuda or cuda:N.
+    #[arg(long, env = "OPENINFER_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype for both engines (default: f32 on CPU, bf16 on CUDA).
+    #[arg(long, env = "OPENINFER_DTYPE")]
+    pub dtype: Option<String>,
     /// Where generated models are kept.
     #[arg(
         long,
@@ -555,6 +568,26 @@ pub struct BenchArgs {
     pub slo: String,
     /// Directory for bench.json (and bench.svg when several steps ran).
     #[arg(long, env = "OPENINFER_BENCH_OUT", default_value = "target/bench")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ParityArgs {
+    /// Directory with `expected/*.json` references and one model directory per reference.
+    #[arg(
+        long,
+        env = "OPENINFER_PARITY_FIXTURES",
+        default_value = "tests/fixtures"
+    )]
+    pub fixtures: PathBuf,
+    /// Largest |logprob - reference| allowed over matching tokens (default: 1e-3 in f32, 0.1
+    /// in bf16/f16, where the random-weight fixtures, nearly flat distributions, drift most).
+    #[arg(long, env = "OPENINFER_PARITY_LOGPROB_TOLERANCE")]
+    pub logprob_tolerance: Option<f32>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Directory for parity.json.
+    #[arg(long, env = "OPENINFER_PARITY_OUT", default_value = "target/parity")]
     pub out: PathBuf,
 }
 

@@ -28,7 +28,7 @@ pub struct PhaseRates {
 pub struct Ceilings {
     /// Memory copy bandwidth, bytes/s (read + write counted).
     pub memory_bandwidth: f64,
-    /// f32 matmul rate, FLOP/s.
+    /// Matmul rate in the compute dtype, FLOP/s.
     pub matmul_flops: f64,
 }
 
@@ -118,12 +118,32 @@ pub fn memory_bandwidth(threads: usize) -> f64 {
     (2 * n * 4) as f64 / best
 }
 
-/// f32 matmul rate of a 1024³ product on `device`.
-pub fn matmul_flops(device: &Device) -> Result<f64> {
-    let n = 1024;
-    let a = Tensor::ones((n, n), DType::F32, device)?;
-    let b = Tensor::ones((n, n), DType::F32, device)?;
+/// Copy bandwidth of a device's memory (read + write counted): a 1 GiB tensor copied on
+/// `device`, best of 5.
+pub fn device_copy_bandwidth(device: &Device) -> Result<f64> {
+    let n = 256 << 20; // f32 elements
+    let src = Tensor::ones(n, DType::F32, device)?;
+    src.copy()?; // warm-up
+    device.synchronize()?;
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let dst = src.copy()?;
+        device.synchronize()?;
+        best = best.min(t.elapsed().as_secs_f64());
+        drop(dst);
+    }
+    Ok((2 * n * 4) as f64 / best)
+}
+
+/// Matmul rate in `dtype` of a 1024³ product on `device` (4096³ on GPUs, which a small
+/// product cannot fill).
+pub fn matmul_flops(device: &Device, dtype: DType) -> Result<f64> {
+    let n = if device.is_cpu() { 1024 } else { 4096 };
+    let a = Tensor::ones((n, n), dtype, device)?;
+    let b = Tensor::ones((n, n), dtype, device)?;
     a.matmul(&b)?; // warm-up
+    device.synchronize()?;
     let mut best = f64::MAX;
     for _ in 0..5 {
         let t = Instant::now();

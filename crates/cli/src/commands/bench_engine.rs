@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use openinfer_engine::bench::{self, Ceilings, PhaseRates};
-use openinfer_engine::{Device, Engine, EngineConfig};
+use openinfer_engine::{parse_device, parse_dtype, DType, Engine, EngineConfig};
 use serde::Serialize;
 
 use crate::args::BenchEngineArgs;
@@ -40,15 +40,24 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     let model = match &a.model {
         Some(m) => m.clone(),
-        None => super::ensure_preset_model(&a.cache_dir, "small")?,
+        None => super::ensure_preset_model(&a.cache_dir, &a.preset)?,
     };
     if a.repeats == 0 || a.batch == 0 || a.decode_steps == 0 || a.prompt_len == 0 {
         bail!("--repeats, --batch, --decode-steps and --prompt-len must be positive");
     }
+    let device = parse_device(&a.device)?;
+    let dtype = match &a.dtype {
+        None => None,
+        Some(s) => {
+            Some(parse_dtype(s).with_context(|| format!("--dtype {s}: use f32, bf16 or f16"))?)
+        }
+    };
     let cfg = EngineConfig {
+        device: device.clone(),
+        dtype,
         max_batch_tokens: a.prompt_len.max(a.batch),
         max_running: a.batch.max(1),
-        kv_cache_bytes: 1 << 30,
+        kv_cache_bytes: if device.is_cpu() { 1 << 30 } else { 4 << 30 },
         ..Default::default()
     };
     let pb = crate::progress::bar(0, "loading");
@@ -92,14 +101,18 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
     };
     drop(engine);
     let ceilings = Ceilings {
-        memory_bandwidth: bench::memory_bandwidth(threads),
-        matmul_flops: bench::matmul_flops(&Device::Cpu)?,
+        memory_bandwidth: if device.is_cpu() {
+            bench::memory_bandwidth(threads)
+        } else {
+            bench::device_copy_bandwidth(&device)?
+        },
+        matmul_flops: bench::matmul_flops(&device, info.dtype)?,
     };
     pb.inc(1);
     let hf = if a.no_hf {
         None
     } else {
-        run_hf(&a, &model, threads)?
+        run_hf(&a, &model, threads, info.dtype)?
     };
     pb.inc(2);
     pb.finish_and_clear();
@@ -153,11 +166,22 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The name `scripts/bench_hf.py` takes for `dtype`.
+fn dtype_name(dtype: DType) -> String {
+    match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    }
+    .into()
+}
+
 /// Runs `scripts/bench_hf.py` with the same settings; `None` when no such Python exists.
 fn run_hf(
     a: &BenchEngineArgs,
     model: &Path,
     threads: usize,
+    dtype: DType,
 ) -> anyhow::Result<Option<serde_json::Value>> {
     let args = [
         "--model".to_string(),
@@ -172,6 +196,10 @@ fn run_hf(
         a.batch.to_string(),
         "--repeats".into(),
         a.repeats.to_string(),
+        "--device".into(),
+        a.device.clone(),
+        "--dtype".into(),
+        dtype_name(dtype),
     ];
     crate::python::run_script(&a.python, "bench_hf.py", &args)
 }

@@ -5,6 +5,7 @@ mod bench_engine;
 mod bench_router;
 mod generate;
 mod make_model;
+mod parity;
 mod router;
 mod serve;
 mod tp_group;
@@ -31,6 +32,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::BenchEngine(a) => bench_engine::run(a),
         Command::BenchRouter(a) => bench_router::run(a),
+        Command::Parity(a) => parity::run(a),
     }
 }
 

@@ -49,12 +49,8 @@ pub fn role(a: &WorkerArgs) -> anyhow::Result<Role> {
     if a.engine.engine == EngineKind::Sim {
         bail!("--tp splits a model; the sim engine has none (drop --tp or use --engine model)");
     }
-    let cuda = a.engine.device.starts_with("cuda");
-    match t.tp_backend.unwrap_or(if cuda { TpBackend::Nccl } else { TpBackend::Cpu }) {
-        TpBackend::Cpu => {}
-        TpBackend::Nccl => bail!(
-            "the nccl backend is not in this build (docs/tensor-parallel.md: building with CUDA); use --tp-backend cpu"
-        ),
+    if backend(a) == TpBackend::Nccl && !cfg!(feature = "cuda") {
+        bail!("the nccl backend needs a CUDA build (docs/tensor-parallel.md: building with CUDA); use --tp-backend cpu");
     }
     if !t.tp_peers.is_empty() && t.tp_peers.len() != t.tp {
         bail!(
@@ -74,6 +70,16 @@ pub fn role(a: &WorkerArgs) -> anyhow::Result<Role> {
     })
 }
 
+/// The collective backend: the flag, else NCCL on CUDA devices and the CPU ring elsewhere.
+fn backend(a: &WorkerArgs) -> TpBackend {
+    let cuda = a.engine.device.starts_with("cuda");
+    a.tp.tp_backend.unwrap_or(if cuda {
+        TpBackend::Nccl
+    } else {
+        TpBackend::Cpu
+    })
+}
+
 /// Joins rank `rank`'s group and returns its communicator.
 pub fn join(
     a: &WorkerArgs,
@@ -82,17 +88,26 @@ pub fn join(
 ) -> anyhow::Result<Arc<dyn Communicator>> {
     let t = &a.tp;
     let (size, timeout) = (t.tp, t.tp_timeout);
+    let backend = backend(a);
     let connect = move |listener: TcpListener, addrs: Vec<SocketAddr>| {
         tracing::info!(
             rank,
             tp = size,
             ?addrs,
+            ?backend,
             "connecting the tensor-parallel ring"
         );
         let comm = CpuCommunicator::connect(rank, &addrs, listener, timeout)?;
         // Every rank is connected once this returns, so every rank has read the addresses.
         comm.barrier()?;
-        anyhow::Ok(Arc::new(comm) as Arc<dyn Communicator>)
+        let comm: Arc<dyn Communicator> = match backend {
+            TpBackend::Cpu => Arc::new(comm),
+            #[cfg(feature = "cuda")]
+            TpBackend::Nccl => Arc::new(openinfer_engine::tp::nccl::NcclCommunicator::new(comm)?),
+            #[cfg(not(feature = "cuda"))]
+            TpBackend::Nccl => bail!("the nccl backend needs a CUDA build"),
+        };
+        anyhow::Ok(comm)
     };
     if !t.tp_peers.is_empty() {
         let me = t.tp_peers[rank];

@@ -6,12 +6,15 @@
 //! * [`Communicator`] is the collective every rank of a group calls in the same order: a sum
 //!   all-reduce after each row-parallel projection (o and down), and a broadcast of each
 //!   step's inputs from rank 0, so that every rank runs the same forward.
-//! * [`cpu::CpuCommunicator`] implements it over TCP between processes (a ring).
+//! * [`cpu::CpuCommunicator`] implements it over TCP between processes (a ring);
+//!   `nccl::NcclCommunicator` (CUDA builds) sums on the GPUs through NCCL.
 //! * [`plan::StepPlan`] is what rank 0 broadcasts; [`follower::Follower`] runs the forward
 //!   on the other ranks.
 
 pub mod cpu;
 pub mod follower;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod plan;
 
 use candle_core::{DType, Device, Tensor};

@@ -1,0 +1,200 @@
+//! `openinfer parity`: the engine's greedy outputs against committed HF transformers
+//! references (`tests/fixtures/expected/*.json`, made by `scripts/make_fixtures.py`), on any
+//! device and dtype. It is how a build is checked on a machine without a Rust toolchain (a GPU
+//! host): f32 must give the same tokens; bf16 and f16 are held to a log-probability tolerance
+//! over the tokens that match, and their first divergence is reported.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use openinfer_core::SequenceId;
+use openinfer_engine::{DType, Engine, SequenceRequest};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::args::ParityArgs;
+
+/// One reference case and how the engine did.
+#[derive(Serialize)]
+struct CaseResult {
+    model: String,
+    case: usize,
+    tokens: usize,
+    /// Leading tokens equal to the reference.
+    matched: usize,
+    /// Largest |logprob - reference| over the matched tokens.
+    max_logprob_diff: f32,
+    passed: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    device: String,
+    dtype: String,
+    logprob_tolerance: f32,
+    cases: Vec<CaseResult>,
+    passed: bool,
+}
+
+struct Case {
+    prompt_ids: Vec<u32>,
+    max_new: u32,
+    expected: Vec<u32>,
+    logprobs: Vec<f32>,
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_u64)
+                .map(|i| i as u32)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The reference files under `fixtures/expected`: (model name, cases), by name.
+fn references(fixtures: &Path) -> anyhow::Result<Vec<(String, Vec<Case>)>> {
+    let dir = fixtures.join("expected");
+    let mut out = Vec::new();
+    for entry in
+        std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?
+    {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        let model = v["model"]
+            .as_str()
+            .with_context(|| format!("{}: no `model`", path.display()))?
+            .to_string();
+        let cases = v["cases"]
+            .as_array()
+            .with_context(|| format!("{}: no `cases`", path.display()))?
+            .iter()
+            .map(|c| Case {
+                prompt_ids: ids(&c["prompt_ids"]),
+                max_new: c["max_new_tokens"].as_u64().unwrap_or(0) as u32,
+                expected: ids(&c["output_ids"]),
+                logprobs: c["output_logprobs"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_f64)
+                            .map(|x| x as f32)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+            .collect();
+        out.push((model, cases));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    if out.is_empty() {
+        bail!("no reference files in {}", dir.display());
+    }
+    Ok(out)
+}
+
+/// What one case generated: its tokens and their log-probabilities.
+#[derive(Clone, Default)]
+struct Generated {
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+}
+
+/// Every case of one model, batched: what each generated, by case.
+fn generate(engine: &mut Engine, cases: &[Case]) -> anyhow::Result<HashMap<usize, Generated>> {
+    for (i, c) in cases.iter().enumerate() {
+        let mut r = SequenceRequest::greedy(SequenceId(i as u64), c.prompt_ids.clone(), c.max_new);
+        r.stopping.ignore_eos = true;
+        r.logprobs = true;
+        engine.add(r)?;
+    }
+    let mut out: HashMap<usize, Generated> = HashMap::new();
+    while engine.has_work() {
+        for t in engine.step()?.tokens {
+            let e = out.entry(t.id.0 as usize).or_default();
+            e.tokens.push(t.token);
+            e.logprobs.push(t.logprob.map_or(f32::NAN, |l| l.logprob));
+        }
+    }
+    Ok(out)
+}
+
+pub fn run(a: ParityArgs) -> anyhow::Result<()> {
+    let engine_cfg = super::engine_config(&a.engine)?;
+    let mut report = Report {
+        device: a.engine.device.clone(),
+        dtype: String::new(),
+        logprob_tolerance: 0.0,
+        cases: Vec::new(),
+        passed: true,
+    };
+    for (model, cases) in references(&a.fixtures)? {
+        let dir: PathBuf = a.fixtures.join(&model);
+        let mut engine = Engine::load(&dir, engine_cfg.clone(), &|_, _| {})
+            .with_context(|| format!("cannot load {}", dir.display()))?;
+        let dtype = engine.info().dtype;
+        let exact = dtype == DType::F32;
+        let tolerance = a
+            .logprob_tolerance
+            .unwrap_or(if exact { 1e-3 } else { 0.5 });
+        report.dtype = format!("{dtype:?}").to_lowercase();
+        report.logprob_tolerance = tolerance;
+        let got = generate(&mut engine, &cases)?;
+        for (i, c) in cases.iter().enumerate() {
+            let Generated { tokens, logprobs } = got.get(&i).cloned().unwrap_or_default();
+            let matched = tokens
+                .iter()
+                .zip(&c.expected)
+                .take_while(|(a, b)| a == b)
+                .count();
+            let max_diff = logprobs
+                .iter()
+                .zip(&c.logprobs)
+                .take(matched)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            let all = matched == c.expected.len() && tokens.len() == c.expected.len();
+            let passed = max_diff <= tolerance && (all || !exact);
+            report.passed &= passed;
+            println!(
+                "{model:<10} case {i}: {matched:>3}/{} tokens as the reference, max |Δ logprob| {max_diff:.5}{}",
+                c.expected.len(),
+                if passed { "" } else { "  FAILED" }
+            );
+            report.cases.push(CaseResult {
+                model: model.clone(),
+                case: i,
+                tokens: c.expected.len(),
+                matched,
+                max_logprob_diff: max_diff,
+                passed,
+            });
+        }
+    }
+    std::fs::create_dir_all(&a.out)?;
+    std::fs::write(
+        a.out.join("parity.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    println!(
+        "{} on {} in {}: f32 must match every token; other dtypes are held to |Δ logprob| ≤ {} over the tokens that match",
+        if report.passed { "passed" } else { "FAILED" },
+        report.device,
+        report.dtype,
+        report.logprob_tolerance
+    );
+    if !report.passed {
+        bail!(
+            "parity failed (see {})",
+            a.out.join("parity.json").display()
+        );
+    }
+    Ok(())
+}
