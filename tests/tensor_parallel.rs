@@ -156,24 +156,18 @@ async fn ranks_meet_in_etcd_serve_as_one_worker_and_leave_together() {
     let (prompt, max_new, want) = cases("llama3").remove(0);
     assert_eq!(generate(&mut client, greedy(&prompt, max_new)).await, want);
 
-    // A rank dies: rank 0's next step fails, it leaves the registry at once and exits with an
-    // error, and the router no longer lists the group.
+    // A rank dies while the group is idle: rank 0's heartbeat (every second) finds the ring
+    // broken; it leaves the registry at once and exits with an error, and the router no
+    // longer lists the group.
     follower.0.kill().unwrap();
     follower.0.wait().unwrap();
-    // This request reaches rank 0, whose step then fails; the router keeps it queued for the
-    // next worker of the model (there is none here).
-    let pending = {
-        let mut client = client.clone();
-        let r = greedy(&prompt, max_new);
-        tokio::spawn(async move { client.generate(r).await })
-    };
     let start = Instant::now();
     let status = loop {
         if let Some(s) = leader.0.try_wait().unwrap() {
             break s;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(10),
+            start.elapsed() < Duration::from_secs(5),
             "rank 0 kept running without its group"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -187,9 +181,4 @@ async fn ranks_meet_in_etcd_serve_as_one_worker_and_leave_together() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(
-        !pending.is_finished(),
-        "a half group must not answer: the request waits for a whole worker"
-    );
-    pending.abort();
 }

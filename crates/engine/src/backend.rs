@@ -28,6 +28,15 @@ pub trait Backend: Send + 'static {
     fn preempt(&mut self, id: SequenceId) -> Option<Finished>;
     /// Runs one step.
     fn step(&mut self) -> Result<StepOutput>;
+    /// How often an idle engine must [`heartbeat`](Backend::heartbeat) (`None`: never).
+    fn heartbeat_interval(&self) -> Option<std::time::Duration> {
+        None
+    }
+    /// Checks, while idle, that everything the engine depends on is still there (the other
+    /// ranks of its tensor-parallel group); an error means it can never step again.
+    fn heartbeat(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl Backend for Engine {
@@ -54,5 +63,11 @@ impl Backend for Engine {
     }
     fn step(&mut self) -> Result<StepOutput> {
         Engine::step(self)
+    }
+    fn heartbeat_interval(&self) -> Option<std::time::Duration> {
+        Engine::heartbeat_interval(self)
+    }
+    fn heartbeat(&mut self) -> Result<()> {
+        Engine::heartbeat(self)
     }
 }

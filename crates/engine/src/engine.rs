@@ -452,6 +452,23 @@ impl Engine {
         })
     }
 
+    /// How often an idle engine checks its tensor-parallel group (`None` without one).
+    pub fn heartbeat_interval(&self) -> Option<std::time::Duration> {
+        self.group
+            .as_ref()
+            .map(|_| std::time::Duration::from_secs(1))
+    }
+
+    /// Checks that every rank of the group still answers: a no-op step, then a barrier. An
+    /// error means a rank is gone and the group can never step again.
+    pub fn heartbeat(&mut self) -> Result<()> {
+        if let Some(g) = &self.group {
+            g.broadcast(&StepPlan::Ping.encode())?;
+            g.barrier()?;
+        }
+        Ok(())
+    }
+
     /// Static facts about the engine.
     pub fn info(&self) -> &EngineInfo {
         &self.info

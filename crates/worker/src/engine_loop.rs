@@ -77,6 +77,8 @@ pub enum Command {
     PreemptAll,
     /// End every router's stream (after a drain, so that the server can stop).
     CloseAll,
+    /// Check, when idle, that what the engine depends on is there (its tensor-parallel group).
+    Heartbeat,
     /// Preempt sequences (their KV is freed; the router resumes them later).
     Preempt {
         /// Connection id.
@@ -128,6 +130,21 @@ impl EngineHandle {
             draining: false,
             outbox: HashMap::new(),
         };
+        if let Some(every) = lp.engine.heartbeat_interval() {
+            // Holds only a weak sender, so that the loop still ends when every handle is gone.
+            let weak = tx.downgrade();
+            let _ = std::thread::Builder::new()
+                .name("openinfer-heartbeat".into())
+                .spawn(move || loop {
+                    std::thread::sleep(every);
+                    match weak.upgrade() {
+                        Some(tx) => {
+                            let _ = tx.try_send(Command::Heartbeat);
+                        }
+                        None => return,
+                    }
+                });
+        }
         let join = std::thread::Builder::new()
             .name("openinfer-engine".into())
             .spawn(move || lp.run())
@@ -254,6 +271,9 @@ impl<E: Backend> Loop<E> {
             while let Ok(cmd) = self.rx.try_recv() {
                 self.handle(cmd);
             }
+            if self.failure.borrow().is_some() {
+                break;
+            }
             if self.engine.has_work() {
                 match self.engine.step() {
                     Ok(out) => self.route(out),
@@ -307,6 +327,14 @@ impl<E: Backend> Loop<E> {
             Command::CloseAll => {
                 self.conns.clear();
                 self.outbox.clear();
+            }
+            // A busy engine proves the same with every step.
+            Command::Heartbeat if self.engine.has_work() => {}
+            Command::Heartbeat => {
+                if let Err(e) = self.engine.heartbeat() {
+                    tracing::error!(error = %e, "engine stopped");
+                    self.failure.send_replace(Some(e.to_string()));
+                }
             }
             Command::PreemptAll => {
                 let ids: Vec<SequenceId> = self.by_engine.keys().copied().collect();

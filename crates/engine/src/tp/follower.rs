@@ -51,6 +51,10 @@ impl Follower {
             let plan = StepPlan::decode(&self.comm.broadcast(&[])?)?;
             let chunks = match plan {
                 StepPlan::Stop => return Ok(()),
+                StepPlan::Ping => {
+                    self.comm.barrier()?;
+                    continue;
+                }
                 StepPlan::Step(chunks) => chunks,
             };
             let chunks: Vec<_> = chunks.iter().map(|c| c.as_chunk()).collect();

@@ -25,6 +25,8 @@ pub enum StepPlan {
     Step(Vec<PlanChunk>),
     /// The group is shutting down.
     Stop,
+    /// No step: rank 0 is idle and checks that every rank answers (a barrier follows).
+    Ping,
 }
 
 impl StepPlan {
@@ -48,6 +50,7 @@ impl StepPlan {
         let mut w: Vec<u32> = Vec::new();
         match self {
             StepPlan::Stop => w.push(0),
+            StepPlan::Ping => w.push(2),
             StepPlan::Step(chunks) => {
                 w.push(1);
                 w.push(chunks.len() as u32);
@@ -97,6 +100,7 @@ impl StepPlan {
                 }
                 StepPlan::Step(chunks)
             }
+            2 => StepPlan::Ping,
             _ => return Err(bad()),
         };
         if next().is_ok() {
