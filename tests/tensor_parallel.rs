@@ -1,7 +1,8 @@
 //! Tensor parallelism across real rank processes on CPU: `openinfer worker --tp N` groups
 //! behind a router give exactly the committed reference tokens (HF transformers, = tp 1) for
 //! every fixture model at tp 2 and 4; ranks started one by one meet through a real etcd and
-//! register as one worker; and when a rank dies the group leaves the registry and exits.
+//! register as one worker; and when a rank dies, standalone or under the `--tp` supervisor,
+//! the group leaves the registry and every rank process exits.
 
 mod common;
 
@@ -178,6 +179,98 @@ async fn ranks_meet_in_etcd_serve_as_one_worker_and_leave_together() {
         assert!(
             start.elapsed() < Duration::from_secs(3),
             "the router still lists the broken group (the lease TTL is 2 s)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The children of `pid` (Linux `/proc`).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Whether process `pid` was started as rank `rank` (its environment says so).
+fn is_rank(pid: u32, rank: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|env| {
+            env.split(|&b| b == 0)
+                .any(|kv| kv == format!("OPENINFER_RANK={rank}").as_bytes())
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supervised_group_stops_whole_when_one_rank_dies() {
+    let etcd = EtcdServer::start();
+    let model = fixtures().join("qwen2");
+    let (mut supervisor, _) = spawn(
+        "supervisor",
+        &[
+            "worker",
+            "--tp",
+            "2",
+            "--registry",
+            &etcd.url(),
+            "--lease-ttl",
+            "2s",
+            "--model",
+            model.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let (_router, raddr) = spawn(
+        "router",
+        &[
+            "router",
+            "--listen",
+            "127.0.0.1:0",
+            "--registry",
+            &etcd.url(),
+        ],
+    );
+    let mut client = router_client(&raddr).await;
+    wait_for_workers(&mut client, 1).await;
+    let (prompt, max_new, want) = cases("qwen2").remove(0);
+    assert_eq!(generate(&mut client, greedy(&prompt, max_new)).await, want);
+
+    let ranks = children(supervisor.0.id());
+    assert_eq!(ranks.len(), 2, "the supervisor runs one process per rank");
+    let follower = *ranks.iter().find(|&&p| is_rank(p, "1")).unwrap();
+    Command::new("kill")
+        .args(["-KILL", &follower.to_string()])
+        .status()
+        .unwrap();
+    // The supervisor stops rank 0 (which leaves the registry) and fails.
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = supervisor.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the supervisor kept a broken group running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!status.success());
+    for pid in ranks {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z ")),
+            "rank process {pid} outlived its supervisor"
+        );
+    }
+    let start = Instant::now();
+    while workers_seen(&mut client).await != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "the router still lists the stopped group"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
