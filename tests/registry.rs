@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::etcd::EtcdServer;
-use common::{router_client, spawn, workers_seen, Proc};
+use common::{registry_router, router_client, spawn, until_workers, workers_seen, Proc};
 use futures::future::join_all;
 use openinfer_proto::v1 as pb;
 use openinfer_proto::v1::inference_client::InferenceClient;
@@ -23,13 +23,6 @@ fn sim_worker(etcd: &EtcdServer, group: &str) -> (Proc, String) {
 
 fn router(etcd: &EtcdServer) -> (Proc, String) {
     registry_router(&etcd.url(), &[])
-}
-
-/// A router following the registry at `url`, with `extra` flags.
-fn registry_router(url: &str, extra: &[&str]) -> (Proc, String) {
-    let mut args = vec!["router", "--listen", "127.0.0.1:0", "--registry", url];
-    args.extend(extra);
-    spawn("router", &args)
 }
 
 /// A sim worker registering as `group` in the registry at `url`, with `extra` flags.
@@ -57,26 +50,6 @@ async fn records(etcd: &EtcdServer) -> Vec<WorkerRecord> {
     kvs.iter()
         .map(|kv| WorkerRecord::parse(&String::from_utf8_lossy(&kv.key), &kv.value).unwrap())
         .collect()
-}
-
-/// Waits until the router sees `n` workers; returns how long that took.
-async fn until_workers(
-    client: &mut InferenceClient<Channel>,
-    n: u32,
-    within: Duration,
-) -> Duration {
-    let start = Instant::now();
-    loop {
-        if workers_seen(client).await == n {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < within,
-            "router saw {} workers, not {n}, after {within:?}",
-            workers_seen(client).await
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn sigterm(p: &Proc) {

@@ -8,13 +8,14 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::etcd::EtcdServer;
-use common::{router_client, spawn, start_router, wait_for_workers, workers_seen, Proc};
+use common::{
+    registry_router, router_client, spawn, start_router, until_workers, wait_for_workers, Proc,
+};
 use openinfer_proto::v1 as pb;
 use openinfer_proto::v1::inference_client::InferenceClient;
-use serde_json::Value;
 use tonic::transport::Channel;
 
 fn fixtures() -> PathBuf {
@@ -23,26 +24,14 @@ fn fixtures() -> PathBuf {
 
 /// (prompt ids, max new tokens, expected ids) of every reference case of `model`.
 fn cases(model: &str) -> Vec<(Vec<u32>, u32, Vec<u32>)> {
-    let path = fixtures().join("expected").join(format!("{model}.json"));
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let ids = |x: &Value| -> Vec<u32> {
-        x.as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i.as_u64().unwrap() as u32)
-            .collect()
-    };
-    v["cases"]
-        .as_array()
+    openinfer_engine::reference::read_all(&fixtures())
         .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                ids(&c["prompt_ids"]),
-                c["max_new_tokens"].as_u64().unwrap() as u32,
-                ids(&c["output_ids"]),
-            )
-        })
+        .into_iter()
+        .find(|r| r.model == model)
+        .unwrap_or_else(|| panic!("no reference for {model}"))
+        .cases
+        .into_iter()
+        .map(|c| (c.prompt_ids, c.max_new, c.expected))
         .collect()
 }
 
@@ -142,16 +131,7 @@ async fn ranks_meet_in_etcd_serve_as_one_worker_and_leave_together() {
     let (mut follower, _) = rank(&etcd, &model, "1");
     // Rank 0 announces its gRPC address only once the group has formed and loaded.
     let (mut leader, _) = rank(&etcd, &model, "0");
-    let (_router, raddr) = spawn(
-        "router",
-        &[
-            "router",
-            "--listen",
-            "127.0.0.1:0",
-            "--registry",
-            &etcd.url(),
-        ],
-    );
+    let (_router, raddr) = registry_router(&etcd.url(), &[]);
     let mut client = router_client(&raddr).await;
     wait_for_workers(&mut client, 1).await;
     let (prompt, max_new, want) = cases("llama3").remove(0);
@@ -162,26 +142,15 @@ async fn ranks_meet_in_etcd_serve_as_one_worker_and_leave_together() {
     // longer lists the group.
     follower.0.kill().unwrap();
     follower.0.wait().unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = leader.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "rank 0 kept running without its group"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = leader
+        .exit_within(
+            Duration::from_secs(5),
+            "rank 0 kept running without its group",
+        )
+        .await;
     assert!(!status.success(), "rank 0 must fail when its group breaks");
-    let start = Instant::now();
-    while workers_seen(&mut client).await != 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(3),
-            "the router still lists the broken group (the lease TTL is 2 s)"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The lease TTL is 2 s.
+    until_workers(&mut client, 0, Duration::from_secs(3)).await;
 }
 
 /// The children of `pid` (Linux `/proc`).
@@ -223,16 +192,7 @@ async fn a_supervised_group_stops_whole_when_one_rank_dies() {
             "127.0.0.1:0",
         ],
     );
-    let (_router, raddr) = spawn(
-        "router",
-        &[
-            "router",
-            "--listen",
-            "127.0.0.1:0",
-            "--registry",
-            &etcd.url(),
-        ],
-    );
+    let (_router, raddr) = registry_router(&etcd.url(), &[]);
     let mut client = router_client(&raddr).await;
     wait_for_workers(&mut client, 1).await;
     let (prompt, max_new, want) = cases("qwen2").remove(0);
@@ -246,17 +206,12 @@ async fn a_supervised_group_stops_whole_when_one_rank_dies() {
         .status()
         .unwrap();
     // The supervisor stops rank 0 (which leaves the registry) and fails.
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = supervisor.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "the supervisor kept a broken group running"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = supervisor
+        .exit_within(
+            Duration::from_secs(15),
+            "the supervisor kept a broken group running",
+        )
+        .await;
     assert!(!status.success());
     for pid in ranks {
         assert!(
@@ -266,12 +221,5 @@ async fn a_supervised_group_stops_whole_when_one_rank_dies() {
             "rank process {pid} outlived its supervisor"
         );
     }
-    let start = Instant::now();
-    while workers_seen(&mut client).await != 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(3),
-            "the router still lists the stopped group"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_workers(&mut client, 0, Duration::from_secs(3)).await;
 }

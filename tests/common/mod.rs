@@ -8,7 +8,7 @@ pub mod etcd;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openinfer_proto::v1::inference_client::InferenceClient;
 use openinfer_proto::worker::v1::{self as wpb, worker_client::WorkerClient};
@@ -30,6 +30,21 @@ pub fn bin() -> PathBuf {
 
 /// A child process, killed when dropped (pass or fail).
 pub struct Proc(pub Child);
+
+impl Proc {
+    /// Waits up to `within` for the process to exit on its own; panics with `what` if it
+    /// does not.
+    pub async fn exit_within(&mut self, within: Duration, what: &str) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(start.elapsed() < within, "{what} after {within:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -169,4 +184,31 @@ pub async fn wait_for_workers(client: &mut InferenceClient<Channel>, workers: u3
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the router never saw {workers} workers");
+}
+
+/// A router following the registry at `url`, with `extra` flags.
+pub fn registry_router(url: &str, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec!["router", "--listen", "127.0.0.1:0", "--registry", url];
+    args.extend(extra);
+    spawn("router", &args)
+}
+
+/// Waits until the router sees `n` workers; returns how long that took.
+pub async fn until_workers(
+    client: &mut InferenceClient<Channel>,
+    n: u32,
+    within: Duration,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        if workers_seen(client).await == n {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "router saw {} workers, not {n}, after {within:?}",
+            workers_seen(client).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

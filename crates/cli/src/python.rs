@@ -5,12 +5,20 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
-/// Runs `scripts/SCRIPT ARGS` with `python` and returns the JSON object on the last line of
-/// its output that starts with `{`; `None`, with a warning, when `python` does not exist.
+/// Threads for a baseline: `threads`, or every core.
+pub fn threads(threads: Option<usize>) -> usize {
+    threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Runs `scripts/SCRIPT --model MODEL --threads THREADS` plus each `(flag, value)` of
+/// `settings` with `python`, and returns the JSON object on the last line of its output that
+/// starts with `{`; `None`, with a warning, when `python` does not exist.
 pub fn run_script(
     python: &Path,
     script: &str,
-    args: &[String],
+    model: &Path,
+    threads: usize,
+    settings: &[(&str, String)],
 ) -> anyhow::Result<Option<serde_json::Value>> {
     if !python.exists() {
         tracing::warn!(
@@ -23,9 +31,15 @@ pub fn run_script(
         .join("../../scripts")
         .join(script);
     tracing::info!(script, "running the HF transformers baseline");
-    let out = Command::new(python)
-        .arg(&path)
-        .args(args)
+    let mut cmd = Command::new(python);
+    cmd.arg(&path)
+        .arg("--model")
+        .arg(model)
+        .args(["--threads", &threads.to_string()]);
+    for (flag, value) in settings {
+        cmd.arg(flag).arg(value);
+    }
+    let out = cmd
         .output()
         .with_context(|| format!("cannot run {}", python.display()))?;
     if !out.status.success() {

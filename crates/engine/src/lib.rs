@@ -6,6 +6,7 @@
 //! * [`kv_cache`] holds the paged cache; [`engine`] schedules and runs steps.
 //! * [`sampling`] and [`detokenize`] turn logits into tokens and text.
 //! * [`backend`] is what a worker drives: the [`Engine`] or the model-free [`sim`] engine.
+//! * [`reference`] reads the committed HF transformers reference outputs.
 //! * [`tp`] splits a model across ranks (tensor parallelism) and holds their collectives.
 //! * [`make_model`] writes random-weight model directories for demos, tests and benchmarks.
 
@@ -23,6 +24,7 @@ pub mod make_model;
 pub mod model;
 pub mod model_dir;
 pub mod packed_matmul;
+pub mod reference;
 pub mod rope;
 pub mod sampling;
 pub mod sim;

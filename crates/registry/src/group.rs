@@ -119,55 +119,46 @@ impl RankKey {
         size: usize,
         timeout: Duration,
     ) -> Result<Vec<String>, RendezvousError> {
-        wait_for_ranks(&self.client, group, size, timeout).await
+        let prefix = format!("{GROUPS_PREFIX}{group}/ranks/");
+        let start = Instant::now();
+        loop {
+            let (kvs, _) = self.client.get_prefix(prefix.as_bytes()).await?;
+            let mut addrs: Vec<Option<String>> = vec![None; size];
+            for kv in kvs {
+                let Ok(r) = serde_json::from_slice::<RankRecord>(&kv.value) else {
+                    tracing::warn!(key = %String::from_utf8_lossy(&kv.key), "ignoring a malformed rank record");
+                    continue;
+                };
+                if r.size != size {
+                    return Err(RendezvousError::SizeMismatch {
+                        group: group.into(),
+                        rank: r.rank,
+                        theirs: r.size,
+                        ours: size,
+                    });
+                }
+                if let Some(slot) = addrs.get_mut(r.rank) {
+                    *slot = Some(r.addr);
+                }
+            }
+            if addrs.iter().all(Option::is_some) {
+                return Ok(addrs.into_iter().flatten().collect());
+            }
+            if start.elapsed() >= timeout {
+                return Err(RendezvousError::Timeout {
+                    group: group.into(),
+                    seen: (0..size).filter(|&r| addrs[r].is_some()).collect(),
+                    size,
+                    waited: timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Removes the key.
     pub async fn release(self) {
         self.keep_alive.abort();
         let _ = self.client.lease_revoke(self.lease).await;
-    }
-}
-
-async fn wait_for_ranks(
-    client: &Etcd,
-    group: &str,
-    size: usize,
-    timeout: Duration,
-) -> Result<Vec<String>, RendezvousError> {
-    let prefix = format!("{GROUPS_PREFIX}{group}/ranks/");
-    let start = Instant::now();
-    loop {
-        let (kvs, _) = client.get_prefix(prefix.as_bytes()).await?;
-        let mut addrs: Vec<Option<String>> = vec![None; size];
-        for kv in kvs {
-            let Ok(r) = serde_json::from_slice::<RankRecord>(&kv.value) else {
-                tracing::warn!(key = %String::from_utf8_lossy(&kv.key), "ignoring a malformed rank record");
-                continue;
-            };
-            if r.size != size {
-                return Err(RendezvousError::SizeMismatch {
-                    group: group.into(),
-                    rank: r.rank,
-                    theirs: r.size,
-                    ours: size,
-                });
-            }
-            if let Some(slot) = addrs.get_mut(r.rank) {
-                *slot = Some(r.addr);
-            }
-        }
-        if addrs.iter().all(Option::is_some) {
-            return Ok(addrs.into_iter().flatten().collect());
-        }
-        if start.elapsed() >= timeout {
-            return Err(RendezvousError::Timeout {
-                group: group.into(),
-                seen: (0..size).filter(|&r| addrs[r].is_some()).collect(),
-                size,
-                waited: timeout,
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

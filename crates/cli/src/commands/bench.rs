@@ -589,23 +589,19 @@ fn hf_baseline(a: &BenchArgs, run: &Run) -> anyhow::Result<Option<serde_json::Va
         bail!("no request completed, so there is nothing to compare with HF transformers");
     }
     let model = a.model.as_ref().context("--hf-baseline needs --model")?;
-    let threads = a.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-    });
     let list: Vec<String> = batches.iter().map(usize::to_string).collect();
-    let args = [
-        "--model".to_string(),
-        model.display().to_string(),
-        "--threads".into(),
-        threads.to_string(),
-        "--prompt-len".into(),
-        (input as f64 / done as f64).round().max(1.0).to_string(),
-        "--output-len".into(),
-        a.output_len.to_string(),
-        "--batches".into(),
-        list.join(","),
-    ];
-    crate::python::run_script(&a.python, "bench_hf_generate.py", &args)
+    let prompt_len = (input as f64 / done as f64).round().max(1.0);
+    crate::python::run_script(
+        &a.python,
+        "bench_hf_generate.py",
+        model,
+        crate::python::threads(a.threads),
+        &[
+            ("--prompt-len", prompt_len.to_string()),
+            ("--output-len", a.output_len.to_string()),
+            ("--batches", list.join(",")),
+        ],
+    )
 }
 
 /// HF's figures for batch size `batch`: (output tokens/s, TTFT ms, end-to-end ms).

@@ -33,9 +33,7 @@ struct Report {
 }
 
 pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
-    let threads = a
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = crate::python::threads(a.threads);
     // candle's CPU kernels read this on first use.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     let model = match &a.model {
@@ -183,25 +181,20 @@ fn run_hf(
     threads: usize,
     dtype: DType,
 ) -> anyhow::Result<Option<serde_json::Value>> {
-    let args = [
-        "--model".to_string(),
-        model.display().to_string(),
-        "--threads".into(),
-        threads.to_string(),
-        "--prompt-len".into(),
-        a.prompt_len.to_string(),
-        "--decode-steps".into(),
-        a.decode_steps.to_string(),
-        "--batch".into(),
-        a.batch.to_string(),
-        "--repeats".into(),
-        a.repeats.to_string(),
-        "--device".into(),
-        a.device.clone(),
-        "--dtype".into(),
-        dtype_name(dtype),
-    ];
-    crate::python::run_script(&a.python, "bench_hf.py", &args)
+    crate::python::run_script(
+        &a.python,
+        "bench_hf.py",
+        model,
+        threads,
+        &[
+            ("--prompt-len", a.prompt_len.to_string()),
+            ("--decode-steps", a.decode_steps.to_string()),
+            ("--batch", a.batch.to_string()),
+            ("--repeats", a.repeats.to_string()),
+            ("--device", a.device.clone()),
+            ("--dtype", dtype_name(dtype)),
+        ],
+    )
 }
 
 fn print_table(r: &Report) {

@@ -5,13 +5,12 @@
 //! over the tokens that match, and their first divergence is reported.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use openinfer_core::SequenceId;
+use openinfer_engine::reference::{self, Case, Reference};
 use openinfer_engine::{DType, Engine, SequenceRequest};
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::args::ParityArgs;
 
@@ -35,69 +34,6 @@ struct Report {
     logprob_tolerance: f32,
     cases: Vec<CaseResult>,
     passed: bool,
-}
-
-struct Case {
-    prompt_ids: Vec<u32>,
-    max_new: u32,
-    expected: Vec<u32>,
-    logprobs: Vec<f32>,
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_u64)
-                .map(|i| i as u32)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The reference files under `fixtures/expected`: (model name, cases), by name.
-fn references(fixtures: &Path) -> anyhow::Result<Vec<(String, Vec<Case>)>> {
-    let dir = fixtures.join("expected");
-    let mut out = Vec::new();
-    for entry in
-        std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?
-    {
-        let path = entry?.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("json") {
-            continue;
-        }
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
-            .with_context(|| format!("{} is not JSON", path.display()))?;
-        let model = v["model"]
-            .as_str()
-            .with_context(|| format!("{}: no `model`", path.display()))?
-            .to_string();
-        let cases = v["cases"]
-            .as_array()
-            .with_context(|| format!("{}: no `cases`", path.display()))?
-            .iter()
-            .map(|c| Case {
-                prompt_ids: ids(&c["prompt_ids"]),
-                max_new: c["max_new_tokens"].as_u64().unwrap_or(0) as u32,
-                expected: ids(&c["output_ids"]),
-                logprobs: c["output_logprobs"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(Value::as_f64)
-                            .map(|x| x as f32)
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            })
-            .collect();
-        out.push((model, cases));
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    if out.is_empty() {
-        bail!("no reference files in {}", dir.display());
-    }
-    Ok(out)
 }
 
 /// What one case generated: its tokens and their log-probabilities.
@@ -135,8 +71,7 @@ pub fn run(a: ParityArgs) -> anyhow::Result<()> {
         cases: Vec::new(),
         passed: true,
     };
-    for (model, cases) in references(&a.fixtures)? {
-        let dir: PathBuf = a.fixtures.join(&model);
+    for Reference { model, dir, cases } in reference::read_all(&a.fixtures)? {
         let mut engine = Engine::load(&dir, engine_cfg.clone(), &|_, _| {})
             .with_context(|| format!("cannot load {}", dir.display()))?;
         let dtype = engine.info().dtype;

@@ -8,7 +8,6 @@ use openinfer_core::{FinishReason, SequenceId};
 use openinfer_engine::engine::SequenceRequest;
 use openinfer_engine::sampling::TokenLogprob;
 use openinfer_engine::{Engine, EngineConfig, Finished};
-use serde_json::Value;
 
 /// `tests/fixtures` at the workspace root.
 pub fn fixtures() -> PathBuf {
@@ -102,50 +101,15 @@ pub fn load(dir: &Path, cfg: EngineConfig) -> Engine {
     Engine::load(dir, cfg, &|_, _| {}).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
 }
 
-/// One committed reference case: a prompt and HF transformers' greedy output.
-pub struct Case {
-    pub prompt_ids: Vec<u32>,
-    pub max_new: u32,
-    pub expected: Vec<u32>,
-    pub logprobs: Vec<f32>,
-    pub text: Option<String>,
-}
+pub use openinfer_engine::reference::Case;
 
 /// Every fixture model with its cases: (name, directory, cases), by name.
 pub fn models() -> Vec<(String, PathBuf, Vec<Case>)> {
-    let dir = fixtures().join("expected");
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(&dir).expect("tests/fixtures/expected exists") {
-        let path = entry.unwrap().path();
-        if path.extension().and_then(|e| e.to_str()) != Some("json") {
-            continue;
-        }
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        let name = v["model"].as_str().unwrap().to_string();
-        let ids = |x: &Value| -> Vec<u32> {
-            x.as_array()
-                .unwrap()
-                .iter()
-                .map(|i| i.as_u64().unwrap() as u32)
-                .collect()
-        };
-        let cases = v["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| Case {
-                prompt_ids: ids(&c["prompt_ids"]),
-                max_new: c["max_new_tokens"].as_u64().unwrap() as u32,
-                expected: ids(&c["output_ids"]),
-                text: c["output_text"].as_str().map(str::to_string),
-                logprobs: c["output_logprobs"].as_array().map_or(Vec::new(), |a| {
-                    a.iter().map(|x| x.as_f64().unwrap() as f32).collect()
-                }),
-            })
-            .collect();
-        out.push((name.clone(), fixtures().join(&name), cases));
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
+    let out: Vec<(String, PathBuf, Vec<Case>)> = openinfer_engine::reference::read_all(&fixtures())
+        .expect("tests/fixtures/expected holds the references")
+        .into_iter()
+        .map(|r| (r.model, r.dir, r.cases))
+        .collect();
     assert!(
         out.len() >= 4,
         "expected fixtures for llama, llama3, mistral and qwen2, found {}",
