@@ -12,6 +12,14 @@ if ! command -v etcd >/dev/null 2>&1 && [ -z "${OPENINFER_TEST_ETCD:-}" ]; then
     $sudo apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends etcd-server >/dev/null
 fi
+# promtool (Debian's prometheus package) checks and unit-tests the alert rules in deploy/prometheus.
+if ! command -v promtool >/dev/null 2>&1; then
+    echo "installing prometheus (promtool) for the alert-rule checks" >&2
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo=sudo; fi
+    $sudo apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends prometheus >/dev/null
+fi
 # openssl makes the certificates of the etcd TLS test.
 if ! command -v openssl >/dev/null 2>&1; then
     sudo=""

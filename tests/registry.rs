@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::etcd::EtcdServer;
@@ -50,14 +49,6 @@ async fn records(etcd: &EtcdServer) -> Vec<WorkerRecord> {
     kvs.iter()
         .map(|kv| WorkerRecord::parse(&String::from_utf8_lossy(&kv.key), &kv.value).unwrap())
         .collect()
-}
-
-fn sigterm(p: &Proc) {
-    let st = Command::new("kill")
-        .args(["-TERM", &p.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
 }
 
 fn req(max_new: u32) -> pb::GenerateRequest {
@@ -106,7 +97,7 @@ async fn workers_register_when_ready_and_routers_follow_within_a_second() {
 
     // SIGTERM: the record goes at once (lease revoked), the router drops the worker within a
     // second, and the worker exits 0.
-    sigterm(&b);
+    b.sigterm();
     let took = until_workers(&mut client, 1, Duration::from_secs(1)).await;
     assert!(took < Duration::from_secs(1), "{took:?}");
     assert_eq!(records(&etcd).await.len(), 1);
@@ -266,7 +257,7 @@ async fn router_sigterm_refuses_new_work_and_finishes_its_streams() {
 
     let running = tokio::spawn(stream(client.clone(), 200));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    sigterm(&router_proc);
+    router_proc.sigterm();
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     assert_eq!(
@@ -308,7 +299,7 @@ async fn worker_sigterm_leaves_the_registry_and_hands_back_work_after_its_grace(
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let start = Instant::now();
-    sigterm(&a);
+    a.sigterm();
     let mut a = a;
     let exit = a.0.wait().unwrap();
     let took = start.elapsed();
@@ -357,7 +348,7 @@ async fn a_rolling_restart_under_steady_load_loses_nothing() {
         .collect();
     for (i, group) in ["a", "b"].into_iter().enumerate() {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        sigterm(&workers[i]);
+        workers[i].sigterm();
         let exit = workers[i].0.wait().unwrap();
         assert!(exit.success(), "worker {group} exit status {exit}");
         eprintln!("restarted worker {group}");

@@ -4,10 +4,13 @@
 #![allow(dead_code)]
 
 pub mod etcd;
+pub mod otlp;
+pub mod prom;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openinfer_proto::v1::inference_client::InferenceClient;
@@ -32,6 +35,15 @@ pub fn bin() -> PathBuf {
 pub struct Proc(pub Child);
 
 impl Proc {
+    /// Sends SIGTERM (a graceful stop).
+    pub fn sigterm(&self) {
+        let st = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
     /// Waits up to `within` for the process to exit on its own; panics with `what` if it
     /// does not.
     pub async fn exit_within(&mut self, within: Duration, what: &str) -> std::process::ExitStatus {
@@ -71,29 +83,88 @@ pub fn spawn(name: &str, args: &[&str]) -> (Proc, String) {
 
 /// [`spawn`] for a prepared command (extra environment, say).
 pub fn spawn_command(name: &str, cmd: &mut Command) -> (Proc, String) {
-    let mut child = cmd
-        .env("OPENINFER_LOG", "info,openinfer_router=debug")
-        .env("OPENINFER_LOG_FORMAT", "text")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let s = spawn_logged(name, cmd, false);
+    (s.proc, s.addr)
+}
+
+/// A service started by [`spawn_service`].
+pub struct Service {
+    /// The process.
+    pub proc: Proc,
+    /// Its gRPC address.
+    pub addr: String,
+    /// Its `/metrics` URL.
+    pub metrics: String,
+    /// Every line it has logged so far.
+    pub lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Service {
+    /// The lines logged so far.
+    pub fn log(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+/// [`spawn_command`] for a service, also waiting for its metrics endpoint
+/// (`metrics=http://…/metrics`) and keeping its log lines.
+pub fn spawn_service(name: &str, cmd: &mut Command) -> Service {
+    spawn_logged(name, cmd, true)
+}
+
+fn spawn_logged(name: &str, cmd: &mut Command, metrics: bool) -> Service {
+    let set = |k: &str| cmd.get_envs().any(|(key, _)| key == k);
+    let defaults = [
+        ("OPENINFER_LOG", "info,openinfer_router=debug"),
+        ("OPENINFER_LOG_FORMAT", "text"),
+        // Services on one host each take a free metrics port.
+        ("OPENINFER_METRICS_LISTEN", "127.0.0.1:0"),
+    ];
+    let missing: Vec<_> = defaults.into_iter().filter(|(k, _)| !set(k)).collect();
+    let mut child = cmd.envs(missing).stderr(Stdio::piped()).spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let child = Proc(child);
     let (tx, rx) = std::sync::mpsc::channel();
     let tag = name.to_string();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let keep = metrics.then(|| lines.clone());
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             eprintln!("{tag}: {line}");
-            if let Some(i) = line.find("addr=") {
-                let addr = line[i + 5..].split_whitespace().next().unwrap().to_string();
-                let _ = tx.send(addr);
+            if let Some(k) = &keep {
+                k.lock().unwrap().push(line.clone());
+            }
+            for key in ["addr=", "metrics="] {
+                // Text lines say `addr=HOST:PORT`; JSON lines `"addr":"HOST:PORT"`.
+                let json_key = format!("\"{}\":\"", &key[..key.len() - 1]);
+                let value = line
+                    .find(key)
+                    .map(|i| &line[i + key.len()..])
+                    .or_else(|| line.find(&json_key).map(|i| &line[i + json_key.len()..]))
+                    .and_then(|v| v.split([' ', '"']).find(|s| !s.is_empty()));
+                if let Some(v) = value {
+                    let _ = tx.send((key, v.to_string()));
+                }
             }
         }
     });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("{name} never announced its address"));
-    (child, addr)
+    let mut addr = None;
+    let mut url = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while addr.is_none() || (metrics && url.is_none()) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(("addr=", v)) => addr = addr.or(Some(v)),
+            Ok((_, v)) => url = url.or(Some(v)),
+            Err(_) => panic!("{name} never announced its address (and metrics endpoint)"),
+        }
+    }
+    Service {
+        proc: child,
+        addr: addr.unwrap_or_default(),
+        metrics: url.unwrap_or_default(),
+        lines,
+    }
 }
 
 /// A worker on `model`, on an ephemeral port.

@@ -42,10 +42,13 @@ pub enum Command {
     BenchRouter(BenchRouterArgs),
 }
 
-/// Logging flags.
+/// Logging flags. Traces go out over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set
+/// (with `OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG`).
 #[derive(Debug, Args)]
 pub struct LogArgs {
-    /// Log format.
+    /// Log format (JSON lines carry `trace_id` and `request_id` inside a request). Traces are
+    /// exported over OTLP/gRPC when OTEL_EXPORTER_OTLP_ENDPOINT is set (OTEL_SERVICE_NAME,
+    /// OTEL_TRACES_SAMPLER, OTEL_TRACES_SAMPLER_ARG are honoured).
     #[arg(long, global = true, env = "OPENINFER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info,openinfer_engine=debug`).
@@ -142,6 +145,18 @@ pub struct WorkerArgs {
     pub lease_ttl: Duration,
     #[command(flatten)]
     pub tp: TpArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Args)]
+pub struct MetricsArgs {
+    /// Address of the Prometheus `/metrics` endpoint, a port of its own (default
+    /// 0.0.0.0:9464 for `router` and `serve`, 0.0.0.0:9465 for `worker`; when the default port
+    /// is taken another free one is used, with a warning).
+    #[arg(long, env = "OPENINFER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Tensor parallelism: one model replica split across several ranks (docs/tensor-parallel.md).
@@ -291,6 +306,8 @@ pub struct RouterCmdArgs {
     pub registry: RegistryArgs,
     #[command(flatten)]
     pub router: RouterArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -310,6 +327,8 @@ pub struct ServeArgs {
     pub worker: WorkerLoopArgs,
     #[command(flatten)]
     pub router: RouterArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 #[derive(Debug, Args)]

@@ -22,6 +22,8 @@ impl ChildService {
             .args(args)
             .env("OPENINFER_LOG", "info")
             .env("OPENINFER_LOG_FORMAT", "text")
+            // Benchmark children are scraped by nobody: any free loopback port will do.
+            .env("OPENINFER_METRICS_LISTEN", "127.0.0.1:0")
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("cannot start the {name}"))?;

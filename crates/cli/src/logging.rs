@@ -1,21 +1,28 @@
-//! `tracing` set-up: text or JSON lines on stderr, filtered by `--log`. Colours only when
-//! stderr is a terminal.
+//! Logs and traces: `--log` / `--log-format` choose what stderr shows; the standard `OTEL_*`
+//! variables turn on OTLP trace export (see `openinfer_telemetry::otel`).
 
-use std::io::IsTerminal;
+use openinfer_telemetry::{LogConfig, LogFormat as Format, Telemetry, TelemetryError};
 
-use tracing_subscriber::EnvFilter;
+use crate::args::{Command, LogArgs, LogFormat};
 
-use crate::args::{LogArgs, LogFormat};
+/// Installs the global subscriber; keep the guard for the life of the process (dropping it
+/// flushes the last spans).
+pub fn init(args: &LogArgs, command: &Command) -> Result<Telemetry, TelemetryError> {
+    openinfer_telemetry::init(&LogConfig {
+        filter: args.log.clone(),
+        format: match args.log_format {
+            LogFormat::Text => Format::Text,
+            LogFormat::Json => Format::Json,
+        },
+        service: service_name(command).into(),
+    })
+}
 
-/// Installs the global subscriber.
-pub fn init(args: &LogArgs) {
-    let filter = EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match args.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+/// The OpenTelemetry service name a command's spans carry unless `OTEL_SERVICE_NAME` is set.
+fn service_name(command: &Command) -> &'static str {
+    match command {
+        Command::Router(_) => "openinfer-router",
+        Command::Worker(_) => "openinfer-worker",
+        _ => "openinfer",
     }
 }

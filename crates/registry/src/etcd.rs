@@ -210,6 +210,9 @@ pub fn discover(cfg: EtcdConfig, tx: mpsc::Sender<Change>) -> JoinHandle<()> {
             match follow(&cfg, &mut known, &tx).await {
                 Ok(()) => return, // the router went away
                 Err(e) => {
+                    if tx.send(Change::Reachable(false)).await.is_err() {
+                        return;
+                    }
                     if !warned {
                         tracing::warn!(error = %e, workers = known.len(), "etcd unreachable; serving the last-known workers and retrying");
                         warned = true;
@@ -274,6 +277,9 @@ async fn follow(
         revision,
         "etcd: synchronised; watching"
     );
+    if tx.send(Change::Reachable(true)).await.is_err() {
+        return Ok(());
+    }
 
     let (_keep, mut stream) = client
         .watch_prefix(WORKERS_PREFIX.as_bytes(), revision + 1)

@@ -30,4 +30,7 @@ pub enum Change {
         /// Its etcd key.
         key: String,
     },
+    /// The watch is synchronised with etcd (`true`), or etcd cannot be reached and the last
+    /// known workers are kept (`false`).
+    Reachable(bool),
 }

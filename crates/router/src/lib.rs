@@ -7,11 +7,14 @@
 //!   the least-loaded worker with credits, preempts lower priorities when it must, and streams
 //!   the worker's tokens into the request's [`request::Output`];
 //! * [`worker_link`] keeps one `Execute` stream per worker and feeds the scheduler;
-//! * [`service`] is the gRPC face: it streams the output and cancels on disconnect.
+//! * [`service`] is the gRPC face: it streams the output and cancels on disconnect;
+//! * [`observe`] and [`metrics`] make each request one trace and count it for Prometheus.
 
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod models;
+pub mod observe;
 pub mod queue;
 pub mod request;
 pub mod scheduler;

@@ -59,6 +59,16 @@ impl PriorityQueue {
         self.levels.get(&priority).map_or(0, VecDeque::len)
     }
 
+    /// Requests a new one of `priority` would wait behind (its queue position from 0).
+    pub fn ahead_of(&self, priority: i32) -> usize {
+        self.levels.range(priority..).map(|(_, l)| l.len()).sum()
+    }
+
+    /// Requests queued per priority level, lowest level first.
+    pub fn levels(&self) -> impl Iterator<Item = (i32, usize)> + '_ {
+        self.levels.iter().map(|(&p, l)| (p, l.len()))
+    }
+
     /// Queues a new request behind the others of its level.
     pub fn push_back(&mut self, e: Entry) {
         self.len += 1;

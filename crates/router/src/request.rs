@@ -9,6 +9,7 @@ use openinfer_proto::worker::v1 as wpb;
 use tokio::sync::Notify;
 
 use crate::error::RouterError;
+use crate::observe::RequestTrace;
 
 /// A validated request, ready for admission.
 #[derive(Debug, Clone)]
@@ -35,6 +36,8 @@ pub struct Request {
     pub arrived: Instant,
     /// When it must have reached a worker.
     pub deadline: Instant,
+    /// Its span and trace id.
+    pub trace: RequestTrace,
 }
 
 /// New output since the client last looked.

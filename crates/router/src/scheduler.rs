@@ -10,10 +10,13 @@ use std::time::Instant;
 use openinfer_core::FinishReason;
 use openinfer_proto::worker::v1 as wpb;
 use openinfer_proto::worker::v1::execute_request::Kind;
+use openinfer_telemetry::{trace, TRACEPARENT};
 use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Span;
 
 use crate::config::RouterConfig;
 use crate::error::RouterError;
+use crate::metrics::{priority_label, Refusal, RouterMetrics};
 use crate::models::{ModelSpec, ModelTable};
 use crate::queue::{Entry, PriorityQueue};
 use crate::request::{Output, Request};
@@ -94,6 +97,7 @@ pub fn spawn(
     cfg: Arc<RouterConfig>,
     models: ModelTable,
     serving: watch::Sender<bool>,
+    metrics: RouterMetrics,
 ) -> SchedulerHandle {
     let (tx, rx) = mpsc::channel(cfg.scheduler_queue.max(1));
     let (cancel_tx, cancels) = mpsc::unbounded_channel();
@@ -111,6 +115,8 @@ pub fn spawn(
         deadlines: BTreeSet::new(),
         next_order: 0,
         draining: false,
+        metrics,
+        gauges: HashMap::new(),
     };
     tokio::spawn(s.run());
     SchedulerHandle {
@@ -138,6 +144,16 @@ struct Tracked {
     /// Times a worker refused it.
     rejections: u32,
     dispatched_once: bool,
+    /// The worker it last ran on (a resume elsewhere is a migration).
+    last_worker: Option<String>,
+    /// When its latest token arrived (for the inter-token latency).
+    last_token: Option<Instant>,
+    /// Its current wait in the queue, as a child span of the request.
+    queue_span: Option<Span>,
+    /// Its current run on a worker, as a child span of the request.
+    dispatch_span: Option<Span>,
+    /// Dispatches so far.
+    dispatches: u32,
 }
 
 impl Tracked {
@@ -257,6 +273,9 @@ struct Scheduler {
     deadlines: BTreeSet<(Instant, u64)>,
     next_order: u64,
     draining: bool,
+    metrics: RouterMetrics,
+    /// Queue-depth and running gauges last set, so that levels that emptied are set to 0.
+    gauges: HashMap<(String, String), i64>,
 }
 
 /// Messages handled between two scheduling passes at most.
@@ -294,6 +313,7 @@ impl Scheduler {
             }
             self.expire(Instant::now());
             self.schedule();
+            self.publish_gauges();
             let live = self.requests.len();
             self.live
                 .send_if_modified(|n| std::mem::replace(n, live) != live);
@@ -332,12 +352,14 @@ impl Scheduler {
 
     fn admit(&mut self, req: Request, output: Arc<Output>) -> Result<(), RouterError> {
         if self.draining {
+            self.metrics.refused(&req.model, Refusal::Draining);
             return Err(RouterError::Unavailable(
                 "this router is draining; send the request to another replica".into(),
             ));
         }
         let workers = self.models.get(&req.model).map_or(0, |e| e.workers);
         if workers == 0 {
+            self.metrics.refused(&req.model, Refusal::NoWorker);
             return Err(RouterError::Unavailable(format!(
                 "no worker serves `{}` right now; retry shortly",
                 req.model
@@ -358,14 +380,20 @@ impl Scheduler {
                 .queues
                 .get(&req.model)
                 .map_or(0, |q| q.level_len(req.priority));
-            let full = if n >= max_requests {
-                format!("the router's queue is full ({n} requests waiting)")
+            let (reason, full) = if n >= max_requests {
+                (
+                    Refusal::QueueFull,
+                    format!("the router's queue is full ({n} requests waiting)"),
+                )
             } else if t + tokens > max_tokens {
-                format!("the router's token budget is full ({t} prompt tokens waiting, this request brings {tokens})")
+                (Refusal::TokenBudget, format!("the router's token budget is full ({t} prompt tokens waiting, this request brings {tokens})"))
             } else if level >= cfg.max_queue_per_priority {
-                format!(
-                    "the queue of priority {} for `{}` is full ({level} requests)",
-                    req.priority, req.model
+                (
+                    Refusal::PriorityQueueFull,
+                    format!(
+                        "the queue of priority {} for `{}` is full ({level} requests)",
+                        req.priority, req.model
+                    ),
                 )
             } else {
                 break;
@@ -377,11 +405,16 @@ impl Scheduler {
                 .flatten();
             match victim {
                 Some(id) => self.shed(id),
-                None => return Err(RouterError::QueueFull(full, cfg.retry_pushback)),
+                None => {
+                    self.metrics.refused(&req.model, reason);
+                    return Err(RouterError::QueueFull(full, cfg.retry_pushback));
+                }
             }
         }
         let now = Instant::now();
         self.deadlines.insert((req.deadline, req.id));
+        let queue = self.queues.entry(req.model.clone()).or_default();
+        let queue_span = queue_span(&req, queue.ahead_of(req.priority), false);
         let t = Tracked {
             req,
             output,
@@ -391,11 +424,13 @@ impl Scheduler {
             enqueued: now,
             rejections: 0,
             dispatched_once: false,
+            last_worker: None,
+            last_token: None,
+            queue_span: Some(queue_span),
+            dispatch_span: None,
+            dispatches: 0,
         };
-        self.queues
-            .entry(t.req.model.clone())
-            .or_default()
-            .push_back(t.entry());
+        queue.push_back(t.entry());
         self.requests.insert(t.req.id, t);
         Ok(())
     }
@@ -415,6 +450,7 @@ impl Scheduler {
 
     fn shed(&mut self, id: u64) {
         if let Some(t) = self.unqueue(id) {
+            self.metrics.refused(&t.req.model, Refusal::Shed);
             t.output.fail(RouterError::QueueFull(
                 "shed from the queue to make room for higher-priority work".into(),
                 self.cfg.retry_pushback,
@@ -470,6 +506,7 @@ impl Scheduler {
             }
         }
         tracing::debug!(id, "request cancelled by its client");
+        // (The request's own record logs the cancellation inside its span.)
     }
 
     // ---- placement ------------------------------------------------------------------------
@@ -547,10 +584,36 @@ impl Scheduler {
         let t = self.requests.get_mut(&id)?;
         let w = self.workers.get_mut(&wid)?;
         t.place = Place::Running(wid);
+        let model = [t.req.model.as_str()];
         if !t.dispatched_once {
             t.dispatched_once = true;
             self.deadlines.remove(&(t.req.deadline, id));
+            let priority = priority_label(t.req.priority);
+            self.metrics
+                .queue_time
+                .with_label_values(&[t.req.model.as_str(), priority.as_str()])
+                .observe((now - t.req.arrived).as_secs_f64());
+            self.metrics
+                .prompt_tokens
+                .with_label_values(&model)
+                .inc_by(t.req.prompt_ids.len() as u64);
         }
+        if t.last_worker.as_ref().is_some_and(|a| *a != w.addr) {
+            self.metrics.migrations.with_label_values(&model).inc();
+        }
+        t.last_worker = Some(w.addr.clone());
+        t.queue_span = None;
+        t.dispatches += 1;
+        let span = tracing::info_span!(
+            parent: &t.req.trace.span,
+            "dispatch",
+            openinfer.worker = %w.addr,
+            openinfer.attempt = t.dispatches,
+            openinfer.resumed_tokens = t.generated.len(),
+            openinfer.finish = tracing::field::Empty,
+        );
+        let traceparent = trace::traceparent(&span, t.req.trace.trace_id);
+        t.dispatch_span = Some(span);
         t.output.dispatched(now);
         w.sent += 1;
         w.in_flight
@@ -574,6 +637,8 @@ impl Scheduler {
             priority: t.req.priority,
             generated_ids: t.generated.clone(),
             emitted_text_bytes: t.emitted_text_bytes,
+            request_id: t.req.request_id.clone(),
+            trace_context: HashMap::from([(TRACEPARENT.to_string(), traceparent.to_string())]),
         })
     }
 
@@ -610,6 +675,10 @@ impl Scheduler {
         w.send(Kind::Preempt(wpb::Preempt {
             sequence_ids: vec![id],
         }));
+        self.metrics
+            .preemptions
+            .with_label_values(&[w.spec.id.as_str()])
+            .inc();
         if let Some(r) = w.running.get_mut(&id) {
             r.preempting = true;
         }
@@ -625,17 +694,22 @@ impl Scheduler {
             return;
         };
         t.place = Place::Queued;
+        // Still open only when the worker went away without a word about it.
+        if let Some(span) = t.dispatch_span.take() {
+            span.record("openinfer.finish", "worker_lost");
+        }
         let entry = t.entry();
-        self.queues
-            .entry(t.req.model.clone())
-            .or_default()
-            .push_resumed(entry);
+        let queue = self.queues.entry(t.req.model.clone()).or_default();
+        t.queue_span = Some(queue_span(&t.req, queue.ahead_of(t.req.priority), true));
+        queue.push_resumed(entry);
     }
 
     // ---- workers --------------------------------------------------------------------------
 
     fn worker_up(&mut self, up: WorkerUp) {
         self.models.worker_up(up.spec.clone());
+        self.metrics.model_known(&up.spec.id);
+        self.count_workers(&up.spec.id);
         self.queues.entry(up.spec.id.clone()).or_default();
         self.workers.insert(
             up.id,
@@ -660,6 +734,8 @@ impl Scheduler {
             return;
         };
         self.models.worker_down(&w.spec.id);
+        self.count_workers(&w.spec.id);
+        self.metrics.worker_gone(&w.spec.id, &w.addr);
         let mut ids: Vec<(u64, u64)> = w.running.iter().map(|(&id, r)| (r.order, id)).collect();
         ids.sort_unstable();
         for (_, id) in ids {
@@ -673,11 +749,25 @@ impl Scheduler {
         let Some(w) = self.workers.get_mut(&wid) else {
             return;
         };
+        let model = [w.spec.id.as_str()];
+        let (itl, generated) = (
+            self.metrics.itl.with_label_values(&model),
+            self.metrics.generation_tokens.with_label_values(&model),
+        );
         for ev in resp.tokens {
             if !w.running.contains_key(&ev.sequence_id) {
                 continue;
             }
             if let Some(t) = self.requests.get_mut(&ev.sequence_id) {
+                let n = ev.token_ids.len();
+                if n > 0 {
+                    if let Some(last) = t.last_token {
+                        let gap = (now - last).as_secs_f64() / n as f64;
+                        (0..n).for_each(|_| itl.observe(gap));
+                    }
+                    t.last_token = Some(now);
+                    generated.inc_by(n as u64);
+                }
                 t.generated.extend(&ev.token_ids);
                 t.emitted_text_bytes += ev.text.len() as u64;
                 t.output.push(ev, now);
@@ -685,6 +775,17 @@ impl Scheduler {
         }
         if let Some(cap) = resp.capacity {
             w.report(cap);
+            let labels = [w.spec.id.as_str(), w.addr.as_str()];
+            let m = &self.metrics;
+            m.worker_running
+                .with_label_values(&labels)
+                .set(cap.running_sequences.into());
+            m.worker_kv_used
+                .with_label_values(&labels)
+                .set(i64::from(cap.total_blocks) - i64::from(cap.free_blocks));
+            m.worker_kv_total
+                .with_label_values(&labels)
+                .set(cap.total_blocks.into());
         }
         for f in resp.finished {
             self.finished(wid, f);
@@ -701,6 +802,14 @@ impl Scheduler {
             return;
         }
         let reason = wpb::FinishReason::try_from(f.reason).unwrap_or(wpb::FinishReason::Error);
+        if let Some(span) = self
+            .requests
+            .get_mut(&id)
+            .and_then(|t| t.dispatch_span.take())
+        {
+            let name = reason.as_str_name().trim_start_matches("FINISH_REASON_");
+            span.record("openinfer.finish", name.to_ascii_lowercase());
+        }
         let done = |reason| Some(Ok(reason));
         let outcome = match reason {
             wpb::FinishReason::Preempted => None,
@@ -744,11 +853,64 @@ impl Scheduler {
         }
     }
 
+    /// Sets the workers gauge of `model`.
+    fn count_workers(&self, model: &str) {
+        let n = self.models.get(model).map_or(0, |e| e.workers);
+        self.metrics
+            .workers
+            .with_label_values(&[model])
+            .set(n as i64);
+    }
+
+    /// Sets the queue-depth and running gauges (levels that emptied go to 0).
+    fn publish_gauges(&mut self) {
+        let mut now: HashMap<(String, String), i64> = HashMap::new();
+        for (model, q) in &self.queues {
+            for (p, n) in q.levels() {
+                *now.entry((model.clone(), priority_label(p))).or_default() += n as i64;
+            }
+        }
+        for (key, _) in self.gauges.iter() {
+            now.entry(key.clone()).or_default();
+        }
+        for ((model, priority), n) in &now {
+            if self.gauges.get(&(model.clone(), priority.clone())) != Some(n) {
+                self.metrics
+                    .queue_depth
+                    .with_label_values(&[model.as_str(), priority.as_str()])
+                    .set(*n);
+            }
+        }
+        self.gauges = now;
+        let mut running: HashMap<&str, i64> = HashMap::new();
+        for w in self.workers.values() {
+            *running.entry(w.spec.id.as_str()).or_default() += w.running.len() as i64;
+        }
+        for model in self.queues.keys() {
+            let n = running.get(model.as_str()).copied().unwrap_or(0);
+            self.metrics
+                .running
+                .with_label_values(&[model.as_str()])
+                .set(n);
+        }
+    }
+
     fn update_serving(&self) {
         let serving = !self.draining && self.models.serving() > 0;
         self.serving
             .send_if_modified(|s| std::mem::replace(s, serving) != serving);
     }
+}
+
+/// The span of a request's wait in the queue.
+fn queue_span(req: &Request, position: usize, resumed: bool) -> Span {
+    tracing::info_span!(
+        parent: &req.trace.span,
+        "queue",
+        openinfer.priority = req.priority,
+        openinfer.queue_position = position,
+        openinfer.resumed = resumed,
+    )
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -5,11 +5,14 @@ use std::sync::Arc;
 
 use openinfer_proto::v1::inference_server::InferenceServer;
 use openinfer_registry::Change;
+use openinfer_telemetry::TelemetryError;
+use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic_health::ServingStatus;
 
 use crate::config::RouterConfig;
+use crate::metrics::RouterMetrics;
 use crate::models::ModelTable;
 use crate::scheduler::{self, SchedulerHandle};
 use crate::service::InferenceService;
@@ -41,21 +44,25 @@ pub struct Router {
     models: ModelTable,
     scheduler: SchedulerHandle,
     serving: watch::Receiver<bool>,
+    metrics: RouterMetrics,
 }
 
 impl Router {
-    /// Starts the scheduler. Workers are added with [`Router::add_worker`].
-    pub fn start(cfg: RouterConfig) -> Router {
+    /// Starts the scheduler, with its metrics on `registry`. Workers are added with
+    /// [`Router::add_worker`].
+    pub fn start(cfg: RouterConfig, registry: &Registry) -> Result<Router, TelemetryError> {
         let cfg = Arc::new(cfg);
+        let metrics = RouterMetrics::new(registry)?;
         let models = ModelTable::default();
         let (serving_tx, serving) = watch::channel(false);
-        let scheduler = scheduler::spawn(cfg.clone(), models.clone(), serving_tx);
-        Router {
+        let scheduler = scheduler::spawn(cfg.clone(), models.clone(), serving_tx, metrics.clone());
+        Ok(Router {
             cfg,
             models,
             scheduler,
             serving,
-        }
+            metrics,
+        })
     }
 
     /// Keeps a link to the worker at `addr` (reconnecting as needed) while the returned
@@ -91,13 +98,32 @@ impl Router {
                             continue;
                         }
                         tracing::info!(%key, address = %record.address, model = %record.model, "worker registered");
+                        router
+                            .metrics
+                            .registrations
+                            .with_label_values(&[record.model.as_str(), "up"])
+                            .inc();
                         let link = router.add_worker(record.address.clone());
                         links.insert(key, (record.address, link));
                     }
                     Change::Down { key } => {
                         if links.remove(&key).is_some() {
                             tracing::info!(%key, "worker deregistered");
+                            // Keys are `{prefix}{model}/{group}`.
+                            let model = key.rsplit('/').nth(1).unwrap_or("unknown");
+                            router
+                                .metrics
+                                .registrations
+                                .with_label_values(&[model, "down"])
+                                .inc();
                         }
+                    }
+                    Change::Reachable(up) => {
+                        router
+                            .metrics
+                            .registry_up
+                            .with_label_values::<&str>(&[])
+                            .set(up.into());
                     }
                 }
             }
@@ -110,6 +136,7 @@ impl Router {
             models: self.models.clone(),
             scheduler: self.scheduler.clone(),
             serving: self.serving.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 
@@ -156,6 +183,7 @@ impl Router {
             self.scheduler.clone(),
             self.models.clone(),
             self.cfg.clone(),
+            self.metrics.clone(),
         );
         let scheduler = self.scheduler.clone();
         let drain_timeout = self.cfg.drain_timeout;

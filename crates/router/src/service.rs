@@ -10,13 +10,16 @@ use futures::Stream;
 use openinfer_proto::v1 as pb;
 use openinfer_proto::v1::inference_server::Inference;
 use openinfer_proto::worker::v1 as wpb;
+use openinfer_telemetry::TraceParent;
 use tonic::{Request, Response, Status};
 
 use crate::config::RouterConfig;
+use crate::metrics::RouterMetrics;
 use crate::models::ModelTable;
+use crate::observe::{RequestRecord, TEXT_COMPLETION};
 use crate::request::{Delta, End, Next, Output, Summary};
 use crate::scheduler::SchedulerHandle;
-use crate::validate::validate;
+use crate::validate::{client_request_id, default_request_id, validate};
 
 /// Prompts up to this size are tokenized inline; longer ones on the blocking pool.
 const INLINE_TOKENIZE_BYTES: usize = 8 << 10;
@@ -27,16 +30,23 @@ pub struct InferenceService {
     scheduler: SchedulerHandle,
     models: ModelTable,
     cfg: Arc<RouterConfig>,
+    metrics: RouterMetrics,
     next_id: Arc<AtomicU64>,
 }
 
 impl InferenceService {
     /// A service submitting to `scheduler`.
-    pub fn new(scheduler: SchedulerHandle, models: ModelTable, cfg: Arc<RouterConfig>) -> Self {
+    pub fn new(
+        scheduler: SchedulerHandle,
+        models: ModelTable,
+        cfg: Arc<RouterConfig>,
+        metrics: RouterMetrics,
+    ) -> Self {
         InferenceService {
             scheduler,
             models,
             cfg,
+            metrics,
             next_id: Arc::new(AtomicU64::new(1)),
         }
     }
@@ -45,25 +55,52 @@ impl InferenceService {
     async fn start(
         &self,
         request: Request<pb::GenerateRequest>,
+        rpc: &'static str,
     ) -> Result<(Started, CancelGuard), Status> {
         let timeout = grpc_timeout(request.metadata());
+        let parent = TraceParent::from_headers(request.metadata().as_ref());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let req = request.into_inner();
-        let req = if req.prompt.len() <= INLINE_TOKENIZE_BYTES {
-            validate(req, &self.models, &self.cfg, id, timeout)?
-        } else {
-            // Long prompts are tokenized off the async threads.
-            let (models, cfg) = (self.models.clone(), self.cfg.clone());
-            tokio::task::spawn_blocking(move || validate(req, &models, &cfg, id, timeout))
+        let mut record = RequestRecord::start(
+            TEXT_COMPLETION,
+            rpc,
+            req.priority,
+            parent,
+            self.metrics.clone(),
+        );
+        record.request_id(client_request_id(&req).unwrap_or(&default_request_id(id)));
+        if self.models.get(&req.model).is_some() {
+            record.model_known(&req.model);
+        }
+        let validated = {
+            let span = tracing::info_span!(parent: record.span(), "validate");
+            if req.prompt.len() <= INLINE_TOKENIZE_BYTES {
+                span.in_scope(|| validate(req, &self.models, &self.cfg, id, timeout))
+            } else {
+                // Long prompts are tokenized off the async threads.
+                let (models, cfg) = (self.models.clone(), self.cfg.clone());
+                tokio::task::spawn_blocking(move || {
+                    span.in_scope(|| validate(req, &models, &cfg, id, timeout))
+                })
                 .await
-                .map_err(|e| Status::internal(format!("tokenizer task failed: {e}")))??
+                .map_err(|e| Status::internal(format!("tokenizer task failed: {e}")))?
+            }
         };
+        let mut req = match validated {
+            Ok(req) => req,
+            Err(e) => return Err(record.fail(e)),
+        };
+        record.validated(&mut req, TEXT_COMPLETION);
         let started = Started {
             request_id: req.request_id.clone(),
             model: req.model.clone(),
             output: Output::new(req.arrived),
+            record,
         };
-        self.scheduler.submit(req, started.output.clone()).await?;
+        if let Err(e) = self.scheduler.submit(req, started.output.clone()).await {
+            let mut record = started.record;
+            return Err(record.fail(e));
+        }
         let guard = CancelGuard {
             id,
             scheduler: Some(self.scheduler.clone()),
@@ -76,6 +113,20 @@ struct Started {
     request_id: String,
     model: String,
     output: Arc<Output>,
+    record: RequestRecord,
+}
+
+impl Started {
+    /// The request's end as its client sees it, recorded in its span and the metrics.
+    fn end(&mut self, end: End) -> Result<Summary, Status> {
+        match end {
+            End::Finished(s) => {
+                self.record.finished(&s);
+                Ok(s)
+            }
+            End::Failed(e) => Err(self.record.fail(e)),
+        }
+    }
 }
 
 /// Cancels the request when the client's call is dropped before the request ended.
@@ -107,10 +158,10 @@ impl Inference for InferenceService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let (s, mut guard) = self.start(request).await?;
+        let (mut s, mut guard) = self.start(request, "Generate").await?;
         let mut resp = pb::GenerateResponse {
-            request_id: s.request_id,
-            model: s.model,
+            request_id: s.request_id.clone(),
+            model: s.model.clone(),
             ..Default::default()
         };
         loop {
@@ -119,7 +170,7 @@ impl Inference for InferenceService {
                 Next::End(d, end) => {
                     guard.disarm();
                     append(&mut resp, d);
-                    let summary = finished(end)?;
+                    let summary = s.end(end)?;
                     resp.finish_reason = summary.reason.as_str().into();
                     resp.usage = Some(usage(&summary));
                     resp.timings = Some(timings(&summary));
@@ -135,14 +186,14 @@ impl Inference for InferenceService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
-        let (s, mut guard) = self.start(request).await?;
+        let (mut s, mut guard) = self.start(request, "GenerateStream").await?;
         let stream = async_stream::stream! {
             loop {
                 match s.output.next().await {
                     Next::Delta(d) => yield Ok(message(&s, d)),
                     Next::End(d, end) => {
                         guard.disarm();
-                        match finished(end) {
+                        match s.end(end) {
                             Ok(summary) => {
                                 let mut last = message(&s, d);
                                 last.finish_reason = summary.reason.as_str().into();
@@ -180,13 +231,6 @@ impl Inference for InferenceService {
             })
             .collect();
         Ok(Response::new(pb::ListModelsResponse { models }))
-    }
-}
-
-fn finished(end: End) -> Result<Summary, Status> {
-    match end {
-        End::Finished(s) => Ok(s),
-        End::Failed(e) => Err(e.into()),
     }
 }
 

@@ -16,6 +16,17 @@ use crate::request::Request;
 /// Longest client request id kept.
 const MAX_REQUEST_ID_BYTES: usize = 256;
 
+/// The request id the router gives a request whose client sent none.
+pub fn default_request_id(id: u64) -> String {
+    format!("req-{id:x}")
+}
+
+/// The client's request id, when it is one the router keeps.
+pub fn client_request_id(req: &pb::GenerateRequest) -> Option<&str> {
+    (!req.request_id.is_empty() && req.request_id.len() <= MAX_REQUEST_ID_BYTES)
+        .then_some(req.request_id.as_str())
+}
+
 /// Checks `req` and turns it into a [`Request`] for model `entry`.
 ///
 /// `id` is the router's id for it; `queue_timeout` the client's `grpc-timeout`, if any.
@@ -134,7 +145,7 @@ pub fn validate(
     Ok(Request {
         id,
         request_id: if req.request_id.is_empty() {
-            format!("req-{id:x}")
+            default_request_id(id)
         } else {
             req.request_id
         },
@@ -160,6 +171,7 @@ pub fn validate(
         priority: req.priority,
         arrived,
         deadline: arrived + timeout,
+        trace: Default::default(),
     })
 }
 

@@ -13,10 +13,13 @@ use openinfer_core::{Code, ErrorCode, SequenceId};
 use openinfer_engine::engine::{Finished, StepOutput};
 use openinfer_engine::Backend;
 use openinfer_proto::worker::v1 as pb;
+use openinfer_telemetry::TelemetryError;
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use crate::convert;
+use crate::metrics::WorkerMetrics;
+use crate::trace::SequenceTrace;
 
 /// Messages to one router connection.
 pub type ResponseSender = mpsc::Sender<Result<pb::ExecuteResponse, Status>>;
@@ -31,6 +34,8 @@ pub struct LoopConfig {
     pub connection_buffer: usize,
     /// Model id announced to routers (default: the engine's, its directory name).
     pub model_name: Option<String>,
+    /// Where the worker's metrics are registered (default: nowhere that is served).
+    pub registry: Option<prometheus::Registry>,
 }
 
 impl Default for LoopConfig {
@@ -39,6 +44,7 @@ impl Default for LoopConfig {
             command_queue: 1024,
             connection_buffer: 256,
             model_name: None,
+            registry: None,
         }
     }
 }
@@ -103,21 +109,26 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     /// Starts the engine thread around `engine` (the model [`Engine`](openinfer_engine::Engine)
-    /// or a [`SimEngine`](openinfer_engine::SimEngine)).
+    /// or a [`SimEngine`](openinfer_engine::SimEngine)). Fails when the worker's metrics
+    /// cannot be registered (a second worker on the same registry).
     pub fn spawn<E: Backend>(
         engine: E,
         cfg: LoopConfig,
-    ) -> (EngineHandle, std::thread::JoinHandle<()>) {
+    ) -> Result<(EngineHandle, std::thread::JoinHandle<()>), TelemetryError> {
         let (tx, rx) = mpsc::channel(cfg.command_queue.max(1));
         let mut info = convert::info(engine.info());
         if let Some(name) = &cfg.model_name {
             info.model = name.clone();
         }
+        let metrics = WorkerMetrics::new(&cfg.registry.clone().unwrap_or_default(), &info.model)?;
         let info = Arc::new(info);
         let tokenizer = Arc::new(convert::tokenizer(engine.tokenizer()));
         let (cap_tx, cap_rx) = watch::channel(convert::capacity(&engine.capacity()));
         let (failure_tx, failure) = watch::channel(None);
         let lp = Loop {
+            model: info.model.clone(),
+            metrics,
+            traces: HashMap::new(),
             failure: failure_tx,
             engine,
             rx,
@@ -149,7 +160,7 @@ impl EngineHandle {
             .name("openinfer-engine".into())
             .spawn(move || lp.run())
             .expect("spawning the engine thread");
-        (
+        Ok((
             EngineHandle {
                 tx,
                 info,
@@ -160,7 +171,7 @@ impl EngineHandle {
                 failure,
             },
             join,
-        )
+        ))
     }
 
     /// Sends a command; fails with `UNAVAILABLE` when the engine thread is gone.
@@ -242,6 +253,11 @@ struct Connection {
 
 struct Loop<E> {
     engine: E,
+    /// Model id (for spans).
+    model: String,
+    metrics: WorkerMetrics,
+    /// The open span of each sequence.
+    traces: HashMap<SequenceId, SequenceTrace>,
     /// Told why the loop stopped on its own.
     failure: watch::Sender<Option<String>>,
     rx: mpsc::Receiver<Command>,
@@ -275,8 +291,15 @@ impl<E: Backend> Loop<E> {
                 break;
             }
             if self.engine.has_work() {
+                let started = std::time::Instant::now();
                 match self.engine.step() {
-                    Ok(out) => self.route(out),
+                    Ok(out) => {
+                        let m = &self.metrics;
+                        m.step_duration.observe(started.elapsed().as_secs_f64());
+                        m.batch_size.observe(out.batch_sequences as f64);
+                        m.generation_tokens.inc_by(out.tokens.len() as u64);
+                        self.route(out)
+                    }
                     // The group cannot step any more: stop, so that routers see the streams
                     // end and resume the sequences elsewhere.
                     Err(e) if e.code() == Code::Unavailable => {
@@ -300,6 +323,7 @@ impl<E: Backend> Loop<E> {
                     ..Default::default()
                 }));
                 self.conns.insert(conn, Connection { tx, dispatched: 0 });
+                self.metrics.connections.set(self.conns.len() as i64);
             }
             Command::Disconnect { conn } => self.disconnect(conn),
             // A connection already dropped (it stopped reading) gets no new work.
@@ -327,6 +351,7 @@ impl<E: Backend> Loop<E> {
             Command::CloseAll => {
                 self.conns.clear();
                 self.outbox.clear();
+                self.metrics.connections.set(0);
             }
             // A busy engine proves the same with every step.
             Command::Heartbeat if self.engine.has_work() => {}
@@ -370,16 +395,25 @@ impl<E: Backend> Loop<E> {
         }
         self.next_id += 1;
         let id = SequenceId(self.next_id);
+        let trace = SequenceTrace::start(&spec, &self.model);
+        let taken = (spec.prompt_ids.len() + spec.generated_ids.len()) as u64;
         match self.engine.add(convert::sequence_request(spec, id)) {
             Ok(()) => {
                 self.by_wire.insert((conn, wire), id);
                 self.by_engine.insert(id, (conn, wire));
+                self.traces.insert(id, trace);
+                self.metrics.prompt_tokens.inc_by(taken);
             }
-            Err(e) => self.reject(conn, wire, prompt_tokens, e.to_string()),
+            Err(e) => {
+                tracing::debug!(parent: trace.span(), error = %e, "sequence rejected");
+                trace.end("rejected", 0);
+                self.reject(conn, wire, prompt_tokens, e.to_string());
+            }
         }
     }
 
     fn reject(&mut self, conn: u64, wire: u64, prompt_tokens: u32, message: String) {
+        self.metrics.sequence_ended("rejected");
         self.outbox
             .entry(conn)
             .or_default()
@@ -405,6 +439,7 @@ impl<E: Backend> Loop<E> {
 
     fn disconnect(&mut self, conn: u64) {
         self.conns.remove(&conn);
+        self.metrics.connections.set(self.conns.len() as i64);
         self.outbox.remove(&conn);
         let ids: Vec<SequenceId> = self
             .by_engine
@@ -413,7 +448,12 @@ impl<E: Backend> Loop<E> {
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
-            self.engine.cancel(id);
+            if let Some(f) = self.engine.cancel(id) {
+                self.metrics.sequence_ended(f.reason.as_str());
+            }
+            if let Some(t) = self.traces.remove(&id) {
+                t.end("cancelled", 0);
+            }
             if let Some(key) = self.by_engine.remove(&id) {
                 self.by_wire.remove(&key);
             }
@@ -425,6 +465,14 @@ impl<E: Backend> Loop<E> {
     }
 
     fn finish(&mut self, f: &Finished) {
+        let reason = f.reason.as_str();
+        self.metrics.sequence_ended(reason);
+        if reason == "preempted" {
+            self.metrics.preemptions.inc();
+        }
+        if let Some(t) = self.traces.remove(&f.id) {
+            t.end(reason, f.completion_tokens);
+        }
         if let Some((conn, wire)) = self.by_engine.remove(&f.id) {
             self.by_wire.remove(&(conn, wire));
             self.outbox
@@ -437,6 +485,9 @@ impl<E: Backend> Loop<E> {
 
     fn route(&mut self, out: StepOutput) {
         for t in &out.tokens {
+            if let Some(trace) = self.traces.get_mut(&t.id) {
+                trace.token();
+            }
             if let Some(&(conn, wire)) = self.by_engine.get(&t.id) {
                 self.outbox
                     .entry(conn)
@@ -464,6 +515,12 @@ impl<E: Backend> Loop<E> {
     fn flush(&mut self) {
         let cap = self.capacity_report();
         self.capacity.send_replace(cap);
+        let m = &self.metrics;
+        m.running.set(cap.running_sequences.into());
+        m.waiting.set(cap.waiting_sequences.into());
+        m.kv_used
+            .set(i64::from(cap.total_blocks) - i64::from(cap.free_blocks));
+        m.kv_total.set(cap.total_blocks.into());
         let mut gone = Vec::new();
         for (conn, mut msg) in self.outbox.drain() {
             let Some(Connection { tx, dispatched }) = self.conns.get(&conn) else {

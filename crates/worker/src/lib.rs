@@ -4,10 +4,14 @@
 //! * [`engine_loop`] owns the [`Engine`](openinfer_engine::Engine) on its own OS thread.
 //! * [`service`] is the tonic service: `Info`, `Health` and one `Execute` stream per router.
 //! * [`convert`] maps between wire messages and engine types.
+//! * [`trace`] and [`metrics`] put each sequence in its request's trace and count the
+//!   engine's work for Prometheus.
 
 pub mod convert;
 pub mod engine_loop;
+pub mod metrics;
 pub mod service;
+pub mod trace;
 
 pub use engine_loop::{EngineHandle, LoopConfig};
 pub use service::WorkerService;

@@ -151,6 +151,37 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
         .with_context(|| format!("cannot listen on {addr}; pick a free address with --listen"))
 }
 
+/// Starts the Prometheus `/metrics` endpoint for `registry` on `--metrics-listen`, else on
+/// `default`, and logs its URL (`metrics=http://…/metrics`).
+pub async fn serve_metrics(
+    a: &crate::args::MetricsArgs,
+    default: SocketAddr,
+    registry: openinfer_telemetry::metrics::MetricsRegistry,
+) -> anyhow::Result<SocketAddr> {
+    use openinfer_telemetry::metrics;
+    let listener = metrics::bind(
+        a.metrics_listen.unwrap_or(default),
+        a.metrics_listen.is_some(),
+    )
+    .await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = metrics::serve(listener, registry, std::future::pending()).await {
+            tracing::error!(error = %e, "the metrics endpoint stopped");
+        }
+    });
+    tracing::info!(metrics = %format!("http://{addr}/metrics"), "serving Prometheus metrics");
+    Ok(addr)
+}
+
+/// The default metrics address of the router (and of `serve`).
+pub const ROUTER_METRICS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9464);
+
+/// The default metrics address of a worker.
+pub const WORKER_METRICS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9465);
+
 /// Resolves when SIGINT or SIGTERM arrives.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

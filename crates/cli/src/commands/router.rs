@@ -8,7 +8,8 @@ pub fn run(a: RouterCmdArgs) -> anyhow::Result<()> {
     let registry = super::etcd_config(&a.registry)?;
     super::runtime()?.block_on(async move {
         let listener = super::bind(a.listen).await?;
-        let router = Router::start(config(&a.router));
+        let metrics = prometheus::Registry::new();
+        let router = Router::start(config(&a.router), &metrics)?;
         // Static workers stay linked as long as their handles live: the whole run.
         let _static: Vec<_> = a
             .workers
@@ -21,6 +22,7 @@ pub fn run(a: RouterCmdArgs) -> anyhow::Result<()> {
             router.follow_registry(rx);
         }
         tracing::info!(addr = %listener.local_addr()?, workers = ?a.workers, registry = ?a.registry.registry, "router serving openinfer.v1.Inference");
+        super::serve_metrics(&a.metrics, super::ROUTER_METRICS, metrics).await?;
         router.serve_on(listener, super::shutdown_signal()).await?;
         anyhow::Ok(())
     })

@@ -24,7 +24,15 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             Some(dir)
         }
     };
-    let handle = super::worker::start_engine(model.as_deref(), &a.engine, &a.worker, None)?;
+    // One registry, one endpoint: the router's metrics and the embedded worker's.
+    let metrics = prometheus::Registry::new();
+    let handle = super::worker::start_engine(
+        model.as_deref(),
+        &a.engine,
+        &a.worker,
+        None,
+        metrics.clone(),
+    )?;
     super::runtime()?.block_on(async move {
         let listener = super::bind(a.listen).await?;
         // The worker listens on an ephemeral loopback port that only this router uses.
@@ -38,7 +46,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
                 let _ = worker_stopped.await;
             },
         ));
-        let router = Router::start(super::router::config(&a.router));
+        let router = Router::start(super::router::config(&a.router), &metrics)?;
         let _link = router.add_worker(worker_addr.to_string());
         // Ready means ready: announce the address once the embedded worker is linked.
         let linked = async {
@@ -54,6 +62,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             model = %handle.info().model,
             "serving openinfer.v1.Inference (router + worker in one process)"
         );
+        super::serve_metrics(&a.metrics, super::ROUTER_METRICS, metrics).await?;
         router.serve_on(listener, super::shutdown_signal()).await?;
         let _ = stop_worker.send(());
         worker.await??;

@@ -29,11 +29,19 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
             Some(comm)
         }
     };
-    let handle = start_engine(a.model.as_deref(), &a.engine, &a.worker, group)?;
+    let metrics = prometheus::Registry::new();
+    let handle = start_engine(
+        a.model.as_deref(),
+        &a.engine,
+        &a.worker,
+        group,
+        metrics.clone(),
+    )?;
     super::runtime()?.block_on(async move {
         let listener = super::bind(a.listen).await?;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, model = %handle.info().model, "worker serving openinfer.worker.v1");
+        super::serve_metrics(&a.metrics, super::WORKER_METRICS, metrics).await?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(openinfer_worker::serve_on(
             WorkerService::new(handle.clone()),
@@ -144,11 +152,13 @@ pub fn start_engine(
     engine: &EngineArgs,
     worker: &WorkerLoopArgs,
     group: Option<Arc<dyn Communicator>>,
+    metrics: prometheus::Registry,
 ) -> anyhow::Result<EngineHandle> {
     let cfg = LoopConfig {
         command_queue: worker.command_queue,
         connection_buffer: worker.connection_buffer,
         model_name: engine.served_model_name.clone(),
+        registry: Some(metrics),
     };
     let handle = match engine.engine {
         EngineKind::Model => {
@@ -186,5 +196,5 @@ fn spawn_warm<E: Backend>(mut engine: E, cfg: LoopConfig) -> anyhow::Result<Engi
     while engine.has_work() {
         engine.step().context("warm-up step")?;
     }
-    Ok(EngineHandle::spawn(engine, cfg).0)
+    Ok(EngineHandle::spawn(engine, cfg)?.0)
 }

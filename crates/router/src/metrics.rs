@@ -1,0 +1,301 @@
+//! The router's Prometheus metrics (`openinfer_router_*`). Latencies follow the OpenTelemetry
+//! `gen_ai.server.*` semantics: time to first token, time per output token (inter-token
+//! latency) and request duration, all in seconds, measured at the router.
+//!
+//! Label values are bounded: `model` takes only models a worker serves (requests for anything
+//! else count under `unknown`), `worker` only connected workers (removed when they go), and
+//! `priority` the levels -8..=8 with everything outside counted as `other`.
+
+use openinfer_telemetry::metrics::{Families, REQUEST_SECONDS, STEP_SECONDS};
+use openinfer_telemetry::TelemetryError;
+use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec, Registry};
+
+/// How a request ended, as counted by `openinfer_router_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Finished (length, stop or eos).
+    Success,
+    /// Refused as invalid (bad field, unknown model).
+    Invalid,
+    /// Refused by admission control (a full queue or budget, or shed).
+    Refused,
+    /// No worker could serve it, or the router was draining.
+    Unavailable,
+    /// Its queue deadline passed.
+    Timeout,
+    /// Its client went away first.
+    Cancelled,
+    /// A worker failed it.
+    Error,
+}
+
+impl Outcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Invalid => "invalid",
+            Outcome::Refused => "refused",
+            Outcome::Unavailable => "unavailable",
+            Outcome::Timeout => "timeout",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Error => "error",
+        }
+    }
+
+    const ALL: [Outcome; 7] = [
+        Outcome::Success,
+        Outcome::Invalid,
+        Outcome::Refused,
+        Outcome::Unavailable,
+        Outcome::Timeout,
+        Outcome::Cancelled,
+        Outcome::Error,
+    ];
+}
+
+/// Why admission refused a request (`openinfer_router_admission_refusals_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The router-wide request limit.
+    QueueFull,
+    /// The router-wide prompt-token budget.
+    TokenBudget,
+    /// The per-priority queue limit.
+    PriorityQueueFull,
+    /// Shed from the queue for higher-priority work.
+    Shed,
+    /// No worker serves the model.
+    NoWorker,
+    /// The router is draining.
+    Draining,
+}
+
+impl Refusal {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::QueueFull => "queue_full",
+            Refusal::TokenBudget => "token_budget",
+            Refusal::PriorityQueueFull => "priority_queue_full",
+            Refusal::Shed => "shed",
+            Refusal::NoWorker => "no_worker",
+            Refusal::Draining => "draining",
+        }
+    }
+
+    const ALL: [Refusal; 6] = [
+        Refusal::QueueFull,
+        Refusal::TokenBudget,
+        Refusal::PriorityQueueFull,
+        Refusal::Shed,
+        Refusal::NoWorker,
+        Refusal::Draining,
+    ];
+}
+
+/// The label value of a priority level.
+pub fn priority_label(priority: i32) -> String {
+    if (-8..=8).contains(&priority) {
+        priority.to_string()
+    } else {
+        "other".into()
+    }
+}
+
+/// Every metric the router exports.
+#[derive(Clone)]
+pub struct RouterMetrics {
+    /// Requests by model and outcome.
+    pub requests: IntCounterVec,
+    /// Admission refusals by model and reason.
+    pub refusals: IntCounterVec,
+    /// Requests waiting, by model and priority.
+    pub queue_depth: IntGaugeVec,
+    /// Seconds from arrival to first dispatch, by model and priority.
+    pub queue_time: HistogramVec,
+    /// Seconds from arrival to the first token.
+    pub ttft: HistogramVec,
+    /// Seconds between output tokens.
+    pub itl: HistogramVec,
+    /// Seconds from arrival to the end.
+    pub duration: HistogramVec,
+    /// Prompt tokens of finished requests.
+    pub prompt_tokens: IntCounterVec,
+    /// Generated tokens streamed to clients.
+    pub generation_tokens: IntCounterVec,
+    /// Requests running on workers.
+    pub running: IntGaugeVec,
+    /// Workers connected per model.
+    pub workers: IntGaugeVec,
+    /// Registry events seen (`up`, `down`).
+    pub registrations: IntCounterVec,
+    /// Sequences the router preempted.
+    pub preemptions: IntCounterVec,
+    /// Sequences resumed on another worker than the one they ran on.
+    pub migrations: IntCounterVec,
+    /// 1 while the etcd watch is synchronised, 0 while etcd is unreachable.
+    pub registry_up: IntGaugeVec,
+    /// Per worker: sequences running (as its last report says).
+    pub worker_running: IntGaugeVec,
+    /// Per worker: KV blocks in use.
+    pub worker_kv_used: IntGaugeVec,
+    /// Per worker: KV blocks in all.
+    pub worker_kv_total: IntGaugeVec,
+}
+
+impl RouterMetrics {
+    /// Declares the families on `registry`.
+    pub fn new(registry: &Registry) -> Result<Self, TelemetryError> {
+        let f = Families(registry);
+        let model = &["model"];
+        let per_worker = &["model", "worker"];
+        Ok(RouterMetrics {
+            requests: f.counter(
+                "openinfer_router_requests_total",
+                "Requests that ended, by model and outcome (success, invalid, refused, unavailable, timeout, cancelled, error).",
+                &["model", "outcome"],
+            )?,
+            refusals: f.counter(
+                "openinfer_router_admission_refusals_total",
+                "Requests admission control refused or shed, by model and reason.",
+                &["model", "reason"],
+            )?,
+            queue_depth: f.gauge(
+                "openinfer_router_queue_depth",
+                "Requests waiting in the router's queue, by model and priority.",
+                &["model", "priority"],
+            )?,
+            queue_time: f.histogram(
+                "openinfer_router_queue_time_seconds",
+                "Seconds from arrival to the first dispatch to a worker, by model and priority.",
+                &["model", "priority"],
+                REQUEST_SECONDS,
+            )?,
+            ttft: f.histogram(
+                "openinfer_router_time_to_first_token_seconds",
+                "Seconds from arrival to the first generated token (gen_ai.server.time_to_first_token).",
+                model,
+                REQUEST_SECONDS,
+            )?,
+            itl: f.histogram(
+                "openinfer_router_inter_token_latency_seconds",
+                "Seconds between consecutive generated tokens of a request (gen_ai.server.time_per_output_token).",
+                model,
+                STEP_SECONDS,
+            )?,
+            duration: f.histogram(
+                "openinfer_router_request_duration_seconds",
+                "Seconds from arrival to the end of a finished request (gen_ai.server.request.duration).",
+                model,
+                REQUEST_SECONDS,
+            )?,
+            prompt_tokens: f.counter(
+                "openinfer_router_prompt_tokens_total",
+                "Prompt tokens of finished requests.",
+                model,
+            )?,
+            generation_tokens: f.counter(
+                "openinfer_router_generation_tokens_total",
+                "Generated tokens streamed to clients.",
+                model,
+            )?,
+            running: f.gauge(
+                "openinfer_router_running_requests",
+                "Requests running on workers.",
+                model,
+            )?,
+            workers: f.gauge(
+                "openinfer_router_workers",
+                "Workers connected, by model.",
+                model,
+            )?,
+            registrations: f.counter(
+                "openinfer_router_worker_registrations_total",
+                "Worker registry events seen in etcd, by model and event (up, down).",
+                &["model", "event"],
+            )?,
+            preemptions: f.counter(
+                "openinfer_router_preemptions_total",
+                "Running sequences the router preempted to make room for higher-priority work.",
+                model,
+            )?,
+            migrations: f.counter(
+                "openinfer_router_migrations_total",
+                "Requests resumed on a different worker than the one they ran on.",
+                model,
+            )?,
+            registry_up: f.gauge(
+                "openinfer_router_registry_up",
+                "1 while the router's etcd watch is synchronised, 0 while etcd is unreachable.",
+                &[],
+            )?,
+            worker_running: f.gauge(
+                "openinfer_router_worker_running_sequences",
+                "Sequences running on each worker, from its latest capacity report.",
+                per_worker,
+            )?,
+            worker_kv_used: f.gauge(
+                "openinfer_router_worker_kv_blocks_used",
+                "KV-cache blocks in use on each worker, from its latest capacity report.",
+                per_worker,
+            )?,
+            worker_kv_total: f.gauge(
+                "openinfer_router_worker_kv_blocks_capacity",
+                "KV-cache blocks on each worker, from its latest capacity report.",
+                per_worker,
+            )?,
+        })
+    }
+
+    /// Creates the zero series of a model the router has just learnt of, so that rates and
+    /// alerts see it before its first event.
+    pub fn model_known(&self, model: &str) {
+        for o in Outcome::ALL {
+            self.requests.with_label_values(&[model, o.as_str()]);
+        }
+        for r in Refusal::ALL {
+            self.refusals.with_label_values(&[model, r.as_str()]);
+        }
+        self.queue_depth.with_label_values(&[model, "0"]);
+        self.queue_time.with_label_values(&[model, "0"]);
+        for h in [&self.ttft, &self.itl, &self.duration] {
+            h.with_label_values(&[model]);
+        }
+        for c in [
+            &self.prompt_tokens,
+            &self.generation_tokens,
+            &self.preemptions,
+            &self.migrations,
+        ] {
+            c.with_label_values(&[model]);
+        }
+        self.running.with_label_values(&[model]);
+        self.workers.with_label_values(&[model]);
+    }
+
+    /// Counts a request's end.
+    pub fn request(&self, model: &str, outcome: Outcome) {
+        self.requests
+            .with_label_values(&[model, outcome.as_str()])
+            .inc();
+    }
+
+    /// Counts an admission refusal.
+    pub fn refused(&self, model: &str, reason: Refusal) {
+        self.refusals
+            .with_label_values(&[model, reason.as_str()])
+            .inc();
+    }
+
+    /// Forgets a worker's series.
+    pub fn worker_gone(&self, model: &str, worker: &str) {
+        for g in [
+            &self.worker_running,
+            &self.worker_kv_used,
+            &self.worker_kv_total,
+        ] {
+            let _ = g.remove_label_values(&[model, worker]);
+        }
+    }
+}

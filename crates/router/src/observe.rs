@@ -1,0 +1,204 @@
+//! One request as operators see it: its trace span (named `{operation} {model}`, with the
+//! OpenTelemetry GenAI attributes) and its count in the metrics when it ends.
+
+use openinfer_telemetry::{otel, trace, TraceId, TraceParent};
+use opentelemetry::{Array, StringValue, Value};
+use tracing::field::Empty;
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::error::RouterError;
+use crate::metrics::{Outcome, RouterMetrics};
+use crate::request::{Request, Summary};
+
+/// What a request's trace needs as it moves through the router.
+#[derive(Debug, Clone)]
+pub struct RequestTrace {
+    /// The request's span; queue wait and dispatches are its children.
+    pub span: Span,
+    /// Its trace (exported or not: log lines and workers carry it).
+    pub trace_id: TraceId,
+}
+
+impl Default for RequestTrace {
+    fn default() -> Self {
+        RequestTrace {
+            span: Span::none(),
+            trace_id: TraceId::random(),
+        }
+    }
+}
+
+/// The GenAI operation of the public `Generate` calls.
+pub const TEXT_COMPLETION: &str = "text_completion";
+
+/// A request's span and metrics from arrival to its end. Dropped before
+/// [`finished`](Self::finished) or [`failed`](Self::failed), the request counts as cancelled
+/// (its client went away).
+pub struct RequestRecord {
+    trace: RequestTrace,
+    metrics: RouterMetrics,
+    /// The `model` label (a served model, or `unknown`).
+    model: String,
+    done: bool,
+}
+
+impl RequestRecord {
+    /// Opens the span of a request that continues `parent` (the client's `traceparent`).
+    pub fn start(
+        operation: &'static str,
+        rpc: &'static str,
+        priority: i32,
+        parent: Option<TraceParent>,
+        metrics: RouterMetrics,
+    ) -> Self {
+        let span = tracing::info_span!(
+            "request",
+            otel.name = operation,
+            otel.kind = "server",
+            otel.status_code = Empty,
+            otel.status_description = Empty,
+            rpc.system = "grpc",
+            rpc.method = rpc,
+            gen_ai.operation.name = operation,
+            gen_ai.provider.name = "openinfer",
+            gen_ai.request.model = Empty,
+            gen_ai.request.max_tokens = Empty,
+            gen_ai.request.temperature = Empty,
+            gen_ai.request.top_p = Empty,
+            gen_ai.request.seed = Empty,
+            gen_ai.response.id = Empty,
+            gen_ai.response.model = Empty,
+            gen_ai.usage.input_tokens = Empty,
+            gen_ai.usage.output_tokens = Empty,
+            openinfer.priority = priority,
+            openinfer.queue_time_s = Empty,
+            openinfer.time_to_first_token_s = Empty,
+            request_id = Empty,
+            trace_id = Empty,
+        );
+        let trace_id = trace::join(&span, parent);
+        RequestRecord {
+            trace: RequestTrace { span, trace_id },
+            metrics,
+            model: "unknown".into(),
+            done: false,
+        }
+    }
+
+    /// The request's span.
+    pub fn span(&self) -> &Span {
+        &self.trace.span
+    }
+
+    /// Names the request in logs and traces (before validation, as the client sent it).
+    pub fn request_id(&self, id: &str) {
+        self.trace.span.record("request_id", id);
+        self.trace.span.record("gen_ai.response.id", id);
+    }
+
+    /// Records what validation made of the request, and hands its trace to it.
+    pub fn validated(&mut self, req: &mut Request, operation: &str) {
+        let span = &self.trace.span;
+        trace::rename(span, &format!("{operation} {}", req.model));
+        span.record("gen_ai.request.model", req.model.as_str());
+        span.record("gen_ai.response.model", req.model.as_str());
+        span.record("gen_ai.request.max_tokens", req.stopping.max_new_tokens);
+        if let Some(t) = req.sampling.temperature {
+            span.record("gen_ai.request.temperature", f64::from(t));
+        }
+        if let Some(p) = req.sampling.top_p {
+            span.record("gen_ai.request.top_p", f64::from(p));
+        }
+        if let Some(s) = req.sampling.seed {
+            span.record("gen_ai.request.seed", s);
+        }
+        self.model = req.model.clone();
+        req.trace = self.trace.clone();
+    }
+
+    /// Labels the request with a model the router serves (for requests that fail validation
+    /// after naming one).
+    pub fn model_known(&mut self, model: &str) {
+        self.model = model.to_string();
+    }
+
+    /// The request finished: usage, finish reason, latencies.
+    pub fn finished(&mut self, s: &Summary) {
+        self.done = true;
+        let span = &self.trace.span;
+        span.record("gen_ai.usage.input_tokens", s.prompt_tokens);
+        span.record("gen_ai.usage.output_tokens", s.completion_tokens);
+        span.record("openinfer.queue_time_s", s.queue_time);
+        span.record("openinfer.time_to_first_token_s", s.time_to_first_token);
+        if otel::exporting() {
+            span.set_attribute(
+                "gen_ai.response.finish_reasons",
+                Value::Array(Array::String(vec![StringValue::from(s.reason.as_str())])),
+            );
+        }
+        let m = &self.metrics;
+        let model = [self.model.as_str()];
+        if s.completion_tokens > 0 {
+            m.ttft
+                .with_label_values(&model)
+                .observe(s.time_to_first_token);
+        }
+        m.duration.with_label_values(&model).observe(s.total_time);
+        m.request(&self.model, Outcome::Success);
+        tracing::debug!(parent: span, reason = s.reason.as_str(), prompt_tokens = s.prompt_tokens, completion_tokens = s.completion_tokens, total_s = s.total_time, "request finished");
+    }
+
+    /// The request failed with `e`: recorded, and turned into the client's status.
+    pub fn fail(&mut self, e: RouterError) -> tonic::Status {
+        self.failed(&e);
+        e.into()
+    }
+
+    /// The request failed with `e`.
+    pub fn failed(&mut self, e: &RouterError) {
+        self.done = true;
+        let span = &self.trace.span;
+        span.record("otel.status_code", "ERROR");
+        span.record("otel.status_description", e.to_string());
+        if otel::exporting() {
+            span.set_attribute("error.type", error_type(e));
+        }
+        self.metrics.request(&self.model, outcome(e));
+        tracing::debug!(parent: span, error = %e, "request failed");
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        if !self.done {
+            if otel::exporting() {
+                self.trace.span.set_attribute("error.type", "cancelled");
+            }
+            self.metrics.request(&self.model, Outcome::Cancelled);
+            tracing::debug!(parent: &self.trace.span, "request cancelled: its client went away");
+        }
+    }
+}
+
+fn outcome(e: &RouterError) -> Outcome {
+    match e {
+        RouterError::Invalid(_) | RouterError::UnknownModel { .. } => Outcome::Invalid,
+        RouterError::QueueFull(..) => Outcome::Refused,
+        RouterError::QueueTimeout(_) => Outcome::Timeout,
+        RouterError::Unavailable(_) => Outcome::Unavailable,
+        RouterError::Worker(_) => Outcome::Error,
+    }
+}
+
+/// The `error.type` attribute: the gRPC status code's name.
+fn error_type(e: &RouterError) -> &'static str {
+    match e {
+        RouterError::Invalid(_) => "INVALID_ARGUMENT",
+        RouterError::UnknownModel { .. } => "NOT_FOUND",
+        RouterError::QueueFull(..) => "RESOURCE_EXHAUSTED",
+        RouterError::QueueTimeout(_) => "DEADLINE_EXCEEDED",
+        RouterError::Unavailable(_) => "UNAVAILABLE",
+        RouterError::Worker(_) => "INTERNAL",
+    }
+}

@@ -1,0 +1,119 @@
+//! The worker's Prometheus metrics (`openinfer_worker_*`), all labelled with the model the
+//! worker serves.
+
+use openinfer_telemetry::metrics::{Families, BATCH_SIZES, STEP_SECONDS};
+use openinfer_telemetry::TelemetryError;
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
+
+/// What the engine thread reports, bound to one model.
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    model: String,
+    /// Sequences running.
+    pub running: IntGauge,
+    /// Sequences waiting for KV blocks.
+    pub waiting: IntGauge,
+    /// KV blocks in use.
+    pub kv_used: IntGauge,
+    /// KV blocks in all.
+    pub kv_total: IntGauge,
+    /// Sequences per engine step.
+    pub batch_size: Histogram,
+    /// Seconds per engine step.
+    pub step_duration: Histogram,
+    /// Prompt tokens of sequences taken in (resumed ones included).
+    pub prompt_tokens: IntCounter,
+    /// Tokens generated.
+    pub generation_tokens: IntCounter,
+    sequences: IntCounterVec,
+    /// Sequences preempted (by a router, a drain, or the engine short of KV blocks).
+    pub preemptions: IntCounter,
+    /// Router connections.
+    pub connections: IntGauge,
+}
+
+impl WorkerMetrics {
+    /// Declares the families on `registry`, for `model`.
+    pub fn new(registry: &Registry, model: &str) -> Result<Self, TelemetryError> {
+        let f = Families(registry);
+        let m = [model];
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, TelemetryError> {
+            Ok(f.gauge(name, help, &["model"])?.with_label_values(&m))
+        };
+        let counter = |name: &str, help: &str| -> Result<IntCounter, TelemetryError> {
+            Ok(f.counter(name, help, &["model"])?.with_label_values(&m))
+        };
+        let metrics = WorkerMetrics {
+            model: model.to_string(),
+            running: gauge(
+                "openinfer_worker_running_sequences",
+                "Sequences running in the engine.",
+            )?,
+            waiting: gauge(
+                "openinfer_worker_waiting_sequences",
+                "Sequences taken in and waiting for KV-cache blocks.",
+            )?,
+            kv_used: gauge(
+                "openinfer_worker_kv_blocks_used",
+                "KV-cache blocks in use.",
+            )?,
+            kv_total: gauge("openinfer_worker_kv_blocks_capacity", "KV-cache blocks in all.")?,
+            batch_size: f
+                .histogram(
+                    "openinfer_worker_batch_size",
+                    "Sequences in each engine step's forward pass.",
+                    &["model"],
+                    BATCH_SIZES,
+                )?
+                .with_label_values(&m),
+            step_duration: f
+                .histogram(
+                    "openinfer_worker_step_duration_seconds",
+                    "Seconds per engine step (forward pass, sampling, detokenization).",
+                    &["model"],
+                    STEP_SECONDS,
+                )?
+                .with_label_values(&m),
+            prompt_tokens: counter(
+                "openinfer_worker_prompt_tokens_total",
+                "Prompt tokens of sequences taken in (a resumed sequence counts again).",
+            )?,
+            generation_tokens: counter(
+                "openinfer_worker_generation_tokens_total",
+                "Tokens generated.",
+            )?,
+            sequences: f.counter(
+                "openinfer_worker_sequences_total",
+                "Sequences that left the engine, by outcome (length, stop, eos, cancelled, preempted, rejected, error).",
+                &["model", "outcome"],
+            )?,
+            preemptions: counter(
+                "openinfer_worker_preemptions_total",
+                "Sequences preempted (asked by a router, at the end of a drain, or short of KV blocks).",
+            )?,
+            connections: gauge(
+                "openinfer_worker_connections",
+                "Router connections (Execute streams) open.",
+            )?,
+        };
+        for outcome in [
+            "length",
+            "stop",
+            "eos",
+            "cancelled",
+            "preempted",
+            "rejected",
+            "error",
+        ] {
+            metrics.sequences.with_label_values(&[model, outcome]);
+        }
+        Ok(metrics)
+    }
+
+    /// Counts a sequence's end.
+    pub fn sequence_ended(&self, outcome: &str) {
+        self.sequences
+            .with_label_values(&[self.model.as_str(), outcome])
+            .inc();
+    }
+}

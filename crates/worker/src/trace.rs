@@ -1,0 +1,106 @@
+//! The worker's spans of one sequence: `prefill` from its arrival to its first token, then
+//! `decode` to its end (one span for the whole phase, with the step count, not one per
+//! token). Both are children of the router's dispatch span, whose `traceparent` comes with the
+//! sequence, so that they sit in the request's trace.
+
+use openinfer_proto::worker::v1 as pb;
+use openinfer_telemetry::{trace, TraceId, TraceParent, TRACEPARENT};
+use tracing::field::Empty;
+use tracing::Span;
+
+/// The trace of one sequence on this worker.
+pub struct SequenceTrace {
+    parent: Option<TraceParent>,
+    trace_id: TraceId,
+    wire_id: u64,
+    request_id: String,
+    phase: Phase,
+}
+
+enum Phase {
+    Prefill(Span),
+    Decode { span: Span, steps: u32 },
+}
+
+impl SequenceTrace {
+    /// Opens the prefill span of `spec` (before it is handed to the engine).
+    pub fn start(spec: &pb::SequenceSpec, model: &str) -> Self {
+        let parent = spec
+            .trace_context
+            .get(TRACEPARENT)
+            .and_then(|v| TraceParent::parse(v));
+        let span = tracing::info_span!(
+            parent: None,
+            "prefill",
+            otel.name = "prefill",
+            gen_ai.request.model = model,
+            openinfer.sequence_id = spec.sequence_id,
+            openinfer.prompt_tokens = spec.prompt_ids.len(),
+            openinfer.resumed_tokens = spec.generated_ids.len(),
+            gen_ai.usage.output_tokens = Empty,
+            gen_ai.response.finish_reasons = Empty,
+            otel.status_code = Empty,
+            request_id = spec.request_id.as_str(),
+            trace_id = Empty,
+        );
+        let trace_id = trace::join(&span, parent);
+        SequenceTrace {
+            parent,
+            trace_id,
+            wire_id: spec.sequence_id,
+            request_id: spec.request_id.clone(),
+            phase: Phase::Prefill(span),
+        }
+    }
+
+    /// The span of the phase the sequence is in.
+    pub fn span(&self) -> &Span {
+        match &self.phase {
+            Phase::Prefill(span) | Phase::Decode { span, .. } => span,
+        }
+    }
+
+    /// A token came out: the first ends prefill and opens decode.
+    pub fn token(&mut self) {
+        match &mut self.phase {
+            Phase::Decode { steps, .. } => *steps += 1,
+            Phase::Prefill(prefill) => {
+                // Without a router's context (a direct client), decode hangs under prefill.
+                let parent = self
+                    .parent
+                    .unwrap_or_else(|| trace::traceparent(prefill, self.trace_id));
+                let span = tracing::info_span!(
+                    parent: None,
+                    "decode",
+                    otel.name = "decode",
+                    openinfer.sequence_id = self.wire_id,
+                    openinfer.decode_steps = Empty,
+                    gen_ai.usage.output_tokens = Empty,
+                    gen_ai.response.finish_reasons = Empty,
+                    otel.status_code = Empty,
+                    request_id = self.request_id.as_str(),
+                    trace_id = Empty,
+                );
+                trace::join(&span, Some(parent));
+                self.phase = Phase::Decode { span, steps: 0 };
+            }
+        }
+    }
+
+    /// The sequence left the engine: closes the open span with the outcome.
+    pub fn end(self, reason: &str, completion_tokens: usize) {
+        let span = match self.phase {
+            Phase::Prefill(span) => span,
+            Phase::Decode { span, steps } => {
+                span.record("openinfer.decode_steps", steps);
+                span
+            }
+        };
+        span.record("gen_ai.usage.output_tokens", completion_tokens);
+        span.record("gen_ai.response.finish_reasons", reason);
+        if matches!(reason, "error" | "cancelled") {
+            span.record("otel.status_code", "ERROR");
+        }
+        tracing::debug!(parent: &span, reason, completion_tokens, "sequence ended");
+    }
+}
