@@ -677,3 +677,56 @@ async fn a_tensor_parallel_group_joins_the_trace_through_rank_0() {
         resp.usage.unwrap().completion_tokens.to_string()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_name_and_the_sampler_come_from_the_otel_variables() {
+    let (receiver, endpoint) = Receiver::start().await;
+    let sim = [
+        "worker",
+        "--engine",
+        "sim",
+        "--sim-step-time",
+        "1ms",
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    // The worker samples nothing, whatever its parent says; the router has its own name.
+    let w = service(
+        "worker",
+        &sim,
+        Some(&endpoint),
+        &[("OTEL_TRACES_SAMPLER", "always_off")],
+    );
+    let r = router(
+        &[&w.addr],
+        Some(&endpoint),
+        &[("OTEL_SERVICE_NAME", "edge-router")],
+    );
+    let mut client = router_client(&r.addr).await;
+    until_workers(&mut client, 1, Duration::from_secs(20)).await;
+    client
+        .generate(traced(
+            request("hello", 3, "obs-sampler"),
+            &format!("00-{TRACE}-{CLIENT_SPAN}-01"),
+        ))
+        .await
+        .unwrap();
+    let spans = receiver
+        .wait_for(TRACE, |s| s.iter().any(|x| x.name == "text_completion sim"))
+        .await;
+    assert!(
+        spans.iter().all(|s| s.service == "edge-router"),
+        "{spans:#?}"
+    );
+    // The worker's spans would have come with the router's (both flush every 100 ms).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let worker_spans: Vec<_> = receiver
+        .all()
+        .into_iter()
+        .filter(|s| s.service != "edge-router")
+        .collect();
+    assert!(
+        worker_spans.is_empty(),
+        "always_off exports nothing: {worker_spans:#?}"
+    );
+}

@@ -505,8 +505,6 @@ impl Scheduler {
                 }
             }
         }
-        tracing::debug!(id, "request cancelled by its client");
-        // (The request's own record logs the cancellation inside its span.)
     }
 
     // ---- placement ------------------------------------------------------------------------
@@ -684,7 +682,9 @@ impl Scheduler {
         }
         // Its slot and blocks count as free until the worker reports them freed.
         w.releasing.push((id, held));
-        tracing::debug!(id, worker = %w.addr, "preempting for priority {priority}");
+        if let Some(t) = self.requests.get(&id) {
+            tracing::debug!(parent: &t.req.trace.span, worker = %w.addr, "preempted for a request of priority {priority}");
+        }
         Some(wid)
     }
 
