@@ -602,7 +602,7 @@ async fn json_log_lines_inside_a_request_carry_its_trace_and_request_ids() {
             let in_request = l["spans"].as_array().is_some_and(|s| {
                 s.iter().any(|n| {
                     [
-                        "request", "validate", "queue", "dispatch", "prefill", "decode",
+                        "request", "validate", "queue", "dispatch", "prefill", "decode", "sequence",
                     ]
                     .contains(&n.as_str().unwrap_or(""))
                 })

@@ -1,6 +1,8 @@
 //! One request as operators see it: its trace span (named `{operation} {model}`, with the
 //! OpenTelemetry GenAI attributes) and its count in the metrics when it ends.
 
+use std::sync::Arc;
+
 use openinfer_telemetry::{otel, trace, TraceId, TraceParent};
 use opentelemetry::{Array, StringValue, Value};
 use tracing::field::Empty;
@@ -37,7 +39,7 @@ pub const TEXT_COMPLETION: &str = "text_completion";
 /// (its client went away).
 pub struct RequestRecord {
     trace: RequestTrace,
-    metrics: RouterMetrics,
+    metrics: Arc<RouterMetrics>,
     /// The `model` label (a served model, or `unknown`).
     model: String,
     done: bool,
@@ -45,38 +47,43 @@ pub struct RequestRecord {
 
 impl RequestRecord {
     /// Opens the span of a request that continues `parent` (the client's `traceparent`).
+    /// With export off the span carries only what log lines need (`request_id`, `trace_id`).
     pub fn start(
         operation: &'static str,
         rpc: &'static str,
         priority: i32,
         parent: Option<TraceParent>,
-        metrics: RouterMetrics,
+        metrics: Arc<RouterMetrics>,
     ) -> Self {
-        let span = tracing::info_span!(
-            "request",
-            otel.name = operation,
-            otel.kind = "server",
-            otel.status_code = Empty,
-            otel.status_description = Empty,
-            rpc.system = "grpc",
-            rpc.method = rpc,
-            gen_ai.operation.name = operation,
-            gen_ai.provider.name = "openinfer",
-            gen_ai.request.model = Empty,
-            gen_ai.request.max_tokens = Empty,
-            gen_ai.request.temperature = Empty,
-            gen_ai.request.top_p = Empty,
-            gen_ai.request.seed = Empty,
-            gen_ai.response.id = Empty,
-            gen_ai.response.model = Empty,
-            gen_ai.usage.input_tokens = Empty,
-            gen_ai.usage.output_tokens = Empty,
-            openinfer.priority = priority,
-            openinfer.queue_time_s = Empty,
-            openinfer.time_to_first_token_s = Empty,
-            request_id = Empty,
-            trace_id = Empty,
-        );
+        let span = if !otel::exporting() {
+            tracing::info_span!("request", request_id = Empty, trace_id = Empty)
+        } else {
+            tracing::info_span!(
+                "request",
+                otel.name = operation,
+                otel.kind = "server",
+                otel.status_code = Empty,
+                otel.status_description = Empty,
+                rpc.system = "grpc",
+                rpc.method = rpc,
+                gen_ai.operation.name = operation,
+                gen_ai.provider.name = "openinfer",
+                gen_ai.request.model = Empty,
+                gen_ai.request.max_tokens = Empty,
+                gen_ai.request.temperature = Empty,
+                gen_ai.request.top_p = Empty,
+                gen_ai.request.seed = Empty,
+                gen_ai.response.id = Empty,
+                gen_ai.response.model = Empty,
+                gen_ai.usage.input_tokens = Empty,
+                gen_ai.usage.output_tokens = Empty,
+                openinfer.priority = priority,
+                openinfer.queue_time_s = Empty,
+                openinfer.time_to_first_token_s = Empty,
+                request_id = Empty,
+                trace_id = Empty,
+            )
+        };
         let trace_id = trace::join(&span, parent);
         RequestRecord {
             trace: RequestTrace { span, trace_id },
@@ -97,8 +104,19 @@ impl RequestRecord {
         self.trace.span.record("gen_ai.response.id", id);
     }
 
+    /// A child span of the request, for a step worth seeing in its trace (none with export
+    /// off: log lines find the request's ids on the request span).
+    pub fn child(&self, make: impl FnOnce(&Span) -> Span) -> Span {
+        child_span(&self.trace.span, make)
+    }
+
     /// Records what validation made of the request, and hands its trace to it.
     pub fn validated(&mut self, req: &mut Request, operation: &str) {
+        self.model = req.model.clone();
+        req.trace = self.trace.clone();
+        if !otel::exporting() {
+            return;
+        }
         let span = &self.trace.span;
         trace::rename(span, &format!("{operation} {}", req.model));
         span.record("gen_ai.request.model", req.model.as_str());
@@ -113,8 +131,6 @@ impl RequestRecord {
         if let Some(s) = req.sampling.seed {
             span.record("gen_ai.request.seed", s);
         }
-        self.model = req.model.clone();
-        req.trace = self.trace.clone();
     }
 
     /// Labels the request with a model the router serves (for requests that fail validation
@@ -127,11 +143,11 @@ impl RequestRecord {
     pub fn finished(&mut self, s: &Summary) {
         self.done = true;
         let span = &self.trace.span;
-        span.record("gen_ai.usage.input_tokens", s.prompt_tokens);
-        span.record("gen_ai.usage.output_tokens", s.completion_tokens);
-        span.record("openinfer.queue_time_s", s.queue_time);
-        span.record("openinfer.time_to_first_token_s", s.time_to_first_token);
         if otel::exporting() {
+            span.record("gen_ai.usage.input_tokens", s.prompt_tokens);
+            span.record("gen_ai.usage.output_tokens", s.completion_tokens);
+            span.record("openinfer.queue_time_s", s.queue_time);
+            span.record("openinfer.time_to_first_token_s", s.time_to_first_token);
             span.set_attribute(
                 "gen_ai.response.finish_reasons",
                 Value::Array(Array::String(vec![StringValue::from(s.reason.as_str())])),
@@ -159,9 +175,9 @@ impl RequestRecord {
     pub fn failed(&mut self, e: &RouterError) {
         self.done = true;
         let span = &self.trace.span;
-        span.record("otel.status_code", "ERROR");
-        span.record("otel.status_description", e.to_string());
         if otel::exporting() {
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_description", e.to_string());
             span.set_attribute("error.type", error_type(e));
         }
         self.metrics.request(&self.model, outcome(e));
@@ -178,6 +194,15 @@ impl Drop for RequestRecord {
             self.metrics.request(&self.model, Outcome::Cancelled);
             tracing::debug!(parent: &self.trace.span, "request cancelled: its client went away");
         }
+    }
+}
+
+/// `make(parent)` when spans are exported, else a disabled span (nothing is built).
+pub fn child_span(parent: &Span, make: impl FnOnce(&Span) -> Span) -> Span {
+    if otel::exporting() {
+        make(parent)
+    } else {
+        Span::none()
     }
 }
 

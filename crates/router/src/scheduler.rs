@@ -18,6 +18,7 @@ use crate::config::RouterConfig;
 use crate::error::RouterError;
 use crate::metrics::{priority_label, Refusal, RouterMetrics};
 use crate::models::{ModelSpec, ModelTable};
+use crate::observe::child_span;
 use crate::queue::{Entry, PriorityQueue};
 use crate::request::{Output, Request};
 use crate::worker_link::WorkerUp;
@@ -97,7 +98,7 @@ pub fn spawn(
     cfg: Arc<RouterConfig>,
     models: ModelTable,
     serving: watch::Sender<bool>,
-    metrics: RouterMetrics,
+    metrics: Arc<RouterMetrics>,
 ) -> SchedulerHandle {
     let (tx, rx) = mpsc::channel(cfg.scheduler_queue.max(1));
     let (cancel_tx, cancels) = mpsc::unbounded_channel();
@@ -273,7 +274,7 @@ struct Scheduler {
     deadlines: BTreeSet<(Instant, u64)>,
     next_order: u64,
     draining: bool,
-    metrics: RouterMetrics,
+    metrics: Arc<RouterMetrics>,
     /// Queue-depth and running gauges last set, so that levels that emptied are set to 0.
     gauges: HashMap<(String, String), i64>,
 }
@@ -602,14 +603,17 @@ impl Scheduler {
         t.last_worker = Some(w.addr.clone());
         t.queue_span = None;
         t.dispatches += 1;
-        let span = tracing::info_span!(
-            parent: &t.req.trace.span,
-            "dispatch",
-            openinfer.worker = %w.addr,
-            openinfer.attempt = t.dispatches,
-            openinfer.resumed_tokens = t.generated.len(),
-            openinfer.finish = tracing::field::Empty,
-        );
+        let (attempt, resumed) = (t.dispatches, t.generated.len());
+        let span = child_span(&t.req.trace.span, |parent| {
+            tracing::info_span!(
+                parent: parent,
+                "dispatch",
+                openinfer.worker = %w.addr,
+                openinfer.attempt = attempt,
+                openinfer.resumed_tokens = resumed,
+                openinfer.finish = tracing::field::Empty,
+            )
+        });
         let traceparent = trace::traceparent(&span, t.req.trace.trace_id);
         t.dispatch_span = Some(span);
         t.output.dispatched(now);
@@ -904,13 +908,15 @@ impl Scheduler {
 
 /// The span of a request's wait in the queue.
 fn queue_span(req: &Request, position: usize, resumed: bool) -> Span {
-    tracing::info_span!(
-        parent: &req.trace.span,
-        "queue",
-        openinfer.priority = req.priority,
-        openinfer.queue_position = position,
-        openinfer.resumed = resumed,
-    )
+    child_span(&req.trace.span, |parent| {
+        tracing::info_span!(
+            parent: parent,
+            "queue",
+            openinfer.priority = req.priority,
+            openinfer.queue_position = position,
+            openinfer.resumed = resumed,
+        )
+    })
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -44,7 +44,7 @@ pub struct Router {
     models: ModelTable,
     scheduler: SchedulerHandle,
     serving: watch::Receiver<bool>,
-    metrics: RouterMetrics,
+    metrics: Arc<RouterMetrics>,
 }
 
 impl Router {
@@ -52,7 +52,7 @@ impl Router {
     /// [`Router::add_worker`].
     pub fn start(cfg: RouterConfig, registry: &Registry) -> Result<Router, TelemetryError> {
         let cfg = Arc::new(cfg);
-        let metrics = RouterMetrics::new(registry)?;
+        let metrics = Arc::new(RouterMetrics::new(registry)?);
         let models = ModelTable::default();
         let (serving_tx, serving) = watch::channel(false);
         let scheduler = scheduler::spawn(cfg.clone(), models.clone(), serving_tx, metrics.clone());

@@ -30,7 +30,7 @@ pub struct InferenceService {
     scheduler: SchedulerHandle,
     models: ModelTable,
     cfg: Arc<RouterConfig>,
-    metrics: RouterMetrics,
+    metrics: Arc<RouterMetrics>,
     next_id: Arc<AtomicU64>,
 }
 
@@ -40,7 +40,7 @@ impl InferenceService {
         scheduler: SchedulerHandle,
         models: ModelTable,
         cfg: Arc<RouterConfig>,
-        metrics: RouterMetrics,
+        metrics: Arc<RouterMetrics>,
     ) -> Self {
         InferenceService {
             scheduler,
@@ -73,7 +73,7 @@ impl InferenceService {
             record.model_known(&req.model);
         }
         let validated = {
-            let span = tracing::info_span!(parent: record.span(), "validate");
+            let span = record.child(|p| tracing::info_span!(parent: p, "validate"));
             if req.prompt.len() <= INLINE_TOKENIZE_BYTES {
                 span.in_scope(|| validate(req, &self.models, &self.cfg, id, timeout))
             } else {

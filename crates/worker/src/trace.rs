@@ -1,10 +1,11 @@
 //! The worker's spans of one sequence: `prefill` from its arrival to its first token, then
 //! `decode` to its end (one span for the whole phase, with the step count, not one per
 //! token). Both are children of the router's dispatch span, whose `traceparent` comes with the
-//! sequence, so that they sit in the request's trace.
+//! sequence, so that they sit in the request's trace. With export off a sequence has one plain
+//! span, `sequence`, that gives its log lines the request and trace ids.
 
 use openinfer_proto::worker::v1 as pb;
-use openinfer_telemetry::{trace, TraceId, TraceParent, TRACEPARENT};
+use openinfer_telemetry::{otel, trace, TraceId, TraceParent, TRACEPARENT};
 use tracing::field::Empty;
 use tracing::Span;
 
@@ -18,8 +19,13 @@ pub struct SequenceTrace {
 }
 
 enum Phase {
+    /// Export off: one span for the log lines.
+    Logged(Span),
     Prefill(Span),
-    Decode { span: Span, steps: u32 },
+    Decode {
+        span: Span,
+        steps: u32,
+    },
 }
 
 impl SequenceTrace {
@@ -29,6 +35,22 @@ impl SequenceTrace {
             .trace_context
             .get(TRACEPARENT)
             .and_then(|v| TraceParent::parse(v));
+        if !otel::exporting() {
+            let span = tracing::info_span!(
+                parent: None,
+                "sequence",
+                request_id = spec.request_id.as_str(),
+                trace_id = Empty,
+            );
+            let trace_id = trace::join(&span, parent);
+            return SequenceTrace {
+                parent,
+                trace_id,
+                wire_id: spec.sequence_id,
+                request_id: String::new(),
+                phase: Phase::Logged(span),
+            };
+        }
         let span = tracing::info_span!(
             parent: None,
             "prefill",
@@ -56,13 +78,14 @@ impl SequenceTrace {
     /// The span of the phase the sequence is in.
     pub fn span(&self) -> &Span {
         match &self.phase {
-            Phase::Prefill(span) | Phase::Decode { span, .. } => span,
+            Phase::Logged(span) | Phase::Prefill(span) | Phase::Decode { span, .. } => span,
         }
     }
 
     /// A token came out: the first ends prefill and opens decode.
     pub fn token(&mut self) {
         match &mut self.phase {
+            Phase::Logged(_) => {}
             Phase::Decode { steps, .. } => *steps += 1,
             Phase::Prefill(prefill) => {
                 // Without a router's context (a direct client), decode hangs under prefill.
@@ -90,6 +113,10 @@ impl SequenceTrace {
     /// The sequence left the engine: closes the open span with the outcome.
     pub fn end(self, reason: &str, completion_tokens: usize) {
         let span = match self.phase {
+            Phase::Logged(span) => {
+                tracing::debug!(parent: &span, reason, completion_tokens, "sequence ended");
+                return;
+            }
             Phase::Prefill(span) => span,
             Phase::Decode { span, steps } => {
                 span.record("openinfer.decode_steps", steps);
