@@ -730,3 +730,60 @@ async fn the_service_name_and_the_sampler_come_from_the_otel_variables() {
         "always_off exports nothing: {worker_spans:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_worker_client_s_traceparent_on_the_execute_stream_parents_its_sequences() {
+    use openinfer_proto::worker::v1 as wpb;
+    let (receiver, endpoint) = Receiver::start().await;
+    let w = service(
+        "worker",
+        &[
+            "worker",
+            "--engine",
+            "sim",
+            "--sim-step-time",
+            "1ms",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        Some(&endpoint),
+        &[],
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut stream = worker_client(&w.addr)
+        .await
+        .execute(traced(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            &format!("00-{TRACE}-{CLIENT_SPAN}-01"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let spec = wpb::SequenceSpec {
+        sequence_id: 1,
+        prompt_ids: vec![1, 2, 3],
+        stopping: Some(wpb::StoppingParams {
+            max_new_tokens: 3,
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    tx.send(wpb::ExecuteRequest {
+        kind: Some(wpb::execute_request::Kind::Dispatch(wpb::Dispatch {
+            sequences: vec![spec],
+        })),
+    })
+    .await
+    .unwrap();
+    while let Some(m) = stream.message().await.unwrap() {
+        if !m.finished.is_empty() {
+            break;
+        }
+    }
+    let spans = receiver
+        .wait_for(TRACE, |s| s.iter().any(|x| x.name == "decode"))
+        .await;
+    assert_eq!(one(&spans, "prefill").parent_id, CLIENT_SPAN);
+    assert_eq!(one(&spans, "decode").parent_id, CLIENT_SPAN);
+}

@@ -1,5 +1,6 @@
 //! `openinfer serve` with no model makes the `tiny` demo model and serves it; `openinfer
-//! generate` streams an answer from it, configured by flags or by `OPENINFER_*` variables.
+//! generate` streams an answer from it, configured by flags or by `OPENINFER_*` variables;
+//! SIGTERM stops it.
 
 mod common;
 
@@ -10,7 +11,7 @@ fn serve_makes_the_demo_model_and_generate_streams_from_it() {
     let cache = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(common::bin());
     cmd.env("XDG_CACHE_HOME", cache.path());
-    let (_serve, addr) =
+    let (mut serve, addr) =
         common::spawn_command("serve", cmd.args(["serve", "--listen", "127.0.0.1:0"]));
     assert!(cache.path().join("openinfer/tiny/config.json").exists());
 
@@ -45,4 +46,19 @@ fn serve_makes_the_demo_model_and_generate_streams_from_it() {
         stderr.contains("max_new_tokens: must be at least 1"),
         "{stderr}"
     );
+
+    // SIGTERM stops it cleanly: router drained, then the embedded worker.
+    serve.sigterm();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = serve.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "serve still running 10 s after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(status.success(), "serve exit status {status}");
 }

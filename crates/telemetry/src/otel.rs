@@ -8,9 +8,11 @@
 //! * `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`: the sampler (default
 //!   `parentbased_always_on`, so a client's sampling decision in `traceparent` is kept).
 //! * `OTEL_BSP_*` tune the batch span processor; `OTEL_EXPORTER_OTLP_TIMEOUT`,
-//!   `OTEL_EXPORTER_OTLP_HEADERS` and the rest are read by `opentelemetry-otlp`.
+//!   `OTEL_EXPORTER_OTLP_HEADERS` and the rest are read by `opentelemetry-otlp`. An `https://`
+//!   endpoint (or one without a scheme) is reached over TLS, trusting the system's roots.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{SdkTracerProvider, Tracer};
@@ -88,10 +90,14 @@ impl Exporter {
     }
 }
 
+/// How long stopping waits for the last spans to reach the collector: an unreachable one must
+/// not hold up a process that was asked to stop.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
+
 impl Drop for Exporter {
     fn drop(&mut self) {
         EXPORTING.store(false, Ordering::Relaxed);
-        if let Err(e) = self.provider.shutdown() {
+        if let Err(e) = self.provider.shutdown_with_timeout(FLUSH_TIMEOUT) {
             tracing::warn!(error = %e, "cannot flush the last spans to the OTLP endpoint");
         }
         if let Some(rt) = self.runtime.take() {

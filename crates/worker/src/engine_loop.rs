@@ -13,7 +13,7 @@ use openinfer_core::{Code, ErrorCode, SequenceId};
 use openinfer_engine::engine::{Finished, StepOutput};
 use openinfer_engine::Backend;
 use openinfer_proto::worker::v1 as pb;
-use openinfer_telemetry::TelemetryError;
+use openinfer_telemetry::{TelemetryError, TraceParent};
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
@@ -57,6 +57,8 @@ pub enum Command {
         conn: u64,
         /// Where its messages go.
         tx: ResponseSender,
+        /// The `traceparent` of the stream's metadata, for sequences that carry none.
+        trace: Option<TraceParent>,
     },
     /// The connection ended: cancel all of its sequences.
     Disconnect {
@@ -249,6 +251,8 @@ struct Connection {
     tx: ResponseSender,
     /// Sequences it dispatched that the loop has taken in (reported back as credits).
     dispatched: u64,
+    /// The stream's own trace context (from its gRPC metadata), if any.
+    trace: Option<TraceParent>,
 }
 
 struct Loop<E> {
@@ -317,12 +321,19 @@ impl<E: Backend> Loop<E> {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Connect { conn, tx } => {
+            Command::Connect { conn, tx, trace } => {
                 let _ = tx.try_send(Ok(pb::ExecuteResponse {
                     capacity: Some(convert::capacity(&self.engine.capacity())),
                     ..Default::default()
                 }));
-                self.conns.insert(conn, Connection { tx, dispatched: 0 });
+                self.conns.insert(
+                    conn,
+                    Connection {
+                        tx,
+                        dispatched: 0,
+                        trace,
+                    },
+                );
                 self.metrics.connections.set(self.conns.len() as i64);
             }
             Command::Disconnect { conn } => self.disconnect(conn),
@@ -395,7 +406,8 @@ impl<E: Backend> Loop<E> {
         }
         self.next_id += 1;
         let id = SequenceId(self.next_id);
-        let trace = SequenceTrace::start(&spec, &self.model);
+        let stream_trace = self.conns.get(&conn).and_then(|c| c.trace);
+        let trace = SequenceTrace::start(&spec, &self.model, stream_trace);
         let taken = (spec.prompt_ids.len() + spec.generated_ids.len()) as u64;
         match self.engine.add(convert::sequence_request(spec, id)) {
             Ok(()) => {
@@ -523,7 +535,7 @@ impl<E: Backend> Loop<E> {
         m.kv_total.set(cap.total_blocks.into());
         let mut gone = Vec::new();
         for (conn, mut msg) in self.outbox.drain() {
-            let Some(Connection { tx, dispatched }) = self.conns.get(&conn) else {
+            let Some(Connection { tx, dispatched, .. }) = self.conns.get(&conn) else {
                 continue;
             };
             msg.capacity = Some(pb::CapacityReport {

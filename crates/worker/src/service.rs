@@ -3,6 +3,7 @@
 use openinfer_proto::worker::v1 as pb;
 use openinfer_proto::worker::v1::execute_request::Kind;
 use openinfer_proto::worker::v1::worker_server::Worker;
+use openinfer_telemetry::TraceParent;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -55,9 +56,13 @@ impl Worker for WorkerService {
         request: Request<Streaming<pb::ExecuteRequest>>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
         let conn = self.engine.new_connection();
+        // A client's trace context on the stream parents the sequences that bring none.
+        let trace = TraceParent::from_headers(request.metadata().as_ref());
         // One slot beyond the buffer is reserved for the final status of a lagging router.
         let (tx, rx) = mpsc::channel(self.engine.config().connection_buffer.max(1) + 1);
-        self.engine.send(Command::Connect { conn, tx }).await?;
+        self.engine
+            .send(Command::Connect { conn, tx, trace })
+            .await?;
         let engine = self.engine.clone();
         let mut inbound = request.into_inner();
         tokio::spawn(async move {

@@ -29,12 +29,14 @@ enum Phase {
 }
 
 impl SequenceTrace {
-    /// Opens the prefill span of `spec` (before it is handed to the engine).
-    pub fn start(spec: &pb::SequenceSpec, model: &str) -> Self {
+    /// Opens the prefill span of `spec` (before it is handed to the engine). Its parent is the
+    /// `traceparent` the sequence carries, else `stream`'s (from the `Execute` call's metadata).
+    pub fn start(spec: &pb::SequenceSpec, model: &str, stream: Option<TraceParent>) -> Self {
         let parent = spec
             .trace_context
             .get(TRACEPARENT)
-            .and_then(|v| TraceParent::parse(v));
+            .and_then(|v| TraceParent::parse(v))
+            .or(stream);
         if !otel::exporting() {
             let span = tracing::info_span!(
                 parent: None,

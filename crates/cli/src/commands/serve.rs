@@ -47,7 +47,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             },
         ));
         let router = Router::start(super::router::config(&a.router), &metrics)?;
-        let _link = router.add_worker(worker_addr.to_string());
+        let link = router.add_worker(worker_addr.to_string());
         // Ready means ready: announce the address once the embedded worker is linked.
         let linked = async {
             while router.models().serving() == 0 {
@@ -64,6 +64,10 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         );
         super::serve_metrics(&a.metrics, super::ROUTER_METRICS, metrics).await?;
         router.serve_on(listener, super::shutdown_signal()).await?;
+        // The router has drained: it lets go of the embedded worker, which ends the stream
+        // (nothing runs there any more) so that its server can stop.
+        drop(link);
+        handle.drain(std::time::Duration::ZERO).await?;
         let _ = stop_worker.send(());
         worker.await??;
         anyhow::Ok(())
