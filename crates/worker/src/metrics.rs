@@ -21,7 +21,7 @@ pub struct WorkerMetrics {
     pub batch_size: Histogram,
     /// Seconds per engine step.
     pub step_duration: Histogram,
-    /// Prompt tokens of sequences taken in (resumed ones included).
+    /// Tokens of sequences taken in, to prefill (a resumed sequence's generated ones included).
     pub prompt_tokens: IntCounter,
     /// Tokens generated.
     pub generation_tokens: IntCounter,
@@ -76,7 +76,7 @@ impl WorkerMetrics {
                 .with_label_values(&m),
             prompt_tokens: counter(
                 "openinfer_worker_prompt_tokens_total",
-                "Prompt tokens of sequences taken in (a resumed sequence counts again).",
+                "Tokens of sequences taken in, to prefill: the prompt, plus the tokens a resumed sequence had generated.",
             )?,
             generation_tokens: counter(
                 "openinfer_worker_generation_tokens_total",
