@@ -15,7 +15,9 @@ use common::etcd::EtcdServer;
 use common::otlp::{Receiver, Span};
 use common::{bin, prom, router_client, spawn_service, until_workers, worker_client, Service};
 use openinfer_proto::v1 as pb;
+use openinfer_proto::v1::inference_client::InferenceClient;
 use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
@@ -66,6 +68,18 @@ fn traced<T>(r: T, traceparent: &str) -> tonic::Request<T> {
     r
 }
 
+/// The sampled `traceparent` of the test's own client span.
+fn client_traceparent() -> String {
+    format!("00-{TRACE}-{CLIENT_SPAN}-01")
+}
+
+/// A client of router `r` once it sees `workers` workers.
+async fn ready_client(r: &Service, workers: u32) -> InferenceClient<Channel> {
+    let mut client = router_client(&r.addr).await;
+    until_workers(&mut client, workers, Duration::from_secs(30)).await;
+    client
+}
+
 fn named<'a>(spans: &'a [Span], name: &str) -> Vec<&'a Span> {
     spans.iter().filter(|s| s.name == name).collect()
 }
@@ -82,15 +96,14 @@ async fn one_trace_per_request_joins_the_router_s_and_the_worker_s_spans() {
     let (_dir, model) = common::tiny_model();
     let w = worker(&model, Some(&endpoint), &[], &[]);
     let r = router(&[&w.addr], Some(&endpoint), &[]);
-    let mut client = router_client(&r.addr).await;
-    until_workers(&mut client, 1, Duration::from_secs(20)).await;
+    let mut client = ready_client(&r, 1).await;
 
     // A unary call that continues the client's trace.
     let mut req = request("The quick brown fox", 6, "obs-unary");
     req.temperature = Some(0.5);
     req.seed = Some(7);
     req.priority = 3;
-    let parent = format!("00-{TRACE}-{CLIENT_SPAN}-01");
+    let parent = client_traceparent();
     let resp = client
         .generate(traced(req, &parent))
         .await
@@ -238,10 +251,9 @@ async fn a_request_migrated_to_another_worker_stays_one_trace() {
     let a = service("worker a", &sim, Some(&endpoint), &[]);
     let b = service("worker b", &sim, Some(&endpoint), &[]);
     let r = router(&[&a.addr, &b.addr], Some(&endpoint), &[]);
-    let mut client = router_client(&r.addr).await;
-    until_workers(&mut client, 2, Duration::from_secs(20)).await;
+    let client = ready_client(&r, 2).await;
 
-    let parent = format!("00-{TRACE}-{CLIENT_SPAN}-01");
+    let parent = client_traceparent();
     let mut c = client.clone();
     let call = tokio::spawn(async move {
         c.generate(traced(request("hello", 60, "obs-migrated"), &parent))
@@ -380,8 +392,7 @@ async fn metrics_move_as_requests_are_served_and_every_dashboard_query_names_one
         None,
         &[],
     );
-    let mut client = router_client(&r.addr).await;
-    until_workers(&mut client, 1, Duration::from_secs(20)).await;
+    let mut client = ready_client(&r, 1).await;
 
     let before_r = prom::parse(&prom::get(&r.metrics));
     let before_w = prom::parse(&prom::get(&w.metrics));
@@ -451,33 +462,30 @@ async fn metrics_move_as_requests_are_served_and_every_dashboard_query_names_one
         generated - 3.0,
         "one gap per token after the first"
     );
-    assert_eq!(
-        prom::value(&after_r, "openinfer_router_workers", &tiny),
-        1.0
-    );
-    assert_eq!(
-        prom::value(&after_r, "openinfer_router_registry_up", &[]),
-        1.0
-    );
-    assert_eq!(
-        prom::value(
+    // Gauges and counters read as they stand now.
+    let up = [("model", "tiny"), ("event", "up")];
+    for (samples, name, labels, want) in [
+        (&after_r, "openinfer_router_workers", &tiny[..], 1.0),
+        (&after_r, "openinfer_router_registry_up", &[], 1.0),
+        (
             &after_r,
             "openinfer_router_worker_registrations_total",
-            &[("model", "tiny"), ("event", "up")]
+            &up,
+            1.0,
         ),
-        1.0
-    );
-    assert_eq!(
-        prom::value(&after_r, "openinfer_router_queue_depth", &tiny),
-        0.0
-    );
-    assert!(
-        prom::value(
-            &after_r,
-            "openinfer_router_worker_kv_blocks_capacity",
-            &tiny
-        ) > 0.0
-    );
+        (&after_r, "openinfer_router_queue_depth", &tiny, 0.0),
+        (&after_w, "openinfer_worker_running_sequences", &tiny, 0.0),
+        (&after_w, "openinfer_worker_kv_blocks_used", &tiny, 0.0),
+        (&after_w, "openinfer_worker_connections", &tiny, 1.0),
+    ] {
+        assert_eq!(prom::value(samples, name, labels), want, "{name}");
+    }
+    for (samples, name) in [
+        (&after_r, "openinfer_router_worker_kv_blocks_capacity"),
+        (&after_w, "openinfer_worker_kv_blocks_capacity"),
+    ] {
+        assert!(prom::value(samples, name, &tiny) > 0.0, "{name}");
+    }
 
     let worker_moved = |name: &str| moved(&before_w, &after_w, name, &tiny);
     assert_eq!(
@@ -495,19 +503,6 @@ async fn metrics_move_as_requests_are_served_and_every_dashboard_query_names_one
             &[("model", "tiny"), ("outcome", "length")]
         ),
         3.0
-    );
-    assert_eq!(
-        prom::value(&after_w, "openinfer_worker_running_sequences", &tiny),
-        0.0
-    );
-    assert_eq!(
-        prom::value(&after_w, "openinfer_worker_kv_blocks_used", &tiny),
-        0.0
-    );
-    assert!(prom::value(&after_w, "openinfer_worker_kv_blocks_capacity", &tiny) > 0.0);
-    assert_eq!(
-        prom::value(&after_w, "openinfer_worker_connections", &tiny),
-        1.0
     );
 
     promtool_check_metrics(&router_text, "router");
@@ -566,12 +561,11 @@ async fn json_log_lines_inside_a_request_carry_its_trace_and_request_ids() {
     ];
     let w = worker(&model, None, &[], &json);
     let r = router(&[&w.addr], None, &json);
-    let mut client = router_client(&r.addr).await;
-    until_workers(&mut client, 1, Duration::from_secs(20)).await;
+    let mut client = ready_client(&r, 1).await;
     client
         .generate(traced(
             request("hello", 3, "obs-json"),
-            &format!("00-{TRACE}-{CLIENT_SPAN}-01"),
+            &client_traceparent(),
         ))
         .await
         .unwrap();
@@ -646,8 +640,7 @@ async fn a_tensor_parallel_group_joins_the_trace_through_rank_0() {
         &[],
     );
     let r = router(&[&group.addr], Some(&endpoint), &[]);
-    let mut client = router_client(&r.addr).await;
-    until_workers(&mut client, 1, Duration::from_secs(30)).await;
+    let mut client = ready_client(&r, 1).await;
     let resp = client
         .generate(traced(
             pb::GenerateRequest {
@@ -656,7 +649,7 @@ async fn a_tensor_parallel_group_joins_the_trace_through_rank_0() {
                 ignore_eos: true,
                 ..Default::default()
             },
-            &format!("00-{TRACE}-{CLIENT_SPAN}-01"),
+            &client_traceparent(),
         ))
         .await
         .unwrap()
@@ -702,12 +695,11 @@ async fn the_service_name_and_the_sampler_come_from_the_otel_variables() {
         Some(&endpoint),
         &[("OTEL_SERVICE_NAME", "edge-router")],
     );
-    let mut client = router_client(&r.addr).await;
-    until_workers(&mut client, 1, Duration::from_secs(20)).await;
+    let mut client = ready_client(&r, 1).await;
     client
         .generate(traced(
             request("hello", 3, "obs-sampler"),
-            &format!("00-{TRACE}-{CLIENT_SPAN}-01"),
+            &client_traceparent(),
         ))
         .await
         .unwrap();
@@ -754,7 +746,7 @@ async fn a_direct_worker_client_s_traceparent_on_the_execute_stream_parents_its_
         .await
         .execute(traced(
             tokio_stream::wrappers::ReceiverStream::new(rx),
-            &format!("00-{TRACE}-{CLIENT_SPAN}-01"),
+            &client_traceparent(),
         ))
         .await
         .unwrap()

@@ -35,8 +35,8 @@ impl Default for RequestTrace {
 pub const TEXT_COMPLETION: &str = "text_completion";
 
 /// A request's span and metrics from arrival to its end. Dropped before
-/// [`finished`](Self::finished) or [`failed`](Self::failed), the request counts as cancelled
-/// (its client went away).
+/// [`finished`](Self::finished) or [`fail`](Self::fail), the request counts as cancelled (its
+/// client went away).
 pub struct RequestRecord {
     trace: RequestTrace,
     metrics: Arc<RouterMetrics>,
@@ -171,8 +171,7 @@ impl RequestRecord {
         e.into()
     }
 
-    /// The request failed with `e`.
-    pub fn failed(&mut self, e: &RouterError) {
+    fn failed(&mut self, e: &RouterError) {
         self.done = true;
         let span = &self.trace.span;
         if otel::exporting() {
