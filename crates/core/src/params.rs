@@ -78,6 +78,17 @@ pub enum FinishReason {
 }
 
 impl FinishReason {
+    /// Every reason.
+    pub const ALL: [FinishReason; 7] = [
+        FinishReason::Length,
+        FinishReason::Stop,
+        FinishReason::Eos,
+        FinishReason::Cancelled,
+        FinishReason::Error,
+        FinishReason::Preempted,
+        FinishReason::Rejected,
+    ];
+
     /// The wire name used by the public API (`length`, `stop`, `eos`, ...).
     pub fn as_str(self) -> &'static str {
         match self {

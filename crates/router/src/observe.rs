@@ -22,15 +22,6 @@ pub struct RequestTrace {
     pub trace_id: TraceId,
 }
 
-impl Default for RequestTrace {
-    fn default() -> Self {
-        RequestTrace {
-            span: Span::none(),
-            trace_id: TraceId::random(),
-        }
-    }
-}
-
 /// The GenAI operation of the public `Generate` calls.
 pub const TEXT_COMPLETION: &str = "text_completion";
 
@@ -98,6 +89,11 @@ impl RequestRecord {
         &self.trace.span
     }
 
+    /// The request's trace, for the validated request to carry.
+    pub fn trace(&self) -> RequestTrace {
+        self.trace.clone()
+    }
+
     /// Names the request in logs and traces (before validation, as the client sent it).
     pub fn request_id(&self, id: &str) {
         self.trace.span.record("request_id", id);
@@ -110,10 +106,9 @@ impl RequestRecord {
         child_span(&self.trace.span, make)
     }
 
-    /// Records what validation made of the request, and hands its trace to it.
-    pub fn validated(&mut self, req: &mut Request, operation: &str) {
+    /// Records what validation made of the request.
+    pub fn validated(&mut self, req: &Request, operation: &str) {
         self.model = req.model.clone();
-        req.trace = self.trace.clone();
         if !otel::exporting() {
             return;
         }

@@ -74,23 +74,24 @@ impl InferenceService {
         }
         let validated = {
             let span = record.child(|p| tracing::info_span!(parent: p, "validate"));
+            let trace = record.trace();
             if req.prompt.len() <= INLINE_TOKENIZE_BYTES {
-                span.in_scope(|| validate(req, &self.models, &self.cfg, id, timeout))
+                span.in_scope(|| validate(req, &self.models, &self.cfg, id, timeout, trace))
             } else {
                 // Long prompts are tokenized off the async threads.
                 let (models, cfg) = (self.models.clone(), self.cfg.clone());
                 tokio::task::spawn_blocking(move || {
-                    span.in_scope(|| validate(req, &models, &cfg, id, timeout))
+                    span.in_scope(|| validate(req, &models, &cfg, id, timeout, trace))
                 })
                 .await
                 .map_err(|e| Status::internal(format!("tokenizer task failed: {e}")))?
             }
         };
-        let mut req = match validated {
+        let req = match validated {
             Ok(req) => req,
             Err(e) => return Err(record.fail(e)),
         };
-        record.validated(&mut req, TEXT_COMPLETION);
+        record.validated(&req, TEXT_COMPLETION);
         let started = Started {
             request_id: req.request_id.clone(),
             model: req.model.clone(),

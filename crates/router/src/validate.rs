@@ -11,6 +11,7 @@ use prost::Message;
 use crate::config::RouterConfig;
 use crate::error::RouterError;
 use crate::models::{ModelEntry, ModelTable};
+use crate::observe::RequestTrace;
 use crate::request::Request;
 
 /// Longest client request id kept.
@@ -29,13 +30,15 @@ pub fn client_request_id(req: &pb::GenerateRequest) -> Option<&str> {
 
 /// Checks `req` and turns it into a [`Request`] for model `entry`.
 ///
-/// `id` is the router's id for it; `queue_timeout` the client's `grpc-timeout`, if any.
+/// `id` is the router's id for it; `queue_timeout` the client's `grpc-timeout`, if any; `trace`
+/// its span and trace id, which the request carries on.
 pub fn validate(
     req: pb::GenerateRequest,
     models: &ModelTable,
     cfg: &RouterConfig,
     id: u64,
     queue_timeout: Option<Duration>,
+    trace: RequestTrace,
 ) -> Result<Request, RouterError> {
     let arrived = Instant::now();
     check_size(&req, cfg)?;
@@ -171,7 +174,7 @@ pub fn validate(
         priority: req.priority,
         arrived,
         deadline: arrived + timeout,
-        trace: Default::default(),
+        trace,
     })
 }
 

@@ -16,7 +16,7 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::{Context, SubscriberExt};
-use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::registry::{LookupSpan, SpanRef};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
@@ -134,28 +134,32 @@ struct RequestIdsLayer;
 
 impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for RequestIdsLayer {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        let mut ids = RequestIds::default();
-        attrs.record(&mut ids);
-        if ids.trace_id.is_some() || ids.request_id.is_some() {
-            if let Some(span) = ctx.span(id) {
-                span.extensions_mut().insert(ids);
-            }
+        if let Some(span) = ctx.span(id) {
+            remember(&span, |ids| attrs.record(ids));
         }
     }
 
     fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
-        let Some(span) = ctx.span(id) else { return };
-        let mut ext = span.extensions_mut();
-        match ext.get_mut::<RequestIds>() {
-            Some(ids) => values.record(ids),
-            None => {
-                let mut ids = RequestIds::default();
-                values.record(&mut ids);
-                if ids.trace_id.is_some() || ids.request_id.is_some() {
-                    ext.insert(ids);
-                }
-            }
+        if let Some(span) = ctx.span(id) {
+            remember(&span, |ids| values.record(ids));
         }
+    }
+}
+
+/// Adds what `record` finds to `span`'s ids; a span that names neither id keeps none.
+fn remember<S: for<'a> LookupSpan<'a>>(
+    span: &SpanRef<'_, S>,
+    record: impl FnOnce(&mut RequestIds),
+) {
+    let mut ext = span.extensions_mut();
+    if let Some(ids) = ext.get_mut::<RequestIds>() {
+        record(ids);
+        return;
+    }
+    let mut ids = RequestIds::default();
+    record(&mut ids);
+    if ids.trace_id.is_some() || ids.request_id.is_some() {
+        ext.insert(ids);
     }
 }
 

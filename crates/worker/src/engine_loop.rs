@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use openinfer_core::{Code, ErrorCode, SequenceId};
+use openinfer_core::{Code, ErrorCode, FinishReason, SequenceId};
 use openinfer_engine::engine::{Finished, StepOutput};
 use openinfer_engine::Backend;
 use openinfer_proto::worker::v1 as pb;
@@ -418,14 +418,14 @@ impl<E: Backend> Loop<E> {
             }
             Err(e) => {
                 tracing::debug!(parent: trace.span(), error = %e, "sequence rejected");
-                trace.end("rejected", 0);
+                trace.end(FinishReason::Rejected, 0);
                 self.reject(conn, wire, prompt_tokens, e.to_string());
             }
         }
     }
 
     fn reject(&mut self, conn: u64, wire: u64, prompt_tokens: u32, message: String) {
-        self.metrics.sequence_ended("rejected");
+        self.metrics.sequence_ended(FinishReason::Rejected);
         self.outbox
             .entry(conn)
             .or_default()
@@ -452,7 +452,6 @@ impl<E: Backend> Loop<E> {
     fn disconnect(&mut self, conn: u64) {
         self.conns.remove(&conn);
         self.metrics.connections.set(self.conns.len() as i64);
-        self.outbox.remove(&conn);
         let ids: Vec<SequenceId> = self
             .by_engine
             .iter()
@@ -461,15 +460,14 @@ impl<E: Backend> Loop<E> {
             .collect();
         for id in ids {
             if let Some(f) = self.engine.cancel(id) {
-                self.metrics.sequence_ended(f.reason.as_str());
-            }
-            if let Some(t) = self.traces.remove(&id) {
-                t.end("cancelled", 0);
-            }
-            if let Some(key) = self.by_engine.remove(&id) {
+                self.finish(&f);
+            } else if let Some(key) = self.by_engine.remove(&id) {
+                self.traces.remove(&id);
                 self.by_wire.remove(&key);
             }
         }
+        // Nobody is left to hear about those ends.
+        self.outbox.remove(&conn);
         tracing::debug!(
             conn,
             "router connection closed; its sequences were cancelled"
@@ -477,13 +475,9 @@ impl<E: Backend> Loop<E> {
     }
 
     fn finish(&mut self, f: &Finished) {
-        let reason = f.reason.as_str();
-        self.metrics.sequence_ended(reason);
-        if reason == "preempted" {
-            self.metrics.preemptions.inc();
-        }
+        self.metrics.sequence_ended(f.reason);
         if let Some(t) = self.traces.remove(&f.id) {
-            t.end(reason, f.completion_tokens);
+            t.end(f.reason, f.completion_tokens);
         }
         if let Some((conn, wire)) = self.by_engine.remove(&f.id) {
             self.by_wire.remove(&(conn, wire));

@@ -1,6 +1,7 @@
 //! The worker's Prometheus metrics (`openinfer_worker_*`), all labelled with the model the
 //! worker serves.
 
+use openinfer_core::FinishReason;
 use openinfer_telemetry::metrics::{Families, BATCH_SIZES, STEP_SECONDS};
 use openinfer_telemetry::TelemetryError;
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
@@ -96,24 +97,21 @@ impl WorkerMetrics {
                 "Router connections (Execute streams) open.",
             )?,
         };
-        for outcome in [
-            "length",
-            "stop",
-            "eos",
-            "cancelled",
-            "preempted",
-            "rejected",
-            "error",
-        ] {
-            metrics.sequences.with_label_values(&[model, outcome]);
+        for reason in FinishReason::ALL {
+            metrics
+                .sequences
+                .with_label_values(&[model, reason.as_str()]);
         }
         Ok(metrics)
     }
 
-    /// Counts a sequence's end.
-    pub fn sequence_ended(&self, outcome: &str) {
+    /// Counts a sequence's end (a preempted one is also a preemption).
+    pub fn sequence_ended(&self, reason: FinishReason) {
         self.sequences
-            .with_label_values(&[self.model.as_str(), outcome])
+            .with_label_values(&[self.model.as_str(), reason.as_str()])
             .inc();
+        if reason == FinishReason::Preempted {
+            self.preemptions.inc();
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! sequence, so that they sit in the request's trace. With export off a sequence has one plain
 //! span, `sequence`, that gives its log lines the request and trace ids.
 
+use openinfer_core::FinishReason;
 use openinfer_proto::worker::v1 as pb;
 use openinfer_telemetry::{otel, trace, TraceId, TraceParent, TRACEPARENT};
 use tracing::field::Empty;
@@ -113,7 +114,9 @@ impl SequenceTrace {
     }
 
     /// The sequence left the engine: closes the open span with the outcome.
-    pub fn end(self, reason: &str, completion_tokens: usize) {
+    pub fn end(self, reason: FinishReason, completion_tokens: usize) {
+        let failed = matches!(reason, FinishReason::Error | FinishReason::Cancelled);
+        let reason = reason.as_str();
         let span = match self.phase {
             Phase::Logged(span) => {
                 tracing::debug!(parent: &span, reason, completion_tokens, "sequence ended");
@@ -127,7 +130,7 @@ impl SequenceTrace {
         };
         span.record("gen_ai.usage.output_tokens", completion_tokens);
         span.record("gen_ai.response.finish_reasons", reason);
-        if matches!(reason, "error" | "cancelled") {
+        if failed {
             span.record("otel.status_code", "ERROR");
         }
         tracing::debug!(parent: &span, reason, completion_tokens, "sequence ended");
