@@ -494,3 +494,46 @@ async fn etcd_password_authentication_and_bad_records_are_ignored() {
     );
     assert!(wrong.0.try_wait().unwrap().is_none(), "the worker exited");
 }
+
+/// The `grpc.health.v1` states Kubernetes' probes read (docs/deploy.md): a warm worker that
+/// etcd has not seen yet is alive but not ready, it turns ready once registered, and both turn
+/// NOT_SERVING when it drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_is_ready_once_registered_and_neither_alive_nor_ready_while_draining() {
+    use tonic_health::pb::health_check_response::ServingStatus::{NotServing, Serving};
+    const READY: &str = "openinfer.worker.v1.Worker";
+    let mut etcd = EtcdServer::start();
+    etcd.stop();
+    let (worker, w_addr) = draining_worker(&etcd, "a", "2s");
+    assert_eq!(common::health(&w_addr, "").await, Serving as i32);
+    assert_eq!(common::health(&w_addr, READY).await, NotServing as i32);
+
+    etcd.resume();
+    let start = Instant::now();
+    while common::health(&w_addr, READY).await != Serving as i32 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the worker never turned ready after etcd came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(records(&etcd).await.len(), 1, "ready means registered");
+
+    // A stream keeps the worker busy through its drain.
+    let (_router, addr) = router(&etcd);
+    let mut client = router_client(&addr).await;
+    until_workers(&mut client, 1, Duration::from_secs(10)).await;
+    let running = tokio::spawn(stream(client.clone(), 2000));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    worker.sigterm();
+    let start = Instant::now();
+    while common::health(&w_addr, READY).await != NotServing as i32 {
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "still ready while draining"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(common::health(&w_addr, "").await, NotServing as i32);
+    drop(running);
+}

@@ -223,3 +223,79 @@ async fn a_supervised_group_stops_whole_when_one_rank_dies() {
     }
     until_workers(&mut client, 0, Duration::from_secs(3)).await;
 }
+
+/// One host of a tp 2 group split over two hosts (one rank each), the host given as its own
+/// loopback address: what a LeaderWorkerSet pod runs (docs/deploy.md).
+fn host_of_group(etcd: &EtcdServer, model: &Path, node: &str, ip: &str) -> Command {
+    let mut cmd = Command::new(common::bin());
+    cmd.args([
+        "worker",
+        "--tp",
+        "2",
+        "--tp-nodes",
+        "2",
+        "--tp-node-rank",
+        node,
+        "--tp-listen",
+        ip,
+        "--group-id",
+        "g-hosts",
+        "--registry",
+        &etcd.url(),
+        "--model",
+        model.to_str().unwrap(),
+        "--listen",
+        &format!("{ip}:0"),
+        "--block-size",
+        "4",
+        "--max-batch-tokens",
+        "24",
+    ]);
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_across_two_hosts_meets_on_their_addresses_and_gives_the_reference_tokens() {
+    let etcd = EtcdServer::start();
+    let model = fixtures().join("llama");
+    // Host 1 holds rank 1 only; host 0 holds rank 0, which serves gRPC once the group formed.
+    let _follower = Proc(
+        host_of_group(&etcd, &model, "1", "127.0.0.3")
+            .spawn()
+            .unwrap(),
+    );
+    let leader = common::spawn_service(
+        "host 0",
+        &mut host_of_group(&etcd, &model, "0", "127.0.0.2"),
+    );
+    assert!(leader.addr.starts_with("127.0.0.2:"), "{}", leader.addr);
+    let (_router, raddr) = registry_router(&etcd.url(), &[]);
+    let mut client = router_client(&raddr).await;
+    wait_for_workers(&mut client, 1).await;
+
+    // Each rank listened on its own host's address and was found there through etcd.
+    let ring = leader
+        .log()
+        .into_iter()
+        .find(|l| l.contains("connecting the tensor-parallel ring"))
+        .expect("rank 0 logs the ring's addresses");
+    assert!(
+        ring.contains("127.0.0.2:") && ring.contains("127.0.0.3:"),
+        "{ring}"
+    );
+
+    let calls = cases("llama").into_iter().map(|(prompt, max_new, want)| {
+        let mut client = client.clone();
+        async move { (generate(&mut client, greedy(&prompt, max_new)).await, want) }
+    });
+    for (i, (got, want)) in futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(
+            got, want,
+            "case {i}: a group across hosts differs from tp=1"
+        );
+    }
+}

@@ -130,7 +130,9 @@ pub struct WorkerArgs {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub registry: RegistryArgs,
-    /// Address routers dial (default: the listen address; required when listening on 0.0.0.0).
+    /// Address routers dial: HOST:PORT, or HOST alone for the --listen port (e.g. the pod's
+    /// IP, `$(POD_IP)`). Default: the listen address, or HOSTNAME:PORT when listening on
+    /// 0.0.0.0.
     #[arg(long, env = "OPENINFER_ADVERTISE_ADDR")]
     pub advertise_addr: Option<String>,
     /// This worker group's id in the registry (default: HOSTNAME-PORT).
@@ -174,9 +176,20 @@ pub struct TpArgs {
     /// default: nccl on CUDA devices, cpu otherwise.
     #[arg(long, env = "OPENINFER_TP_BACKEND", value_enum)]
     pub tp_backend: Option<TpBackend>,
-    /// Where this rank's collective listens (the cpu backend).
-    #[arg(long, env = "OPENINFER_TP_LISTEN", default_value = "127.0.0.1:0")]
+    /// Where this rank's collective listens and what it advertises to the other ranks:
+    /// IP or IP:PORT (port 0 or none: any free port). On a group across hosts, the host's
+    /// (pod's) own address, e.g. `$(POD_IP)`.
+    #[arg(long, env = "OPENINFER_TP_LISTEN", default_value = "127.0.0.1:0", value_parser = parse_listen_ip)]
     pub tp_listen: SocketAddr,
+    /// Hosts (pods) the group spans; each starts --tp / --tp-nodes of its ranks (one per
+    /// device) and the ranks meet through --registry.
+    #[arg(long, env = "OPENINFER_TP_NODES", default_value_t = 1)]
+    pub tp_nodes: usize,
+    /// This host's index among --tp-nodes (0 holds rank 0, which serves gRPC); host i runs
+    /// ranks i·L .. (i+1)·L - 1, L = --tp / --tp-nodes. Under a LeaderWorkerSet:
+    /// `$(LWS_WORKER_INDEX)`.
+    #[arg(long, env = "OPENINFER_TP_NODE_RANK", default_value_t = 0)]
+    pub tp_node_rank: usize,
     /// Every rank's collective address, by rank, instead of a rendezvous through etcd.
     #[arg(long, env = "OPENINFER_TP_PEERS", value_delimiter = ',')]
     pub tp_peers: Vec<SocketAddr>,
@@ -642,6 +655,19 @@ pub struct BenchRouterArgs {
     pub out: PathBuf,
 }
 
+/// Parses a listen address given as `IP:PORT` or a bare `IP` (any free port).
+pub fn parse_listen_ip(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    s.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 0))
+        .map_err(|_| format!("`{s}` is not an IP address or IP:PORT"))
+}
+
 /// Parses `1024`, `512KiB`, `64MiB`, `8GiB`, `1.5GB` into bytes.
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -697,6 +723,18 @@ mod tests {
         );
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn listen_ips_parse_with_or_without_a_port() {
+        let p = |s| parse_listen_ip(s).unwrap().to_string();
+        assert_eq!(p("10.1.2.3"), "10.1.2.3:0");
+        assert_eq!(p("10.1.2.3:7000"), "10.1.2.3:7000");
+        assert_eq!(p("fd00::7"), "[fd00::7]:0");
+        assert_eq!(p("[fd00::7]"), "[fd00::7]:0");
+        assert_eq!(p("[fd00::7]:7000"), "[fd00::7]:7000");
+        assert!(parse_listen_ip("pod-a").is_err());
+        assert!(parse_listen_ip("10.1.2.3:http").is_err());
     }
 
     #[test]

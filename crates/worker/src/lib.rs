@@ -16,45 +16,71 @@ pub mod trace;
 pub use engine_loop::{EngineHandle, LoopConfig};
 pub use service::WorkerService;
 
-use std::net::SocketAddr;
-
 use openinfer_proto::worker::v1::worker_server::WorkerServer;
 
 /// Why the worker's server stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// The listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}; pick a free address with --listen")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// The cause.
-        source: std::io::Error,
-    },
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves `service` on `addr` until `shutdown` resolves.
-pub async fn serve(
-    service: WorkerService,
-    addr: SocketAddr,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind { addr, source })?;
-    serve_on(service, listener, shutdown).await
+/// Where a worker is in its life, as its `grpc.health.v1` service reports it (Kubernetes
+/// probes read it; docs/deploy.md).
+///
+/// | state | `""` (liveness) | `openinfer.worker.v1.Worker` (readiness) |
+/// |---|---|---|
+/// | [`Starting`](Readiness::Starting): warm, not yet in the registry | SERVING | NOT_SERVING |
+/// | [`Ready`](Readiness::Ready): registered (or static) | SERVING | SERVING |
+/// | [`Draining`](Readiness::Draining) | NOT_SERVING | NOT_SERVING |
+///
+/// The port opens only after the warm-up step, so a worker that answers at all has loaded
+/// its model. Once registered it stays ready through etcd outages: it keeps serving the
+/// routers it has (ARCHITECTURE §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Warm, not yet registered.
+    Starting,
+    /// Registered, or static membership: routers may send work.
+    Ready,
+    /// Draining after SIGTERM.
+    Draining,
 }
 
+/// The service name the readiness state is reported under.
+pub const READINESS_SERVICE: &str = "openinfer.worker.v1.Worker";
+
 /// Serves `service` on an already bound listener (lets tests and `--listen 127.0.0.1:0` learn
-/// the port first).
+/// the port first) until `shutdown` resolves, with `grpc.health.v1` following `readiness`.
 pub async fn serve_on(
     service: WorkerService,
     listener: tokio::net::TcpListener,
+    mut readiness: tokio::sync::watch::Receiver<Readiness>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    use tonic_health::ServingStatus::{NotServing, Serving};
+    let (reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(async move {
+        loop {
+            let state = *readiness.borrow_and_update();
+            let alive = if state == Readiness::Draining {
+                NotServing
+            } else {
+                Serving
+            };
+            let ready = if state == Readiness::Ready {
+                Serving
+            } else {
+                NotServing
+            };
+            reporter.set_service_status("", alive).await;
+            reporter.set_service_status(READINESS_SERVICE, ready).await;
+            if readiness.changed().await.is_err() {
+                return;
+            }
+        }
+    });
     // Small step messages must not wait for Nagle's algorithm.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
@@ -63,6 +89,7 @@ pub async fn serve_on(
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
         )
+        .add_service(health)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())

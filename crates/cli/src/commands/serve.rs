@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use openinfer_router::Router;
-use openinfer_worker::WorkerService;
+use openinfer_worker::{Readiness, WorkerService};
 
 use crate::args::{EngineKind, ServeArgs};
 
@@ -39,9 +39,12 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         let worker_listener = super::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let worker_addr = worker_listener.local_addr()?;
         let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
+        // Only this process's router uses the embedded worker: it is ready from the start.
+        let (_ready, readiness) = tokio::sync::watch::channel(Readiness::Ready);
         let worker = tokio::spawn(openinfer_worker::serve_on(
             WorkerService::new(handle.clone()),
             worker_listener,
+            readiness,
             async {
                 let _ = worker_stopped.await;
             },

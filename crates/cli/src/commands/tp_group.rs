@@ -6,10 +6,12 @@
 //!   then loads its shard into the engine, serves gRPC, and registers the group as one worker
 //!   after its warm-up step, a forward that every rank must have loaded its shard to run. The
 //!   other ranks load theirs and [`follow`] rank 0's steps.
-//! * Without `--rank` this process starts the N ranks itself (one per device) and
+//! * Without `--rank` this process starts the N ranks itself (one per device), or with
+//!   `--tp-nodes M --tp-node-rank I` its host's share of them (ranks I·N/M ..), and
 //!   [`supervise`]s them: SIGTERM drains rank 0 (which then stops the others); if any rank
 //!   exits, the rest are stopped (rank 0 first, so that it leaves the registry at once and
-//!   routers resume its sequences elsewhere) and the supervisor fails.
+//!   routers resume its sequences elsewhere) and the supervisor fails. The ranks of a group
+//!   across hosts listen on their host's address (`--tp-listen`) and meet through etcd.
 
 use std::ffi::OsString;
 use std::net::{SocketAddr, TcpListener};
@@ -25,7 +27,7 @@ use openinfer_engine::ModelDir;
 use openinfer_registry::group::{RankKey, RankRecord};
 use openinfer_registry::EtcdConfig;
 
-use crate::args::{EngineKind, TpBackend, WorkerArgs};
+use crate::args::{EngineKind, TpArgs, TpBackend, WorkerArgs};
 
 /// What this worker process is.
 pub enum Role {
@@ -51,6 +53,35 @@ pub fn role(a: &WorkerArgs) -> anyhow::Result<Role> {
     }
     if backend(a) == TpBackend::Nccl && !cfg!(feature = "cuda") {
         bail!("the nccl backend needs a CUDA build (docs/tensor-parallel.md: building with CUDA); use --tp-backend cpu");
+    }
+    if t.tp_nodes == 0 || t.tp % t.tp_nodes != 0 {
+        bail!(
+            "--tp {} does not split evenly over --tp-nodes {}: every host runs the same number of ranks",
+            t.tp,
+            t.tp_nodes
+        );
+    }
+    if t.tp_node_rank >= t.tp_nodes {
+        bail!(
+            "--tp-node-rank {} is outside --tp-nodes {}: hosts are 0..{}",
+            t.tp_node_rank,
+            t.tp_nodes,
+            t.tp_nodes - 1
+        );
+    }
+    if t.tp_nodes > 1 && t.tp_peers.is_empty() {
+        if a.registry.registry.is_none() {
+            bail!("a group across --tp-nodes {} hosts meets through etcd: give --registry (or every rank's address in --tp-peers)", t.tp_nodes);
+        }
+        if a.group_id.is_none() {
+            bail!("a group across hosts needs --group-id, the same on every host of the group");
+        }
+        if t.tp_listen.ip().is_unspecified() {
+            bail!(
+                "--tp-listen {} is what the other hosts would be told to dial; give this host's own address (e.g. $(POD_IP))",
+                t.tp_listen
+            );
+        }
     }
     if !t.tp_peers.is_empty() && t.tp_peers.len() != t.tp {
         bail!(
@@ -188,7 +219,13 @@ pub fn follow(a: &WorkerArgs, comm: Arc<dyn Communicator>) -> anyhow::Result<()>
     })
 }
 
-/// Starts the `--tp` ranks as child processes and supervises them.
+/// The ranks this host runs: all of them, or its share of a group across `--tp-nodes` hosts.
+pub fn local_ranks(t: &TpArgs) -> std::ops::Range<usize> {
+    let per_host = t.tp / t.tp_nodes.max(1);
+    t.tp_node_rank * per_host..(t.tp_node_rank + 1) * per_host
+}
+
+/// Starts this host's ranks as child processes and supervises them.
 pub fn supervise(a: &WorkerArgs) -> anyhow::Result<()> {
     let t = &a.tp;
     let group = a
@@ -205,8 +242,9 @@ pub fn supervise(a: &WorkerArgs) -> anyhow::Result<()> {
     let cuda = a.engine.device.starts_with("cuda");
     let args = child_args(cuda);
     let exe = std::env::current_exe().context("cannot find the openinfer binary")?;
-    let mut ranks = Vec::with_capacity(t.tp);
-    for rank in 0..t.tp {
+    let local = local_ranks(t);
+    let mut ranks = Vec::with_capacity(local.len());
+    for rank in local.clone() {
         let mut cmd = Command::new(&exe);
         cmd.args(&args)
             .env("OPENINFER_RANK", rank.to_string())
@@ -216,7 +254,7 @@ pub fn supervise(a: &WorkerArgs) -> anyhow::Result<()> {
             cmd.env("OPENINFER_TP_PEERS", list.join(","));
         }
         if cuda {
-            cmd.env("OPENINFER_DEVICE", format!("cuda:{rank}"));
+            cmd.env("OPENINFER_DEVICE", format!("cuda:{}", rank - local.start));
         }
         stop_with_parent(&mut cmd);
         let child = cmd
@@ -225,20 +263,26 @@ pub fn supervise(a: &WorkerArgs) -> anyhow::Result<()> {
         tracing::info!(rank, pid = child.id(), group = %group, "started rank");
         ranks.push(child);
     }
-    let result = super::runtime()?.block_on(watch_ranks(&mut ranks));
+    let result = super::runtime()?.block_on(watch_ranks(&mut ranks, local.start));
     stop_all(&mut ranks);
     result
 }
 
 /// Waits for SIGTERM (drains the group through rank 0) or for a rank to exit (stops the rest).
-async fn watch_ranks(ranks: &mut [Child]) -> anyhow::Result<()> {
+/// `ranks[i]` is rank `first + i`; on hosts without rank 0 (`first > 0`) SIGTERM only waits:
+/// the followers stop when rank 0, on the group's first host, stops the group.
+async fn watch_ranks(ranks: &mut [Child], first: usize) -> anyhow::Result<()> {
     let mut signal = std::pin::pin!(super::shutdown_signal());
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
             () = &mut signal => {
-                tracing::info!("draining the group through rank 0");
-                terminate(&ranks[0]);
+                if first == 0 {
+                    tracing::info!("draining the group through rank 0");
+                    terminate(&ranks[0]);
+                } else {
+                    tracing::info!("waiting for rank 0, on the group's first host, to stop the group");
+                }
                 let code = wait_all(ranks).await;
                 return if code.iter().all(|c| *c == Some(0)) {
                     Ok(())
@@ -247,11 +291,15 @@ async fn watch_ranks(ranks: &mut [Child]) -> anyhow::Result<()> {
                 };
             }
             _ = tick.tick() => {
-                for (rank, child) in ranks.iter_mut().enumerate() {
+                for (i, child) in ranks.iter_mut().enumerate() {
                     if let Some(status) = child.try_wait()? {
+                        let rank = first + i;
                         tracing::error!(rank, %status, "a rank exited; stopping the group");
                         // Rank 0 first: it leaves the registry and hands its sequences back.
-                        terminate(&ranks[0]);
+                        // (Elsewhere the followers stop as the broken ring reaches them.)
+                        if first == 0 {
+                            terminate(&ranks[0]);
+                        }
                         let _ = tokio::time::timeout(Duration::from_secs(10), wait_all(ranks)).await;
                         bail!("rank {rank} exited ({status}); the group stopped");
                     }
@@ -354,4 +402,66 @@ fn free_loopback_addrs(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
         .iter()
         .map(|l| l.local_addr().context("loopback port"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::args::{Cli, Command};
+    use clap::Parser;
+
+    fn worker(flags: &[&str]) -> WorkerArgs {
+        let argv = ["openinfer", "worker", "--model", "/m"].iter().chain(flags);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Worker(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    fn refused(flags: &[&str]) -> String {
+        match role(&worker(flags)) {
+            Ok(_) => panic!("{flags:?} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_group_across_hosts_splits_its_ranks_evenly() {
+        let across = [
+            "--tp",
+            "8",
+            "--tp-nodes",
+            "2",
+            "--tp-node-rank",
+            "1",
+            "--registry",
+            "etcd://e:2379",
+            "--group-id",
+            "g",
+            "--tp-listen",
+            "10.0.0.7",
+        ];
+        let a = worker(&across);
+        assert!(matches!(role(&a).unwrap(), Role::Supervisor));
+        assert_eq!(local_ranks(&a.tp), 4..8);
+        assert_eq!(a.tp.tp_listen.to_string(), "10.0.0.7:0");
+        assert_eq!(local_ranks(&worker(&["--tp", "4"]).tp), 0..4);
+
+        assert!(refused(&["--tp", "4", "--tp-nodes", "3"]).contains("does not split evenly"));
+        let outside = refused(&["--tp", "4", "--tp-nodes", "2", "--tp-node-rank", "2"]);
+        assert!(outside.contains("outside --tp-nodes 2"), "{outside}");
+        assert!(refused(&["--tp", "4", "--tp-nodes", "2"]).contains("--registry"));
+        let unnamed = [
+            "--tp",
+            "4",
+            "--tp-nodes",
+            "2",
+            "--registry",
+            "etcd://e:2379",
+        ];
+        assert!(refused(&unnamed).contains("--group-id"));
+        let mut wildcard = unnamed.to_vec();
+        wildcard.extend(["--group-id", "g", "--tp-listen", "0.0.0.0:0"]);
+        assert!(refused(&wildcard).contains("this host's own address"));
+    }
 }

@@ -1,5 +1,6 @@
 //! `openinfer worker`.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -7,13 +8,15 @@ use anyhow::Context;
 use openinfer_core::SequenceId;
 use openinfer_engine::tp::Communicator;
 use openinfer_engine::{Backend, SequenceRequest, SimConfig, SimEngine};
-use openinfer_worker::{EngineHandle, LoopConfig, WorkerService};
+use openinfer_worker::{EngineHandle, LoopConfig, Readiness, WorkerService};
 
 use super::tp_group::Role;
 use crate::args::{EngineArgs, EngineKind, WorkerArgs, WorkerLoopArgs};
 
 pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
     let registry = super::etcd_config(&a.registry)?;
+    // A bad address fails now, not after the model has loaded.
+    advertised(a.advertise_addr.as_deref(), a.listen)?;
     let revision = match (&a.model, a.engine.engine) {
         (Some(dir), EngineKind::Model) => model_revision(dir),
         _ => "sim".to_string(),
@@ -43,23 +46,42 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
         tracing::info!(%addr, model = %handle.info().model, "worker serving openinfer.worker.v1");
         super::serve_metrics(&a.metrics, super::WORKER_METRICS, metrics).await?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (readiness, readiness_rx) = tokio::sync::watch::channel(Readiness::Starting);
         let server = tokio::spawn(openinfer_worker::serve_on(
             WorkerService::new(handle.clone()),
             listener,
+            readiness_rx,
             async {
                 let _ = stop_rx.await;
             },
         ));
         // Registered only now: the model is loaded and warmed up and the port is open.
-        let registration = registry.map(|cfg| {
-            let record = record(&a, &handle, addr, revision);
-            tracing::info!(key = %record.key(), "registering in etcd");
-            openinfer_registry::Registration::start(cfg, record, a.lease_ttl)
-        });
-        let failed = tokio::select! {
-            () = super::shutdown_signal() => None,
-            reason = handle.failed() => Some(reason),
+        let mut registration = match registry {
+            Some(cfg) => {
+                let record = record(&a, &handle, addr, revision)?;
+                tracing::info!(key = %record.key(), address = %record.address, "registering in etcd");
+                Some(openinfer_registry::Registration::start(
+                    cfg,
+                    record,
+                    a.lease_ttl,
+                ))
+            }
+            None => {
+                readiness.send_replace(Readiness::Ready);
+                None
+            }
         };
+        let mut signal = std::pin::pin!(super::shutdown_signal());
+        let failed = loop {
+            tokio::select! {
+                () = &mut signal => break None,
+                reason = handle.failed() => break Some(reason),
+                () = first_registration(&mut registration), if *readiness.borrow() == Readiness::Starting => {
+                    readiness.send_replace(Readiness::Ready);
+                }
+            }
+        };
+        readiness.send_replace(Readiness::Draining);
         if let Some(reason) = failed {
             // The group broke: leave the registry at once; routers resume the sequences.
             if let Some(r) = registration {
@@ -80,24 +102,55 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
     })
 }
 
+/// Resolves once `registration` has written its record the first time (never without one).
+async fn first_registration(registration: &mut Option<openinfer_registry::Registration>) {
+    match registration {
+        Some(r) => r.registered().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The address routers dial: `--advertise-addr` (HOST:PORT, or HOST with the listen port),
+/// else the listen address, or HOSTNAME:PORT when listening on every interface.
+fn advertised(advertise: Option<&str>, listen: SocketAddr) -> anyhow::Result<String> {
+    let port = listen.port();
+    let Some(given) = advertise.map(str::trim) else {
+        return Ok(if listen.ip().is_unspecified() {
+            format!("{}:{port}", super::hostname())
+        } else {
+            listen.to_string()
+        });
+    };
+    let bare = given.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port).to_string());
+    }
+    if given.parse::<SocketAddr>().is_ok() {
+        return Ok(given.to_string());
+    }
+    match given.rsplit_once(':') {
+        None if !given.is_empty() => Ok(format!("{given}:{port}")),
+        Some((host, p)) if !host.is_empty() && !host.contains(':') && p.parse::<u16>().is_ok() => {
+            Ok(given.to_string())
+        }
+        _ => anyhow::bail!(
+            "--advertise-addr `{given}` is not HOST:PORT or HOST (an IP address or a DNS name)"
+        ),
+    }
+}
+
 /// This worker's registry record.
 fn record(
     a: &WorkerArgs,
     handle: &EngineHandle,
-    addr: std::net::SocketAddr,
+    addr: SocketAddr,
     revision: String,
-) -> openinfer_registry::WorkerRecord {
+) -> anyhow::Result<openinfer_registry::WorkerRecord> {
     let info = handle.info();
     let host = super::hostname();
-    let address = a.advertise_addr.clone().unwrap_or_else(|| {
-        if addr.ip().is_unspecified() {
-            format!("{host}:{}", addr.port())
-        } else {
-            addr.to_string()
-        }
-    });
+    let address = advertised(a.advertise_addr.as_deref(), addr)?;
     let kv = info.kv.unwrap_or_default();
-    openinfer_registry::WorkerRecord {
+    Ok(openinfer_registry::WorkerRecord {
         group_id: a
             .group_id
             .clone()
@@ -114,7 +167,7 @@ fn record(
         max_model_len: info.max_model_len,
         version: info.version.clone(),
         labels: Default::default(),
-    }
+    })
 }
 
 /// A digest of the model directory's config and weight files (names, sizes, config text):
@@ -197,4 +250,28 @@ fn spawn_warm<E: Backend>(mut engine: E, cfg: LoopConfig) -> anyhow::Result<Engi
         engine.step().context("warm-up step")?;
     }
     Ok(EngineHandle::spawn(engine, cfg)?.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_advertised_address_takes_the_listen_port_when_given_a_host() {
+        let listen: SocketAddr = "0.0.0.0:50061".parse().unwrap();
+        let adv = |s| advertised(Some(s), listen).unwrap();
+        assert_eq!(adv("10.1.2.3"), "10.1.2.3:50061");
+        assert_eq!(adv("10.1.2.3:7000"), "10.1.2.3:7000");
+        assert_eq!(adv("fd00::7"), "[fd00::7]:50061");
+        assert_eq!(adv("[fd00::7]"), "[fd00::7]:50061");
+        assert_eq!(adv("[fd00::7]:7000"), "[fd00::7]:7000");
+        assert_eq!(adv("worker-0.workers"), "worker-0.workers:50061");
+        assert_eq!(adv("worker-0.workers:7000"), "worker-0.workers:7000");
+        for bad in ["", "host:port", "a:b:c", ":7000"] {
+            assert!(advertised(Some(bad), listen).is_err(), "{bad}");
+        }
+        let local: SocketAddr = "127.0.0.2:50061".parse().unwrap();
+        assert_eq!(advertised(None, local).unwrap(), "127.0.0.2:50061");
+        assert!(advertised(None, listen).unwrap().ends_with(":50061"));
+    }
 }
