@@ -1,27 +1,12 @@
 //! A real third-party client: Python `grpcio` with `grpc_requests`, which learns the API through
 //! server reflection (v1alpha) and sends JSON-shaped requests with no generated code.
 //!
-//! The Python comes from `OPENINFER_TEST_PYTHON`, else `target/test-venv/bin/python`, which
-//! `scripts/test.sh` creates from `scripts/requirements-test.txt`.
+//! The Python is [`common::python`].
 
 mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("OPENINFER_TEST_PYTHON") {
-        return p.into();
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let venv = root.join("target/test-venv/bin/python");
-    assert!(
-        venv.exists(),
-        "no test Python: run scripts/test.sh (it creates {}) or set OPENINFER_TEST_PYTHON",
-        venv.display()
-    );
-    venv
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_drives_the_router_through_reflection() {
@@ -33,7 +18,7 @@ async fn python_grpcio_drives_the_router_through_reflection() {
 
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/reflection_client.py");
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
+        Command::new(common::python())
             .arg(script)
             .arg(&addr)
             .output()

@@ -36,7 +36,8 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn etcd_binary() -> PathBuf {
+/// The etcd binary: `OPENINFER_TEST_ETCD`, else `etcd` on the PATH.
+pub fn etcd_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("OPENINFER_TEST_ETCD") {
         return p.into();
     }

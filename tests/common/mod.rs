@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod etcd;
+pub mod kube;
 pub mod otlp;
 pub mod prom;
 
@@ -29,6 +30,22 @@ pub fn bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// The Python with the third-party test clients and tools: `OPENINFER_TEST_PYTHON`, else
+/// `target/test-venv/bin/python`, which `scripts/test.sh` makes from
+/// `scripts/requirements-test.txt`.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("OPENINFER_TEST_PYTHON") {
+        return p.into();
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-venv/bin/python");
+    assert!(
+        venv.exists(),
+        "no test Python: run scripts/test.sh (it creates {}) or set OPENINFER_TEST_PYTHON",
+        venv.display()
+    );
+    venv
 }
 
 /// A child process, killed when dropped (pass or fail).
