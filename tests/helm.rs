@@ -462,11 +462,13 @@ fn stateful_pods(sts: &Value, ips: &mut Addresses, dns: &mut Dns) -> Vec<Pod> {
         .collect()
 }
 
-/// The pod a Deployment makes (one replica).
+/// A pod a Deployment makes.
 fn deployment_pod(d: &Value, ips: &mut Addresses, host_paths: &BTreeMap<String, PathBuf>) -> Pod {
+    let ip = ips.next();
+    let suffix = ip.rsplit('.').next().unwrap();
     Pod::new(
-        &format!("{}-7d9f8b6c5d-x2x4q", name(d)),
-        &ips.next(),
+        &format!("{}-7d9f8b6c5d-x{suffix}", name(d)),
+        &ip,
         NAMESPACE,
         &d["spec"]["template"],
         host_paths,
@@ -558,6 +560,111 @@ async fn render_and_run_the_cpu_example_etcd_worker_and_router_as_the_chart_star
 
     // Deleting the release: every container stops within its grace period, exit 0.
     worker.terminate().await;
+    router.terminate().await;
+    for e in &mut etcd {
+        e.terminate().await;
+    }
+}
+
+/// Streams requests through `addr` until `stop`; (completed, failures).
+async fn steady_load(addr: String, stop: tokio::sync::watch::Receiver<bool>) -> (u32, Vec<String>) {
+    use tokio_stream::StreamExt;
+    let mut client = common::router_client(&addr).await;
+    let (mut done, mut failed) = (0, Vec::new());
+    while !*stop.borrow() {
+        let req = pb::GenerateRequest {
+            prompt: "The rolling upgrade".into(),
+            max_new_tokens: Some(24),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let mut tokens = 0;
+        let outcome = async {
+            let mut s = client.generate_stream(req).await?.into_inner();
+            while let Some(m) = s.next().await {
+                tokens += m?.token_ids.len();
+            }
+            Ok::<_, tonic::Status>(())
+        }
+        .await;
+        match outcome {
+            Ok(()) if tokens == 24 => done += 1,
+            Ok(()) => failed.push(format!("{tokens} tokens instead of 24")),
+            Err(e) => failed.push(e.to_string()),
+        }
+    }
+    (done, failed)
+}
+
+/// A rolling upgrade as the chart's worker Deployment does it (maxSurge 1, maxUnavailable 0):
+/// the new pod starts and turns ready (registered), then the old one gets SIGTERM and drains
+/// within its grace period; clients streaming through the router all the while lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_upgrade_of_a_worker_under_load_loses_no_request() {
+    let release = Release::render(&example("cpu-single"), None);
+    let entry = entrypoint();
+    let mut ips = Addresses { net: 3, next: 0 };
+    let mut dns = Dns::default();
+    let deployment = release.one("Deployment", "-tiny");
+    let rolling = &deployment["spec"]["strategy"]["rollingUpdate"];
+    assert_eq!(
+        (
+            rolling["maxSurge"].as_u64(),
+            rolling["maxUnavailable"].as_u64()
+        ),
+        (Some(1), Some(0))
+    );
+    let mut etcd = stateful_pods(release.one("StatefulSet", "-etcd"), &mut ips, &mut dns);
+    let mut router = deployment_pod(
+        release.one("Deployment", "-router"),
+        &mut ips,
+        &BTreeMap::new(),
+    );
+    let mut old = deployment_pod(deployment, &mut ips, &BTreeMap::new());
+    let mut new = deployment_pod(deployment, &mut ips, &BTreeMap::new());
+    for e in &mut etcd {
+        e.start(&entry, &dns).await;
+        e.until_ready(Duration::from_secs(30)).await;
+    }
+    old.start(&entry, &dns).await;
+    router.start(&entry, &dns).await;
+    old.until_ready(Duration::from_secs(120)).await;
+    router.until_ready(Duration::from_secs(30)).await;
+    let addr = through_service(release.one("Service", "-router"), "grpc", &[&router]);
+    common::wait_for_workers(&mut common::router_client(&addr).await, 1).await;
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let load: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(steady_load(addr.clone(), stopped.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    new.start(&entry, &dns).await;
+    new.until_ready(Duration::from_secs(120)).await;
+    let drained = old.terminate().await;
+    // Requests keep being served by the new pod alone.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.send_replace(true);
+    let mut done = 0;
+    for l in load {
+        let (d, failed) = l.await.unwrap();
+        assert!(
+            failed.is_empty(),
+            "requests failed during the upgrade: {failed:?}"
+        );
+        done += d;
+    }
+    assert!(done >= 12, "only {done} requests completed");
+    let served = metrics_of(&new);
+    let generated = common::prom::value(
+        &common::prom::parse(&served),
+        "openinfer_worker_generation_tokens_total",
+        &[],
+    );
+    assert!(
+        generated > 0.0,
+        "the new pod served nothing (drain took {drained:?})"
+    );
+    new.terminate().await;
     router.terminate().await;
     for e in &mut etcd {
         e.terminate().await;

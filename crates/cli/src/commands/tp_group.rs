@@ -54,7 +54,7 @@ pub fn role(a: &WorkerArgs) -> anyhow::Result<Role> {
     if backend(a) == TpBackend::Nccl && !cfg!(feature = "cuda") {
         bail!("the nccl backend needs a CUDA build (docs/tensor-parallel.md: building with CUDA); use --tp-backend cpu");
     }
-    if t.tp_nodes == 0 || t.tp % t.tp_nodes != 0 {
+    if t.tp_nodes == 0 || !t.tp.is_multiple_of(t.tp_nodes) {
         bail!(
             "--tp {} does not split evenly over --tp-nodes {}: every host runs the same number of ranks",
             t.tp,

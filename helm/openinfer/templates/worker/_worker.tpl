@@ -41,7 +41,8 @@ openinfer.io/worker: {{ .w.name }}
 {{- define "openinfer.workerLabels" -}}
 {{ include "openinfer.labels" (dict "root" .root "component" "worker") }}
 openinfer.io/worker: {{ .w.name }}
-openinfer.io/model: {{ .w._model | replace "/" "_" | trunc 63 | trimSuffix "-" | quote }}
+{{- /* A label value: [A-Za-z0-9._-], at most 63, alphanumeric at both ends. */}}
+openinfer.io/model: {{ regexReplaceAll "[^A-Za-z0-9._-]+" .w._model "_" | trunc 63 | trimAll "_.-" | quote }}
 {{- end }}
 
 {{/* Where the model directory is inside the container. */}}
