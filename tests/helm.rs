@@ -761,29 +761,7 @@ async fn render_and_run_a_tensor_parallel_group_across_two_pods_as_the_leaderwor
     let mut client = common::router_client(&addr).await;
     common::wait_for_workers(&mut client, 1).await;
     // Greedy parity with tp = 1 (the committed HF transformers references).
-    let reference = openinfer_engine::reference::read_all(&root().join("tests/fixtures"))
-        .unwrap()
-        .into_iter()
-        .find(|r| r.model == "llama")
-        .unwrap();
-    for (i, case) in reference.cases.into_iter().enumerate() {
-        let got = client
-            .generate(pb::GenerateRequest {
-                prompt_ids: case.prompt_ids,
-                max_new_tokens: Some(case.max_new),
-                temperature: Some(0.0),
-                ignore_eos: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .token_ids;
-        assert_eq!(
-            got, case.expected,
-            "case {i}: the two-pod group differs from tp=1"
-        );
-    }
+    common::assert_reference_tokens(&client, "llama", "the two-pod group").await;
     assert!(metrics_of(&group[0]).contains("openinfer_worker_"));
 
     // The LeaderWorkerSet is deleted: every pod gets SIGTERM at once; the leader drains and

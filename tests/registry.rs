@@ -504,19 +504,20 @@ async fn a_worker_is_ready_once_registered_and_neither_alive_nor_ready_while_dra
     const READY: &str = "openinfer.worker.v1.Worker";
     let mut etcd = EtcdServer::start();
     etcd.stop();
-    let (worker, w_addr) = draining_worker(&etcd, "a", "2s");
+    // A drain grace long enough to watch the drain on a loaded machine.
+    let (worker, w_addr) = draining_worker(&etcd, "a", "10s");
     assert_eq!(common::health(&w_addr, "").await, Serving as i32);
     assert_eq!(common::health(&w_addr, READY).await, NotServing as i32);
 
     etcd.resume();
-    let start = Instant::now();
-    while common::health(&w_addr, READY).await != Serving as i32 {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the worker never turned ready after etcd came back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::until_health(
+        &w_addr,
+        READY,
+        Serving as i32,
+        Duration::from_secs(20),
+        "the worker never turned ready after etcd came back",
+    )
+    .await;
     assert_eq!(records(&etcd).await.len(), 1, "ready means registered");
 
     // A stream keeps the worker busy through its drain.
@@ -526,14 +527,14 @@ async fn a_worker_is_ready_once_registered_and_neither_alive_nor_ready_while_dra
     let running = tokio::spawn(stream(client.clone(), 2000));
     tokio::time::sleep(Duration::from_millis(200)).await;
     worker.sigterm();
-    let start = Instant::now();
-    while common::health(&w_addr, READY).await != NotServing as i32 {
-        assert!(
-            start.elapsed() < Duration::from_secs(1),
-            "still ready while draining"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::until_health(
+        &w_addr,
+        READY,
+        NotServing as i32,
+        Duration::from_secs(5),
+        "still ready while draining",
+    )
+    .await;
     assert_eq!(common::health(&w_addr, "").await, NotServing as i32);
     drop(running);
 }

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use common::etcd::EtcdServer;
 use common::{
-    registry_router, router_client, spawn, start_router, until_workers, wait_for_workers, Proc,
+    assert_reference_tokens, greedy, reference_cases, registry_router, router_client, spawn,
+    start_router, until_workers, wait_for_workers, Proc,
 };
 use openinfer_proto::v1 as pb;
 use openinfer_proto::v1::inference_client::InferenceClient;
@@ -20,29 +21,6 @@ use tonic::transport::Channel;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
-
-/// (prompt ids, max new tokens, expected ids) of every reference case of `model`.
-fn cases(model: &str) -> Vec<(Vec<u32>, u32, Vec<u32>)> {
-    openinfer_engine::reference::read_all(&fixtures())
-        .unwrap()
-        .into_iter()
-        .find(|r| r.model == model)
-        .unwrap_or_else(|| panic!("no reference for {model}"))
-        .cases
-        .into_iter()
-        .map(|c| (c.prompt_ids, c.max_new, c.expected))
-        .collect()
-}
-
-fn greedy(prompt_ids: &[u32], max_new: u32) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        prompt_ids: prompt_ids.to_vec(),
-        max_new_tokens: Some(max_new),
-        temperature: Some(0.0),
-        ignore_eos: true,
-        ..Default::default()
-    }
 }
 
 async fn generate(client: &mut InferenceClient<Channel>, r: pb::GenerateRequest) -> Vec<u32> {
@@ -75,20 +53,7 @@ async fn tp_2_and_4_groups_give_the_reference_tokens_through_the_router() {
             let mut client = router_client(&raddr).await;
             wait_for_workers(&mut client, 1).await;
             // All cases at once: batched, with chunked prefill over small blocks.
-            let calls = cases(model).into_iter().map(|(prompt, max_new, want)| {
-                let mut client = client.clone();
-                async move { (generate(&mut client, greedy(&prompt, max_new)).await, want) }
-            });
-            for (i, (got, want)) in futures::future::join_all(calls)
-                .await
-                .into_iter()
-                .enumerate()
-            {
-                assert_eq!(
-                    got, want,
-                    "{model} tp={tp} case {i}: tokens differ from tp=1"
-                );
-            }
+            assert_reference_tokens(&client, model, &format!("{model} tp={tp}")).await;
         }
     }
 }
@@ -134,7 +99,7 @@ async fn ranks_meet_in_etcd_serve_as_one_worker_and_leave_together() {
     let (_router, raddr) = registry_router(&etcd.url(), &[]);
     let mut client = router_client(&raddr).await;
     wait_for_workers(&mut client, 1).await;
-    let (prompt, max_new, want) = cases("llama3").remove(0);
+    let (prompt, max_new, want) = reference_cases("llama3").remove(0);
     assert_eq!(generate(&mut client, greedy(&prompt, max_new)).await, want);
 
     // A rank dies while the group is idle: rank 0's heartbeat (every second) finds the ring
@@ -195,7 +160,7 @@ async fn a_supervised_group_stops_whole_when_one_rank_dies() {
     let (_router, raddr) = registry_router(&etcd.url(), &[]);
     let mut client = router_client(&raddr).await;
     wait_for_workers(&mut client, 1).await;
-    let (prompt, max_new, want) = cases("qwen2").remove(0);
+    let (prompt, max_new, want) = reference_cases("qwen2").remove(0);
     assert_eq!(generate(&mut client, greedy(&prompt, max_new)).await, want);
 
     let ranks = children(supervisor.0.id());
@@ -284,18 +249,5 @@ async fn a_group_across_two_hosts_meets_on_their_addresses_and_gives_the_referen
         "{ring}"
     );
 
-    let calls = cases("llama").into_iter().map(|(prompt, max_new, want)| {
-        let mut client = client.clone();
-        async move { (generate(&mut client, greedy(&prompt, max_new)).await, want) }
-    });
-    for (i, (got, want)) in futures::future::join_all(calls)
-        .await
-        .into_iter()
-        .enumerate()
-    {
-        assert_eq!(
-            got, want,
-            "case {i}: a group across hosts differs from tp=1"
-        );
-    }
+    assert_reference_tokens(&client, "llama", "a group across two hosts").await;
 }

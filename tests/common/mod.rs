@@ -300,3 +300,68 @@ pub async fn until_workers(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Waits until `service`'s `grpc.health.v1` status at `addr` is `status`, for at most `within`;
+/// `what` says what the wait means when it fails.
+pub async fn until_health(addr: &str, service: &str, status: i32, within: Duration, what: &str) {
+    let start = Instant::now();
+    while health(addr, service).await != status {
+        assert!(start.elapsed() < within, "{what} (after {within:?})");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// (prompt ids, max new tokens, expected ids) of every committed HF transformers reference
+/// case of the fixture model `model` (tests/fixtures/expected).
+pub fn reference_cases(model: &str) -> Vec<(Vec<u32>, u32, Vec<u32>)> {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    openinfer_engine::reference::read_all(&fixtures)
+        .unwrap()
+        .into_iter()
+        .find(|r| r.model == model)
+        .unwrap_or_else(|| panic!("no reference for {model}"))
+        .cases
+        .into_iter()
+        .map(|c| (c.prompt_ids, c.max_new, c.expected))
+        .collect()
+}
+
+/// A greedy request for exactly `max_new` tokens after `prompt_ids`.
+pub fn greedy(prompt_ids: &[u32], max_new: u32) -> openinfer_proto::v1::GenerateRequest {
+    openinfer_proto::v1::GenerateRequest {
+        prompt_ids: prompt_ids.to_vec(),
+        max_new_tokens: Some(max_new),
+        temperature: Some(0.0),
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+/// Sends every reference case of `model` through `client` at once (batched, greedy) and
+/// asserts each answer is the reference's tokens; `what` names the setup in a failure.
+pub async fn assert_reference_tokens(client: &InferenceClient<Channel>, model: &str, what: &str) {
+    let calls = reference_cases(model)
+        .into_iter()
+        .map(|(prompt, max_new, want)| {
+            let mut client = client.clone();
+            async move {
+                let got = client
+                    .generate(greedy(&prompt, max_new))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .token_ids;
+                (got, want)
+            }
+        });
+    for (i, (got, want)) in futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(
+            got, want,
+            "{what}, case {i}: the tokens differ from the reference (tp=1)"
+        );
+    }
+}
