@@ -767,8 +767,7 @@ async fn render_and_run_a_tensor_parallel_group_across_two_pods_as_the_leaderwor
     // The LeaderWorkerSet is deleted: every pod gets SIGTERM at once; the leader drains and
     // stops the group, the follower waits for it; all within their grace periods.
     let (leader, followers) = group.split_at_mut(1);
-    let (a, b) = tokio::join!(leader[0].terminate(), followers[0].terminate());
-    let _ = (a, b);
+    tokio::join!(leader[0].terminate(), followers[0].terminate());
     router.terminate().await;
     for e in &mut etcd {
         e.terminate().await;

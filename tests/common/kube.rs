@@ -318,25 +318,20 @@ impl Pod {
     /// pod addresses, and paths under a mount point move under that volume's directory.
     fn localize(&self, s: &str, dns: &Dns, mounts: &[(String, PathBuf)]) -> String {
         let s = dns.resolve(&s.replace("0.0.0.0:", &format!("{}:", self.ip)));
+        // A path is the whole value or what follows the `=` of `--flag=PATH`.
+        let start = if s.starts_with('/') {
+            0
+        } else {
+            match s.find("=/") {
+                Some(i) => i + 1,
+                None => return s,
+            }
+        };
+        let path = &s[start..];
         for (mount, dir) in mounts {
-            for lead in ["", "="] {
-                let at = format!("{lead}{mount}");
-                let starts = if lead.is_empty() {
-                    s.starts_with(&at)
-                } else {
-                    s.contains(&at)
-                };
-                if !starts {
-                    continue;
-                }
-                let pos = if lead.is_empty() {
-                    0
-                } else {
-                    s.find(&at).unwrap() + 1
-                };
-                let rest = &s[pos + mount.len()..];
+            if let Some(rest) = path.strip_prefix(mount.as_str()) {
                 if rest.is_empty() || rest.starts_with('/') {
-                    return format!("{}{}{rest}", &s[..pos], dir.display());
+                    return format!("{}{}{rest}", &s[..start], dir.display());
                 }
             }
         }
@@ -442,22 +437,22 @@ impl Pod {
 
     /// The address of the named port of any of the pod's containers.
     pub fn named_port(&self, port: &Value) -> SocketAddr {
-        for c in self.containers("containers") {
-            if let Some(n) = port.as_u64() {
-                return format!("{}:{n}", self.ip).parse().unwrap();
-            }
-            if c["ports"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|p| p["name"] == *port)
-            {
-                return format!("{}:{}", self.ip, self.port(&c, port))
-                    .parse()
-                    .unwrap();
-            }
-        }
-        panic!("{}: no container has port {port}", self.name)
+        let number = match port.as_u64() {
+            Some(n) => n as u16,
+            None => self
+                .containers("containers")
+                .iter()
+                .find(|c| {
+                    c["ports"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|p| p["name"] == *port)
+                })
+                .map(|c| self.port(c, port))
+                .unwrap_or_else(|| panic!("{}: no container has port {port}", self.name)),
+        };
+        format!("{}:{number}", self.ip).parse().unwrap()
     }
 
     /// Runs one probe of a container once; whether it passed.
