@@ -166,6 +166,11 @@ spec:
         - name: OPENINFER_GROUP_ID
           value: $(POD_NAME)
         {{- end }}
+        {{- if $w._cuda }}
+        # The root filesystem is read-only: CUDA's kernel cache goes to /tmp.
+        - name: CUDA_CACHE_PATH
+          value: /tmp/cuda-cache
+        {{- end }}
         {{- if ne .role "whole" }}
         # The LeaderWorkerSet controller sets LWS_GROUP_SIZE (pods in the group) and
         # LWS_WORKER_INDEX (this pod's index, 0 for the leader); ranks listen on the pod's IP
