@@ -311,23 +311,16 @@ fn accepted(sub: &str) -> (BTreeSet<String>, BTreeSet<String>) {
         .unwrap();
     let help = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "openinfer {sub} --help: {help}");
-    let mut flags = BTreeSet::new();
-    let mut vars = BTreeSet::new();
-    for word in help.split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == ']') {
-        if let Some(f) = word.strip_prefix("--") {
-            flags.insert(f.split(['=', '<']).next().unwrap().to_string());
-        }
-        if let Some(v) = word.strip_prefix("env:") {
-            vars.insert(v.split('=').next().unwrap().to_string());
-        }
-    }
-    // `[env: NAME=...]` splits as "env:" then "NAME=".
-    for line in help.lines() {
-        if let Some(i) = line.find("[env: ") {
-            let rest = &line[i + 6..];
-            vars.insert(rest.split(['=', ']']).next().unwrap().to_string());
-        }
-    }
+    let flags = help
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == ']')
+        .filter_map(|word| word.strip_prefix("--"))
+        .map(|f| f.split(['=', '<']).next().unwrap().to_string())
+        .collect();
+    // Each flag's line ends with `[env: NAME=...]`.
+    let vars = help
+        .match_indices("[env: ")
+        .map(|(i, _)| help[i + 6..].split(['=', ']']).next().unwrap().to_string())
+        .collect();
     (flags, vars)
 }
 
