@@ -26,7 +26,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     };
     // One registry, one endpoint: the router's metrics and the embedded worker's.
     let metrics = prometheus::Registry::new();
-    let handle = super::worker::start_engine(
+    let (handle, _engine_thread) = super::worker::start_engine(
         model.as_deref(),
         &a.engine,
         &a.worker,

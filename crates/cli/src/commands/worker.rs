@@ -33,14 +33,14 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
         }
     };
     let metrics = prometheus::Registry::new();
-    let handle = start_engine(
+    let (handle, engine_thread) = start_engine(
         a.model.as_deref(),
         &a.engine,
         &a.worker,
         group,
         metrics.clone(),
     )?;
-    super::runtime()?.block_on(async move {
+    let served = super::runtime()?.block_on(async move {
         let listener = super::bind(a.listen).await?;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, model = %handle.info().model, "worker serving openinfer.worker.v1");
@@ -99,7 +99,11 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
         let _ = stop_tx.send(());
         server.await??;
         anyhow::Ok(())
-    })
+    });
+    // Every handle is gone with the runtime: the engine thread ends, and in a group rank 0's
+    // engine tells the other ranks to stop before this process exits.
+    let _ = engine_thread.join();
+    served
 }
 
 /// Resolves once `registration` has written its record the first time (never without one).
@@ -199,14 +203,15 @@ fn model_revision(dir: &Path) -> String {
     format!("{h:016x}")
 }
 
-/// Loads the model (or sets up the sim engine) and starts the engine thread.
+/// Loads the model (or sets up the sim engine) and starts the engine thread; its handle, and
+/// the thread, which ends once every handle is dropped.
 pub fn start_engine(
     model: Option<&Path>,
     engine: &EngineArgs,
     worker: &WorkerLoopArgs,
     group: Option<Arc<dyn Communicator>>,
     metrics: prometheus::Registry,
-) -> anyhow::Result<EngineHandle> {
+) -> anyhow::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let cfg = LoopConfig {
         command_queue: worker.command_queue,
         connection_buffer: worker.connection_buffer,
@@ -241,7 +246,10 @@ pub fn start_engine(
 
 /// Runs one short sequence through the engine (first-use costs are paid before any client
 /// or registry sees the worker), then starts the engine thread.
-fn spawn_warm<E: Backend>(mut engine: E, cfg: LoopConfig) -> anyhow::Result<EngineHandle> {
+fn spawn_warm<E: Backend>(
+    mut engine: E,
+    cfg: LoopConfig,
+) -> anyhow::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let bos = engine.info().bos_token_id.unwrap_or(0);
     let mut req = SequenceRequest::greedy(SequenceId(u64::MAX), vec![bos], 1);
     req.stopping.ignore_eos = true;
@@ -249,7 +257,7 @@ fn spawn_warm<E: Backend>(mut engine: E, cfg: LoopConfig) -> anyhow::Result<Engi
     while engine.has_work() {
         engine.step().context("warm-up step")?;
     }
-    Ok(EngineHandle::spawn(engine, cfg)?.0)
+    Ok(EngineHandle::spawn(engine, cfg)?)
 }
 
 #[cfg(test)]

@@ -60,6 +60,23 @@ pub struct CpuCommunicator {
     rank: usize,
     size: usize,
     ring: Option<Mutex<Ring>>,
+    /// Says when the ring writer has sent everything queued (or lost its link): dropping
+    /// the communicator waits for it, so that a last message (rank 0's stop) is not lost
+    /// when the process exits right after.
+    writer_done: Option<Mutex<mpsc::Receiver<()>>>,
+}
+
+/// How long dropping a communicator waits for its queued messages to go out.
+const FLUSH_ON_DROP: Duration = Duration::from_secs(5);
+
+impl Drop for CpuCommunicator {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer once it has written what is queued.
+        drop(self.ring.take());
+        if let Some(Ok(done)) = self.writer_done.take().map(Mutex::into_inner) {
+            let _ = done.recv_timeout(FLUSH_ON_DROP);
+        }
+    }
 }
 
 impl CpuCommunicator {
@@ -83,6 +100,7 @@ impl CpuCommunicator {
                 rank,
                 size,
                 ring: None,
+                writer_done: None,
             });
         }
         let deadline = Instant::now() + timeout;
@@ -129,10 +147,13 @@ impl CpuCommunicator {
         }
 
         let (to_next, rx) = mpsc::channel::<Vec<u8>>();
+        let (done_tx, writer_done) = mpsc::channel::<()>();
         let mut writer = BufWriter::new(next);
         std::thread::Builder::new()
             .name(format!("tp-ring-{rank}"))
             .spawn(move || {
+                // Dropped when the thread ends, however it ends: that is the signal.
+                let _done = done_tx;
                 for msg in rx {
                     let len = (msg.len() as u64).to_le_bytes();
                     let sent = writer
@@ -149,6 +170,7 @@ impl CpuCommunicator {
             rank,
             size,
             ring: Some(Mutex::new(Ring { to_next, from_prev })),
+            writer_done: Some(Mutex::new(writer_done)),
         })
     }
 
