@@ -538,3 +538,54 @@ async fn a_worker_is_ready_once_registered_and_neither_alive_nor_ready_while_dra
     assert_eq!(common::health(&w_addr, "").await, NotServing as i32);
     drop(running);
 }
+
+/// Model ids may contain `/` (`meta-llama/Llama-3.1-8B-Instruct`, as the chart's examples
+/// serve): the router counts a worker leaving under the model its record named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_of_a_model_id_with_a_slash_is_counted_under_that_model_when_it_leaves() {
+    const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+    let etcd = EtcdServer::start();
+    let router = common::spawn_service(
+        "router",
+        std::process::Command::new(common::bin()).args([
+            "router",
+            "--listen",
+            "127.0.0.1:0",
+            "--registry",
+            &etcd.url(),
+        ]),
+    );
+    let (worker, _) = registered_worker(
+        &etcd.url(),
+        "g-slash",
+        &["--served-model-name", MODEL, "--drain-grace", "0s"],
+    );
+    let mut client = router_client(&router.addr).await;
+    until_workers(&mut client, 1, Duration::from_secs(10)).await;
+    worker.sigterm();
+    until_workers(&mut client, 0, Duration::from_secs(10)).await;
+
+    // The link goes when the worker's stream ends; the count when etcd reports the key gone.
+    let counted = |labels: &[(&str, &str)]| {
+        let samples = common::prom::parse(&common::prom::get(&router.metrics));
+        common::prom::value(
+            &samples,
+            "openinfer_router_worker_registrations_total",
+            labels,
+        )
+    };
+    let start = Instant::now();
+    while counted(&[("model", MODEL), ("event", "down")]) != 1.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the departure was never counted under {MODEL}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(counted(&[("model", MODEL), ("event", "up")]), 1.0);
+    assert_eq!(
+        counted(&[("model", "Llama-3.1-8B-Instruct")]),
+        0.0,
+        "a departure counted under half the model id"
+    );
+}

@@ -86,14 +86,15 @@ impl Router {
     ) -> tokio::task::JoinHandle<()> {
         let router = self.clone_handles();
         tokio::spawn(async move {
-            let mut links: std::collections::HashMap<String, (String, WorkerLink)> =
+            // Per registry key: the worker's address, its model and its link.
+            let mut links: std::collections::HashMap<String, (String, String, WorkerLink)> =
                 std::collections::HashMap::new();
             while let Some(change) = changes.recv().await {
                 match change {
                     Change::Up { key, record } => {
                         if links
                             .get(&key)
-                            .is_some_and(|(addr, _)| *addr == record.address)
+                            .is_some_and(|(addr, _, _)| *addr == record.address)
                         {
                             continue;
                         }
@@ -104,17 +105,16 @@ impl Router {
                             .with_label_values(&[record.model.as_str(), "up"])
                             .inc();
                         let link = router.add_worker(record.address.clone());
-                        links.insert(key, (record.address, link));
+                        links.insert(key, (record.address, record.model, link));
                     }
                     Change::Down { key } => {
-                        if links.remove(&key).is_some() {
-                            tracing::info!(%key, "worker deregistered");
-                            // Keys are `{prefix}{model}/{group}`.
-                            let model = key.rsplit('/').nth(1).unwrap_or("unknown");
+                        // The model as its record named it (model ids may contain `/`).
+                        if let Some((_, model, _)) = links.remove(&key) {
+                            tracing::info!(%key, %model, "worker deregistered");
                             router
                                 .metrics
                                 .registrations
-                                .with_label_values(&[model, "down"])
+                                .with_label_values(&[model.as_str(), "down"])
                                 .inc();
                         }
                     }
