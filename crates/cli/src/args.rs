@@ -269,6 +269,10 @@ pub struct RouterArgs {
     /// placed (they resume later, invisibly to their clients).
     #[arg(long, env = "OPENINFER_PREEMPTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub preemption: bool,
+    /// Times a request may come back unfinished from its workers (preempted, or its worker
+    /// lost) and resume elsewhere; one more and it fails with UNAVAILABLE instead of cycling.
+    #[arg(long, env = "OPENINFER_MAX_RESUMES", default_value_t = 16)]
+    pub max_resumes: u32,
     /// Delay suggested to refused clients (grpc-retry-pushback-ms).
     #[arg(long, env = "OPENINFER_RETRY_PUSHBACK", default_value = "500ms", value_parser = parse_duration)]
     pub retry_pushback: Duration,

@@ -40,6 +40,9 @@ pub struct RouterConfig {
     pub max_concurrent_streams: u32,
     /// Times a sequence the workers refuse is retried before the client gets `UNAVAILABLE`.
     pub max_dispatch_attempts: u32,
+    /// Times a request may come back unfinished from its workers (preempted, or its worker
+    /// lost) and resume; one more and it fails with `UNAVAILABLE` instead of cycling.
+    pub max_resumes: u32,
     /// On shutdown, how long in-flight requests may take to finish.
     pub drain_timeout: Duration,
 }
@@ -64,6 +67,7 @@ impl Default for RouterConfig {
             scheduler_queue: 8192,
             max_concurrent_streams: 16_384,
             max_dispatch_attempts: 3,
+            max_resumes: 16,
             drain_timeout: Duration::from_secs(30),
         }
     }

@@ -3,7 +3,7 @@
 //!
 //! A request flows through one module per concern:
 //! * [`validate`] checks it against the model's limits ([`models`]) and names a bad field;
-//! * [`scheduler`] admits it into a per-model [`queue`] (bounded, priority + aging), places it on
+//! * [`scheduler`] admits it into a per-model queue (bounded, priority + aging), places it on
 //!   the least-loaded worker with credits, preempts lower priorities when it must, and streams
 //!   the worker's tokens into the request's [`request::Output`];
 //! * [`worker_link`] keeps one `Execute` stream per worker and feeds the scheduler;
@@ -15,7 +15,6 @@ pub mod error;
 pub mod metrics;
 pub mod models;
 pub mod observe;
-pub mod queue;
 pub mod request;
 pub mod scheduler;
 pub mod server;

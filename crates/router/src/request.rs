@@ -96,6 +96,8 @@ pub enum Next {
 struct State {
     delta: Delta,
     end: Option<End>,
+    /// Times an end was given (the first one counts).
+    ends: u32,
     dispatched: Option<Instant>,
     first_token: Option<Instant>,
 }
@@ -155,14 +157,30 @@ impl Output {
             total_time: (now - self.arrived).as_secs_f64(),
         };
         s.end.get_or_insert(End::Finished(summary));
+        s.ends += 1;
         drop(s);
         self.notify.notify_one();
     }
 
     /// Fails the request. Later calls change nothing.
     pub fn fail(&self, e: RouterError) {
-        self.lock().end.get_or_insert(End::Failed(e));
+        let mut s = self.lock();
+        s.end.get_or_insert(End::Failed(e));
+        s.ends += 1;
+        drop(s);
         self.notify.notify_one();
+    }
+
+    /// For tests: how it ended (without taking it), how many times an end was given, and
+    /// the token ids not yet read.
+    #[cfg(test)]
+    pub(crate) fn peek(&self) -> (Option<Result<FinishReason, RouterError>>, u32, Vec<u32>) {
+        let s = self.lock();
+        let end = s.end.as_ref().map(|e| match e {
+            End::Finished(summary) => Ok(summary.reason),
+            End::Failed(e) => Err(e.clone()),
+        });
+        (end, s.ends, s.delta.token_ids.clone())
     }
 
     /// Waits for new output or the end.

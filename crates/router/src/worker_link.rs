@@ -35,6 +35,8 @@ pub struct WorkerUp {
     pub capacity: wpb::CapacityReport,
     /// Messages to its `Execute` stream.
     pub tx: mpsc::Sender<wpb::ExecuteRequest>,
+    /// Closes the connection, with the reason (a worker that broke the protocol).
+    pub close: oneshot::Sender<String>,
 }
 
 /// Keeps a link to the worker at `addr` until `stop` fires (or its sender is dropped) or the
@@ -53,7 +55,7 @@ pub async fn run(
             c = connect(&addr, id, worker_queue) => c,
         };
         match connected {
-            Ok((up, mut inbound)) => {
+            Ok((up, mut inbound, mut close)) => {
                 // Announced only once fully connected, outside the cancellable part: every
                 // WorkerUp the scheduler sees is followed by a WorkerDown.
                 if sched.send(Msg::WorkerUp(up)).await.is_err() {
@@ -73,6 +75,10 @@ pub async fn run(
                             }
                             continue;
                         }
+                        why = &mut close => break match why {
+                            Ok(why) => format!("the router closed it: {why}"),
+                            Err(_) => "the scheduler stopped".to_string(),
+                        },
                         m = inbound.message() => m,
                     };
                     match msg {
@@ -116,7 +122,11 @@ async fn connect(
     id: WorkerId,
     worker_queue: usize,
 ) -> Result<
-    (WorkerUp, tonic::Streaming<wpb::ExecuteResponse>),
+    (
+        WorkerUp,
+        tonic::Streaming<wpb::ExecuteResponse>,
+        oneshot::Receiver<String>,
+    ),
     Box<dyn std::error::Error + Send + Sync>,
 > {
     let uri = if addr.contains("://") {
@@ -149,12 +159,14 @@ async fn connect(
         .and_then(|m| m.capacity)
         .ok_or("the worker closed its stream before reporting capacity")?;
     tracing::info!(worker = %addr, model = %spec.id, free_blocks = capacity.free_blocks, "worker connected");
+    let (close, closed) = oneshot::channel();
     let up = WorkerUp {
         id,
         addr: addr.to_string(),
         spec,
         capacity,
         tx,
+        close,
     };
-    Ok((up, inbound))
+    Ok((up, inbound, closed))
 }

@@ -39,6 +39,7 @@ pub fn config(a: &RouterArgs) -> RouterConfig {
         default_queue_timeout: a.queue_timeout,
         aging_step: (!a.aging_step.is_zero()).then_some(a.aging_step),
         preemption: a.preemption,
+        max_resumes: a.max_resumes,
         retry_pushback: a.retry_pushback,
         default_max_new_tokens: a.default_max_new_tokens,
         max_stop_strings: a.max_stop_strings,

@@ -1,0 +1,181 @@
+//! Admission: a request is queued only within the router's bounds (requests, prompt tokens,
+//! one priority level), sheddable (negative priority) work gets a share of them and is
+//! dropped first to make room, and a request that reaches no worker before its deadline
+//! leaves the queue with `DEADLINE_EXCEEDED`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::Span;
+
+use super::state::{Place, State, Tracked};
+use crate::error::RouterError;
+use crate::metrics::Refusal;
+use crate::observe::child_span;
+use crate::request::{Output, Request};
+
+impl State {
+    /// Admits `req` into its model's queue, or says why not (the reply to the client).
+    pub fn submit(
+        &mut self,
+        now: Instant,
+        req: Request,
+        output: Arc<Output>,
+    ) -> Result<(), RouterError> {
+        if self.draining {
+            self.metrics.refused(&req.model, Refusal::Draining);
+            return Err(RouterError::Unavailable(
+                "this router is draining; send the request to another replica".into(),
+            ));
+        }
+        let workers = self.models.get(&req.model).map_or(0, |e| e.workers);
+        if workers == 0 {
+            self.metrics.refused(&req.model, Refusal::NoWorker);
+            return Err(RouterError::Unavailable(format!(
+                "no worker serves `{}` right now; retry shortly",
+                req.model
+            )));
+        }
+        let cfg = self.cfg.clone();
+        let tokens = req.prompt_ids.len();
+        let share = if req.priority < 0 {
+            cfg.sheddable_share.clamp(0.0, 1.0)
+        } else {
+            1.0
+        };
+        let max_requests = (cfg.max_queued_requests as f64 * share) as usize;
+        let max_tokens = (cfg.max_queued_tokens as f64 * share) as usize;
+        loop {
+            let (n, t) = self.queued();
+            let level = self
+                .queues
+                .get(&req.model)
+                .map_or(0, |q| q.level_len(req.priority));
+            let (reason, full) = if n >= max_requests {
+                (
+                    Refusal::QueueFull,
+                    format!("the router's queue is full ({n} requests waiting)"),
+                )
+            } else if t + tokens > max_tokens {
+                (Refusal::TokenBudget, format!("the router's token budget is full ({t} prompt tokens waiting, this request brings {tokens})"))
+            } else if level >= cfg.max_queue_per_priority {
+                (
+                    Refusal::PriorityQueueFull,
+                    format!(
+                        "the queue of priority {} for `{}` is full ({level} requests)",
+                        req.priority, req.model
+                    ),
+                )
+            } else {
+                break;
+            };
+            // Room is made by shedding sheddable work of lower priority, newest first; a full
+            // level of the request's own priority cannot be helped that way.
+            let victim = (level < cfg.max_queue_per_priority)
+                .then(|| self.shed_candidate(req.priority))
+                .flatten();
+            match victim {
+                Some(id) => self.shed(id),
+                None => {
+                    self.metrics.refused(&req.model, reason);
+                    return Err(RouterError::QueueFull(full, cfg.retry_pushback));
+                }
+            }
+        }
+        self.deadlines.insert((req.deadline, req.id));
+        let queue = self.queues.entry(req.model.clone()).or_default();
+        let queue_span = queue_span(&req, queue.ahead_of(req.priority), false);
+        let t = Tracked {
+            req,
+            output,
+            generated: Vec::new(),
+            emitted_text_bytes: 0,
+            place: Place::Queued,
+            enqueued: now,
+            rejections: 0,
+            dispatched_once: false,
+            resumes: 0,
+            last_worker: None,
+            last_token: None,
+            queue_span: Some(queue_span),
+            dispatch_span: None,
+            dispatches: 0,
+        };
+        queue.push_back(t.entry());
+        self.requests.insert(t.req.id, t);
+        Ok(())
+    }
+
+    /// Requests and prompt tokens queued, over every model.
+    fn queued(&self) -> (usize, usize) {
+        self.queues
+            .values()
+            .fold((0, 0), |(n, t), q| (n + q.len(), t + q.tokens()))
+    }
+
+    /// The sheddable request to drop for one of priority `priority`.
+    fn shed_candidate(&self, priority: i32) -> Option<u64> {
+        self.queues
+            .values()
+            .filter_map(|q| q.shed_candidate(priority.min(0)))
+            .min_by(|a, b| {
+                a.priority
+                    .cmp(&b.priority)
+                    .then(b.enqueued.cmp(&a.enqueued))
+            })
+            .map(|e| e.id)
+    }
+
+    fn shed(&mut self, id: u64) {
+        if let Some(t) = self.unqueue(id) {
+            self.metrics.refused(&t.req.model, Refusal::Shed);
+            t.output.fail(RouterError::QueueFull(
+                "shed from the queue to make room for higher-priority work".into(),
+                self.cfg.retry_pushback,
+            ));
+        }
+    }
+
+    /// Takes a queued request out of the router entirely.
+    pub(super) fn unqueue(&mut self, id: u64) -> Option<Tracked> {
+        let t = self.requests.remove(&id)?;
+        if let Some(q) = self.queues.get_mut(&t.req.model) {
+            q.remove(id, t.req.priority);
+        }
+        self.deadlines.remove(&(t.req.deadline, id));
+        Some(t)
+    }
+
+    /// Fails the requests whose deadline passed before they reached a worker.
+    pub(super) fn expire(&mut self, now: Instant) {
+        while let Some(&(deadline, id)) = self.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            let queued = self
+                .requests
+                .get(&id)
+                .is_some_and(|t| t.place == Place::Queued && !t.dispatched_once);
+            if queued {
+                if let Some(t) = self.unqueue(id) {
+                    t.output
+                        .fail(RouterError::QueueTimeout(now - t.req.arrived));
+                }
+            }
+        }
+    }
+}
+
+/// The span of a request's wait in the queue.
+pub(super) fn queue_span(req: &Request, position: usize, resumed: bool) -> Span {
+    child_span(&req.trace.span, |parent| {
+        tracing::info_span!(
+            parent: parent,
+            "queue",
+            openinfer.priority = req.priority,
+            openinfer.queue_position = position,
+            openinfer.resumed = resumed,
+        )
+    })
+}

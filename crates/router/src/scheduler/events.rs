@@ -1,0 +1,155 @@
+//! A worker's step messages: token events go to their requests' outputs, the capacity report
+//! to the worker's ledger, and ends finish, fail or requeue their requests. A message that
+//! speaks of a sequence the worker was never given, brings tokens beyond a sequence's
+//! `max_new_tokens`, or reports a capacity that contradicts what was sent, disconnects the
+//! worker: its sequences resume elsewhere.
+
+use std::time::Instant;
+
+use openinfer_core::FinishReason;
+use openinfer_proto::worker::v1 as wpb;
+
+use super::state::{Effect, State, WorkerId};
+use crate::error::RouterError;
+
+impl State {
+    /// Takes one of worker `wid`'s step messages.
+    pub fn worker_event(
+        &mut self,
+        now: Instant,
+        wid: WorkerId,
+        resp: wpb::ExecuteResponse,
+    ) -> Vec<Effect> {
+        if let Err(why) = self.take_step(now, wid, resp) {
+            self.disconnect(now, wid, why);
+        }
+        self.take_effects()
+    }
+
+    fn take_step(
+        &mut self,
+        now: Instant,
+        wid: WorkerId,
+        resp: wpb::ExecuteResponse,
+    ) -> Result<(), String> {
+        let Some(w) = self.workers.get_mut(&wid) else {
+            return Ok(());
+        };
+        let model = [w.spec.id.as_str()];
+        let (itl, generated) = (
+            self.metrics.itl.with_label_values(&model),
+            self.metrics.generation_tokens.with_label_values(&model),
+        );
+        for ev in resp.tokens {
+            w.knows(ev.sequence_id)?;
+            if !w.running.contains_key(&ev.sequence_id) {
+                continue; // cancelled here; the worker has not heard yet
+            }
+            if let Some(t) = self.requests.get_mut(&ev.sequence_id) {
+                let n = ev.token_ids.len();
+                let max_new = t.req.stopping.max_new_tokens as usize;
+                if t.generated.len() + n > max_new {
+                    return Err(format!(
+                        "it sent sequence {} {} tokens beyond its max_new_tokens of {max_new}",
+                        ev.sequence_id,
+                        t.generated.len() + n - max_new
+                    ));
+                }
+                if n > 0 {
+                    if let Some(last) = t.last_token {
+                        let gap = (now - last).as_secs_f64() / n as f64;
+                        (0..n).for_each(|_| itl.observe(gap));
+                    }
+                    t.last_token = Some(now);
+                    generated.inc_by(n as u64);
+                }
+                t.generated.extend(&ev.token_ids);
+                t.emitted_text_bytes += ev.text.len() as u64;
+                t.output.push(ev, now);
+            }
+        }
+        if let Some(cap) = resp.capacity {
+            w.report(cap)?;
+            let labels = [w.spec.id.as_str(), w.addr.as_str()];
+            let m = &self.metrics;
+            m.worker_running
+                .with_label_values(&labels)
+                .set(cap.running_sequences.into());
+            m.worker_kv_used
+                .with_label_values(&labels)
+                .set(i64::from(cap.total_blocks) - i64::from(cap.free_blocks));
+            m.worker_kv_total
+                .with_label_values(&labels)
+                .set(cap.total_blocks.into());
+        }
+        for f in resp.finished {
+            self.finished(wid, f)?;
+        }
+        Ok(())
+    }
+
+    /// A sequence ended on worker `wid`.
+    fn finished(&mut self, wid: WorkerId, f: wpb::SequenceFinished) -> Result<(), String> {
+        let id = f.sequence_id;
+        let Some(w) = self.workers.get_mut(&wid) else {
+            return Ok(());
+        };
+        w.knows(id)?;
+        w.given.remove(&id);
+        w.releasing.retain(|&(r, _)| r != id);
+        if w.running.remove(&id).is_none() {
+            return Ok(()); // cancelled here: already answered
+        }
+        let reason = wpb::FinishReason::try_from(f.reason).unwrap_or(wpb::FinishReason::Error);
+        if let Some(span) = self
+            .requests
+            .get_mut(&id)
+            .and_then(|t| t.dispatch_span.take())
+        {
+            let name = reason.as_str_name().trim_start_matches("FINISH_REASON_");
+            span.record("openinfer.finish", name.to_ascii_lowercase());
+        }
+        let done = |reason| Some(Ok(reason));
+        let outcome = match reason {
+            wpb::FinishReason::Preempted => None,
+            wpb::FinishReason::Rejected => {
+                let Some(t) = self.requests.get_mut(&id) else {
+                    return Ok(());
+                };
+                t.rejections += 1;
+                (t.rejections >= self.cfg.max_dispatch_attempts).then(|| {
+                    Err(RouterError::Unavailable(format!(
+                        "workers refused this request {} times; last reason: {}",
+                        t.rejections, f.message
+                    )))
+                })
+            }
+            wpb::FinishReason::Length => done(FinishReason::Length),
+            wpb::FinishReason::Stop => done(FinishReason::Stop),
+            wpb::FinishReason::Eos => done(FinishReason::Eos),
+            wpb::FinishReason::Cancelled => Some(Err(RouterError::Worker(
+                "the worker cancelled the sequence".into(),
+            ))),
+            wpb::FinishReason::Error | wpb::FinishReason::Unspecified => {
+                Some(Err(RouterError::Worker(f.message)))
+            }
+        };
+        match outcome {
+            None => self.requeue(id),
+            Some(result) => {
+                let Some(t) = self.requests.remove(&id) else {
+                    return Ok(());
+                };
+                match result {
+                    Ok(reason) => t.output.finish(
+                        reason,
+                        t.req.prompt_ids.len() as u32,
+                        t.generated.len() as u32,
+                    ),
+                    Err(e) => t.output.fail(e),
+                }
+            }
+        }
+        Ok(())
+    }
+}
