@@ -6,6 +6,6 @@ pub mod params;
 
 pub use error::{Code, ErrorCode};
 pub use params::{
-    check_top_logprobs, with_bos, FinishReason, InvalidField, SamplingParams, SequenceId,
-    StoppingParams, MAX_TOP_LOGPROBS,
+    check_length, check_top_logprobs, with_bos, FinishReason, InvalidField, SamplingParams,
+    SequenceId, StoppingParams, MAX_TOP_LOGPROBS,
 };

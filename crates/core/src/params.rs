@@ -178,6 +178,37 @@ pub fn check_top_logprobs(top_logprobs: u32) -> Result<(), InvalidField> {
     Ok(())
 }
 
+/// The length rules of a sequence, the same wherever one is checked (the router before it
+/// queues a request, the engine and the sim engine when a sequence arrives, resumed or not):
+/// the prompt leaves room in the context, at least one token is asked for, and prompt plus
+/// output (`max_new_tokens`, or what a resumed sequence already generated if that is more)
+/// fit the context. `model` names the model in the messages.
+pub fn check_length(
+    prompt: usize,
+    generated: usize,
+    max_new_tokens: u32,
+    context: usize,
+    model: &str,
+) -> Result<(), InvalidField> {
+    if prompt >= context {
+        return Err(InvalidField::new(
+            "prompt",
+            format!("{prompt} tokens leave no room to generate in the context of `{model}` ({context} tokens); shorten it"),
+        ));
+    }
+    if max_new_tokens == 0 {
+        return Err(InvalidField::new("max_new_tokens", "must be at least 1"));
+    }
+    let room = context - prompt;
+    if (max_new_tokens as usize).max(generated) > room {
+        return Err(InvalidField::new(
+            "max_new_tokens",
+            format!("prompt ({prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of `{model}` ({context} tokens); at most {room} fit"),
+        ));
+    }
+    Ok(())
+}
+
 /// Prepends `bos` when the model wants one and the tokenizer did not add it.
 pub fn with_bos(mut ids: Vec<u32>, bos: Option<u32>, add_bos: bool) -> Vec<u32> {
     if let (true, Some(bos)) = (add_bos, bos) {
@@ -186,4 +217,26 @@ pub fn with_bos(mut ids: Vec<u32>, bos: Option<u32>, add_bos: bool) -> Vec<u32> 
         }
     }
     ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn length_rules_name_the_field_to_change() {
+        assert!(check_length(10, 0, 5, 16, "m").is_ok());
+        assert!(check_length(10, 0, 6, 16, "m").is_ok());
+        let field = |r: Result<(), InvalidField>| r.unwrap_err().field;
+        assert_eq!(field(check_length(16, 0, 1, 16, "m")), "prompt");
+        assert_eq!(field(check_length(10, 0, 0, 16, "m")), "max_new_tokens");
+        let e = check_length(10, 0, 7, 16, "m").unwrap_err();
+        assert_eq!(e.field, "max_new_tokens");
+        assert!(
+            e.message.contains("at most 6 fit") && e.message.contains("`m`"),
+            "{e}"
+        );
+        // A resumed sequence counts what it already generated.
+        assert_eq!(field(check_length(10, 7, 5, 16, "m")), "max_new_tokens");
+    }
 }

@@ -568,28 +568,19 @@ impl Engine {
                 format!("token id {t} is outside the vocabulary (size {vocab})"),
             );
         }
-        let max_new = req.stopping.max_new_tokens as usize;
-        if max_new == 0 {
-            return bad("max_new_tokens", "must be at least 1".into());
-        }
-        let total = req.prompt.len() + max_new.max(req.generated.len());
-        if total > self.info.max_model_len {
-            return bad(
-                "max_new_tokens",
-                format!(
-                    "prompt ({} tokens) + max_new_tokens ({max_new}) exceeds the model's context of {} tokens; shorten the prompt or lower max_new_tokens",
-                    req.prompt.len(),
-                    self.info.max_model_len
-                ),
-            );
-        }
-        req.sampling
-            .check()
-            .and_then(|()| openinfer_core::check_top_logprobs(req.top_logprobs))
-            .map_err(|e| EngineError::InvalidRequest {
-                field: e.field,
-                message: e.message,
-            })?;
+        openinfer_core::check_length(
+            req.prompt.len(),
+            req.generated.len(),
+            req.stopping.max_new_tokens,
+            self.info.max_model_len,
+            &self.info.model,
+        )
+        .and_then(|()| req.sampling.check())
+        .and_then(|()| openinfer_core::check_top_logprobs(req.top_logprobs))
+        .map_err(|e| EngineError::InvalidRequest {
+            field: e.field,
+            message: e.message,
+        })?;
         Ok(())
     }
 

@@ -227,16 +227,18 @@ impl Backend for SimEngine {
         if req.prompt.is_empty() {
             return bad("prompt_ids", "the prompt is empty");
         }
-        if req.stopping.max_new_tokens == 0 {
-            return bad("max_new_tokens", "must be at least 1");
-        }
+        openinfer_core::check_length(
+            req.prompt.len(),
+            req.generated.len(),
+            req.stopping.max_new_tokens,
+            self.cfg.max_model_len,
+            &self.cfg.model,
+        )
+        .map_err(|e| EngineError::InvalidRequest {
+            field: e.field,
+            message: e.message,
+        })?;
         let max_new = req.stopping.max_new_tokens as usize;
-        if req.prompt.len() + max_new > self.cfg.max_model_len {
-            return bad(
-                "max_new_tokens",
-                "prompt + max_new_tokens exceeds the context",
-            );
-        }
         if self
             .running
             .iter()

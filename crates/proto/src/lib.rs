@@ -3,8 +3,11 @@
 //! * [`v1`]: the public `openinfer.v1.Inference` API.
 //! * [`worker::v1`]: the internal router ↔ worker protocol.
 //! * [`etcd`]: etcd's v3 API, client side (from `proto/third_party`).
+//! * [`convert`]: the one conversion between each worker-API type and its `core` twin.
 
 #![allow(clippy::large_enum_variant, clippy::doc_overindented_list_items)]
+
+pub mod convert;
 
 /// Public inference API (`openinfer.v1`).
 pub mod v1 {

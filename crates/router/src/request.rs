@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use openinfer_core::FinishReason;
+use openinfer_core::{FinishReason, SamplingParams, StoppingParams};
 use openinfer_proto::worker::v1 as wpb;
 use tokio::sync::Notify;
 
@@ -22,10 +22,10 @@ pub struct Request {
     pub model: String,
     /// Prompt token ids.
     pub prompt_ids: Vec<u32>,
-    /// Sampling parameters, as sent to workers.
-    pub sampling: wpb::SamplingParams,
-    /// Stopping parameters, as sent to workers.
-    pub stopping: wpb::StoppingParams,
+    /// Sampling parameters.
+    pub sampling: SamplingParams,
+    /// Stopping parameters.
+    pub stopping: StoppingParams,
     /// Return log-probabilities.
     pub logprobs: bool,
     /// Alternatives per position.

@@ -3,9 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use openinfer_core::{check_top_logprobs, SamplingParams};
+use openinfer_core::{check_length, check_top_logprobs, SamplingParams, StoppingParams};
 use openinfer_proto::v1 as pb;
-use openinfer_proto::worker::v1 as wpb;
 use prost::Message;
 
 use crate::config::RouterConfig;
@@ -89,32 +88,11 @@ pub fn validate(
         return Err(RouterError::invalid("prompt", "tokenizes to no tokens"));
     }
     let context = spec.max_model_len;
-    if prompt_ids.len() >= context {
-        return Err(RouterError::invalid(
-            "prompt",
-            format!(
-                "{} tokens leave no room to generate in the context of `{}` ({context} tokens); shorten it",
-                prompt_ids.len(),
-                spec.id
-            ),
-        ));
-    }
-    let room = (context - prompt_ids.len()) as u32;
-    let max_new_tokens = match req.max_new_tokens {
-        None => cfg.default_max_new_tokens.min(room),
-        Some(0) => return Err(RouterError::invalid("max_new_tokens", "must be at least 1")),
-        Some(n) if n > room => {
-            return Err(RouterError::invalid(
-                "max_new_tokens",
-                format!(
-                    "prompt ({} tokens) + max_new_tokens ({n}) exceeds the context of `{}` ({context} tokens); at most {room} fit",
-                    prompt_ids.len(),
-                    spec.id
-                ),
-            ))
-        }
-        Some(n) => n,
-    };
+    let room = context.saturating_sub(prompt_ids.len()) as u32;
+    let max_new_tokens = req
+        .max_new_tokens
+        .unwrap_or(cfg.default_max_new_tokens.min(room).max(1));
+    check_length(prompt_ids.len(), 0, max_new_tokens, context, &spec.id)?;
 
     let top_k = match req.top_k {
         Some(k) if k < 0 => {
@@ -154,17 +132,8 @@ pub fn validate(
         },
         model: spec.id.clone(),
         prompt_ids,
-        sampling: wpb::SamplingParams {
-            temperature: sampling.temperature,
-            top_p: sampling.top_p,
-            top_k: sampling.top_k,
-            min_p: sampling.min_p,
-            repetition_penalty: sampling.repetition_penalty,
-            frequency_penalty: sampling.frequency_penalty,
-            presence_penalty: sampling.presence_penalty,
-            seed: sampling.seed,
-        },
-        stopping: wpb::StoppingParams {
+        sampling,
+        stopping: StoppingParams {
             max_new_tokens,
             stop: req.stop,
             ignore_eos: req.ignore_eos,

@@ -1,6 +1,6 @@
 //! Wire ↔ engine conversions.
 
-use openinfer_core::{FinishReason, SamplingParams, SequenceId, StoppingParams};
+use openinfer_core::SequenceId;
 use openinfer_engine::engine::{Capacity, EngineInfo, Finished, SequenceRequest};
 use openinfer_engine::sampling::TokenLogprob;
 use openinfer_engine::Tokenizer;
@@ -8,44 +8,16 @@ use openinfer_proto::worker::v1 as pb;
 
 /// A dispatched sequence as the engine takes it (`id` is the engine's own id).
 pub fn sequence_request(spec: pb::SequenceSpec, id: SequenceId) -> SequenceRequest {
-    let s = spec.sampling.unwrap_or_default();
-    let st = spec.stopping.unwrap_or_default();
     SequenceRequest {
         id,
         prompt: spec.prompt_ids,
         generated: spec.generated_ids,
         emitted_text_bytes: spec.emitted_text_bytes as usize,
-        sampling: SamplingParams {
-            temperature: s.temperature,
-            top_p: s.top_p,
-            top_k: s.top_k,
-            min_p: s.min_p,
-            repetition_penalty: s.repetition_penalty,
-            frequency_penalty: s.frequency_penalty,
-            presence_penalty: s.presence_penalty,
-            seed: s.seed,
-        },
-        stopping: StoppingParams {
-            max_new_tokens: st.max_new_tokens,
-            stop: st.stop,
-            ignore_eos: st.ignore_eos,
-        },
+        sampling: spec.sampling.unwrap_or_default().into(),
+        stopping: spec.stopping.unwrap_or_default().into(),
         logprobs: spec.logprobs,
         top_logprobs: spec.top_logprobs,
         priority: spec.priority,
-    }
-}
-
-/// Engine finish reason → wire enum.
-pub fn finish_reason(r: FinishReason) -> pb::FinishReason {
-    match r {
-        FinishReason::Length => pb::FinishReason::Length,
-        FinishReason::Stop => pb::FinishReason::Stop,
-        FinishReason::Eos => pb::FinishReason::Eos,
-        FinishReason::Cancelled => pb::FinishReason::Cancelled,
-        FinishReason::Error => pb::FinishReason::Error,
-        FinishReason::Preempted => pb::FinishReason::Preempted,
-        FinishReason::Rejected => pb::FinishReason::Rejected,
     }
 }
 
@@ -53,7 +25,7 @@ pub fn finish_reason(r: FinishReason) -> pb::FinishReason {
 pub fn finished(f: &Finished, external: u64) -> pb::SequenceFinished {
     pb::SequenceFinished {
         sequence_id: external,
-        reason: finish_reason(f.reason) as i32,
+        reason: pb::FinishReason::from(f.reason) as i32,
         prompt_tokens: f.prompt_tokens as u32,
         completion_tokens: f.completion_tokens as u32,
         message: f.message.clone(),

@@ -100,19 +100,18 @@ impl State {
         if w.running.remove(&id).is_none() {
             return Ok(()); // cancelled here: already answered
         }
-        let reason = wpb::FinishReason::try_from(f.reason).unwrap_or(wpb::FinishReason::Error);
+        // A reason this build does not know ends the sequence as failed, with the message.
+        let reason = f.finish_reason().unwrap_or(FinishReason::Error);
         if let Some(span) = self
             .requests
             .get_mut(&id)
             .and_then(|t| t.dispatch_span.take())
         {
-            let name = reason.as_str_name().trim_start_matches("FINISH_REASON_");
-            span.record("openinfer.finish", name.to_ascii_lowercase());
+            span.record("openinfer.finish", reason.as_str());
         }
-        let done = |reason| Some(Ok(reason));
         let outcome = match reason {
-            wpb::FinishReason::Preempted => None,
-            wpb::FinishReason::Rejected => {
+            FinishReason::Preempted => None,
+            FinishReason::Rejected => {
                 let Some(t) = self.requests.get_mut(&id) else {
                     return Ok(());
                 };
@@ -124,15 +123,11 @@ impl State {
                     )))
                 })
             }
-            wpb::FinishReason::Length => done(FinishReason::Length),
-            wpb::FinishReason::Stop => done(FinishReason::Stop),
-            wpb::FinishReason::Eos => done(FinishReason::Eos),
-            wpb::FinishReason::Cancelled => Some(Err(RouterError::Worker(
+            FinishReason::Length | FinishReason::Stop | FinishReason::Eos => Some(Ok(reason)),
+            FinishReason::Cancelled => Some(Err(RouterError::Worker(
                 "the worker cancelled the sequence".into(),
             ))),
-            wpb::FinishReason::Error | wpb::FinishReason::Unspecified => {
-                Some(Err(RouterError::Worker(f.message)))
-            }
+            FinishReason::Error => Some(Err(RouterError::Worker(f.message))),
         };
         match outcome {
             None => self.requeue(id),

@@ -139,8 +139,8 @@ impl State {
         Some(wpb::SequenceSpec {
             sequence_id: id,
             prompt_ids: t.req.prompt_ids.clone(),
-            sampling: Some(t.req.sampling),
-            stopping: Some(t.req.stopping.clone()),
+            sampling: Some(t.req.sampling.clone().into()),
+            stopping: Some(t.req.stopping.clone().into()),
             logprobs: t.req.logprobs,
             top_logprobs: t.req.top_logprobs,
             priority: t.req.priority,

@@ -111,7 +111,7 @@ impl Harness {
             model: m.into(),
             prompt_ids: vec![1; prompt],
             sampling: Default::default(),
-            stopping: wpb::StoppingParams {
+            stopping: openinfer_core::StoppingParams {
                 max_new_tokens: max_new,
                 ..Default::default()
             },
