@@ -95,20 +95,20 @@ pub struct EngineArgs {
     #[arg(long, env = "OPENINFER_DTYPE")]
     pub dtype: Option<String>,
     /// KV cache size (K and V, all layers), e.g. 512MiB or 8GiB.
-    #[arg(long, env = "OPENINFER_KV_CACHE_MEMORY", default_value = "512MiB", value_parser = parse_bytes)]
-    pub kv_cache_memory: u64,
+    #[arg(long, env = "OPENINFER_KV_CACHE_MEMORY", default_value_t = Size(engine_defaults().kv_cache_bytes as u64))]
+    pub kv_cache_memory: Size,
     /// Token slots per KV block.
-    #[arg(long, env = "OPENINFER_BLOCK_SIZE", default_value_t = 16)]
+    #[arg(long, env = "OPENINFER_BLOCK_SIZE", default_value_t = engine_defaults().block_size)]
     pub block_size: usize,
     /// Most sequences in the running batch.
-    #[arg(long, env = "OPENINFER_MAX_RUNNING", default_value_t = 64)]
+    #[arg(long, env = "OPENINFER_MAX_RUNNING", default_value_t = engine_defaults().max_running)]
     pub max_running: usize,
     /// Token budget of one engine step (decode tokens + prefill chunk); longer prompts are
     /// prefilled in chunks.
-    #[arg(long, env = "OPENINFER_MAX_BATCH_TOKENS", default_value_t = 512)]
+    #[arg(long, env = "OPENINFER_MAX_BATCH_TOKENS", default_value_t = engine_defaults().max_batch_tokens)]
     pub max_batch_tokens: usize,
     /// Most sequences waiting for KV blocks inside the worker.
-    #[arg(long, env = "OPENINFER_MAX_WAITING", default_value_t = 256)]
+    #[arg(long, env = "OPENINFER_MAX_WAITING", default_value_t = engine_defaults().max_waiting)]
     pub max_waiting: usize,
     /// Longest sequence (prompt + output) accepted; default: the model's context.
     #[arg(long, env = "OPENINFER_MAX_MODEL_LEN")]
@@ -234,10 +234,10 @@ pub struct RegistryArgs {
 pub struct WorkerLoopArgs {
     /// Step messages buffered per router connection; a router that falls this far behind is
     /// disconnected (its sequences cancelled) so that it cannot stall the engine.
-    #[arg(long, env = "OPENINFER_CONNECTION_BUFFER", default_value_t = 256)]
+    #[arg(long, env = "OPENINFER_CONNECTION_BUFFER", default_value_t = loop_defaults().connection_buffer)]
     pub connection_buffer: usize,
     /// Commands buffered for the engine thread.
-    #[arg(long, env = "OPENINFER_COMMAND_QUEUE", default_value_t = 1024)]
+    #[arg(long, env = "OPENINFER_COMMAND_QUEUE", default_value_t = loop_defaults().command_queue)]
     pub command_queue: usize,
 }
 
@@ -248,62 +248,62 @@ pub struct RouterArgs {
     #[arg(long, env = "OPENINFER_DEFAULT_MODEL")]
     pub default_model: Option<String>,
     /// Most requests waiting in the router (all models and priorities).
-    #[arg(long, env = "OPENINFER_MAX_QUEUED_REQUESTS", default_value_t = 4096)]
+    #[arg(long, env = "OPENINFER_MAX_QUEUED_REQUESTS", default_value_t = router_defaults().max_queued_requests)]
     pub max_queued_requests: usize,
     /// Most requests waiting at one priority level of one model.
-    #[arg(long, env = "OPENINFER_MAX_QUEUE_PER_PRIORITY", default_value_t = 1024)]
+    #[arg(long, env = "OPENINFER_MAX_QUEUE_PER_PRIORITY", default_value_t = router_defaults().max_queue_per_priority)]
     pub max_queue_per_priority: usize,
     /// Most prompt tokens waiting in the router.
-    #[arg(long, env = "OPENINFER_MAX_QUEUED_TOKENS", default_value_t = 1 << 20)]
+    #[arg(long, env = "OPENINFER_MAX_QUEUED_TOKENS", default_value_t = router_defaults().max_queued_tokens)]
     pub max_queued_tokens: usize,
     /// Share of the queue bounds open to sheddable (negative priority) requests.
-    #[arg(long, env = "OPENINFER_SHEDDABLE_SHARE", default_value_t = 0.5)]
+    #[arg(long, env = "OPENINFER_SHEDDABLE_SHARE", default_value_t = router_defaults().sheddable_share)]
     pub sheddable_share: f64,
     /// Longest queue wait when the client sets no grpc-timeout (e.g. 60s, 500ms).
-    #[arg(long, env = "OPENINFER_QUEUE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
-    pub queue_timeout: Duration,
+    #[arg(long, env = "OPENINFER_QUEUE_TIMEOUT", default_value_t = Dur(router_defaults().default_queue_timeout))]
+    pub queue_timeout: Dur,
     /// Waiting this long raises a queued request's priority by one level; 0 turns aging off.
-    #[arg(long, env = "OPENINFER_AGING_STEP", default_value = "5s", value_parser = parse_duration)]
-    pub aging_step: Duration,
+    #[arg(long, env = "OPENINFER_AGING_STEP", default_value_t = Dur(router_defaults().aging_step.unwrap_or_default()))]
+    pub aging_step: Dur,
     /// Preempt lower-priority running sequences when a higher-priority request cannot be
     /// placed (they resume later, invisibly to their clients).
-    #[arg(long, env = "OPENINFER_PREEMPTION", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "OPENINFER_PREEMPTION", default_value_t = router_defaults().preemption, action = clap::ArgAction::Set)]
     pub preemption: bool,
     /// Times a request may come back unfinished from its workers (preempted, or its worker
     /// lost) and resume elsewhere; one more and it fails with UNAVAILABLE instead of cycling.
-    #[arg(long, env = "OPENINFER_MAX_RESUMES", default_value_t = 16)]
+    #[arg(long, env = "OPENINFER_MAX_RESUMES", default_value_t = router_defaults().max_resumes)]
     pub max_resumes: u32,
     /// Delay suggested to refused clients (grpc-retry-pushback-ms).
-    #[arg(long, env = "OPENINFER_RETRY_PUSHBACK", default_value = "500ms", value_parser = parse_duration)]
-    pub retry_pushback: Duration,
+    #[arg(long, env = "OPENINFER_RETRY_PUSHBACK", default_value_t = Dur(router_defaults().retry_pushback))]
+    pub retry_pushback: Dur,
     /// max_new_tokens of requests that set none (capped by the context).
-    #[arg(long, env = "OPENINFER_DEFAULT_MAX_NEW_TOKENS", default_value_t = 256)]
+    #[arg(long, env = "OPENINFER_DEFAULT_MAX_NEW_TOKENS", default_value_t = router_defaults().default_max_new_tokens)]
     pub default_max_new_tokens: u32,
     /// Most stop strings per request.
-    #[arg(long, env = "OPENINFER_MAX_STOP_STRINGS", default_value_t = 16)]
+    #[arg(long, env = "OPENINFER_MAX_STOP_STRINGS", default_value_t = router_defaults().max_stop_strings)]
     pub max_stop_strings: usize,
     /// Longest stop string in bytes.
-    #[arg(long, env = "OPENINFER_MAX_STOP_BYTES", default_value_t = 256)]
+    #[arg(long, env = "OPENINFER_MAX_STOP_BYTES", default_value_t = router_defaults().max_stop_bytes)]
     pub max_stop_bytes: usize,
     /// Largest request accepted, e.g. 4MiB.
-    #[arg(long, env = "OPENINFER_MAX_REQUEST_BYTES", default_value = "4MiB", value_parser = parse_bytes)]
-    pub max_request_bytes: u64,
+    #[arg(long, env = "OPENINFER_MAX_REQUEST_BYTES", default_value_t = Size(router_defaults().max_request_bytes as u64))]
+    pub max_request_bytes: Size,
     /// Messages buffered towards each worker.
-    #[arg(long, env = "OPENINFER_WORKER_QUEUE", default_value_t = 1024)]
+    #[arg(long, env = "OPENINFER_WORKER_QUEUE", default_value_t = router_defaults().worker_queue)]
     pub worker_queue: usize,
     /// Messages buffered for the scheduler task.
-    #[arg(long, env = "OPENINFER_SCHEDULER_QUEUE", default_value_t = 8192)]
+    #[arg(long, env = "OPENINFER_SCHEDULER_QUEUE", default_value_t = router_defaults().scheduler_queue)]
     pub scheduler_queue: usize,
     /// Most concurrent streams per client connection.
     #[arg(
         long,
         env = "OPENINFER_MAX_CONCURRENT_STREAMS",
-        default_value_t = 16_384
+        default_value_t = router_defaults().max_concurrent_streams
     )]
     pub max_concurrent_streams: u32,
     /// On SIGTERM, how long in-flight requests may take to finish.
-    #[arg(long, env = "OPENINFER_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub drain_timeout: Duration,
+    #[arg(long, env = "OPENINFER_DRAIN_TIMEOUT", default_value_t = Dur(router_defaults().drain_timeout))]
+    pub drain_timeout: Dur,
 }
 
 #[derive(Debug, Args)]
@@ -659,6 +659,71 @@ pub struct BenchRouterArgs {
     pub out: PathBuf,
 }
 
+/// The router's defaults: one place, `RouterConfig::default()`; the flags show them.
+fn router_defaults() -> openinfer_router::RouterConfig {
+    openinfer_router::RouterConfig::default()
+}
+
+/// The engine's defaults: `EngineConfig::default()`.
+fn engine_defaults() -> openinfer_engine::EngineConfig {
+    openinfer_engine::EngineConfig::default()
+}
+
+/// The worker loop's defaults: `LoopConfig::default()`.
+fn loop_defaults() -> openinfer_worker::LoopConfig {
+    openinfer_worker::LoopConfig::default()
+}
+
+/// A duration flag: parsed by [`parse_duration`], shown as `500ms`, `30s`, `2m` or `1h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl std::str::FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_duration(s).map(Dur)
+    }
+}
+
+impl std::fmt::Display for Dur {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = self.0.as_millis();
+        match ms {
+            0 if self.0.is_zero() => write!(f, "0"),
+            _ if !self.0.subsec_nanos().is_multiple_of(1_000_000) => {
+                write!(f, "{}us", self.0.as_micros())
+            }
+            _ if ms.is_multiple_of(3_600_000) => write!(f, "{}h", ms / 3_600_000),
+            _ if ms.is_multiple_of(60_000) => write!(f, "{}m", ms / 60_000),
+            _ if ms.is_multiple_of(1000) => write!(f, "{}s", ms / 1000),
+            _ => write!(f, "{ms}ms"),
+        }
+    }
+}
+
+/// A size flag: parsed by [`parse_bytes`], shown as `512MiB`, `4GiB` or bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl std::str::FromStr for Size {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_bytes(s).map(Size)
+    }
+}
+
+impl std::fmt::Display for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0;
+        for (unit, shift) in [("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+            if b != 0 && b.is_multiple_of(1 << shift) {
+                return write!(f, "{}{unit}", b >> shift);
+            }
+        }
+        write!(f, "{b}")
+    }
+}
+
 /// Parses a listen address given as `IP:PORT` or a bare `IP` (any free port).
 pub fn parse_listen_ip(s: &str) -> Result<SocketAddr, String> {
     let s = s.trim();
@@ -727,6 +792,51 @@ mod tests {
         );
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn shown_defaults_parse_back_to_themselves() {
+        for d in ["0", "250us", "500ms", "5s", "1m", "90s", "2h"] {
+            let parsed: Dur = d.parse().unwrap();
+            assert_eq!(parsed.to_string().parse::<Dur>().unwrap(), parsed, "{d}");
+        }
+        assert_eq!(Dur(Duration::from_secs(60)).to_string(), "1m");
+        assert_eq!(Dur(Duration::from_millis(500)).to_string(), "500ms");
+        assert_eq!(Size(4 << 20).to_string(), "4MiB");
+        assert_eq!(Size(1000).to_string(), "1000");
+        assert_eq!("512MiB".parse::<Size>().unwrap(), Size(512 << 20));
+    }
+
+    /// The knob tables of docs/router.md and docs/engine.md show the defaults the binary has.
+    #[test]
+    fn documented_defaults_are_the_binary_s() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut checked = 0;
+        for (doc, sub) in [("docs/router.md", "router"), ("docs/engine.md", "worker")] {
+            let text = std::fs::read_to_string(root.join(doc)).unwrap();
+            let sub = cmd.find_subcommand(sub).unwrap();
+            for arg in sub.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                let defaults: Vec<String> = arg
+                    .get_default_values()
+                    .iter()
+                    .map(|v| v.to_string_lossy().into_owned())
+                    .collect();
+                let Some(default) = defaults.first() else {
+                    continue;
+                };
+                let row = format!("| `--{long}` |");
+                if let Some(line) = text.lines().find(|l| l.starts_with(&row)) {
+                    let shown = line.split('|').nth(2).unwrap_or_default().trim();
+                    let shown = shown.trim_matches('`');
+                    assert_eq!(shown, default, "{doc}: --{long}");
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 15, "only {checked} documented defaults found");
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub fn engine_config(a: &EngineArgs) -> anyhow::Result<EngineConfig> {
         device: parse_device(&a.device)?,
         dtype,
         block_size: a.block_size,
-        kv_cache_bytes: a.kv_cache_memory as usize,
+        kv_cache_bytes: a.kv_cache_memory.0 as usize,
         max_running: a.max_running,
         max_batch_tokens: a.max_batch_tokens,
         max_waiting: a.max_waiting,
