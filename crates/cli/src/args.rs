@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+pub use openinfer_core::units::{parse_bytes, parse_duration, Dur, Size};
 
 /// OpenInferencev2: an LLM-serving cluster (router, workers, tooling).
 #[derive(Debug, Parser)]
@@ -30,16 +31,16 @@ pub enum Command {
     /// Write a random-weight Hugging Face model directory (for demos, tests, benchmarks).
     MakeModel(MakeModelArgs),
     /// Measure engine speed (prefill, single and batched decode) beside HF transformers.
-    BenchEngine(BenchEngineArgs),
+    BenchEngine(openinfer_bench::BenchEngineArgs),
     /// Load a router and report latency percentiles, throughput and goodput, overall and per
     /// priority (synthetic prompts; fixed concurrency or Poisson/gamma arrivals).
-    Bench(BenchArgs),
+    Bench(openinfer_bench::BenchArgs),
     /// Check greedy outputs against committed HF transformers references on this machine's
     /// device and dtype (tests/fixtures/expected).
     Parity(ParityArgs),
     /// Measure what the router adds: time to first token versus direct-to-worker, and many
     /// concurrent streams with the router's memory (uses `--engine sim` workers).
-    BenchRouter(BenchRouterArgs),
+    BenchRouter(openinfer_bench::BenchRouterArgs),
 }
 
 /// Logging flags. Traces go out over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set
@@ -392,35 +393,6 @@ pub struct GenerateArgs {
     pub timeout: Option<Duration>,
 }
 
-/// Parses `500us`, `250ms`, `5s`, `2m`, `1h` or `0` into a duration.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 500ms, 5s or 2m"))?;
-    let secs = match unit.trim() {
-        "us" | "µs" => value / 1e6,
-        "ms" => value / 1000.0,
-        "" if value == 0.0 => 0.0,
-        "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        "" => return Err(format!("`{s}` needs a unit: ms, s, m or h")),
-        other => {
-            return Err(format!(
-                "unknown duration unit `{other}`; use ms, s, m or h"
-            ))
-        }
-    };
-    if !(secs >= 0.0 && secs.is_finite()) {
-        return Err(format!("`{s}` is not a positive duration"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
 #[derive(Debug, Args)]
 pub struct MakeModelArgs {
     /// Shape preset: tiny (~1M parameters), small (~125M), llama3-8b (bf16, 16 GB).
@@ -468,146 +440,6 @@ pub struct MakeModelArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct BenchEngineArgs {
-    /// Model directory; default: the --preset model, made on first use under --cache-dir.
-    #[arg(long, env = "OPENINFER_MODEL")]
-    pub model: Option<PathBuf>,
-    /// Preset made and measured when no --model is given (`small` for CPU, `llama3-8b` for
-    /// a GPU).
-    #[arg(long, env = "OPENINFER_BENCH_PRESET", default_value = "small")]
-    pub preset: String,
-    /// Compute device for both engines: cpu, cuda or cuda:N.
-    #[arg(long, env = "OPENINFER_DEVICE", default_value = "cpu")]
-    pub device: String,
-    /// Compute dtype for both engines (default: f32 on CPU, bf16 on CUDA).
-    #[arg(long, env = "OPENINFER_DTYPE")]
-    pub dtype: Option<String>,
-    /// Where generated models are kept.
-    #[arg(
-        long,
-        env = "OPENINFER_CACHE_DIR",
-        default_value = "target/openinfer-models"
-    )]
-    pub cache_dir: PathBuf,
-    /// Prompt tokens for prefill and before decoding.
-    #[arg(long, env = "OPENINFER_BENCH_PROMPT_LEN", default_value_t = 128)]
-    pub prompt_len: usize,
-    /// Decode steps measured.
-    #[arg(long, env = "OPENINFER_BENCH_DECODE_STEPS", default_value_t = 32)]
-    pub decode_steps: usize,
-    /// Sequences in the batched decode measurement.
-    #[arg(long, env = "OPENINFER_BENCH_BATCH", default_value_t = 16)]
-    pub batch: usize,
-    /// Repetitions; the median is reported.
-    #[arg(long, env = "OPENINFER_BENCH_REPEATS", default_value_t = 3)]
-    pub repeats: usize,
-    /// Python with torch + transformers for the HF baseline (skipped when absent).
-    #[arg(
-        long,
-        env = "OPENINFER_BENCH_PYTHON",
-        default_value = ".venv/bin/python"
-    )]
-    pub python: PathBuf,
-    /// Skip the HF transformers baseline.
-    #[arg(long, env = "OPENINFER_BENCH_NO_HF")]
-    pub no_hf: bool,
-    /// Threads for both engines (candle/rayon and torch).
-    #[arg(long, env = "OPENINFER_BENCH_THREADS")]
-    pub threads: Option<usize>,
-    /// Directory for the JSON results and the SVG chart.
-    #[arg(
-        long,
-        env = "OPENINFER_BENCH_OUT",
-        default_value = "target/bench-engine"
-    )]
-    pub out: PathBuf,
-}
-
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    /// Router to load.
-    #[arg(long, env = "OPENINFER_BENCH_ADDR", default_value = "127.0.0.1:50051")]
-    pub addr: String,
-    /// Start `openinfer serve` (the tiny demo model, or --model) and load that instead.
-    #[arg(long, env = "OPENINFER_BENCH_SPAWN")]
-    pub spawn: bool,
-    /// Model directory for --spawn.
-    #[arg(long, env = "OPENINFER_BENCH_MODEL", requires = "spawn")]
-    pub model: Option<PathBuf>,
-    /// Start this many `--engine sim` workers and a router in front of them (separate
-    /// processes) and load that: the router's own behaviour and cost, with no model.
-    #[arg(
-        long,
-        env = "OPENINFER_BENCH_SPAWN_SIM_WORKERS",
-        conflicts_with = "spawn"
-    )]
-    pub spawn_sim_workers: Option<usize>,
-    /// Step time of the spawned sim workers.
-    #[arg(long, env = "OPENINFER_BENCH_SIM_STEP_TIME", default_value = "20ms", value_parser = parse_duration)]
-    pub sim_step_time: Duration,
-    /// Running sequences per spawned sim worker.
-    #[arg(long, env = "OPENINFER_BENCH_SIM_MAX_RUNNING", default_value_t = 32)]
-    pub sim_max_running: usize,
-    /// Also run HF transformers `generate` on --model at batch sizes equal to the
-    /// --concurrency steps, in the same run (scripts/bench_hf_generate.py).
-    #[arg(long, env = "OPENINFER_BENCH_HF_BASELINE", requires = "model")]
-    pub hf_baseline: bool,
-    /// Python with torch + transformers for --hf-baseline.
-    #[arg(
-        long,
-        env = "OPENINFER_BENCH_PYTHON",
-        default_value = ".venv/bin/python"
-    )]
-    pub python: PathBuf,
-    /// Threads for the HF baseline (default: every core, as the spawned server uses).
-    #[arg(long, env = "OPENINFER_BENCH_THREADS")]
-    pub threads: Option<usize>,
-    /// The `model` field of every request (empty: the router's default).
-    #[arg(long, env = "OPENINFER_BENCH_MODEL_NAME", default_value = "")]
-    pub model_name: String,
-    /// Requests to send.
-    #[arg(long, env = "OPENINFER_BENCH_NUM_REQUESTS", default_value_t = 200)]
-    pub num_requests: usize,
-    /// Requests in flight at once (without --rate); a list (1,4,16) runs one step each.
-    #[arg(
-        long,
-        env = "OPENINFER_BENCH_CONCURRENCY",
-        value_delimiter = ',',
-        default_value = "8"
-    )]
-    pub concurrency: Vec<usize>,
-    /// Requests per second, arriving as a gamma process (instead of a fixed concurrency); a
-    /// list runs one step each.
-    #[arg(long, env = "OPENINFER_BENCH_RATE", value_delimiter = ',')]
-    pub rate: Vec<f64>,
-    /// Run the standard scenario: concurrency 1, 2, 4, 8, 16 and 32, one step each.
-    #[arg(long, env = "OPENINFER_BENCH_SWEEP")]
-    pub sweep: bool,
-    /// Shape of the arrival process: 1 = Poisson, below 1 burstier, above 1 smoother.
-    #[arg(long, env = "OPENINFER_BENCH_BURSTINESS", default_value_t = 1.0)]
-    pub burstiness: f64,
-    /// Prompts from a file instead of synthetic ones: JSON Lines (`.jsonl`) of
-    /// {"prompt", "output_len"?, "priority"?}, or a ShareGPT JSON array (docs/bench.md).
-    #[arg(long, env = "OPENINFER_BENCH_DATASET")]
-    pub dataset: Option<PathBuf>,
-    /// Words per synthetic prompt.
-    #[arg(long, env = "OPENINFER_BENCH_INPUT_LEN", default_value_t = 128)]
-    pub input_len: usize,
-    /// Tokens generated per request (eos ignored); with --dataset, the cap.
-    #[arg(long, env = "OPENINFER_BENCH_OUTPUT_LEN", default_value_t = 64)]
-    pub output_len: u32,
-    /// Priorities by weight, e.g. 0:80,5:20.
-    #[arg(long, env = "OPENINFER_BENCH_PRIORITY_MIX", default_value = "0:100")]
-    pub priority_mix: String,
-    /// Objectives for goodput, e.g. ttft=200ms,tpot=50ms,e2e=10s.
-    #[arg(long, env = "OPENINFER_BENCH_SLO", default_value = "")]
-    pub slo: String,
-    /// Directory for bench.json (and bench.svg when several steps ran).
-    #[arg(long, env = "OPENINFER_BENCH_OUT", default_value = "target/bench")]
-    pub out: PathBuf,
-}
-
-#[derive(Debug, Args)]
 pub struct ParityArgs {
     /// Directory with `expected/*.json` references and one model directory per reference.
     #[arg(
@@ -627,38 +459,6 @@ pub struct ParityArgs {
     pub out: PathBuf,
 }
 
-#[derive(Debug, Args)]
-pub struct BenchRouterArgs {
-    /// Time-to-first-token samples per path (direct and through the router).
-    #[arg(long, env = "OPENINFER_BENCH_SAMPLES", default_value_t = 300)]
-    pub samples: usize,
-    /// Sim step time while sampling time to first token.
-    #[arg(long, env = "OPENINFER_BENCH_TTFT_STEP_TIME", default_value = "2ms", value_parser = parse_duration)]
-    pub ttft_step_time: Duration,
-    /// Concurrent streams held through one router.
-    #[arg(long, env = "OPENINFER_BENCH_STREAMS", default_value_t = 5000)]
-    pub streams: usize,
-    /// Tokens per concurrent stream.
-    #[arg(long, env = "OPENINFER_BENCH_STREAM_TOKENS", default_value_t = 40)]
-    pub stream_tokens: u32,
-    /// Sim step time while holding the concurrent streams.
-    #[arg(long, env = "OPENINFER_BENCH_STREAM_STEP_TIME", default_value = "50ms", value_parser = parse_duration)]
-    pub stream_step_time: Duration,
-    /// Client HTTP/2 connections the streams share.
-    #[arg(long, env = "OPENINFER_BENCH_CONNECTIONS", default_value_t = 16)]
-    pub connections: usize,
-    /// Times the concurrent load is repeated on the same router (memory must stay flat).
-    #[arg(long, env = "OPENINFER_BENCH_ROUNDS", default_value_t = 3)]
-    pub rounds: usize,
-    /// Directory for the JSON results and the SVG chart.
-    #[arg(
-        long,
-        env = "OPENINFER_BENCH_OUT",
-        default_value = "target/bench-router"
-    )]
-    pub out: PathBuf,
-}
-
 /// The router's defaults: one place, `RouterConfig::default()`; the flags show them.
 fn router_defaults() -> openinfer_router::RouterConfig {
     openinfer_router::RouterConfig::default()
@@ -674,56 +474,6 @@ fn loop_defaults() -> openinfer_worker::LoopConfig {
     openinfer_worker::LoopConfig::default()
 }
 
-/// A duration flag: parsed by [`parse_duration`], shown as `500ms`, `30s`, `2m` or `1h`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dur(pub Duration);
-
-impl std::str::FromStr for Dur {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        parse_duration(s).map(Dur)
-    }
-}
-
-impl std::fmt::Display for Dur {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ms = self.0.as_millis();
-        match ms {
-            0 if self.0.is_zero() => write!(f, "0"),
-            _ if !self.0.subsec_nanos().is_multiple_of(1_000_000) => {
-                write!(f, "{}us", self.0.as_micros())
-            }
-            _ if ms.is_multiple_of(3_600_000) => write!(f, "{}h", ms / 3_600_000),
-            _ if ms.is_multiple_of(60_000) => write!(f, "{}m", ms / 60_000),
-            _ if ms.is_multiple_of(1000) => write!(f, "{}s", ms / 1000),
-            _ => write!(f, "{ms}ms"),
-        }
-    }
-}
-
-/// A size flag: parsed by [`parse_bytes`], shown as `512MiB`, `4GiB` or bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Size(pub u64);
-
-impl std::str::FromStr for Size {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        parse_bytes(s).map(Size)
-    }
-}
-
-impl std::fmt::Display for Size {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let b = self.0;
-        for (unit, shift) in [("GiB", 30), ("MiB", 20), ("KiB", 10)] {
-            if b != 0 && b.is_multiple_of(1 << shift) {
-                return write!(f, "{}{unit}", b >> shift);
-            }
-        }
-        write!(f, "{b}")
-    }
-}
-
 /// Parses a listen address given as `IP:PORT` or a bare `IP` (any free port).
 pub fn parse_listen_ip(s: &str) -> Result<SocketAddr, String> {
     let s = s.trim();
@@ -737,75 +487,9 @@ pub fn parse_listen_ip(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("`{s}` is not an IP address or IP:PORT"))
 }
 
-/// Parses `1024`, `512KiB`, `64MiB`, `8GiB`, `1.5GB` into bytes.
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size like 512MiB or 8GiB"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        other => {
-            return Err(format!(
-                "unknown size unit `{other}`; use B, KiB, MiB, GiB, KB, MB or GB"
-            ))
-        }
-    };
-    if !(value >= 0.0 && value.is_finite()) {
-        return Err(format!("`{s}` is not a positive size"));
-    }
-    Ok((value * mult as f64) as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_bytes("1024").unwrap(), 1024);
-        assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
-        assert_eq!(parse_bytes("8GiB").unwrap(), 8 << 30);
-        assert_eq!(parse_bytes("1.5GB").unwrap(), 1_500_000_000);
-        assert!(parse_bytes("lots").is_err());
-        assert!(parse_bytes("5XB").is_err());
-    }
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
-        assert_eq!(
-            parse_duration("1500us").unwrap(),
-            Duration::from_micros(1500)
-        );
-        assert!(parse_duration("5").is_err());
-        assert!(parse_duration("-1s").is_err());
-    }
-
-    #[test]
-    fn shown_defaults_parse_back_to_themselves() {
-        for d in ["0", "250us", "500ms", "5s", "1m", "90s", "2h"] {
-            let parsed: Dur = d.parse().unwrap();
-            assert_eq!(parsed.to_string().parse::<Dur>().unwrap(), parsed, "{d}");
-        }
-        assert_eq!(Dur(Duration::from_secs(60)).to_string(), "1m");
-        assert_eq!(Dur(Duration::from_millis(500)).to_string(), "500ms");
-        assert_eq!(Size(4 << 20).to_string(), "4MiB");
-        assert_eq!(Size(1000).to_string(), "1000");
-        assert_eq!("512MiB".parse::<Size>().unwrap(), Size(512 << 20));
-    }
 
     /// The knob tables of docs/router.md and docs/engine.md show the defaults the binary has.
     #[test]

@@ -1,14 +1,8 @@
 //! `openinfer`: the OpenInferencev2 command line.
 
 mod args;
-mod chart;
-mod child;
 mod commands;
-mod load;
 mod logging;
-mod progress;
-mod python;
-mod stats;
 
 use std::process::ExitCode;
 

@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod params;
+pub mod units;
 
 pub use error::{Code, ErrorCode};
 pub use params::{

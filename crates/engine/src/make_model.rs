@@ -261,6 +261,27 @@ fn st_dtype(dtype: &str) -> &'static str {
     }
 }
 
+/// The model of preset `name` in `cache_dir/name`, made there on first use (random weights:
+/// no download). `progress` sees bytes written and the total while it is made.
+pub fn ensure_preset(
+    cache_dir: &Path,
+    name: &str,
+    progress: &dyn Fn(u64, u64),
+) -> Result<std::path::PathBuf> {
+    let dir = cache_dir.join(name);
+    if dir.join("config.json").exists() && dir.join("tokenizer.json").exists() {
+        return Ok(dir);
+    }
+    let spec = ModelSpec::preset(name).ok_or_else(|| {
+        EngineError::Config(format!(
+            "unknown model preset `{name}`; the presets are {}",
+            PRESETS.join(", ")
+        ))
+    })?;
+    make_model(&spec, &dir, progress)?;
+    Ok(dir)
+}
+
 /// Writes a model directory for `spec` into `out`. `progress(bytes_done, bytes_total)` is
 /// called as weights are written.
 pub fn make_model(spec: &ModelSpec, out: &Path, progress: &dyn Fn(u64, u64)) -> Result<()> {

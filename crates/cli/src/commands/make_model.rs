@@ -8,7 +8,7 @@ use crate::args::MakeModelArgs;
 
 pub fn run(a: MakeModelArgs) -> anyhow::Result<()> {
     let spec = spec(&a)?;
-    let pb = crate::progress::bytes_bar(0, "writing");
+    let pb = openinfer_bench::progress::bytes_bar(0, "writing");
     make_model(&spec, &a.out, &|done, total| {
         pb.set_length(total);
         pb.set_position(done);

@@ -1,8 +1,5 @@
 //! One module per subcommand.
 
-mod bench;
-mod bench_engine;
-mod bench_router;
 mod generate;
 mod make_model;
 mod parity;
@@ -12,12 +9,11 @@ mod tp_group;
 mod worker;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::args::{Command, EngineArgs};
 use anyhow::Context;
-use openinfer_engine::make_model::{make_model, ModelSpec};
 use openinfer_engine::tp::Communicator;
 use openinfer_engine::{parse_device, parse_dtype, Engine, EngineConfig, ModelDir};
 
@@ -29,9 +25,9 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Worker(a) => worker::run(a),
         Command::Generate(a) => generate::run(a),
         Command::MakeModel(a) => make_model::run(a),
-        Command::Bench(a) => bench::run(a),
-        Command::BenchEngine(a) => bench_engine::run(a),
-        Command::BenchRouter(a) => bench_router::run(a),
+        Command::Bench(a) => openinfer_bench::serving::run(a),
+        Command::BenchEngine(a) => openinfer_bench::engine::run(a),
+        Command::BenchRouter(a) => openinfer_bench::router::run(a),
         Command::Parity(a) => parity::run(a),
     }
 }
@@ -65,7 +61,7 @@ pub fn load_engine(
 ) -> anyhow::Result<Engine> {
     let cfg = engine_config(a)?;
     tracing::info!(model = %model.display(), "loading model");
-    let pb = crate::progress::bar(0, "loading");
+    let pb = openinfer_bench::progress::bar(0, "loading");
     let progress = |done: usize, total: usize| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
@@ -78,26 +74,6 @@ pub fn load_engine(
     .with_context(|| format!("cannot load the model in {}", model.display()))?;
     pb.finish_and_clear();
     Ok(engine)
-}
-
-/// The model of `preset` under `cache_dir`, made on first use.
-pub fn ensure_preset_model(cache_dir: &Path, preset: &str) -> anyhow::Result<PathBuf> {
-    let dir = cache_dir.join(preset);
-    if dir.join("config.json").exists() && dir.join("tokenizer.json").exists() {
-        return Ok(dir);
-    }
-    let Some(spec) = ModelSpec::preset(preset) else {
-        anyhow::bail!("unknown model preset `{preset}`");
-    };
-    tracing::info!(dir = %dir.display(), preset, "making the `{preset}` demo model (random weights)");
-    let pb = crate::progress::bytes_bar(0, "making model");
-    make_model(&spec, &dir, &|d, t| {
-        pb.set_length(t);
-        pb.set_position(d);
-    })
-    .with_context(|| format!("cannot write the model to {}", dir.display()))?;
-    pb.finish_and_clear();
-    Ok(dir)
 }
 
 /// The etcd settings the flags describe (`None`: static membership).

@@ -16,7 +16,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         None if a.engine.engine == EngineKind::Sim => None,
         None => {
             let cache = a.cache_dir.clone().unwrap_or_else(default_cache_dir);
-            let dir = super::ensure_preset_model(&cache, "tiny")?;
+            let dir = openinfer_bench::progress::preset_model(&cache, "tiny")?;
             tracing::info!(
                 model = %dir.display(),
                 "no --model given: serving the `tiny` demo model (random weights, for trying the API; pass --model DIR for a real one)"

@@ -188,7 +188,7 @@ pub fn follow(a: &WorkerArgs, comm: Arc<dyn Communicator>) -> anyhow::Result<()>
         .context("--model DIR is required (every rank loads its shard of it)")?;
     let cfg = super::engine_config(&a.engine)?;
     let dir = ModelDir::open(model)?;
-    let pb = crate::progress::bar(0, "loading shard");
+    let pb = openinfer_bench::progress::bar(0, "loading shard");
     let follower = Follower::load(&dir, &cfg, comm, &|done, total| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);

@@ -84,7 +84,7 @@ impl Slo {
             let (k, v) = item
                 .split_once('=')
                 .ok_or_else(|| format!("`{item}`: expected NAME=DURATION, e.g. ttft=200ms"))?;
-            let d = crate::args::parse_duration(v)?.as_secs_f64();
+            let d = openinfer_core::units::parse_duration(v)?.as_secs_f64();
             match k.trim() {
                 "ttft" => slo.ttft = Some(d),
                 "tpot" => slo.tpot = Some(d),

@@ -38,7 +38,7 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     let model = match &a.model {
         Some(m) => m.clone(),
-        None => super::ensure_preset_model(&a.cache_dir, &a.preset)?,
+        None => crate::progress::preset_model(&a.cache_dir, &a.preset)?,
     };
     if a.repeats == 0 || a.batch == 0 || a.decode_steps == 0 || a.prompt_len == 0 {
         bail!("--repeats, --batch, --decode-steps and --prompt-len must be positive");

@@ -17,8 +17,8 @@ use tonic::transport::Channel;
 use crate::args::BenchArgs;
 use crate::chart::{grouped_bars, lines, Group as Bars};
 use crate::child::{memory, ChildService};
-use crate::load::{interarrival, parse_priority_mix, priority_of, read_dataset, Prompt};
 use crate::stats::{Slo, Summary};
+use crate::workload::{interarrival, parse_priority_mix, priority_of, read_dataset, Prompt};
 
 /// Words synthetic prompts are made of.
 const WORDS: &[&str] = &[
@@ -241,11 +241,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
-    super::runtime()?.block_on(async move {
+    crate::runtime()?.block_on(async move {
         let mut spawned = Spawned::start(&a)?;
         let addr = spawned.as_ref().map_or(a.addr.clone(), |s| s.addr.clone());
-        let mut client = InferenceClient::new(super::bench_router::channel(&addr).await?);
-        super::bench_router::ready(&mut client).await?;
+        let mut client = InferenceClient::new(crate::router::channel(&addr).await?);
+        crate::router::ready(&mut client).await?;
 
         let mut run = Run {
             addr,

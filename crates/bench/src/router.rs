@@ -83,7 +83,7 @@ pub fn run(a: BenchRouterArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
-    let rt = super::runtime()?;
+    let rt = crate::runtime()?;
     let ttft = rt.block_on(ttft_phase(&a))?;
     let streams = rt.block_on(streams_phase(&a))?;
     let report = Report { ttft, streams };

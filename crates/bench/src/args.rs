@@ -1,0 +1,179 @@
+//! The benchmarks' flags (each with an `OPENINFER_*` variable).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use openinfer_core::units::parse_duration;
+
+#[derive(Debug, Args)]
+pub struct BenchEngineArgs {
+    /// Model directory; default: the --preset model, made on first use under --cache-dir.
+    #[arg(long, env = "OPENINFER_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Preset made and measured when no --model is given (`small` for CPU, `llama3-8b` for
+    /// a GPU).
+    #[arg(long, env = "OPENINFER_BENCH_PRESET", default_value = "small")]
+    pub preset: String,
+    /// Compute device for both engines: cpu, cuda or cuda:N.
+    #[arg(long, env = "OPENINFER_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype for both engines (default: f32 on CPU, bf16 on CUDA).
+    #[arg(long, env = "OPENINFER_DTYPE")]
+    pub dtype: Option<String>,
+    /// Where generated models are kept.
+    #[arg(
+        long,
+        env = "OPENINFER_CACHE_DIR",
+        default_value = "target/openinfer-models"
+    )]
+    pub cache_dir: PathBuf,
+    /// Prompt tokens for prefill and before decoding.
+    #[arg(long, env = "OPENINFER_BENCH_PROMPT_LEN", default_value_t = 128)]
+    pub prompt_len: usize,
+    /// Decode steps measured.
+    #[arg(long, env = "OPENINFER_BENCH_DECODE_STEPS", default_value_t = 32)]
+    pub decode_steps: usize,
+    /// Sequences in the batched decode measurement.
+    #[arg(long, env = "OPENINFER_BENCH_BATCH", default_value_t = 16)]
+    pub batch: usize,
+    /// Repetitions; the median is reported.
+    #[arg(long, env = "OPENINFER_BENCH_REPEATS", default_value_t = 3)]
+    pub repeats: usize,
+    /// Python with torch + transformers for the HF baseline (skipped when absent).
+    #[arg(
+        long,
+        env = "OPENINFER_BENCH_PYTHON",
+        default_value = ".venv/bin/python"
+    )]
+    pub python: PathBuf,
+    /// Skip the HF transformers baseline.
+    #[arg(long, env = "OPENINFER_BENCH_NO_HF")]
+    pub no_hf: bool,
+    /// Threads for both engines (candle/rayon and torch).
+    #[arg(long, env = "OPENINFER_BENCH_THREADS")]
+    pub threads: Option<usize>,
+    /// Directory for the JSON results and the SVG chart.
+    #[arg(
+        long,
+        env = "OPENINFER_BENCH_OUT",
+        default_value = "target/bench-engine"
+    )]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Router to load.
+    #[arg(long, env = "OPENINFER_BENCH_ADDR", default_value = "127.0.0.1:50051")]
+    pub addr: String,
+    /// Start `openinfer serve` (the tiny demo model, or --model) and load that instead.
+    #[arg(long, env = "OPENINFER_BENCH_SPAWN")]
+    pub spawn: bool,
+    /// Model directory for --spawn.
+    #[arg(long, env = "OPENINFER_BENCH_MODEL", requires = "spawn")]
+    pub model: Option<PathBuf>,
+    /// Start this many `--engine sim` workers and a router in front of them (separate
+    /// processes) and load that: the router's own behaviour and cost, with no model.
+    #[arg(
+        long,
+        env = "OPENINFER_BENCH_SPAWN_SIM_WORKERS",
+        conflicts_with = "spawn"
+    )]
+    pub spawn_sim_workers: Option<usize>,
+    /// Step time of the spawned sim workers.
+    #[arg(long, env = "OPENINFER_BENCH_SIM_STEP_TIME", default_value = "20ms", value_parser = parse_duration)]
+    pub sim_step_time: Duration,
+    /// Running sequences per spawned sim worker.
+    #[arg(long, env = "OPENINFER_BENCH_SIM_MAX_RUNNING", default_value_t = 32)]
+    pub sim_max_running: usize,
+    /// Also run HF transformers `generate` on --model at batch sizes equal to the
+    /// --concurrency steps, in the same run (scripts/bench_hf_generate.py).
+    #[arg(long, env = "OPENINFER_BENCH_HF_BASELINE", requires = "model")]
+    pub hf_baseline: bool,
+    /// Python with torch + transformers for --hf-baseline.
+    #[arg(
+        long,
+        env = "OPENINFER_BENCH_PYTHON",
+        default_value = ".venv/bin/python"
+    )]
+    pub python: PathBuf,
+    /// Threads for the HF baseline (default: every core, as the spawned server uses).
+    #[arg(long, env = "OPENINFER_BENCH_THREADS")]
+    pub threads: Option<usize>,
+    /// The `model` field of every request (empty: the router's default).
+    #[arg(long, env = "OPENINFER_BENCH_MODEL_NAME", default_value = "")]
+    pub model_name: String,
+    /// Requests to send.
+    #[arg(long, env = "OPENINFER_BENCH_NUM_REQUESTS", default_value_t = 200)]
+    pub num_requests: usize,
+    /// Requests in flight at once (without --rate); a list (1,4,16) runs one step each.
+    #[arg(
+        long,
+        env = "OPENINFER_BENCH_CONCURRENCY",
+        value_delimiter = ',',
+        default_value = "8"
+    )]
+    pub concurrency: Vec<usize>,
+    /// Requests per second, arriving as a gamma process (instead of a fixed concurrency); a
+    /// list runs one step each.
+    #[arg(long, env = "OPENINFER_BENCH_RATE", value_delimiter = ',')]
+    pub rate: Vec<f64>,
+    /// Run the standard scenario: concurrency 1, 2, 4, 8, 16 and 32, one step each.
+    #[arg(long, env = "OPENINFER_BENCH_SWEEP")]
+    pub sweep: bool,
+    /// Shape of the arrival process: 1 = Poisson, below 1 burstier, above 1 smoother.
+    #[arg(long, env = "OPENINFER_BENCH_BURSTINESS", default_value_t = 1.0)]
+    pub burstiness: f64,
+    /// Prompts from a file instead of synthetic ones: JSON Lines (`.jsonl`) of
+    /// {"prompt", "output_len"?, "priority"?}, or a ShareGPT JSON array (docs/bench.md).
+    #[arg(long, env = "OPENINFER_BENCH_DATASET")]
+    pub dataset: Option<PathBuf>,
+    /// Words per synthetic prompt.
+    #[arg(long, env = "OPENINFER_BENCH_INPUT_LEN", default_value_t = 128)]
+    pub input_len: usize,
+    /// Tokens generated per request (eos ignored); with --dataset, the cap.
+    #[arg(long, env = "OPENINFER_BENCH_OUTPUT_LEN", default_value_t = 64)]
+    pub output_len: u32,
+    /// Priorities by weight, e.g. 0:80,5:20.
+    #[arg(long, env = "OPENINFER_BENCH_PRIORITY_MIX", default_value = "0:100")]
+    pub priority_mix: String,
+    /// Objectives for goodput, e.g. ttft=200ms,tpot=50ms,e2e=10s.
+    #[arg(long, env = "OPENINFER_BENCH_SLO", default_value = "")]
+    pub slo: String,
+    /// Directory for bench.json (and bench.svg when several steps ran).
+    #[arg(long, env = "OPENINFER_BENCH_OUT", default_value = "target/bench")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchRouterArgs {
+    /// Time-to-first-token samples per path (direct and through the router).
+    #[arg(long, env = "OPENINFER_BENCH_SAMPLES", default_value_t = 300)]
+    pub samples: usize,
+    /// Sim step time while sampling time to first token.
+    #[arg(long, env = "OPENINFER_BENCH_TTFT_STEP_TIME", default_value = "2ms", value_parser = parse_duration)]
+    pub ttft_step_time: Duration,
+    /// Concurrent streams held through one router.
+    #[arg(long, env = "OPENINFER_BENCH_STREAMS", default_value_t = 5000)]
+    pub streams: usize,
+    /// Tokens per concurrent stream.
+    #[arg(long, env = "OPENINFER_BENCH_STREAM_TOKENS", default_value_t = 40)]
+    pub stream_tokens: u32,
+    /// Sim step time while holding the concurrent streams.
+    #[arg(long, env = "OPENINFER_BENCH_STREAM_STEP_TIME", default_value = "50ms", value_parser = parse_duration)]
+    pub stream_step_time: Duration,
+    /// Client HTTP/2 connections the streams share.
+    #[arg(long, env = "OPENINFER_BENCH_CONNECTIONS", default_value_t = 16)]
+    pub connections: usize,
+    /// Times the concurrent load is repeated on the same router (memory must stay flat).
+    #[arg(long, env = "OPENINFER_BENCH_ROUNDS", default_value_t = 3)]
+    pub rounds: usize,
+    /// Directory for the JSON results and the SVG chart.
+    #[arg(
+        long,
+        env = "OPENINFER_BENCH_OUT",
+        default_value = "target/bench-router"
+    )]
+    pub out: PathBuf,
+}

@@ -1,0 +1,33 @@
+//! The benchmark harness behind `openinfer bench`, `bench-engine` and `bench-router`. Each
+//! measures against a peer in the same run (HF transformers, direct-to-worker), writes its
+//! results as JSON and an SVG chart, and shows progress while it works.
+//!
+//! * [`serving`]: load against a router (fixed concurrency or gamma arrivals, synthetic or
+//!   dataset prompts, priority mix), latency percentiles, goodput; optionally HF `generate`.
+//! * [`engine`]: prefill and decode speed of the engine beside HF transformers.
+//! * [`router`]: what the router adds over direct-to-worker, and its memory under streams.
+//! * [`workload`], [`stats`], [`chart`]: prompts and arrivals, percentiles and SLOs, SVG.
+//! * [`child`], [`python`]: `openinfer` child processes, and the HF baseline scripts.
+//! * [`progress`]: progress bars (shared with the `openinfer` binary).
+
+pub mod args;
+pub mod chart;
+pub mod child;
+pub mod engine;
+pub mod progress;
+pub mod python;
+pub mod router;
+pub mod serving;
+pub mod stats;
+pub mod workload;
+
+pub use args::{BenchArgs, BenchEngineArgs, BenchRouterArgs};
+
+/// The async runtime the benchmarks drive their clients on.
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
