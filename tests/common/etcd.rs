@@ -11,6 +11,8 @@ pub struct EtcdServer {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    /// Plain-HTTP `/health` and `/metrics`, with or without TLS on the client port.
+    health_port: u16,
     child: Option<Child>,
     /// With TLS: the CA, server and client certificates live in `dir/certs`.
     tls: bool,
@@ -59,6 +61,7 @@ impl EtcdServer {
             dir: tempfile::tempdir().unwrap(),
             client_port: free_port(),
             peer_port: free_port(),
+            health_port: free_port(),
             child: None,
             tls: false,
         };
@@ -74,6 +77,7 @@ impl EtcdServer {
             dir: tempfile::tempdir().unwrap(),
             client_port: free_port(),
             peer_port: free_port(),
+            health_port: free_port(),
             child: None,
             tls: true,
         };
@@ -191,6 +195,10 @@ impl EtcdServer {
                 &peer,
             ])
             .args(["--initial-cluster", &format!("test={peer}")])
+            .args([
+                "--listen-metrics-urls",
+                &format!("http://127.0.0.1:{}", self.health_port),
+            ])
             .args(["--election-timeout", "100", "--heartbeat-interval", "10"])
             .args(["--log-level", "error"])
             .stdout(Stdio::null())
@@ -198,14 +206,34 @@ impl EtcdServer {
             .spawn()
             .expect("etcd starts");
         self.child = Some(child);
+        // Healthy means it has a leader and has published itself. An open port is not enough: a
+        // member killed before that never becomes healthy on the same data, so a test that stops
+        // a server it only saw listening would wait on an etcd that cannot come back.
         let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
+        while !self.healthy() {
             assert!(
                 start.elapsed() < Duration::from_secs(20),
-                "etcd did not start"
+                "etcd did not become healthy within 20s"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether `GET /health` says `"health":"true"`.
+    fn healthy(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.health_port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        let mut reply = String::new();
+        let _ = s.read_to_string(&mut reply);
+        reply.contains("\"health\":\"true\"")
     }
 }
 

@@ -132,7 +132,10 @@ pub fn spawn_service(name: &str, cmd: &mut Command) -> Service {
 fn spawn_logged(name: &str, cmd: &mut Command, metrics: bool) -> Service {
     let set = |k: &str| cmd.get_envs().any(|(key, _)| key == k);
     let defaults = [
-        ("OPENINFER_LOG", "info,openinfer_router=debug"),
+        (
+            "OPENINFER_LOG",
+            "info,openinfer_router=debug,openinfer_registry=debug",
+        ),
         ("OPENINFER_LOG_FORMAT", "text"),
         // Services on one host each take a free metrics port.
         ("OPENINFER_METRICS_LISTEN", "127.0.0.1:0"),

@@ -185,6 +185,8 @@ async fn register(
                 if !warned {
                     tracing::warn!(%key, error = %e, "cannot register in etcd; serving on and retrying");
                     warned = true;
+                } else {
+                    tracing::debug!(%key, error = %e, retry_in = ?wait, "cannot register in etcd yet");
                 }
             }
         }
