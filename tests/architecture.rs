@@ -75,7 +75,7 @@ fn the_crate_graph_keeps_its_invariants() {
         String::from_utf8_lossy(&out.stderr)
     );
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let rules: [(&str, &[&str]); 4] = [
+    let rules: [(&str, &[&str]); 5] = [
         (
             "openinfer-router",
             &["candle-core", "openinfer-engine", "openinfer-worker"],
@@ -88,6 +88,7 @@ fn the_crate_graph_keeps_its_invariants() {
             "openinfer-registry",
             &["candle-core", "openinfer-router", "openinfer-engine"],
         ),
+        ("openinfer-worker", &["openinfer-router", "openinfer-bench"]),
         (
             "openinfer-core",
             &["openinfer-proto", "tokio", "tonic", "candle-core"],

@@ -6,7 +6,7 @@
 //! happened. When a decode cannot get a block, the lowest-priority, most recently admitted
 //! sequence is preempted (its KV freed, reported as [`FinishReason::Preempted`]).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -21,6 +21,7 @@ use crate::kv_cache::{bytes_per_block, BlockAllocator, KvCache};
 use crate::model::{argmax_rows, Llama};
 use crate::model_dir::ModelDir;
 use crate::sampling::{self, SampleContext, TokenLogprob};
+use crate::step_scheduler::{Limits, Plan, Planned, Scheduled, StepScheduler};
 use crate::tokenizer::Tokenizer;
 use crate::tp::plan::StepPlan;
 use crate::tp::{Communicator, Shard};
@@ -222,17 +223,25 @@ struct Sequence {
     id: SequenceId,
     prompt_len: usize,
     tokens: Vec<u32>,
-    /// Tokens whose K/V are in the cache.
-    computed: usize,
-    blocks: Vec<u32>,
     sampling: SamplingParams,
     stopping: StoppingParams,
     logprobs: Option<usize>,
     priority: i32,
-    arrival: u64,
     seed: u64,
     detok: Detokenizer,
     stop: StopMatcher,
+}
+
+impl Scheduled for Sequence {
+    fn id(&self) -> SequenceId {
+        self.id
+    }
+    fn tokens(&self) -> usize {
+        self.tokens.len()
+    }
+    fn priority(&self) -> i32 {
+        self.priority
+    }
 }
 
 impl Sequence {
@@ -254,16 +263,10 @@ impl Sequence {
 pub struct Engine {
     model: Llama,
     kv: KvCache,
-    alloc: BlockAllocator,
+    /// Waiting and running sequences, their KV blocks, each step's work.
+    sched: StepScheduler<Sequence>,
     tokenizer: Tokenizer,
     info: EngineInfo,
-    cfg: EngineConfig,
-    waiting: VecDeque<Sequence>,
-    running: Vec<Sequence>,
-    /// Ids of every sequence on the engine (waiting or running).
-    ids: HashSet<SequenceId>,
-    arrivals: u64,
-    steps: u64,
     /// The other ranks of this engine's tensor-parallel group, told each step's inputs.
     group: Option<Arc<dyn Communicator>>,
 }
@@ -439,15 +442,16 @@ impl Engine {
         Ok(Engine {
             model,
             kv,
-            alloc: BlockAllocator::new(total_blocks, cfg.block_size),
+            sched: StepScheduler::new(
+                BlockAllocator::new(total_blocks, cfg.block_size),
+                Limits {
+                    max_running: cfg.max_running,
+                    max_waiting: cfg.max_waiting,
+                    max_batch_tokens: cfg.max_batch_tokens,
+                },
+            ),
             tokenizer: dir.tokenizer,
             info,
-            cfg,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            ids: HashSet::new(),
-            arrivals: 0,
-            steps: 0,
             group,
         })
     }
@@ -486,34 +490,17 @@ impl Engine {
 
     /// True while any sequence waits or runs.
     pub fn has_work(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty()
+        self.sched.has_work()
     }
 
     /// Current capacity.
     pub fn capacity(&self) -> Capacity {
-        Capacity {
-            total_blocks: self.alloc.total(),
-            free_blocks: self.alloc.free(),
-            block_size: self.alloc.block_size(),
-            max_running: self.cfg.max_running,
-            running: self.running.len(),
-            waiting: self.waiting.len(),
-            step: self.steps,
-        }
+        self.sched.capacity()
     }
 
     /// Checks `req` and queues it. Nothing changes when it is refused.
     pub fn add(&mut self, req: SequenceRequest) -> Result<()> {
         self.validate(&req)?;
-        if self.ids.contains(&req.id) {
-            return Err(EngineError::DuplicateSequence(req.id.0));
-        }
-        if self.waiting.len() >= self.cfg.max_waiting {
-            return Err(EngineError::Capacity(format!(
-                "{} sequences already wait for KV blocks on this worker",
-                self.waiting.len()
-            )));
-        }
         let prompt_len = req.prompt.len();
         let mut tokens = req.prompt;
         tokens.extend(&req.generated);
@@ -525,25 +512,19 @@ impl Engine {
                 .unwrap_or_default()
                 .to_string()
         };
-        self.arrivals += 1;
         let seed = req.sampling.seed.unwrap_or_else(rand::random);
-        self.ids.insert(req.id);
-        self.waiting.push_back(Sequence {
+        self.sched.add(Sequence {
             id: req.id,
             prompt_len,
             detok: Detokenizer::new(&tokens),
             tokens,
-            computed: 0,
-            blocks: Vec::new(),
             logprobs: req.logprobs.then_some(req.top_logprobs as usize),
             sampling: req.sampling,
             stop: StopMatcher::new(req.stopping.stop.clone(), pending),
             stopping: req.stopping,
             priority: req.priority,
-            arrival: self.arrivals,
             seed,
-        });
-        Ok(())
+        })
     }
 
     fn validate(&self, req: &SequenceRequest) -> Result<()> {
@@ -595,26 +576,31 @@ impl Engine {
     }
 
     fn remove(&mut self, id: SequenceId, reason: FinishReason) -> Option<Finished> {
-        let mut seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
-            self.running.remove(i)
-        } else {
-            let i = self.waiting.iter().position(|s| s.id == id)?;
-            self.waiting.remove(i)?
-        };
-        Some(self.retire(&mut seq, reason, String::new()))
+        self.retire(id, reason, String::new())
     }
 
-    fn retire(&mut self, seq: &mut Sequence, reason: FinishReason, message: String) -> Finished {
-        self.alloc.release(&mut seq.blocks);
-        self.ids.remove(&seq.id);
-        seq.finished(reason, message)
+    /// Takes `id` out of the scheduler (freeing its blocks) with `reason`.
+    fn retire(
+        &mut self,
+        id: SequenceId,
+        reason: FinishReason,
+        message: String,
+    ) -> Option<Finished> {
+        self.sched
+            .remove(id)
+            .map(|seq| seq.finished(reason, message))
     }
 
     /// Runs one engine step. With nothing to do it returns an empty output at once.
     pub fn step(&mut self) -> Result<StepOutput> {
-        let mut finished = Vec::new();
-        self.admit();
-        let plan = self.schedule(&mut finished);
+        let Plan {
+            work: plan,
+            preempted,
+        } = self.sched.plan();
+        let mut finished: Vec<Finished> = preempted
+            .iter()
+            .map(|s| s.finished(FinishReason::Preempted, "KV cache full".into()))
+            .collect();
         let mut tokens: Vec<TokenOutput> = Vec::new();
         let (batch_tokens, batch_sequences) = (plan.iter().map(|p| p.len).sum(), plan.len());
         if !plan.is_empty() {
@@ -628,18 +614,10 @@ impl Engine {
                     // fail them, keep serving the rest.
                     tracing::error!(error = %e, "engine step failed");
                     for p in &plan {
-                        if let Some(i) = self.running.iter().position(|s| s.id == p.id) {
-                            let mut seq = self.running.remove(i);
-                            finished.push(self.retire(
-                                &mut seq,
-                                FinishReason::Error,
-                                e.to_string(),
-                            ));
-                        }
+                        finished.extend(self.retire(p.id, FinishReason::Error, e.to_string()));
                     }
                 }
             }
-            self.steps += 1;
         }
         self.collect_finished(&mut tokens, &mut finished);
         Ok(StepOutput {
@@ -651,121 +629,32 @@ impl Engine {
         })
     }
 
-    /// Moves waiting sequences into the running set while slots and KV blocks allow.
-    fn admit(&mut self) {
-        let watermark = self.alloc.total().div_ceil(100);
-        while self.running.len() < self.cfg.max_running {
-            let Some(need) = self
-                .waiting
-                .front()
-                .map(|s| self.alloc.blocks_for(s.tokens.len()))
-            else {
-                break;
-            };
-            let spare = if self.running.is_empty() {
-                0
-            } else {
-                watermark
-            };
-            if self.alloc.free() < need + spare {
-                break;
-            }
-            let Some(mut seq) = self.waiting.pop_front() else {
-                break;
-            };
-            if !self.alloc.grow(&mut seq.blocks, seq.tokens.len()) {
-                self.waiting.push_front(seq);
-                break;
-            }
-            self.running.push(seq);
-        }
-    }
-
-    /// Picks this step's work: a decode token for every sequence past prefill (growing its
-    /// blocks, preempting on shortage), then prefill chunks within the token budget.
-    fn schedule(&mut self, finished: &mut Vec<Finished>) -> Vec<Planned> {
-        let mut plan = Vec::new();
-        let mut i = 0;
-        while i < self.running.len() {
-            let seq = &self.running[i];
-            if seq.tokens.len() - seq.computed != 1 {
-                i += 1;
-                continue;
-            }
-            let need = seq.tokens.len();
-            let mut blocks = std::mem::take(&mut self.running[i].blocks);
-            let ok = self.alloc.grow(&mut blocks, need);
-            self.running[i].blocks = blocks;
-            if ok {
-                plan.push(Planned {
-                    id: self.running[i].id,
-                    len: 1,
-                });
-                i += 1;
-                continue;
-            }
-            // `i` is running, so there is always a victim.
-            let Some(victim) = self.victim() else { break };
-            let mut seq = self.running.remove(victim);
-            tracing::debug!(sequence = %seq.id, "preempted: KV cache full");
-            plan.retain(|p| p.id != seq.id);
-            finished.push(self.retire(&mut seq, FinishReason::Preempted, "KV cache full".into()));
-            if victim < i {
-                i -= 1;
-            }
-        }
-        let mut budget = self.cfg.max_batch_tokens.saturating_sub(plan.len());
-        for seq in &self.running {
-            let remaining = seq.tokens.len() - seq.computed;
-            if remaining <= 1 {
-                continue;
-            }
-            let len = remaining.min(budget);
-            if len == 0 {
-                break;
-            }
-            budget -= len;
-            plan.push(Planned { id: seq.id, len });
-        }
-        plan
-    }
-
-    /// The running sequence to preempt: lowest priority, then latest arrival.
-    fn victim(&self) -> Option<usize> {
-        (0..self.running.len()).min_by_key(|&i| {
-            (
-                self.running[i].priority,
-                std::cmp::Reverse(self.running[i].arrival),
-            )
-        })
-    }
-
     /// Runs the forward pass for `plan` and samples the sequences whose input is complete.
     fn run(&mut self, plan: &[Planned]) -> Result<Vec<TokenOutput>> {
-        let index: HashMap<SequenceId, usize> = self
-            .running
+        let running = self.sched.running();
+        let index: HashMap<SequenceId, usize> = running
             .iter()
             .enumerate()
-            .map(|(i, s)| (s.id, i))
+            .map(|(i, s)| (s.seq.id, i))
             .collect();
         let rows: Vec<usize> = plan.iter().map(|p| index[&p.id]).collect();
         let chunks: Vec<SeqChunk> = plan
             .iter()
             .zip(&rows)
             .map(|(p, &r)| {
-                let s = &self.running[r];
+                let s = &running[r];
                 SeqChunk {
-                    tokens: &s.tokens[s.computed..s.computed + p.len],
+                    tokens: &s.seq.tokens[s.computed..s.computed + p.len],
                     start_pos: s.computed,
                     block_table: &s.blocks,
-                    want_logits: s.computed + p.len == s.tokens.len(),
+                    want_logits: s.computed + p.len == s.seq.tokens.len(),
                 }
             })
             .collect();
         let mc = self.model.config();
         let batch = StepBatch::build(
             &chunks,
-            self.alloc.block_size(),
+            self.sched.block_size(),
             mc.num_kv_heads * mc.head_dim,
             mc.sliding_window,
             self.model.device(),
@@ -773,21 +662,20 @@ impl Engine {
         let sampled: Vec<usize> = plan
             .iter()
             .zip(&rows)
-            .filter(|(p, &r)| self.running[r].computed + p.len == self.running[r].tokens.len())
+            .filter(|(p, &r)| running[r].computed + p.len == running[r].seq.tokens.len())
             .map(|(_, &r)| r)
             .collect();
         if let Some(g) = &self.group {
             g.broadcast(&StepPlan::of(&chunks).encode())?;
         }
         let logits = self.model.forward(&batch, &self.kv)?;
-        for (p, &r) in plan.iter().zip(&rows) {
-            self.running[r].computed += p.len;
-        }
+        self.sched.advance(plan);
         if sampled.is_empty() {
             return Ok(Vec::new());
         }
+        let running = self.sched.running_mut();
         let all_greedy = sampled.iter().all(|&r| {
-            let s = &self.running[r];
+            let s = &running[r].seq;
             s.sampling.is_greedy() && !s.sampling.has_penalties() && s.logprobs.is_none()
         });
         let choices: Vec<(u32, Option<TokenLogprob>)> = if all_greedy {
@@ -801,7 +689,7 @@ impl Engine {
                 .iter()
                 .zip(rows_cpu.iter_mut())
                 .map(|(&r, row)| {
-                    let s = &self.running[r];
+                    let s = &running[r].seq;
                     sampling::sample(
                         row,
                         &s.sampling,
@@ -817,10 +705,9 @@ impl Engine {
         };
         let mut out = Vec::with_capacity(sampled.len());
         for (&r, (token, logprob)) in sampled.iter().zip(choices) {
-            let tok = &self.tokenizer;
-            let s = &mut self.running[r];
+            let s = &mut running[r].seq;
             s.tokens.push(token);
-            let delta = s.detok.push(tok, token)?;
+            let delta = s.detok.push(&self.tokenizer, token)?;
             out.push(TokenOutput {
                 id: s.id,
                 token,
@@ -835,10 +722,10 @@ impl Engine {
     /// the sequences that ended.
     fn collect_finished(&mut self, tokens: &mut [TokenOutput], finished: &mut Vec<Finished>) {
         for t in tokens.iter_mut() {
-            let Some(i) = self.running.iter().position(|s| s.id == t.id) else {
+            let Some(i) = self.sched.position(t.id) else {
                 continue;
             };
-            let s = &mut self.running[i];
+            let s = &mut self.sched.running_mut()[i].seq;
             let outcome = s.stop.push(&t.text);
             t.text = outcome.emit;
             let reason = if outcome.stopped {
@@ -863,15 +750,8 @@ impl Engine {
                     }
                     t.text.push_str(&s.stop.flush());
                 }
-                let mut seq = self.running.remove(i);
-                finished.push(self.retire(&mut seq, reason, String::new()));
+                finished.extend(self.retire(t.id, reason, String::new()));
             }
         }
     }
-}
-
-/// One scheduled share of a step.
-struct Planned {
-    id: SequenceId,
-    len: usize,
 }

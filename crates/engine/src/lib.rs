@@ -3,7 +3,9 @@
 //!
 //! * [`model_dir`] opens and checks a Hugging Face model directory.
 //! * [`model`] is the batched decoder; [`batch`] lays out one step's inputs.
-//! * [`kv_cache`] holds the paged cache; [`engine`] schedules and runs steps.
+//! * [`kv_cache`] holds the paged cache; `step_scheduler` decides what each step computes
+//!   (admission, KV blocks, preemption, prefill chunks) for both engines; [`engine`] runs the
+//!   steps on a model.
 //! * [`sampling`] and [`detokenize`] turn logits into tokens and text.
 //! * [`backend`] is what a worker drives: the [`Engine`] or the model-free [`sim`] engine.
 //! * [`reference`] reads the committed HF transformers reference outputs.
@@ -28,6 +30,7 @@ pub mod reference;
 pub mod rope;
 pub mod sampling;
 pub mod sim;
+mod step_scheduler;
 pub mod tokenizer;
 pub mod tp;
 

@@ -1,12 +1,13 @@
-//! A simulated engine: no model, one token per running sequence per step at a fixed step time,
-//! with real KV-block accounting (so admission, credits and preemption behave as on a model).
-//! Used to measure the router alone and to load-test a cluster on any machine.
+//! A simulated engine: no model, a fixed step time instead of a forward pass. Everything else
+//! is the real engine's: the same step scheduler (admission, KV blocks and their reserve,
+//! preemption, prefill chunks within the token budget), so admission, credits and preemption
+//! behave as on a model. Used to measure the router alone and to load-test a cluster on any
+//! machine.
 //!
 //! Tokens cycle through the tokenization of a fixed English text, so the text deltas are
 //! readable and resumed sequences continue exactly where they stopped. Stop strings and eos do
 //! not apply: a sequence runs to `max_new_tokens`.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use candle_core::DType;
@@ -17,6 +18,7 @@ use crate::engine::{Capacity, EngineInfo, Finished, SequenceRequest, StepOutput,
 use crate::error::{EngineError, Result};
 use crate::kv_cache::BlockAllocator;
 use crate::make_model::byte_level_bpe;
+use crate::step_scheduler::{Limits, Plan, Scheduled, StepScheduler};
 use crate::tokenizer::Tokenizer;
 
 const TEXT: &str = "The quick brown fox jumps over the lazy dog, and the dog does not mind. ";
@@ -34,6 +36,8 @@ pub struct SimConfig {
     pub block_size: usize,
     /// Most running sequences.
     pub max_running: usize,
+    /// Token budget of one step (decode tokens plus prefill chunks).
+    pub max_batch_tokens: usize,
     /// Most sequences waiting for blocks.
     pub max_waiting: usize,
     /// Longest sequence.
@@ -50,6 +54,7 @@ impl Default for SimConfig {
             total_blocks: 65_536,
             block_size: 16,
             max_running: 256,
+            max_batch_tokens: crate::EngineConfig::default().max_batch_tokens,
             max_waiting: 256,
             max_model_len: 4096,
             vocab_size: 1024,
@@ -63,16 +68,22 @@ struct SimSeq {
     /// Tokens generated, counting those before a resume.
     generated: usize,
     max_new: usize,
-    blocks: Vec<u32>,
     priority: i32,
-    arrival: u64,
+}
+
+impl Scheduled for SimSeq {
+    fn id(&self) -> SequenceId {
+        self.id
+    }
+    fn tokens(&self) -> usize {
+        self.prompt_len + self.generated
+    }
+    fn priority(&self) -> i32 {
+        self.priority
+    }
 }
 
 impl SimSeq {
-    fn len(&self) -> usize {
-        self.prompt_len + self.generated
-    }
-
     fn finished(&self, reason: FinishReason) -> Finished {
         Finished {
             id: self.id,
@@ -91,20 +102,20 @@ pub struct SimEngine {
     tokenizer: Tokenizer,
     /// The token cycle and each token's text.
     cycle: Vec<(u32, String)>,
-    alloc: BlockAllocator,
-    running: Vec<SimSeq>,
-    waiting: VecDeque<SimSeq>,
-    steps: u64,
-    arrivals: u64,
+    sched: StepScheduler<SimSeq>,
     next_step: Option<Instant>,
 }
 
 impl SimEngine {
     /// A simulated engine of the given shape.
     pub fn new(cfg: SimConfig) -> Result<Self> {
-        if cfg.block_size == 0 || cfg.total_blocks == 0 || cfg.max_running == 0 {
+        if cfg.block_size == 0
+            || cfg.total_blocks == 0
+            || cfg.max_running == 0
+            || cfg.max_batch_tokens == 0
+        {
             return Err(EngineError::Config(
-                "sim engine: block size, KV blocks and max running must be positive".into(),
+                "sim engine: block size, KV blocks, max running and max batch tokens must be positive".into(),
             ));
         }
         let json = serde_json::to_vec(&byte_level_bpe(cfg.vocab_size))
@@ -130,7 +141,7 @@ impl SimEngine {
             num_kv_heads: 0,
             head_dim: 0,
             max_running: cfg.max_running,
-            max_batch_tokens: cfg.max_running,
+            max_batch_tokens: cfg.max_batch_tokens,
             eos_token_ids: vec![2],
             bos_token_id: Some(1),
             add_bos_token: true,
@@ -138,46 +149,24 @@ impl SimEngine {
             tp_size: 1,
         };
         Ok(SimEngine {
-            alloc: BlockAllocator::new(cfg.total_blocks, cfg.block_size),
+            sched: StepScheduler::new(
+                BlockAllocator::new(cfg.total_blocks, cfg.block_size),
+                Limits {
+                    max_running: cfg.max_running,
+                    max_waiting: cfg.max_waiting,
+                    max_batch_tokens: cfg.max_batch_tokens,
+                },
+            ),
             cfg,
             info,
             tokenizer,
             cycle,
-            running: Vec::new(),
-            waiting: VecDeque::new(),
-            steps: 0,
-            arrivals: 0,
             next_step: None,
         })
     }
 
-    fn take(&mut self, id: SequenceId) -> Option<SimSeq> {
-        if let Some(i) = self.running.iter().position(|s| s.id == id) {
-            return Some(self.running.swap_remove(i));
-        }
-        let i = self.waiting.iter().position(|s| s.id == id)?;
-        self.waiting.remove(i)
-    }
-
     fn remove(&mut self, id: SequenceId, reason: FinishReason) -> Option<Finished> {
-        let mut seq = self.take(id)?;
-        self.alloc.release(&mut seq.blocks);
-        Some(seq.finished(reason))
-    }
-
-    /// Moves waiting sequences into the batch while slots and blocks last.
-    fn admit(&mut self) {
-        while self.running.len() < self.cfg.max_running {
-            let Some(mut seq) = self.waiting.pop_front() else {
-                break;
-            };
-            let need = seq.len() + 1;
-            if !self.alloc.grow(&mut seq.blocks, need) {
-                self.waiting.push_front(seq);
-                break;
-            }
-            self.running.push(seq);
-        }
+        self.sched.remove(id).map(|s| s.finished(reason))
     }
 
     /// Waits out the rest of the step time (the "compute").
@@ -202,19 +191,11 @@ impl Backend for SimEngine {
     }
 
     fn has_work(&self) -> bool {
-        !self.running.is_empty() || !self.waiting.is_empty()
+        self.sched.has_work()
     }
 
     fn capacity(&self) -> Capacity {
-        Capacity {
-            total_blocks: self.alloc.total(),
-            free_blocks: self.alloc.free(),
-            block_size: self.cfg.block_size,
-            max_running: self.cfg.max_running,
-            running: self.running.len(),
-            waiting: self.waiting.len(),
-            step: self.steps,
-        }
+        self.sched.capacity()
     }
 
     fn add(&mut self, req: SequenceRequest) -> Result<()> {
@@ -238,35 +219,18 @@ impl Backend for SimEngine {
             field: e.field,
             message: e.message,
         })?;
-        let max_new = req.stopping.max_new_tokens as usize;
-        if self
-            .running
-            .iter()
-            .chain(&self.waiting)
-            .any(|s| s.id == req.id)
-        {
-            return Err(EngineError::DuplicateSequence(req.id.0));
-        }
-        if self.waiting.len() >= self.cfg.max_waiting {
-            return Err(EngineError::Capacity(format!(
-                "{} sequences already wait on this worker",
-                self.waiting.len()
-            )));
-        }
-        if !self.has_work() {
-            // Work after idleness takes a whole step, as a real forward would.
-            self.next_step = None;
-        }
-        self.arrivals += 1;
-        self.waiting.push_back(SimSeq {
+        let idle = !self.has_work();
+        self.sched.add(SimSeq {
             id: req.id,
             prompt_len: req.prompt.len(),
             generated: req.generated.len(),
-            max_new,
-            blocks: Vec::new(),
+            max_new: req.stopping.max_new_tokens as usize,
             priority: req.priority,
-            arrival: self.arrivals,
-        });
+        })?;
+        if idle {
+            // Work after idleness takes a whole step, as a real forward would.
+            self.next_step = None;
+        }
         Ok(())
     }
 
@@ -279,60 +243,48 @@ impl Backend for SimEngine {
     }
 
     fn step(&mut self) -> Result<StepOutput> {
-        self.admit();
-        self.pace();
-        self.steps += 1;
-        let mut out = StepOutput {
-            tokens: Vec::with_capacity(self.running.len()),
-            finished: Vec::new(),
-            capacity: self.capacity(),
-            batch_tokens: self.running.len(),
-            batch_sequences: self.running.len(),
-        };
-        // Each sequence needs room for the token after this one; on shortage the
-        // lowest-priority, newest sequence is preempted, as on the real engine.
-        let mut i = 0;
-        while i < self.running.len() {
-            let need = self.running[i].len() + 2;
-            let mut blocks = std::mem::take(&mut self.running[i].blocks);
-            let grown = self.alloc.grow(&mut blocks, need);
-            self.running[i].blocks = blocks;
-            if grown {
-                i += 1;
+        let Plan { work, preempted } = self.sched.plan();
+        let mut finished: Vec<Finished> = preempted
+            .iter()
+            .map(|s| s.finished(FinishReason::Preempted))
+            .collect();
+        let mut tokens = Vec::new();
+        if !work.is_empty() {
+            // The "forward pass".
+            self.pace();
+            self.sched.advance(&work);
+        }
+        let max_model_len = self.cfg.max_model_len;
+        let mut ended = Vec::new();
+        for slot in self.sched.running_mut() {
+            let s = &mut slot.seq;
+            // Sampled when its input is complete: prefill done, or a decode just computed
+            // (only this step's work can leave a sequence with every token computed).
+            if slot.computed != s.tokens() {
                 continue;
             }
-            let victim = (0..self.running.len())
-                .min_by_key(|&j| {
-                    let s = &self.running[j];
-                    (s.priority, std::cmp::Reverse(s.arrival))
-                })
-                .unwrap_or(i);
-            let mut seq = self.running.swap_remove(victim);
-            self.alloc.release(&mut seq.blocks);
-            out.finished.push(seq.finished(FinishReason::Preempted));
-            i = 0;
-        }
-        let mut k = 0;
-        while k < self.running.len() {
-            let s = &mut self.running[k];
             let (token, text) = self.cycle[s.generated % self.cycle.len()].clone();
             s.generated += 1;
-            out.tokens.push(TokenOutput {
+            tokens.push(TokenOutput {
                 id: s.id,
                 token,
                 text,
                 logprob: None,
             });
-            if s.generated >= s.max_new {
-                let mut seq = self.running.swap_remove(k);
-                self.alloc.release(&mut seq.blocks);
-                out.finished.push(seq.finished(FinishReason::Length));
-            } else {
-                k += 1;
+            if s.generated >= s.max_new || s.tokens() >= max_model_len {
+                ended.push(s.id);
             }
         }
-        out.capacity = self.capacity();
-        Ok(out)
+        for id in ended {
+            finished.extend(self.remove(id, FinishReason::Length));
+        }
+        Ok(StepOutput {
+            batch_tokens: work.iter().map(|p| p.len).sum(),
+            batch_sequences: work.len(),
+            tokens,
+            finished,
+            capacity: self.capacity(),
+        })
     }
 }
 
@@ -402,5 +354,31 @@ mod tests {
         assert_eq!(preempted, [2]);
         assert!(e.preempt(SequenceId(1)).is_some());
         assert_eq!(e.capacity().free_blocks, 3);
+    }
+
+    /// The sim schedules as the engine does (one step scheduler): long prompts are prefilled
+    /// in chunks of the token budget, and admission keeps the engine's free-block reserve.
+    #[test]
+    fn prefill_is_chunked_and_admission_keeps_the_reserve_as_on_the_engine() {
+        let mut e = SimEngine::new(SimConfig {
+            step_time: Duration::ZERO,
+            total_blocks: 10,
+            block_size: 4,
+            max_batch_tokens: 4,
+            ..SimConfig::default()
+        })
+        .unwrap();
+        e.add(seq(1, 10, 5)).unwrap();
+        let steps: Vec<usize> = (0..3).map(|_| e.step().unwrap().tokens.len()).collect();
+        assert_eq!(
+            steps,
+            [0, 0, 1],
+            "10 prompt tokens in chunks of 4, then a token"
+        );
+        // 3 blocks held, 7 free: a 7-block prompt would leave no reserve and waits.
+        e.add(seq(2, 28, 1)).unwrap();
+        e.step().unwrap();
+        assert_eq!(e.capacity().waiting, 1);
+        assert_eq!(e.capacity().running, 1);
     }
 }

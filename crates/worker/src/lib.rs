@@ -6,10 +6,15 @@
 //! * [`convert`] maps between wire messages and engine types.
 //! * [`trace`] and [`metrics`] put each sequence in its request's trace and count the
 //!   engine's work for Prometheus.
+//! * [`process`] is a worker process's life: warm-up, serving, registration, drain.
+//! * [`group`] forms and supervises tensor-parallel groups (ranks in processes, on one host
+//!   or several).
 
 pub mod convert;
 pub mod engine_loop;
+pub mod group;
 pub mod metrics;
+pub mod process;
 pub mod service;
 pub mod trace;
 

@@ -5,7 +5,6 @@ mod make_model;
 mod parity;
 mod router;
 mod serve;
-mod tp_group;
 mod worker;
 
 use std::net::SocketAddr;
@@ -102,22 +101,9 @@ pub fn etcd_config(
     Ok(Some(cfg))
 }
 
-/// This host's name (`HOSTNAME`, else `/etc/hostname`, else `worker`).
-pub fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "worker".into())
-}
-
 /// The async runtime of the services.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
+    openinfer_worker::process::runtime().context("cannot start the async runtime")
 }
 
 /// Binds a TCP listener, with an error that says what to do.
@@ -158,28 +144,5 @@ pub const ROUTER_METRICS: SocketAddr =
 pub const WORKER_METRICS: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9465);
 
-/// Resolves when SIGINT or SIGTERM arrives.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
-    tracing::info!("shutdown signal received");
-}
+/// Resolves when SIGINT or SIGTERM arrives (router, worker and serve stop the same way).
+pub use openinfer_worker::process::shutdown_signal;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use openinfer_router::Router;
-use openinfer_worker::{Readiness, WorkerService};
+use openinfer_worker::process::{self, Membership};
 
 use crate::args::{EngineKind, ServeArgs};
 
@@ -39,12 +39,21 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         let worker_listener = super::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let worker_addr = worker_listener.local_addr()?;
         let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
-        // Only this process's router uses the embedded worker: it is ready from the start.
-        let (_ready, readiness) = tokio::sync::watch::channel(Readiness::Ready);
-        let worker = tokio::spawn(openinfer_worker::serve_on(
-            WorkerService::new(handle.clone()),
+        // The same life as `openinfer worker`'s, with no registry: only this process's router
+        // uses the embedded worker, so it is ready at once and has nothing to drain once the
+        // router has drained.
+        let membership = Membership {
+            registry: None,
+            advertise: None,
+            group_id: None,
+            lease_ttl: std::time::Duration::ZERO,
+            drain_grace: std::time::Duration::ZERO,
+            revision: String::new(),
+        };
+        let worker = tokio::spawn(process::serve(
+            handle.clone(),
             worker_listener,
-            readiness,
+            membership,
             async {
                 let _ = worker_stopped.await;
             },
@@ -67,10 +76,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         );
         super::serve_metrics(&a.metrics, super::ROUTER_METRICS, metrics).await?;
         router.serve_on(listener, super::shutdown_signal()).await?;
-        // The router has drained: it lets go of the embedded worker, which ends the stream
-        // (nothing runs there any more) so that its server can stop.
+        // The router has drained: it lets go of the embedded worker, which then stops.
         drop(link);
-        handle.drain(std::time::Duration::ZERO).await?;
         let _ = stop_worker.send(());
         worker.await??;
         anyhow::Ok(())

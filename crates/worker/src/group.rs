@@ -1,4 +1,5 @@
-//! `openinfer worker --tp N`: one model replica split across N rank processes.
+//! Tensor-parallel groups (`openinfer worker --tp N`): one model replica split across N
+//! rank processes.
 //!
 //! * With `--rank R` this process is one rank. It joins its group ([`join`]): it binds its
 //!   collective listener, learns every rank's address (an etcd rendezvous under
@@ -15,19 +16,96 @@
 
 use std::ffi::OsString;
 use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
 use openinfer_engine::tp::cpu::CpuCommunicator;
 use openinfer_engine::tp::follower::Follower;
 use openinfer_engine::tp::Communicator;
-use openinfer_engine::ModelDir;
-use openinfer_registry::group::{RankKey, RankRecord};
+use openinfer_engine::{EngineConfig, EngineError, ModelDir};
+use openinfer_registry::client::EtcdError;
+use openinfer_registry::group::{RankKey, RankRecord, RendezvousError};
 use openinfer_registry::EtcdConfig;
 
-use crate::args::{EngineKind, TpArgs, TpBackend, WorkerArgs};
+use crate::process::{hostname, runtime, shutdown_signal};
+
+/// How a group is formed: `openinfer worker`'s `--tp*`, `--rank`, `--group-id` and
+/// `--registry` flags.
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    /// Ranks the model is split across.
+    pub tp: usize,
+    /// This process's rank (`None`: start and supervise this host's ranks).
+    pub rank: Option<usize>,
+    /// The collective backend (`None`: NCCL on CUDA devices, the CPU ring elsewhere).
+    pub backend: Option<TpBackend>,
+    /// Where a rank's collective listens, and the address it publishes.
+    pub listen: SocketAddr,
+    /// Hosts the group spans.
+    pub nodes: usize,
+    /// This host's index among them.
+    pub node_rank: usize,
+    /// Every rank's address, instead of a rendezvous through etcd.
+    pub peers: Vec<SocketAddr>,
+    /// How long ranks wait for each other.
+    pub timeout: Duration,
+    /// The group's name in etcd.
+    pub group_id: Option<String>,
+    /// etcd, where ranks meet.
+    pub registry: Option<EtcdConfig>,
+    /// The compute device (`cuda...` gives each rank its own GPU).
+    pub device: String,
+    /// True for the sim engine, which has no model to split.
+    pub sim: bool,
+}
+
+/// A collective backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TpBackend {
+    /// Ranks in separate processes exchange tensors over TCP (a ring all-reduce).
+    Cpu,
+    /// NCCL between GPUs (needs a `--features cuda` build).
+    Nccl,
+}
+
+/// Why a group could not form or keep going.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    /// The flags do not describe a group that can work; the message says what to change.
+    #[error("{0}")]
+    Config(String),
+    /// A socket or process operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The ranks did not meet.
+    #[error(transparent)]
+    Rendezvous(#[from] RendezvousError),
+    /// etcd failed.
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    /// The collective or the shard failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The group stopped with a rank missing.
+    #[error("{0}")]
+    Stopped(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> GroupError {
+    let what = what.into();
+    move |source| GroupError::Io { what, source }
+}
+
+macro_rules! refuse {
+    ($($arg:tt)*) => { return Err(GroupError::Config(format!($($arg)*))) };
+}
 
 /// What this worker process is.
 pub enum Role {
@@ -40,59 +118,58 @@ pub enum Role {
 }
 
 /// This process's role, from `--tp` and `--rank`, with the flags checked.
-pub fn role(a: &WorkerArgs) -> anyhow::Result<Role> {
-    let t = &a.tp;
+pub fn role(t: &GroupConfig) -> Result<Role, GroupError> {
     if t.tp == 0 {
-        bail!("--tp must be at least 1");
+        refuse!("--tp must be at least 1");
     }
     if t.tp == 1 {
         return Ok(Role::Whole);
     }
-    if a.engine.engine == EngineKind::Sim {
-        bail!("--tp splits a model; the sim engine has none (drop --tp or use --engine model)");
+    if t.sim {
+        refuse!("--tp splits a model; the sim engine has none (drop --tp or use --engine model)");
     }
-    if backend(a) == TpBackend::Nccl && !cfg!(feature = "cuda") {
-        bail!("the nccl backend needs a CUDA build (docs/tensor-parallel.md: building with CUDA); use --tp-backend cpu");
+    if backend(t) == TpBackend::Nccl && !cfg!(feature = "cuda") {
+        refuse!("the nccl backend needs a CUDA build (docs/tensor-parallel.md: building with CUDA); use --tp-backend cpu");
     }
-    if t.tp_nodes == 0 || !t.tp.is_multiple_of(t.tp_nodes) {
-        bail!(
+    if t.nodes == 0 || !t.tp.is_multiple_of(t.nodes) {
+        refuse!(
             "--tp {} does not split evenly over --tp-nodes {}: every host runs the same number of ranks",
             t.tp,
-            t.tp_nodes
+            t.nodes
         );
     }
-    if t.tp_node_rank >= t.tp_nodes {
-        bail!(
+    if t.node_rank >= t.nodes {
+        refuse!(
             "--tp-node-rank {} is outside --tp-nodes {}: hosts are 0..{}",
-            t.tp_node_rank,
-            t.tp_nodes,
-            t.tp_nodes - 1
+            t.node_rank,
+            t.nodes,
+            t.nodes - 1
         );
     }
-    if t.tp_nodes > 1 && t.tp_peers.is_empty() {
-        if a.registry.registry.is_none() {
-            bail!("a group across --tp-nodes {} hosts meets through etcd: give --registry (or every rank's address in --tp-peers)", t.tp_nodes);
+    if t.nodes > 1 && t.peers.is_empty() {
+        if t.registry.is_none() {
+            refuse!("a group across --tp-nodes {} hosts meets through etcd: give --registry (or every rank's address in --tp-peers)", t.nodes);
         }
-        if a.group_id.is_none() {
-            bail!("a group across hosts needs --group-id, the same on every host of the group");
+        if t.group_id.is_none() {
+            refuse!("a group across hosts needs --group-id, the same on every host of the group");
         }
-        if t.tp_listen.ip().is_unspecified() {
-            bail!(
+        if t.listen.ip().is_unspecified() {
+            refuse!(
                 "--tp-listen {} is what the other hosts would be told to dial; give this host's own address (e.g. $(POD_IP))",
-                t.tp_listen
+                t.listen
             );
         }
     }
-    if !t.tp_peers.is_empty() && t.tp_peers.len() != t.tp {
-        bail!(
+    if !t.peers.is_empty() && t.peers.len() != t.tp {
+        refuse!(
             "--tp-peers lists {} addresses for --tp {}: give one per rank, in rank order",
-            t.tp_peers.len(),
+            t.peers.len(),
             t.tp
         );
     }
     Ok(match t.rank {
         None => Role::Supervisor,
-        Some(r) if r >= t.tp => bail!(
+        Some(r) if r >= t.tp => refuse!(
             "--rank {r} is outside --tp {}: ranks are 0..{}",
             t.tp,
             t.tp - 1
@@ -102,9 +179,9 @@ pub fn role(a: &WorkerArgs) -> anyhow::Result<Role> {
 }
 
 /// The collective backend: the flag, else NCCL on CUDA devices and the CPU ring elsewhere.
-fn backend(a: &WorkerArgs) -> TpBackend {
-    let cuda = a.engine.device.starts_with("cuda");
-    a.tp.tp_backend.unwrap_or(if cuda {
+fn backend(t: &GroupConfig) -> TpBackend {
+    let cuda = t.device.starts_with("cuda");
+    t.backend.unwrap_or(if cuda {
         TpBackend::Nccl
     } else {
         TpBackend::Cpu
@@ -112,14 +189,9 @@ fn backend(a: &WorkerArgs) -> TpBackend {
 }
 
 /// Joins rank `rank`'s group and returns its communicator.
-pub fn join(
-    a: &WorkerArgs,
-    rank: usize,
-    registry: Option<&EtcdConfig>,
-) -> anyhow::Result<Arc<dyn Communicator>> {
-    let t = &a.tp;
-    let (size, timeout) = (t.tp, t.tp_timeout);
-    let backend = backend(a);
+pub fn join(t: &GroupConfig, rank: usize) -> Result<Arc<dyn Communicator>, GroupError> {
+    let (size, timeout) = (t.tp, t.timeout);
+    let backend = backend(t);
     let connect = move |listener: TcpListener, addrs: Vec<SocketAddr>| {
         tracing::info!(
             rank,
@@ -136,80 +208,80 @@ pub fn join(
             #[cfg(feature = "cuda")]
             TpBackend::Nccl => Arc::new(openinfer_engine::tp::nccl::NcclCommunicator::new(comm)?),
             #[cfg(not(feature = "cuda"))]
-            TpBackend::Nccl => bail!("the nccl backend needs a CUDA build"),
+            TpBackend::Nccl => refuse!("the nccl backend needs a CUDA build"),
         };
-        anyhow::Ok(comm)
+        Ok::<_, GroupError>(comm)
     };
-    if !t.tp_peers.is_empty() {
-        let me = t.tp_peers[rank];
-        let l = TcpListener::bind(me).with_context(|| {
-            format!("rank {rank} cannot listen on {me}, its --tp-peers address")
-        })?;
-        return connect(l, t.tp_peers.clone());
+    if !t.peers.is_empty() {
+        let me = t.peers[rank];
+        let l = TcpListener::bind(me).map_err(io(format!(
+            "rank {rank} cannot listen on {me}, its --tp-peers address"
+        )))?;
+        return connect(l, t.peers.clone());
     }
-    let Some(cfg) = registry else {
-        bail!("rank {rank} of --tp {size}: the ranks find each other through etcd (--registry) or --tp-peers; give one");
+    let Some(cfg) = &t.registry else {
+        refuse!("rank {rank} of --tp {size}: the ranks find each other through etcd (--registry) or --tp-peers; give one");
     };
-    let group = a
-        .group_id
-        .as_deref()
-        .context("--group-id names the group; give every rank of it the same one")?;
-    let l = TcpListener::bind(t.tp_listen)
-        .with_context(|| format!("rank {rank} cannot listen on {}", t.tp_listen))?;
+    let Some(group) = t.group_id.as_deref() else {
+        refuse!("--group-id names the group; give every rank of it the same one");
+    };
+    let l = TcpListener::bind(t.listen)
+        .map_err(io(format!("rank {rank} cannot listen on {}", t.listen)))?;
+    let addr = l.local_addr().map_err(io("the rank's listener"))?;
     let me = RankRecord {
         rank,
         size,
-        addr: l.local_addr()?.to_string(),
+        addr: addr.to_string(),
     };
     tracing::info!(group, rank, collective = %me.addr, "waiting for the group's other ranks in etcd");
-    super::runtime()?.block_on(async move {
-        let key = RankKey::publish(cfg, group, &me).await?;
-        let addrs = key.wait_for_ranks(group, size, timeout).await?;
-        let addrs = addrs
-            .iter()
-            .map(|s| {
-                s.parse()
-                    .with_context(|| format!("a rank published a bad address `{s}`"))
-            })
-            .collect::<anyhow::Result<Vec<SocketAddr>>>()?;
-        let comm = tokio::task::spawn_blocking(move || connect(l, addrs)).await??;
-        key.release().await;
-        Ok(comm)
-    })
+    runtime()
+        .map_err(io("cannot start the async runtime"))?
+        .block_on(async move {
+            let key = RankKey::publish(cfg, group, &me).await?;
+            let addrs = key.wait_for_ranks(group, size, timeout).await?;
+            let addrs = addrs
+                .iter()
+                .map(|s| {
+                    s.parse().map_err(|_| {
+                        GroupError::Stopped(format!("a rank published a bad address `{s}`"))
+                    })
+                })
+                .collect::<Result<Vec<SocketAddr>, _>>()?;
+            let comm = tokio::task::spawn_blocking(move || connect(l, addrs))
+                .await
+                .map_err(|e| GroupError::Stopped(format!("joining the ring panicked: {e}")))??;
+            key.release().await;
+            Ok(comm)
+        })
 }
 
-/// Runs a follower rank: loads its shard, then runs every step rank 0 sends until rank 0
-/// stops the group (exit 0) or the group breaks (an error).
-pub fn follow(a: &WorkerArgs, comm: Arc<dyn Communicator>) -> anyhow::Result<()> {
+/// Runs a follower rank: loads its shard of `model` (`progress(done, total)` as it loads),
+/// then runs every step rank 0 sends until rank 0 stops the group (`Ok`) or the group
+/// breaks (an error).
+pub fn follow(
+    comm: Arc<dyn Communicator>,
+    model: &Path,
+    cfg: &EngineConfig,
+    progress: &dyn Fn(usize, usize),
+) -> Result<(), GroupError> {
     let rank = comm.rank();
-    let model = a
-        .model
-        .as_deref()
-        .context("--model DIR is required (every rank loads its shard of it)")?;
-    let cfg = super::engine_config(&a.engine)?;
     let dir = ModelDir::open(model)?;
-    let pb = openinfer_bench::progress::bar(0, "loading shard");
-    let follower = Follower::load(&dir, &cfg, comm, &|done, total| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
-    })
-    .with_context(|| format!("rank {rank} cannot load its shard of {}", model.display()))?;
-    pb.finish_and_clear();
+    let follower = Follower::load(&dir, cfg, comm, progress)?;
     tracing::info!(
         rank,
         weight_mib = follower.weight_bytes() as f64 / (1 << 20) as f64,
         "shard loaded; following rank 0"
     );
-    super::runtime()?.block_on(async move {
+    runtime().map_err(io("cannot start the async runtime"))?.block_on(async move {
         let mut run = tokio::task::spawn_blocking(move || follower.run());
         loop {
             tokio::select! {
                 done = &mut run => {
-                    done??;
+                    done.map_err(|e| GroupError::Stopped(format!("rank {rank} panicked: {e}")))??;
                     tracing::info!(rank, "rank 0 stopped the group; exiting");
                     return Ok(());
                 }
-                () = super::shutdown_signal() => {
+                () = shutdown_signal() => {
                     // Rank 0 drains the group and then stops it; leaving now would break the
                     // forward of the sequences it is finishing.
                     tracing::info!(rank, "waiting for rank 0 to stop the group");
@@ -220,28 +292,28 @@ pub fn follow(a: &WorkerArgs, comm: Arc<dyn Communicator>) -> anyhow::Result<()>
 }
 
 /// The ranks this host runs: all of them, or its share of a group across `--tp-nodes` hosts.
-pub fn local_ranks(t: &TpArgs) -> std::ops::Range<usize> {
-    let per_host = t.tp / t.tp_nodes.max(1);
-    t.tp_node_rank * per_host..(t.tp_node_rank + 1) * per_host
+pub fn local_ranks(t: &GroupConfig) -> std::ops::Range<usize> {
+    let per_host = t.tp / t.nodes.max(1);
+    t.node_rank * per_host..(t.node_rank + 1) * per_host
 }
 
-/// Starts this host's ranks as child processes and supervises them.
-pub fn supervise(a: &WorkerArgs) -> anyhow::Result<()> {
-    let t = &a.tp;
-    let group = a
+/// Starts this host's ranks as child processes of this program (with this process's
+/// arguments, each given its rank) and supervises them.
+pub fn supervise(t: &GroupConfig) -> Result<(), GroupError> {
+    let group = t
         .group_id
         .clone()
-        .unwrap_or_else(|| format!("{}-{}", super::hostname(), std::process::id()));
-    let peers: Vec<SocketAddr> = if !t.tp_peers.is_empty() {
-        t.tp_peers.clone()
-    } else if a.registry.registry.is_some() {
+        .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    let peers: Vec<SocketAddr> = if !t.peers.is_empty() {
+        t.peers.clone()
+    } else if t.registry.is_some() {
         Vec::new() // the ranks meet in etcd
     } else {
         free_loopback_addrs(t.tp)?
     };
-    let cuda = a.engine.device.starts_with("cuda");
+    let cuda = t.device.starts_with("cuda");
     let args = child_args(cuda);
-    let exe = std::env::current_exe().context("cannot find the openinfer binary")?;
+    let exe = std::env::current_exe().map_err(io("cannot find the program to start the ranks"))?;
     let local = local_ranks(t);
     let mut ranks = Vec::with_capacity(local.len());
     for rank in local.clone() {
@@ -259,11 +331,13 @@ pub fn supervise(a: &WorkerArgs) -> anyhow::Result<()> {
         stop_with_parent(&mut cmd);
         let child = cmd
             .spawn()
-            .with_context(|| format!("cannot start rank {rank}"))?;
+            .map_err(io(format!("cannot start rank {rank}")))?;
         tracing::info!(rank, pid = child.id(), group = %group, "started rank");
         ranks.push(child);
     }
-    let result = super::runtime()?.block_on(watch_ranks(&mut ranks, local.start));
+    let result = runtime()
+        .map_err(io("cannot start the async runtime"))?
+        .block_on(watch_ranks(&mut ranks, local.start));
     stop_all(&mut ranks);
     result
 }
@@ -271,8 +345,8 @@ pub fn supervise(a: &WorkerArgs) -> anyhow::Result<()> {
 /// Waits for SIGTERM (drains the group through rank 0) or for a rank to exit (stops the rest).
 /// `ranks[i]` is rank `first + i`; on hosts without rank 0 (`first > 0`) SIGTERM only waits:
 /// the followers stop when rank 0, on the group's first host, stops the group.
-async fn watch_ranks(ranks: &mut [Child], first: usize) -> anyhow::Result<()> {
-    let mut signal = std::pin::pin!(super::shutdown_signal());
+async fn watch_ranks(ranks: &mut [Child], first: usize) -> Result<(), GroupError> {
+    let mut signal = std::pin::pin!(shutdown_signal());
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
@@ -287,12 +361,12 @@ async fn watch_ranks(ranks: &mut [Child], first: usize) -> anyhow::Result<()> {
                 return if code.iter().all(|c| *c == Some(0)) {
                     Ok(())
                 } else {
-                    bail!("ranks exited with {code:?} while draining")
+                    Err(GroupError::Stopped(format!("ranks exited with {code:?} while draining")))
                 };
             }
             _ = tick.tick() => {
                 for (i, child) in ranks.iter_mut().enumerate() {
-                    if let Some(status) = child.try_wait()? {
+                    if let Some(status) = child.try_wait().map_err(io("cannot watch the ranks"))? {
                         let rank = first + i;
                         tracing::error!(rank, %status, "a rank exited; stopping the group");
                         // Rank 0 first: it leaves the registry and hands its sequences back.
@@ -301,7 +375,7 @@ async fn watch_ranks(ranks: &mut [Child], first: usize) -> anyhow::Result<()> {
                             terminate(&ranks[0]);
                         }
                         let _ = tokio::time::timeout(Duration::from_secs(10), wait_all(ranks)).await;
-                        bail!("rank {rank} exited ({status}); the group stopped");
+                        return Err(GroupError::Stopped(format!("rank {rank} exited ({status}); the group stopped")));
                     }
                 }
             }
@@ -393,75 +467,90 @@ fn child_args(cuda: bool) -> Vec<OsString> {
 }
 
 /// `n` loopback addresses free right now, for ranks that meet without etcd.
-fn free_loopback_addrs(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
+fn free_loopback_addrs(n: usize) -> Result<Vec<SocketAddr>, GroupError> {
     let listeners = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<std::io::Result<Vec<_>>>()
-        .context("cannot find free loopback ports for the ranks")?;
+        .map_err(io("cannot find free loopback ports for the ranks"))?;
     listeners
         .iter()
-        .map(|l| l.local_addr().context("loopback port"))
+        .map(|l| l.local_addr().map_err(io("loopback port")))
         .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::args::{Cli, Command};
-    use clap::Parser;
 
-    fn worker(flags: &[&str]) -> WorkerArgs {
-        let argv = ["openinfer", "worker", "--model", "/m"].iter().chain(flags);
-        match Cli::try_parse_from(argv).unwrap().command {
-            Command::Worker(a) => a,
-            _ => unreachable!(),
+    fn group(tp: usize) -> GroupConfig {
+        GroupConfig {
+            tp,
+            rank: None,
+            backend: None,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            nodes: 1,
+            node_rank: 0,
+            peers: Vec::new(),
+            timeout: Duration::from_secs(1),
+            group_id: None,
+            registry: None,
+            device: "cpu".into(),
+            sim: false,
         }
     }
 
-    fn refused(flags: &[&str]) -> String {
-        match role(&worker(flags)) {
-            Ok(_) => panic!("{flags:?} was accepted"),
+    fn refused(g: &GroupConfig) -> String {
+        match role(g) {
+            Ok(_) => panic!("{g:?} was accepted"),
             Err(e) => e.to_string(),
         }
     }
 
     #[test]
     fn a_group_across_hosts_splits_its_ranks_evenly() {
-        let across = [
-            "--tp",
-            "8",
-            "--tp-nodes",
-            "2",
-            "--tp-node-rank",
-            "1",
-            "--registry",
-            "etcd://e:2379",
-            "--group-id",
-            "g",
-            "--tp-listen",
-            "10.0.0.7",
-        ];
-        let a = worker(&across);
-        assert!(matches!(role(&a).unwrap(), Role::Supervisor));
-        assert_eq!(local_ranks(&a.tp), 4..8);
-        assert_eq!(a.tp.tp_listen.to_string(), "10.0.0.7:0");
-        assert_eq!(local_ranks(&worker(&["--tp", "4"]).tp), 0..4);
+        let across = GroupConfig {
+            nodes: 2,
+            node_rank: 1,
+            registry: Some(EtcdConfig::from_url("etcd://e:2379").unwrap()),
+            group_id: Some("g".into()),
+            listen: "10.0.0.7:0".parse().unwrap(),
+            ..group(8)
+        };
+        assert!(matches!(role(&across).unwrap(), Role::Supervisor));
+        assert_eq!(local_ranks(&across), 4..8);
+        assert_eq!(local_ranks(&group(4)), 0..4);
 
-        assert!(refused(&["--tp", "4", "--tp-nodes", "3"]).contains("does not split evenly"));
-        let outside = refused(&["--tp", "4", "--tp-nodes", "2", "--tp-node-rank", "2"]);
-        assert!(outside.contains("outside --tp-nodes 2"), "{outside}");
-        assert!(refused(&["--tp", "4", "--tp-nodes", "2"]).contains("--registry"));
-        let unnamed = [
-            "--tp",
-            "4",
-            "--tp-nodes",
-            "2",
-            "--registry",
-            "etcd://e:2379",
-        ];
+        let uneven = GroupConfig {
+            nodes: 3,
+            ..group(4)
+        };
+        assert!(refused(&uneven).contains("does not split evenly"));
+        let outside = GroupConfig {
+            nodes: 2,
+            node_rank: 2,
+            ..group(4)
+        };
+        assert!(refused(&outside).contains("outside --tp-nodes 2"));
+        let no_etcd = GroupConfig {
+            nodes: 2,
+            ..group(4)
+        };
+        assert!(refused(&no_etcd).contains("--registry"));
+        let unnamed = GroupConfig {
+            registry: across.registry.clone(),
+            ..no_etcd
+        };
         assert!(refused(&unnamed).contains("--group-id"));
-        let mut wildcard = unnamed.to_vec();
-        wildcard.extend(["--group-id", "g", "--tp-listen", "0.0.0.0:0"]);
+        let wildcard = GroupConfig {
+            group_id: Some("g".into()),
+            listen: "0.0.0.0:0".parse().unwrap(),
+            ..unnamed
+        };
         assert!(refused(&wildcard).contains("this host's own address"));
+        assert!(refused(&GroupConfig {
+            sim: true,
+            ..group(2)
+        })
+        .contains("sim engine"));
     }
 }
