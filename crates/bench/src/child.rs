@@ -59,8 +59,14 @@ impl ChildService {
 
     /// A `--engine sim` worker on a free loopback port: one token per sequence every `step`,
     /// `slots` running sequences at most (and as many waiting).
+    ///
+    /// A sim step takes `step` whatever it holds, so its token budget is set to hold every
+    /// running sequence's decode and a whole prompt besides: a request's prompt then takes one
+    /// step, as the capacity the benchmarks print assumes (a model's budget would chunk long
+    /// prompts and cap the batch at `--max-batch-tokens` decodes).
     pub fn sim_worker(step: Duration, slots: usize) -> anyhow::Result<Self> {
         let step = format!("{}us", step.as_micros());
+        let budget = (slots + SIM_PROMPT_BUDGET).to_string();
         let slots = slots.to_string();
         Self::spawn(
             "sim worker",
@@ -76,6 +82,8 @@ impl ChildService {
                 &slots,
                 "--max-waiting",
                 &slots,
+                "--max-batch-tokens",
+                &budget,
             ],
         )
     }
@@ -94,6 +102,10 @@ impl ChildService {
         self.child.id()
     }
 }
+
+/// Prompt tokens a sim worker's step takes beside its decodes (a generous prompt, or a
+/// thousand short ones).
+const SIM_PROMPT_BUDGET: usize = 32_768;
 
 impl Drop for ChildService {
     fn drop(&mut self) {
