@@ -16,7 +16,7 @@
 //! [`Engine`]: crate::Engine
 //! [`SimEngine`]: crate::SimEngine
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use openinfer_core::SequenceId;
 
@@ -272,10 +272,9 @@ impl<S: Scheduled> StepScheduler<S> {
 
     /// Records that the forward computed `work`, and counts the step.
     pub fn advance(&mut self, work: &[Planned]) {
-        for p in work {
-            if let Some(i) = self.position(p.id) {
-                self.running[i].computed += p.len;
-            }
+        let len: HashMap<SequenceId, usize> = work.iter().map(|p| (p.id, p.len)).collect();
+        for slot in &mut self.running {
+            slot.computed += len.get(&slot.seq.id()).copied().unwrap_or(0);
         }
         self.steps += 1;
     }
