@@ -284,6 +284,64 @@ async fn router_sigterm_refuses_new_work_and_finishes_its_streams() {
     assert!(exit.success(), "router exit status {exit}");
 }
 
+/// A drain that runs out of `--drain-timeout` ends what is left with `UNAVAILABLE` and the
+/// router exits 0, even with a client that never reads its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_drain_ends_at_its_timeout_even_with_a_client_that_never_reads() {
+    let (_w, w_addr) = spawn(
+        "worker",
+        &[
+            "worker",
+            "--engine",
+            "sim",
+            "--sim-step-time",
+            "50ms",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let (router_proc, addr) = spawn(
+        "router",
+        &[
+            "router",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            &w_addr,
+            "--drain-timeout",
+            "2s",
+        ],
+    );
+    let mut client = router_client(&addr).await;
+    until_workers(&mut client, 1, Duration::from_secs(10)).await;
+    // 2,000 tokens at 50 ms a step: far longer than the drain.
+    let reading = tokio::spawn(stream(client.clone(), 2000));
+    let unread = router_client(&addr)
+        .await
+        .generate_stream(req(2000))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let start = Instant::now();
+    router_proc.sigterm();
+    let mut router_proc = router_proc;
+    let exit = router_proc
+        .exit_within(
+            Duration::from_secs(8),
+            "the router outlived its 2s drain timeout",
+        )
+        .await;
+    assert!(exit.success(), "router exit status {exit}");
+    assert!(
+        start.elapsed() >= Duration::from_secs(2),
+        "it did not wait for the drain"
+    );
+    let ended = reading.await.unwrap().unwrap_err();
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("shutting down"), "{ended:?}");
+    drop(unread);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_sigterm_leaves_the_registry_and_hands_back_work_after_its_grace() {
     let etcd = EtcdServer::start();
@@ -588,4 +646,62 @@ async fn a_worker_of_a_model_id_with_a_slash_is_counted_under_that_model_when_it
         0.0,
         "a departure counted under half the model id"
     );
+}
+
+/// etcd closes connections that ping more often than its `--grpc-keepalive-min-time` (5 s by
+/// default): on a default-configured etcd the router's watch and the worker's lease stay up
+/// for a minute, with no resync and no re-registration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_connections_stay_up_for_a_minute_on_a_default_configured_etcd() {
+    let etcd = EtcdServer::start();
+    let url = etcd.url();
+    let router = common::spawn_service(
+        "router",
+        std::process::Command::new(common::bin()).args([
+            "router",
+            "--listen",
+            "127.0.0.1:0",
+            "--registry",
+            &url,
+        ]),
+    );
+    let worker = common::spawn_service(
+        "worker",
+        std::process::Command::new(common::bin()).args([
+            "worker",
+            "--engine",
+            "sim",
+            "--listen",
+            "127.0.0.1:0",
+            "--registry",
+            &url,
+            "--group-id",
+            "steady",
+        ]),
+    );
+    let mut client = router_client(&router.addr).await;
+    until_workers(&mut client, 1, Duration::from_secs(10)).await;
+    let count = |lines: &[String], what: &str| lines.iter().filter(|l| l.contains(what)).count();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        let (r, w) = (router.log(), worker.log());
+        let at = start.elapsed();
+        assert_eq!(
+            count(&r, "etcd: synchronised"),
+            1,
+            "the router's watch reconnected and re-read everything within {at:?}"
+        );
+        assert_eq!(
+            count(&r, "etcd unreachable"),
+            0,
+            "the router lost etcd within {at:?}"
+        );
+        assert_eq!(
+            count(&w, "lost the etcd lease"),
+            0,
+            "the worker lost its lease stream within {at:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(count(&worker.log(), "registered in etcd"), 1);
 }

@@ -212,6 +212,13 @@ async fn every_validation_rule_names_its_field_and_nothing_reaches_a_worker() {
             "nope",
         ),
         (
+            // Quoted whole, this name would not fit in the client's metadata limit.
+            "a 32 KB unknown model name",
+            |r| r.model = "m".repeat(32_000),
+            Code::NotFound,
+            "(32000 bytes)` is not served here",
+        ),
+        (
             "empty input",
             |r| r.prompt.clear(),
             Code::InvalidArgument,

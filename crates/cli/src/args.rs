@@ -228,6 +228,11 @@ pub struct RegistryArgs {
     /// Client key (PEM) of --etcd-cert.
     #[arg(long, env = "OPENINFER_ETCD_KEY", requires = "etcd_cert")]
     pub etcd_key: Option<PathBuf>,
+    /// How often an HTTP/2 ping checks the etcd connection while a watch or lease is open. etcd
+    /// closes connections that ping more often than its --grpc-keepalive-min-time (5s unless
+    /// set there), so go lower only if etcd's is lower.
+    #[arg(long, env = "OPENINFER_ETCD_KEEPALIVE", default_value_t = Dur(openinfer_registry::etcd::DEFAULT_KEEPALIVE))]
+    pub etcd_keepalive: Dur,
 }
 
 /// Buffers of the worker's engine loop.
@@ -302,7 +307,8 @@ pub struct RouterArgs {
         default_value_t = router_defaults().max_concurrent_streams
     )]
     pub max_concurrent_streams: u32,
-    /// On SIGTERM, how long in-flight requests may take to finish.
+    /// On SIGTERM, how long in-flight requests may take to finish; what is left then ends with
+    /// UNAVAILABLE and the router exits (after at most 2s more for connections to close).
     #[arg(long, env = "OPENINFER_DRAIN_TIMEOUT", default_value_t = Dur(router_defaults().drain_timeout))]
     pub drain_timeout: Dur,
 }

@@ -27,3 +27,55 @@ pub trait ErrorCode {
     /// The class this error belongs to.
     fn code(&self) -> Code;
 }
+
+/// Most bytes of a client's own input that an error message repeats back ([`echo`]).
+pub const ECHO_LIMIT: usize = 64;
+
+/// Most bytes of any error message a service sends: gRPC carries the message in a header, and
+/// clients refuse headers past their metadata limit (8 KiB by default in grpcio and
+/// grpc-go), which would turn a clear error into a transport failure.
+pub const MESSAGE_LIMIT: usize = 1024;
+
+/// `input` as an error message may quote it: whole when short, else its first
+/// [`ECHO_LIMIT`] bytes (at a character boundary) and its length.
+pub fn echo(input: &str) -> String {
+    if input.len() <= ECHO_LIMIT {
+        return input.to_string();
+    }
+    format!("{}… ({} bytes)", head(input, ECHO_LIMIT), input.len())
+}
+
+/// `message` cut to [`MESSAGE_LIMIT`] bytes at a character boundary, marked when cut.
+pub fn bounded(message: String) -> String {
+    if message.len() <= MESSAGE_LIMIT {
+        return message;
+    }
+    format!("{}… (message cut)", head(&message, MESSAGE_LIMIT - 20))
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn head(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echoes_and_messages_are_bounded_at_character_boundaries() {
+        assert_eq!(echo("llama"), "llama");
+        let long = "é".repeat(1 << 19); // 1 MiB of two-byte characters
+        let e = echo(&long);
+        assert!(e.len() < ECHO_LIMIT + 32, "{}", e.len());
+        assert!(e.ends_with("(1048576 bytes)"), "{e}");
+        let m = bounded(format!("model `{long}` is not served here"));
+        assert!(m.len() <= MESSAGE_LIMIT, "{}", m.len());
+        assert!(m.ends_with("(message cut)"));
+        assert_eq!(bounded("short".into()), "short");
+    }
+}

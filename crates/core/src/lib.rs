@@ -5,7 +5,7 @@ pub mod error;
 pub mod params;
 pub mod units;
 
-pub use error::{Code, ErrorCode};
+pub use error::{bounded, echo, Code, ErrorCode};
 pub use params::{
     check_length, check_top_logprobs, with_bos, FinishReason, InvalidField, SamplingParams,
     SequenceId, StoppingParams, MAX_TOP_LOGPROBS,

@@ -73,9 +73,10 @@ impl Etcd {
                     .map_err(|e| EtcdError::Endpoint(e.to_string()))?
                     .connect_timeout(cfg.timeout)
                     .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(2))
+                    .http2_keep_alive_interval(cfg.keepalive)
                     .keep_alive_timeout(cfg.timeout)
-                    .keep_alive_while_idle(true);
+                    // etcd refuses pings on a connection with no stream open.
+                    .keep_alive_while_idle(false);
                 match &tls {
                     Some(t) => ep.tls_config(t.clone()).map_err(|e| {
                         EtcdError::Endpoint(format!(

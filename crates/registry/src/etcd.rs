@@ -29,7 +29,19 @@ pub struct EtcdConfig {
     pub tls: Option<Tls>,
     /// Bound on connecting and on each request.
     pub timeout: Duration,
+    /// How often an HTTP/2 ping checks the connection while a watch or lease stream is open
+    /// (none while idle). etcd answers pings more frequent than its
+    /// `--grpc-keepalive-min-time` ([`MIN_KEEPALIVE`] unless configured) by closing the
+    /// connection.
+    pub keepalive: Duration,
 }
+
+/// etcd's default `--grpc-keepalive-min-time`: the most frequent pings it accepts.
+pub const MIN_KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// The default ping interval: twice etcd's minimum (clock skew and a delayed ping stay
+/// within it), so a dead etcd is noticed within about 13 s.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(10);
 
 /// TLS material for etcd, PEM-encoded.
 #[derive(Debug, Clone)]
@@ -65,6 +77,7 @@ impl EtcdConfig {
             auth: None,
             tls: None,
             timeout: Duration::from_secs(3),
+            keepalive: DEFAULT_KEEPALIVE,
         })
     }
 

@@ -15,7 +15,7 @@ pub enum RouterError {
     /// No model of that name is known to this router.
     #[error("model `{model}` is not served here; served models: {served}")]
     UnknownModel {
-        /// The name asked for.
+        /// The name asked for, as [`openinfer_core::echo`] quotes it.
         model: String,
         /// What is served, comma-separated.
         served: String,
@@ -73,10 +73,10 @@ pub fn grpc_code(code: Code) -> tonic::Code {
 impl From<RouterError> for Status {
     fn from(e: RouterError) -> Status {
         let code = grpc_code(e.code());
-        let message = match &e {
+        let message = openinfer_core::bounded(match &e {
             RouterError::Invalid(f) => f.to_string(),
             other => other.to_string(),
-        };
+        });
         match e {
             RouterError::QueueFull(_, pushback) => {
                 let mut md = MetadataMap::new();

@@ -47,6 +47,12 @@ pub struct Router {
     metrics: Arc<RouterMetrics>,
 }
 
+/// What requests still in flight when the drain times out are told (`UNAVAILABLE`).
+const SHUTTING_DOWN: &str = "router shutting down; retry";
+
+/// How long connections may take to close once every request has ended.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Router {
     /// Starts the scheduler, with its metrics on `registry`. Workers are added with
     /// [`Router::add_worker`].
@@ -187,6 +193,7 @@ impl Router {
         );
         let scheduler = self.scheduler.clone();
         let drain_timeout = self.cfg.drain_timeout;
+        let (drained_tx, drained) = tokio::sync::oneshot::channel::<()>();
         let shutdown = async move {
             shutdown.await;
             tracing::info!(
@@ -199,11 +206,13 @@ impl Router {
             {
                 tracing::warn!(
                     ?drain_timeout,
-                    "drain timeout: stopping with requests in flight"
+                    "drain timeout: ending the requests still in flight with UNAVAILABLE"
                 );
+                scheduler.abort(SHUTTING_DOWN).await;
             }
+            let _ = drained_tx.send(());
         };
-        tonic::transport::Server::builder()
+        let server = tonic::transport::Server::builder()
             .max_concurrent_streams(self.cfg.max_concurrent_streams)
             .add_service(
                 InferenceServer::new(service)
@@ -217,8 +226,22 @@ impl Router {
                 // Token deltas are small writes: no Nagle delay.
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 shutdown,
-            )
-            .await?;
+            );
+        tokio::pin!(server);
+        let mut drained = drained;
+        tokio::select! {
+            served = &mut server => return Ok(served?),
+            Ok(()) = &mut drained => {}
+        }
+        // Every request has ended. A connection whose client does not read can hold its last
+        // messages (and the graceful close) forever: it gets CLOSE_GRACE, then it is dropped.
+        match tokio::time::timeout(CLOSE_GRACE, &mut server).await {
+            Ok(served) => served?,
+            Err(_) => tracing::warn!(
+                grace = ?CLOSE_GRACE,
+                "connections still open after the drain; closing them"
+            ),
+        }
         Ok(())
     }
 }

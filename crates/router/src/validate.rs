@@ -154,7 +154,7 @@ pub fn resolve_model(
     cfg: &RouterConfig,
 ) -> Result<ModelEntry, RouterError> {
     let unknown = |model: &str| RouterError::UnknownModel {
-        model: model.to_string(),
+        model: openinfer_core::echo(model),
         served: models.names(),
     };
     if !name.is_empty() {

@@ -83,6 +83,20 @@ pub fn etcd_config(
         return Ok(None);
     };
     let mut cfg = openinfer_registry::EtcdConfig::from_url(url)?;
+    let keepalive = a.etcd_keepalive.0;
+    if keepalive.is_zero() {
+        anyhow::bail!(
+            "--etcd-keepalive must be positive (default {})",
+            crate::args::Dur(openinfer_registry::etcd::DEFAULT_KEEPALIVE)
+        );
+    }
+    if keepalive < openinfer_registry::etcd::MIN_KEEPALIVE {
+        tracing::warn!(
+            keepalive = ?keepalive,
+            "--etcd-keepalive is below etcd's default minimum ping interval (5s); unless etcd's --grpc-keepalive-min-time is as low, etcd will close the connection"
+        );
+    }
+    cfg.keepalive = keepalive;
     if let (Some(user), Some(password)) = (&a.etcd_user, &a.etcd_password) {
         cfg.auth = Some((user.clone(), password.clone()));
     }

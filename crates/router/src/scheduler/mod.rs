@@ -66,6 +66,8 @@ pub enum Msg {
     WorkerDown(WorkerId),
     /// Stop admitting; finish what is queued and running.
     Drain,
+    /// End everything still live with `UNAVAILABLE`, with this reason.
+    Abort(String),
 }
 
 /// Submits and cancels requests; cheap to clone.
@@ -97,6 +99,12 @@ impl SchedulerHandle {
     /// Stops admitting new requests.
     pub async fn drain(&self) {
         let _ = self.tx.send(Msg::Drain).await;
+    }
+
+    /// Ends every request still queued or running with `UNAVAILABLE` (`reason`), cancelling
+    /// its sequence on its worker.
+    pub async fn abort(&self, reason: &str) {
+        let _ = self.tx.send(Msg::Abort(reason.to_string())).await;
     }
 
     /// Waits until no request is queued or running.
@@ -281,6 +289,10 @@ impl Task {
             }
             Msg::WorkerLeaving(id) => self.state.worker_leaving(id),
             Msg::Drain => self.state.drain(),
+            Msg::Abort(reason) => {
+                let effects = self.state.abort_all(now, &reason);
+                self.apply(effects);
+            }
         }
     }
 

@@ -21,6 +21,7 @@ use tracing::Span;
 use super::credits::Credits;
 use super::queues::{Entry, PriorityQueue};
 use crate::config::RouterConfig;
+use crate::error::RouterError;
 use crate::metrics::{priority_label, RouterMetrics};
 use crate::models::{ModelSpec, ModelTable};
 use crate::request::{Output, Request};
@@ -165,6 +166,39 @@ impl State {
     /// Stops admitting; what is queued and running goes on.
     pub fn drain(&mut self) {
         self.draining = true;
+    }
+
+    /// Ends every live request with `UNAVAILABLE` (`reason`) and cancels its sequence on its
+    /// worker: what a drain that ran out of time leaves behind. Admission stays closed.
+    pub fn abort_all(&mut self, _now: Instant, reason: &str) -> Vec<Effect> {
+        self.draining = true;
+        let ids: Vec<u64> = self.requests.keys().copied().collect();
+        let mut cancels: std::collections::BTreeMap<WorkerId, Vec<u64>> = Default::default();
+        for id in ids {
+            let Some(place) = self.requests.get(&id).map(|t| t.place) else {
+                continue;
+            };
+            let tracked = match place {
+                Place::Queued => self.unqueue(id),
+                Place::Running(wid) => {
+                    if let Some(w) = self.workers.get_mut(&wid) {
+                        w.running.remove(&id);
+                        cancels.entry(wid).or_default().push(id);
+                    }
+                    self.requests.remove(&id)
+                }
+            };
+            if let Some(t) = tracked {
+                t.output.fail(RouterError::Unavailable(reason.to_string()));
+            }
+        }
+        for (wid, sequence_ids) in cancels {
+            self.effects.push(Effect::Send(
+                wid,
+                Kind::Cancel(wpb::Cancel { sequence_ids }),
+            ));
+        }
+        self.take_effects()
     }
 
     /// Cancels request `id` wherever it is (nothing when it already ended).

@@ -545,6 +545,37 @@ fn a_cancel_reaches_the_worker_and_its_late_tokens_are_dropped() {
     assert!(disconnected(&h.step(4, 1, &[(id, 1)], &[], None), 1).is_some());
 }
 
+#[test]
+fn an_abort_ends_queued_and_running_requests_and_cancels_their_sequences() {
+    let mut h = harness(cfg());
+    h.worker(1, "m", 1, 1000);
+    let running = h.submit(0, "m", 0, 10, 8, LONG).unwrap();
+    let queued = h.submit(0, "m", 0, 10, 8, LONG).unwrap();
+    assert_eq!(Harness::dispatched(&h.tick(1)), [(1, running)]);
+    h.state.drain();
+    let effects = h.state.abort_all(h.at(2), "router shutting down; retry");
+    assert_eq!(
+        effects,
+        vec![Effect::Send(
+            WorkerId(1),
+            Kind::Cancel(wpb::Cancel {
+                sequence_ids: vec![running]
+            })
+        )]
+    );
+    for id in [running, queued] {
+        match h.end(id) {
+            Some(Err(RouterError::Unavailable(m))) => assert!(m.contains("retry"), "{m}"),
+            other => panic!("request {id} ended {other:?}"),
+        }
+    }
+    assert_eq!(h.state.live(), 0);
+    assert!(
+        h.submit(3, "m", 0, 10, 8, LONG).is_err(),
+        "admission stays closed"
+    );
+}
+
 /// The property test: random inputs against honest simulated workers.
 mod properties {
     use std::collections::{BTreeMap, HashMap};
