@@ -705,3 +705,49 @@ async fn etcd_connections_stay_up_for_a_minute_on_a_default_configured_etcd() {
     }
     assert_eq!(count(&worker.log(), "registered in etcd"), 1);
 }
+
+/// A deleted record means the worker is gone for new work: the router stops counting it at
+/// once (new requests get `UNAVAILABLE`, not a wait for their deadline), and when the record
+/// comes back (a worker registering again after its lease expired in an etcd stall) the
+/// router holds one link to it, not one more per stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_record_stops_new_work_and_a_returning_worker_gets_one_link() {
+    let etcd = EtcdServer::start();
+    let (_worker, _) = registered_worker(&etcd.url(), "once", &[]);
+    let (_router, addr) = router(&etcd);
+    let mut client = router_client(&addr).await;
+    until_workers(&mut client, 1, Duration::from_secs(10)).await;
+    let etcd_client = Etcd::connect(&EtcdConfig::from_url(&etcd.url()).unwrap())
+        .await
+        .unwrap();
+    let (kvs, _) = etcd_client
+        .get_prefix(WORKERS_PREFIX.as_bytes())
+        .await
+        .unwrap();
+    let (key, value) = (
+        String::from_utf8(kvs[0].key.clone()).unwrap(),
+        String::from_utf8(kvs[0].value.clone()).unwrap(),
+    );
+    for round in 0..3 {
+        etcd_client.delete(&key).await.unwrap();
+        until_workers(&mut client, 0, Duration::from_secs(5)).await;
+        let start = Instant::now();
+        let refused = client.generate(req(4)).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "round {round}: refused only after {:?}",
+            start.elapsed()
+        );
+        etcd_client.put(&key, &value, 0).await.unwrap();
+        until_workers(&mut client, 1, Duration::from_secs(5)).await;
+        let done = client.generate(req(4)).await.unwrap().into_inner();
+        assert_eq!(done.finish_reason, "length", "round {round}");
+    }
+    // Counted once, however long the links take to settle.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        assert_eq!(workers_seen(&mut client).await, 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

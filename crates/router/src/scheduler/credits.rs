@@ -36,8 +36,10 @@ pub(super) struct Credits {
     /// Sequences preempted to make room, with the KV blocks they hold, until the worker
     /// reports them gone: their slots and blocks count as free already.
     pub releasing: Vec<(u64, i64)>,
-    /// Left the registry: gets no new sequences.
+    /// Left the registry: gets no new sequences, and no longer counts as serving its model.
     pub leaving: bool,
+    /// Asked to close (a leaving worker with nothing left running there).
+    pub closing: bool,
 }
 
 impl Credits {
@@ -52,6 +54,7 @@ impl Credits {
             given: HashSet::new(),
             releasing: Vec::new(),
             leaving: false,
+            closing: false,
         }
     }
 

@@ -236,10 +236,34 @@ impl State {
             .insert(up.id, Credits::new(up.addr, up.spec, up.capacity));
     }
 
-    /// A worker left the registry: nothing new goes there; what runs may finish.
+    /// A worker left the registry: nothing new goes there and it no longer counts as serving
+    /// its model (with no other worker, new requests get `UNAVAILABLE` at once); what runs
+    /// there may finish, then the connection is closed (see [`close_idle_leavers`]), so a
+    /// worker that registers again gets one link, not one more.
+    ///
+    /// [`close_idle_leavers`]: State::close_idle_leavers
     pub fn worker_leaving(&mut self, wid: WorkerId) {
-        if let Some(w) = self.workers.get_mut(&wid) {
-            w.leaving = true;
+        let Some(w) = self.workers.get_mut(&wid) else {
+            return;
+        };
+        if std::mem::replace(&mut w.leaving, true) {
+            return;
+        }
+        let model = w.spec.id.clone();
+        self.models.worker_down(&model);
+        self.count_workers(&model);
+    }
+
+    /// Closes the connections of leaving workers with nothing left running there.
+    fn close_idle_leavers(&mut self) {
+        for (&wid, w) in &mut self.workers {
+            if w.leaving && !w.closing && w.running.is_empty() {
+                w.closing = true;
+                self.effects.push(Effect::Disconnect(
+                    wid,
+                    "it left the registry and nothing runs there".into(),
+                ));
+            }
         }
     }
 
@@ -248,8 +272,10 @@ impl State {
         let Some(w) = self.workers.remove(&wid) else {
             return;
         };
-        self.models.worker_down(&w.spec.id);
-        self.count_workers(&w.spec.id);
+        if !w.leaving {
+            self.models.worker_down(&w.spec.id);
+            self.count_workers(&w.spec.id);
+        }
         self.metrics.worker_gone(&w.spec.id, &w.addr);
         let mut ids: Vec<(u64, u64)> = w.running.iter().map(|(&id, r)| (r.order, id)).collect();
         ids.sort_unstable();
@@ -272,6 +298,7 @@ impl State {
     /// gauges. `room` says whether a worker's link can take a dispatch now.
     pub fn tick(&mut self, now: Instant, room: &dyn Fn(WorkerId) -> bool) -> Vec<Effect> {
         self.expire(now);
+        self.close_idle_leavers();
         self.schedule(now, room);
         self.publish_gauges();
         self.take_effects()

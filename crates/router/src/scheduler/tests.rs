@@ -576,6 +576,38 @@ fn an_abort_ends_queued_and_running_requests_and_cancels_their_sequences() {
     );
 }
 
+#[test]
+fn a_worker_that_left_the_registry_stops_serving_at_once_and_is_closed_when_idle() {
+    let mut h = harness(cfg());
+    h.worker(1, "m", 4, 1000);
+    let running = h.submit(0, "m", 0, 10, 8, LONG).unwrap();
+    assert_eq!(Harness::dispatched(&h.tick(1)), [(1, running)]);
+    h.state.worker_leaving(WorkerId(1));
+    assert!(!h.state.serving(), "its model has no other worker");
+    assert!(matches!(
+        h.submit(2, "m", 0, 10, 8, LONG),
+        Err(RouterError::Unavailable(_))
+    ));
+    // What runs there finishes; only then is the connection closed.
+    assert!(disconnected(&h.tick(3), 1).is_none());
+    h.step(
+        4,
+        1,
+        &[(running, 8)],
+        &[(running, wpb::FinishReason::Length)],
+        None,
+    );
+    assert!(matches!(h.end(running), Some(Ok(FinishReason::Length))));
+    let why = disconnected(&h.tick(5), 1).expect("the idle leaver is closed");
+    assert!(why.contains("left the registry"), "{why}");
+    assert!(disconnected(&h.tick(6), 1).is_none(), "closed once");
+    // A worker that registers again is one worker again.
+    h.state.worker_down(h.at(7), WorkerId(1));
+    h.worker(2, "m", 4, 1000);
+    assert!(h.state.serving());
+    assert_eq!(h.state.models.get("m").map(|e| e.workers), Some(1));
+}
+
 /// The property test: random inputs against honest simulated workers.
 mod properties {
     use std::collections::{BTreeMap, HashMap};
