@@ -751,3 +751,61 @@ async fn a_deleted_record_stops_new_work_and_a_returning_worker_gets_one_link() 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// With every worker of its model lost mid-stream, a stream waits for a replacement for one
+/// queue timeout, then ends with `UNAVAILABLE`; it never hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_every_worker_is_lost_ends_after_the_queue_timeout() {
+    let (mut worker, w_addr) = spawn(
+        "worker",
+        &[
+            "worker",
+            "--engine",
+            "sim",
+            "--sim-step-time",
+            "20ms",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let (_router, addr) = spawn(
+        "router",
+        &[
+            "router",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            &w_addr,
+            "--queue-timeout",
+            "2s",
+        ],
+    );
+    let mut client = router_client(&addr).await;
+    until_workers(&mut client, 1, Duration::from_secs(10)).await;
+    let mut s = client
+        .generate_stream(req(2000))
+        .await
+        .unwrap()
+        .into_inner();
+    // Tokens flow; then the only worker dies.
+    assert!(!s.message().await.unwrap().unwrap().token_ids.is_empty());
+    worker.0.kill().unwrap();
+    let start = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream hung after its only worker was lost");
+    let status = ended.expect_err("the stream cannot finish without a worker");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        start.elapsed() >= Duration::from_millis(1500),
+        "it did not wait for a replacement: {:?}",
+        start.elapsed()
+    );
+}

@@ -265,7 +265,8 @@ pub struct RouterArgs {
     /// Share of the queue bounds open to sheddable (negative priority) requests.
     #[arg(long, env = "OPENINFER_SHEDDABLE_SHARE", default_value_t = router_defaults().sheddable_share)]
     pub sheddable_share: f64,
-    /// Longest queue wait when the client sets no grpc-timeout (e.g. 60s, 500ms).
+    /// Longest queue wait when the client sets no grpc-timeout (e.g. 60s, 500ms); also the
+    /// longest a preempted or orphaned request waits to resume before it fails with UNAVAILABLE.
     #[arg(long, env = "OPENINFER_QUEUE_TIMEOUT", default_value_t = Dur(router_defaults().default_queue_timeout))]
     pub queue_timeout: Dur,
     /// Waiting this long raises a queued request's priority by one level; 0 turns aging off.

@@ -95,6 +95,7 @@ impl State {
             rejections: 0,
             dispatched_once: false,
             resumes: 0,
+            resume_deadline: None,
             last_worker: None,
             last_token: None,
             queue_span: Some(queue_span),
@@ -143,10 +144,14 @@ impl State {
             q.remove(id, t.req.priority);
         }
         self.deadlines.remove(&(t.req.deadline, id));
+        if let Some(d) = t.resume_deadline {
+            self.deadlines.remove(&(d, id));
+        }
         Some(t)
     }
 
-    /// Fails the requests whose deadline passed before they reached a worker.
+    /// Fails the requests whose deadline passed before they reached a worker, and those that
+    /// waited a whole queue timeout to resume (every worker of their model lost, say).
     pub(super) fn expire(&mut self, now: Instant) {
         while let Some(&(deadline, id)) = self.deadlines.first() {
             if deadline > now {
@@ -161,6 +166,19 @@ impl State {
                 if let Some(t) = self.unqueue(id) {
                     t.output
                         .fail(RouterError::QueueTimeout(now - t.req.arrived));
+                }
+                continue;
+            }
+            let stranded = self
+                .requests
+                .get(&id)
+                .is_some_and(|t| t.place == Place::Queued && t.resume_deadline == Some(deadline));
+            if stranded {
+                if let Some(t) = self.unqueue(id) {
+                    t.output.fail(RouterError::Unavailable(format!(
+                        "no worker of `{}` took the request back within {:?} after it stopped (its worker lost or preempted); retry",
+                        t.req.model, self.cfg.default_queue_timeout
+                    )));
                 }
             }
         }

@@ -83,13 +83,18 @@ impl State {
                 .set(cap.total_blocks.into());
         }
         for f in resp.finished {
-            self.finished(wid, f)?;
+            self.finished(now, wid, f)?;
         }
         Ok(())
     }
 
     /// A sequence ended on worker `wid`.
-    fn finished(&mut self, wid: WorkerId, f: wpb::SequenceFinished) -> Result<(), String> {
+    fn finished(
+        &mut self,
+        now: Instant,
+        wid: WorkerId,
+        f: wpb::SequenceFinished,
+    ) -> Result<(), String> {
         let id = f.sequence_id;
         let Some(w) = self.workers.get_mut(&wid) else {
             return Ok(());
@@ -130,7 +135,7 @@ impl State {
             FinishReason::Error => Some(Err(RouterError::Worker(f.message))),
         };
         match outcome {
-            None => self.requeue(id),
+            None => self.requeue(now, id),
             Some(result) => {
                 let Some(t) = self.requests.remove(&id) else {
                     return Ok(());

@@ -91,6 +91,9 @@ impl State {
         let t = self.requests.get_mut(&id)?;
         let w = self.workers.get_mut(&wid)?;
         t.place = Place::Running(wid);
+        if let Some(d) = t.resume_deadline.take() {
+            self.deadlines.remove(&(d, id));
+        }
         let model = [t.req.model.as_str()];
         if !t.dispatched_once {
             t.dispatched_once = true;

@@ -4,6 +4,8 @@
 //! generated, until it has come back `max_resumes` times: then it fails with the reason
 //! instead of cycling.
 
+use std::time::Instant;
+
 use openinfer_proto::worker::v1 as wpb;
 use openinfer_proto::worker::v1::execute_request::Kind;
 
@@ -74,7 +76,7 @@ impl State {
 
     /// Puts a request that left its worker unfinished back in the queue, resume state kept;
     /// one that has come back too often fails instead.
-    pub(super) fn requeue(&mut self, id: u64) {
+    pub(super) fn requeue(&mut self, now: Instant, id: u64) {
         let Some(t) = self.requests.get_mut(&id) else {
             return;
         };
@@ -94,6 +96,11 @@ impl State {
             return;
         }
         t.place = Place::Queued;
+        let deadline = now + self.cfg.default_queue_timeout;
+        if let Some(old) = t.resume_deadline.replace(deadline) {
+            self.deadlines.remove(&(old, id));
+        }
+        self.deadlines.insert((deadline, id));
         let entry = t.entry();
         let queue = self.queues.entry(t.req.model.clone()).or_default();
         t.queue_span = Some(queue_span(&t.req, queue.ahead_of(t.req.priority), true));

@@ -73,6 +73,9 @@ pub(super) struct Tracked {
     pub dispatched_once: bool,
     /// Times it went back to the queue unfinished (preempted, or its worker lost).
     pub resumes: u32,
+    /// While it waits to resume: when it stops waiting and fails (one queue timeout after it
+    /// came back), so that losing every worker never leaves a stream hanging.
+    pub resume_deadline: Option<Instant>,
     /// The worker it last ran on (a resume elsewhere is a migration).
     pub last_worker: Option<String>,
     /// When its latest token arrived (for the inter-token latency).
@@ -268,7 +271,7 @@ impl State {
     }
 
     /// A worker's stream ended: its sequences go back to the queue (oldest dispatch first).
-    pub fn worker_down(&mut self, _now: Instant, wid: WorkerId) {
+    pub fn worker_down(&mut self, now: Instant, wid: WorkerId) {
         let Some(w) = self.workers.remove(&wid) else {
             return;
         };
@@ -280,7 +283,7 @@ impl State {
         let mut ids: Vec<(u64, u64)> = w.running.iter().map(|(&id, r)| (r.order, id)).collect();
         ids.sort_unstable();
         for (_, id) in ids {
-            self.requeue(id);
+            self.requeue(now, id);
         }
     }
 

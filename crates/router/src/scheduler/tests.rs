@@ -608,6 +608,45 @@ fn a_worker_that_left_the_registry_stops_serving_at_once_and_is_closed_when_idle
     assert_eq!(h.state.models.get("m").map(|e| e.workers), Some(1));
 }
 
+#[test]
+fn a_stream_whose_every_worker_is_lost_waits_one_queue_timeout_then_fails() {
+    let mut h = harness(cfg());
+    let timeout = h.state.cfg.default_queue_timeout.as_millis() as u64;
+    h.worker(1, "m", 4, 1000);
+    let id = h.submit(0, "m", 0, 10, 100, LONG).unwrap();
+    h.tick(1);
+    h.step(2, 1, &[(id, 3)], &[], None);
+    h.state.worker_down(h.at(10), WorkerId(1));
+    h.tick(10 + timeout - 1);
+    assert!(
+        h.end(id).is_none(),
+        "it waits for a replacement for the queue timeout"
+    );
+    h.tick(10 + timeout);
+    match h.end(id) {
+        Some(Err(RouterError::Unavailable(m))) => {
+            assert!(m.contains("took the request back"), "{m}")
+        }
+        other => panic!("ended {other:?}"),
+    }
+    assert_eq!(h.tokens(id).len(), 3, "what it had streamed stays streamed");
+    assert_eq!(h.state.live(), 0);
+}
+
+#[test]
+fn a_resumed_request_that_finds_a_worker_in_time_does_not_fail_later() {
+    let mut h = harness(cfg());
+    let timeout = h.state.cfg.default_queue_timeout.as_millis() as u64;
+    h.worker(1, "m", 4, 1000);
+    let id = h.submit(0, "m", 0, 10, 100, LONG).unwrap();
+    h.tick(1);
+    h.state.worker_down(h.at(2), WorkerId(1));
+    h.worker(2, "m", 4, 1000);
+    assert_eq!(Harness::dispatched(&h.tick(3)), [(2, id)]);
+    h.tick(3 + 2 * timeout);
+    assert!(h.end(id).is_none(), "it runs on worker 2");
+}
+
 /// The property test: random inputs against honest simulated workers.
 mod properties {
     use std::collections::{BTreeMap, HashMap};
