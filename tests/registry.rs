@@ -809,3 +809,43 @@ async fn a_stream_whose_every_worker_is_lost_ends_after_the_queue_timeout() {
         start.elapsed()
     );
 }
+
+/// A client deadline that runs out while tokens are being generated ends the unary call with
+/// `DEADLINE_EXCEEDED` from the router (not tonic's `CANCELLED "Timeout expired"`), and the
+/// sequence is cancelled on its worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_that_runs_out_mid_generation_is_deadline_exceeded() {
+    let (_w, w_addr) = spawn(
+        "worker",
+        &[
+            "worker",
+            "--engine",
+            "sim",
+            "--sim-step-time",
+            "20ms",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let (_router, addr) = spawn(
+        "router",
+        &["router", "--listen", "127.0.0.1:0", "--workers", &w_addr],
+    );
+    let mut client = router_client(&addr).await;
+    until_workers(&mut client, 1, Duration::from_secs(10)).await;
+    // 500 tokens at 20 ms a step take 10 s; the deadline is 1 s.
+    let mut r = tonic::Request::new(req(500));
+    r.set_timeout(Duration::from_secs(1));
+    let start = Instant::now();
+    let status = client.generate(r).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("generated tokens"), "{status:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    // The worker's slot comes back: the next request runs.
+    let done = client.generate(req(4)).await.unwrap().into_inner();
+    assert_eq!(done.finish_reason, "length");
+}

@@ -28,6 +28,9 @@ pub enum RouterError {
         "waited {0:.3?} in the queue without reaching a worker; raise the deadline or retry later"
     )]
     QueueTimeout(Duration),
+    /// The client's deadline ran out while its tokens were being generated, after this many.
+    #[error("the deadline ran out after {0} generated tokens; raise the deadline or lower max_new_tokens")]
+    DeadlineDuringGeneration(usize),
     /// No worker serves the model now, or the router is draining.
     #[error("{0}")]
     Unavailable(String),
@@ -42,7 +45,9 @@ impl ErrorCode for RouterError {
             RouterError::Invalid(_) => Code::InvalidArgument,
             RouterError::UnknownModel { .. } => Code::NotFound,
             RouterError::QueueFull(..) => Code::ResourceExhausted,
-            RouterError::QueueTimeout(_) => Code::DeadlineExceeded,
+            RouterError::QueueTimeout(_) | RouterError::DeadlineDuringGeneration(_) => {
+                Code::DeadlineExceeded
+            }
             RouterError::Unavailable(_) => Code::Unavailable,
             RouterError::Worker(_) => Code::Internal,
         }

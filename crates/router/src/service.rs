@@ -1,6 +1,7 @@
 //! The public `openinfer.v1.Inference` gRPC service: validate, submit to the scheduler, stream
 //! the output back. A client that goes away has its request cancelled.
 
+use crate::error::RouterError;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -159,6 +160,8 @@ impl Inference for InferenceService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
+        let answer_by = grpc_timeout(request.metadata())
+            .map(|t| tokio::time::Instant::now() + crate::validate::generate_within(t));
         let (mut s, mut guard) = self.start(request, "Generate").await?;
         let mut resp = pb::GenerateResponse {
             request_id: s.request_id.clone(),
@@ -166,7 +169,20 @@ impl Inference for InferenceService {
             ..Default::default()
         };
         loop {
-            match s.output.next().await {
+            let next = match answer_by {
+                None => s.output.next().await,
+                Some(at) => match tokio::time::timeout_at(at, s.output.next()).await {
+                    Ok(next) => next,
+                    // The guard cancels the sequence on its worker.
+                    Err(_) => {
+                        let generated = resp.token_ids.len();
+                        return Err(s
+                            .record
+                            .fail(RouterError::DeadlineDuringGeneration(generated)));
+                    }
+                },
+            };
+            match next {
                 Next::Delta(d) => append(&mut resp, d),
                 Next::End(d, end) => {
                     guard.disarm();

@@ -120,8 +120,7 @@ pub fn validate(
     // The queue gives up a little before the client's deadline: tonic ends a unary call at
     // the deadline itself with CANCELLED, and the client should hear DEADLINE_EXCEEDED.
     let timeout = queue_timeout.map_or(cfg.default_queue_timeout, |t| {
-        t.saturating_sub((t / 20).min(Duration::from_millis(50)))
-            .min(cfg.default_queue_timeout)
+        answer_within(t).min(cfg.default_queue_timeout)
     });
     Ok(Request {
         id,
@@ -145,6 +144,23 @@ pub fn validate(
         deadline: arrived + timeout,
         trace,
     })
+}
+
+/// How long the router may take to answer a client whose deadline is `t` away: a little less
+/// (5 %, at most 50 ms), because tonic ends a call at the deadline itself with `CANCELLED`
+/// and the client should hear `DEADLINE_EXCEEDED` from the router.
+pub fn answer_within(t: Duration) -> Duration {
+    t.saturating_sub(margin(t))
+}
+
+/// How long a unary call may generate before it answers `DEADLINE_EXCEEDED` itself: after
+/// the queue gives up ([`answer_within`]), before tonic does.
+pub fn generate_within(t: Duration) -> Duration {
+    t.saturating_sub(margin(t) / 2)
+}
+
+fn margin(t: Duration) -> Duration {
+    (t / 20).min(Duration::from_millis(50))
 }
 
 /// The entry for `name`; empty selects the default model.
