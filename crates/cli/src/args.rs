@@ -292,6 +292,10 @@ pub struct RouterArgs {
     /// Longest stop string in bytes.
     #[arg(long, env = "OPENINFER_MAX_STOP_BYTES", default_value_t = router_defaults().max_stop_bytes)]
     pub max_stop_bytes: usize,
+    /// Long prompts (over 8 KiB) tokenized at once; more wait their turn. Tokenizing costs
+    /// many times a prompt's size in memory, so this bounds a flood of long prompts.
+    #[arg(long, env = "OPENINFER_TOKENIZER_THREADS", default_value_t = router_defaults().tokenizer_threads as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub tokenizer_threads: u64,
     /// Largest request accepted, e.g. 4MiB.
     #[arg(long, env = "OPENINFER_MAX_REQUEST_BYTES", default_value_t = Size(router_defaults().max_request_bytes as u64))]
     pub max_request_bytes: Size,

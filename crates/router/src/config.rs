@@ -30,6 +30,10 @@ pub struct RouterConfig {
     pub max_stop_strings: usize,
     /// Longest stop string, in bytes.
     pub max_stop_bytes: usize,
+    /// Long prompts (over 8 KiB) tokenized at once, each on its own blocking thread; more
+    /// wait. Tokenizing costs many times a prompt's size in memory, so this bounds the memory
+    /// of a flood of long prompts.
+    pub tokenizer_threads: usize,
     /// Largest encoded request accepted; larger ones are refused with the biggest field named.
     pub max_request_bytes: usize,
     /// Messages buffered towards one worker's `Execute` stream.
@@ -62,6 +66,7 @@ impl Default for RouterConfig {
             default_max_new_tokens: 256,
             max_stop_strings: 16,
             max_stop_bytes: 256,
+            tokenizer_threads: 2,
             max_request_bytes: 4 << 20,
             worker_queue: 1024,
             scheduler_queue: 8192,

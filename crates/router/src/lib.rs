@@ -3,6 +3,7 @@
 //!
 //! A request flows through one module per concern:
 //! * [`validate`] checks it against the model's limits ([`models`]) and names a bad field;
+//!   [`token_bound`] lets it refuse a prompt too long to fit before tokenizing it;
 //! * [`scheduler`] admits it into a per-model queue (bounded, priority + aging), places it on
 //!   the least-loaded worker with credits, preempts lower priorities when it must, and streams
 //!   the worker's tokens into the request's [`request::Output`];
@@ -19,6 +20,7 @@ pub mod request;
 pub mod scheduler;
 pub mod server;
 pub mod service;
+pub mod token_bound;
 pub mod validate;
 pub mod worker_link;
 

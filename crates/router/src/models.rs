@@ -17,6 +17,9 @@ pub struct ModelSpec {
     pub vocab_size: u32,
     /// KV block size, for credit accounting.
     pub block_size: usize,
+    /// Prompt text longer than this cannot fit the context, whatever it says
+    /// ([`crate::token_bound`]); `None` when the tokenizer gives no bound.
+    pub max_prompt_bytes: Option<usize>,
     tokenizer: tokenizers::Tokenizer,
     bos_token_id: Option<u32>,
     add_bos_token: bool,
@@ -33,16 +36,25 @@ pub struct SpecError {
 impl ModelSpec {
     /// Builds the spec from a worker's answers.
     pub fn new(info: &wpb::InfoResponse, tok: &wpb::TokenizerResponse) -> Result<Self, SpecError> {
-        let tokenizer = tok
+        let spec_error = |e: &dyn std::fmt::Display| SpecError {
+            model: info.model.clone(),
+            message: e.to_string(),
+        };
+        let mut tokenizer = tok
             .tokenizer_json
             .parse::<tokenizers::Tokenizer>()
-            .map_err(|e| SpecError {
-                model: info.model.clone(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| spec_error(&e))?;
+        // A prompt is never cut or padded behind the client's back: too long is refused.
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| spec_error(&e))?
+            .with_padding(None);
+        let max_model_len = info.max_model_len as usize;
         Ok(ModelSpec {
             id: info.model.clone(),
-            max_model_len: info.max_model_len as usize,
+            max_model_len,
+            max_prompt_bytes: crate::token_bound::max_bytes_per_token(&tok.tokenizer_json)
+                .map(|b| b.saturating_mul(max_model_len)),
             vocab_size: info.vocab_size,
             block_size: info.kv.map_or(16, |kv| kv.block_size.max(1) as usize),
             tokenizer,

@@ -12,6 +12,7 @@ use openinfer_proto::v1 as pb;
 use openinfer_proto::v1::inference_server::Inference;
 use openinfer_proto::worker::v1 as wpb;
 use openinfer_telemetry::TraceParent;
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 use crate::config::RouterConfig;
@@ -20,7 +21,7 @@ use crate::models::ModelTable;
 use crate::observe::{RequestRecord, TEXT_COMPLETION};
 use crate::request::{Delta, End, Next, Output, Summary};
 use crate::scheduler::SchedulerHandle;
-use crate::validate::{client_request_id, default_request_id, validate};
+use crate::validate::{before_tokenizing, client_request_id, default_request_id, validate};
 
 /// Prompts up to this size are tokenized inline; longer ones on the blocking pool.
 const INLINE_TOKENIZE_BYTES: usize = 8 << 10;
@@ -33,6 +34,8 @@ pub struct InferenceService {
     cfg: Arc<RouterConfig>,
     metrics: Arc<RouterMetrics>,
     next_id: Arc<AtomicU64>,
+    /// Permits to tokenize a long prompt (`tokenizer_threads` of them).
+    tokenizers: Arc<Semaphore>,
 }
 
 impl InferenceService {
@@ -46,6 +49,7 @@ impl InferenceService {
         InferenceService {
             scheduler,
             models,
+            tokenizers: Arc::new(Semaphore::new(cfg.tokenizer_threads.max(1))),
             cfg,
             metrics,
             next_id: Arc::new(AtomicU64::new(1)),
@@ -78,10 +82,22 @@ impl InferenceService {
             let trace = record.trace();
             if req.prompt.len() <= INLINE_TOKENIZE_BYTES {
                 span.in_scope(|| validate(req, &self.models, &self.cfg, id, timeout, trace))
+            } else if let Err(e) =
+                span.in_scope(|| before_tokenizing(&req, &self.models, &self.cfg))
+            {
+                Err(e)
             } else {
-                // Long prompts are tokenized off the async threads.
+                // Long prompts are tokenized off the async threads, a bounded number at once:
+                // tokenizing costs many times a prompt's size in memory.
+                let permit = self
+                    .tokenizers
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| Status::internal(format!("tokenizer pool closed: {e}")))?;
                 let (models, cfg) = (self.models.clone(), self.cfg.clone());
                 tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
                     span.in_scope(|| validate(req, &models, &cfg, id, timeout, trace))
                 })
                 .await

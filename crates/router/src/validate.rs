@@ -40,8 +40,7 @@ pub fn validate(
     trace: RequestTrace,
 ) -> Result<Request, RouterError> {
     let arrived = Instant::now();
-    check_size(&req, cfg)?;
-    let entry = resolve_model(&req.model, models, cfg)?;
+    let entry = before_tokenizing(&req, models, cfg)?;
     let spec = &entry.spec;
 
     if req.request_id.len() > MAX_REQUEST_ID_BYTES {
@@ -144,6 +143,35 @@ pub fn validate(
         deadline: arrived + timeout,
         trace,
     })
+}
+
+/// The checks that need no tokenizing, cheap enough to run before a prompt waits for the
+/// tokenizer pool: the request's size, its model, and whether the prompt's byte length alone
+/// proves it too long for the model's context. Returns the model's entry.
+pub fn before_tokenizing(
+    req: &pb::GenerateRequest,
+    models: &ModelTable,
+    cfg: &RouterConfig,
+) -> Result<ModelEntry, RouterError> {
+    check_size(req, cfg)?;
+    let entry = resolve_model(&req.model, models, cfg)?;
+    let spec = &entry.spec;
+    if let Some(limit) = spec.max_prompt_bytes {
+        if req.prompt.len() > limit {
+            return Err(RouterError::invalid(
+                "prompt",
+                format!(
+                    "{} bytes cannot fit the context of `{}` ({} tokens): its tokenizer makes \
+                     at most {} bytes into one token, so at most {limit} bytes can fit; shorten it",
+                    req.prompt.len(),
+                    spec.id,
+                    spec.max_model_len,
+                    limit / spec.max_model_len.max(1),
+                ),
+            ));
+        }
+    }
+    Ok(entry)
 }
 
 /// How long the router may take to answer a client whose deadline is `t` away: a little less
