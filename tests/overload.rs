@@ -127,3 +127,144 @@ async fn eight_four_megabyte_prompts_are_refused_without_the_router_s_memory_blo
         .into_inner();
     assert_eq!(ok.token_ids.len(), 2);
 }
+
+/// A `--engine sim` worker with steps of `step`, with `extra` flags.
+fn sim_worker(step: &str, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec![
+        "worker",
+        "--engine",
+        "sim",
+        "--sim-step-time",
+        step,
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    args.extend(extra);
+    common::spawn("sim worker", &args)
+}
+
+fn long_request(max_new: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: "never read".into(),
+        max_new_tokens: Some(max_new),
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_nobody_reads_is_bounded_and_freed_when_its_connection_closes() {
+    let (_worker, waddr) = sim_worker(
+        "1ms",
+        &[
+            "--max-running",
+            "1024",
+            "--max-batch-tokens",
+            "100000",
+            "--max-waiting",
+            "4096",
+            "--sim-kv-blocks",
+            "300000",
+        ],
+    );
+    let service = common::spawn_service(
+        "router",
+        std::process::Command::new(common::bin()).args([
+            "router",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            &waddr,
+            "--max-unread-output",
+            "4MiB",
+            "--max-queue-per-priority",
+            "4096",
+        ]),
+    );
+    let (router, addr) = (&service.proc, service.addr.clone());
+    let unread = || {
+        let samples = common::prom::parse(&common::prom::get(&service.metrics));
+        common::prom::value(&samples, "openinfer_router_unread_output_bytes", &[])
+    };
+    let mut probe = router_client(&addr).await;
+    common::wait_for_workers(&mut probe, 1).await;
+    probe.generate(long_request(4)).await.unwrap();
+    let (baseline, _) = memory(router);
+
+    // Two connections open 1,000 streams of 2,000 tokens each and never read them. Their
+    // HTTP/2 stream windows (1 KiB each) take little, so the rest waits in the router. (The
+    // large connection window keeps the client's own guard against many small unread DATA
+    // frames, half that window, from closing the connection first.)
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .initial_connection_window_size(64 << 20)
+            .initial_stream_window_size(1 << 10)
+            .connect()
+            .await
+            .unwrap();
+        let mut client = pb::inference_client::InferenceClient::new(channel);
+        let opened = join_all((0..1000).map(|_| {
+            let mut client = client.clone();
+            async move { client.generate_stream(long_request(2000)).await }
+        }))
+        .await;
+        let streams: Vec<_> = opened.into_iter().map(|r| r.unwrap()).collect();
+        client.list_models(pb::ListModelsRequest {}).await.unwrap();
+        held.push((client, streams));
+    }
+
+    // Once the unread output passes the bound, new requests are refused before any work.
+    let end = Instant::now() + Duration::from_secs(90);
+    let refusal = loop {
+        match probe.generate(long_request(1)).await {
+            Err(e) if e.code() == Code::ResourceExhausted => break e,
+            Ok(_) => {}
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+        assert!(
+            Instant::now() < end,
+            "unread output was never refused ({} bytes held)",
+            unread()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        refusal.message().contains("--max-unread-output"),
+        "{}",
+        refusal.message()
+    );
+    assert!(refusal.metadata().get("grpc-retry-pushback-ms").is_some());
+    let (rss, _) = memory(router);
+    eprintln!(
+        "router resident memory: baseline {} MB, {} MB with the unread streams",
+        baseline / MB,
+        rss / MB
+    );
+
+    // Closing the connections frees their output at once: the next request is served.
+    drop(held);
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        match probe.generate(long_request(1)).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Code::ResourceExhausted => {
+                assert!(
+                    Instant::now() < end,
+                    "output stayed held after its connections closed"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(unread(), 0.0, "closing the connections freed every buffer");
+    until_rss_at_most(
+        router,
+        baseline + 50 * MB,
+        Duration::from_secs(10),
+        "after the connections closed",
+    )
+    .await;
+}

@@ -299,6 +299,10 @@ pub struct RouterArgs {
     /// Largest request accepted, e.g. 4MiB.
     #[arg(long, env = "OPENINFER_MAX_REQUEST_BYTES", default_value_t = Size(router_defaults().max_request_bytes as u64))]
     pub max_request_bytes: Size,
+    /// Generated output the router may hold for clients that have not read it, e.g. 64MiB;
+    /// while more is held, new requests are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "OPENINFER_MAX_UNREAD_OUTPUT", default_value_t = Size(router_defaults().max_unread_output as u64))]
+    pub max_unread_output: Size,
     /// Messages buffered towards each worker.
     #[arg(long, env = "OPENINFER_WORKER_QUEUE", default_value_t = router_defaults().worker_queue)]
     pub worker_queue: usize,

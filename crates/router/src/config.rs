@@ -36,6 +36,9 @@ pub struct RouterConfig {
     pub tokenizer_threads: usize,
     /// Largest encoded request accepted; larger ones are refused with the biggest field named.
     pub max_request_bytes: usize,
+    /// Bytes of generated output the router may hold for clients that have not read it; while
+    /// more is held, new requests are refused with `RESOURCE_EXHAUSTED`.
+    pub max_unread_output: usize,
     /// Messages buffered towards one worker's `Execute` stream.
     pub worker_queue: usize,
     /// Worker events and client submissions buffered for the scheduler task.
@@ -68,6 +71,7 @@ impl Default for RouterConfig {
             max_stop_bytes: 256,
             tokenizer_threads: 2,
             max_request_bytes: 4 << 20,
+            max_unread_output: 64 << 20,
             worker_queue: 1024,
             scheduler_queue: 8192,
             max_concurrent_streams: 16_384,

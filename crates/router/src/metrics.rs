@@ -8,7 +8,7 @@
 
 use openinfer_telemetry::metrics::{Families, REQUEST_SECONDS, STEP_SECONDS};
 use openinfer_telemetry::TelemetryError;
-use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec, Registry};
+use prometheus::{HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 
 /// How a request ended, as counted by `openinfer_router_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +69,8 @@ pub enum Refusal {
     NoWorker,
     /// The router is draining.
     Draining,
+    /// Too much finished output waits for its clients to read it.
+    UnreadOutput,
 }
 
 impl Refusal {
@@ -81,16 +83,18 @@ impl Refusal {
             Refusal::Shed => "shed",
             Refusal::NoWorker => "no_worker",
             Refusal::Draining => "draining",
+            Refusal::UnreadOutput => "unread_output",
         }
     }
 
-    const ALL: [Refusal; 6] = [
+    const ALL: [Refusal; 7] = [
         Refusal::QueueFull,
         Refusal::TokenBudget,
         Refusal::PriorityQueueFull,
         Refusal::Shed,
         Refusal::NoWorker,
         Refusal::Draining,
+        Refusal::UnreadOutput,
     ];
 }
 
@@ -142,6 +146,8 @@ pub struct RouterMetrics {
     pub worker_kv_used: IntGaugeVec,
     /// Per worker: KV blocks in all.
     pub worker_kv_total: IntGaugeVec,
+    /// Bytes of generated output held for clients that have not read it yet.
+    pub unread_output: IntGauge,
 }
 
 impl RouterMetrics {
@@ -245,6 +251,13 @@ impl RouterMetrics {
                 "KV-cache blocks on each worker, from its latest capacity report.",
                 per_worker,
             )?,
+            unread_output: f
+                .gauge(
+                    "openinfer_router_unread_output_bytes",
+                    "Bytes of generated output held in the router for clients that have not read it yet (bounded by --max-unread-output).",
+                    &[],
+                )?
+                .with_label_values(&[] as &[&str]),
         })
     }
 

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use openinfer_core::{FinishReason, SamplingParams, StoppingParams};
 use openinfer_proto::worker::v1 as wpb;
+use prometheus::IntGauge;
 use tokio::sync::Notify;
 
 use crate::error::RouterError;
@@ -100,24 +101,36 @@ struct State {
     ends: u32,
     dispatched: Option<Instant>,
     first_token: Option<Instant>,
+    /// Bytes of `delta`, as counted in the router-wide unread gauge.
+    held: i64,
 }
 
 /// The output buffer of one request: the scheduler writes, the client's stream reads. A slow
 /// client gets coalesced deltas; the buffer never holds more than the request's own output,
-/// which `max_new_tokens` bounds.
+/// which `max_new_tokens` bounds. What it holds counts in a router-wide gauge of unread output
+/// (which admission bounds) until the client reads it or the buffer is dropped.
 pub struct Output {
     arrived: Instant,
     state: Mutex<State>,
     notify: Notify,
+    unread: IntGauge,
+}
+
+/// The bytes a token event adds to a buffer: ids, text and log-probabilities.
+fn event_bytes(ev: &wpb::TokenEvent) -> i64 {
+    let logprobs: usize = ev.logprobs.iter().map(|l| 8 + 8 * l.top.len()).sum();
+    (4 * ev.token_ids.len() + ev.text.len() + logprobs) as i64
 }
 
 impl Output {
-    /// An empty buffer for a request that arrived at `arrived`.
-    pub fn new(arrived: Instant) -> Arc<Self> {
+    /// An empty buffer for a request that arrived at `arrived`, counting what it holds in
+    /// `unread`.
+    pub fn new(arrived: Instant, unread: IntGauge) -> Arc<Self> {
         Arc::new(Output {
             arrived,
             state: Mutex::new(State::default()),
             notify: Notify::new(),
+            unread,
         })
     }
 
@@ -132,10 +145,13 @@ impl Output {
 
     /// Appends a worker's token event.
     pub fn push(&self, ev: wpb::TokenEvent, now: Instant) {
+        let bytes = event_bytes(&ev);
         let mut s = self.lock();
         if !ev.token_ids.is_empty() {
             s.first_token.get_or_insert(now);
         }
+        s.held += bytes;
+        self.unread.add(bytes);
         s.delta.token_ids.extend(ev.token_ids);
         s.delta.text.push_str(&ev.text);
         s.delta.logprobs.extend(ev.logprobs);
@@ -189,14 +205,58 @@ impl Output {
             {
                 let mut s = self.lock();
                 if let Some(end) = s.end.take() {
+                    self.unread.sub(std::mem::take(&mut s.held));
                     return Next::End(std::mem::take(&mut s.delta), end);
                 }
                 if !s.delta.is_empty() {
+                    self.unread.sub(std::mem::take(&mut s.held));
                     return Next::Delta(std::mem::take(&mut s.delta));
                 }
             }
             // One reader: a notification sent since the check above is kept as a permit.
             self.notify.notified().await;
         }
+    }
+}
+
+impl Drop for Output {
+    /// A buffer nobody will read (its client went away) stops counting at once.
+    fn drop(&mut self) {
+        let held = self.lock().held;
+        self.unread.sub(held);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(ids: &[u32], text: &str) -> wpb::TokenEvent {
+        wpb::TokenEvent {
+            token_ids: ids.to_vec(),
+            text: text.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn unread_output_counts_until_read_or_dropped() {
+        let unread = IntGauge::new("unread", "unread").unwrap();
+        let a = Output::new(Instant::now(), unread.clone());
+        let b = Output::new(Instant::now(), unread.clone());
+        a.push(event(&[1, 2], "ab"), Instant::now());
+        b.push(event(&[3], "xyz"), Instant::now());
+        assert_eq!(unread.get(), 10 + 7);
+        let Next::Delta(d) = a.next().await else {
+            panic!("a delta")
+        };
+        assert_eq!(d.token_ids, [1, 2]);
+        assert_eq!(unread.get(), 7, "what a client read no longer counts");
+        a.push(event(&[4], ""), Instant::now());
+        a.finish(FinishReason::Length, 1, 3);
+        assert!(matches!(a.next().await, Next::End(..)));
+        assert_eq!(unread.get(), 7);
+        drop(b);
+        assert_eq!(unread.get(), 0, "a buffer nobody will read stops counting");
     }
 }

@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 use crate::config::RouterConfig;
-use crate::metrics::RouterMetrics;
+use crate::metrics::{Refusal, RouterMetrics};
 use crate::models::ModelTable;
 use crate::observe::{RequestRecord, TEXT_COMPLETION};
 use crate::request::{Delta, End, Next, Output, Summary};
@@ -63,6 +63,7 @@ impl InferenceService {
         rpc: &'static str,
     ) -> Result<(Started, CancelGuard), Status> {
         let timeout = grpc_timeout(request.metadata());
+        let unread_refusal = self.unread_refusal(request.get_ref());
         let parent = TraceParent::from_headers(request.metadata().as_ref());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let req = request.into_inner();
@@ -76,6 +77,9 @@ impl InferenceService {
         record.request_id(client_request_id(&req).unwrap_or(&default_request_id(id)));
         if self.models.get(&req.model).is_some() {
             record.model_known(&req.model);
+        }
+        if let Some(e) = unread_refusal {
+            return Err(record.fail(e));
         }
         let validated = {
             let span = record.child(|p| tracing::info_span!(parent: p, "validate"));
@@ -112,7 +116,7 @@ impl InferenceService {
         let started = Started {
             request_id: req.request_id.clone(),
             model: req.model.clone(),
-            output: Output::new(req.arrived),
+            output: Output::new(req.arrived, self.metrics.unread_output.clone()),
             record,
         };
         if let Err(e) = self.scheduler.submit(req, started.output.clone()).await {
@@ -124,6 +128,26 @@ impl InferenceService {
             scheduler: Some(self.scheduler.clone()),
         };
         Ok((started, guard))
+    }
+
+    /// Admission's first check, before any work: output nobody reads is bounded. Counts the
+    /// refusal under the request's model when that is served here.
+    fn unread_refusal(&self, req: &pb::GenerateRequest) -> Option<RouterError> {
+        let unread = self.metrics.unread_output.get();
+        if unread <= self.cfg.max_unread_output as i64 {
+            return None;
+        }
+        if self.models.get(&req.model).is_some() {
+            self.metrics.refused(&req.model, Refusal::UnreadOutput);
+        }
+        Some(RouterError::QueueFull(
+            format!(
+                "{unread} bytes of generated output wait for their clients to read them, over \
+                 the router's --max-unread-output of {} bytes",
+                self.cfg.max_unread_output
+            ),
+            self.cfg.retry_pushback,
+        ))
     }
 }
 

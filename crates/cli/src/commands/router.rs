@@ -46,6 +46,7 @@ pub fn config(a: &RouterArgs) -> RouterConfig {
         max_stop_bytes: a.max_stop_bytes,
         max_request_bytes: a.max_request_bytes.0 as usize,
         tokenizer_threads: a.tokenizer_threads as usize,
+        max_unread_output: a.max_unread_output.0 as usize,
         worker_queue: a.worker_queue,
         scheduler_queue: a.scheduler_queue,
         max_concurrent_streams: a.max_concurrent_streams,

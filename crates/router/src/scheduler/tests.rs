@@ -125,7 +125,7 @@ impl Harness {
                 trace_id: TraceId::random(),
             },
         };
-        let output = Output::new(now);
+        let output = Output::new(now, prometheus::IntGauge::new("unread", "unread").unwrap());
         self.outputs.insert(id, output.clone());
         self.state.submit(now, req, output).map(|()| id)
     }
