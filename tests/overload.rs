@@ -268,3 +268,36 @@ async fn output_nobody_reads_is_bounded_and_freed_when_its_connection_closes() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_request_is_invalid_argument_naming_the_limit() {
+    let (_worker, waddr) = sim_worker("5ms", &[]);
+    let (_router, addr) = start_router(&[&waddr], &["--max-request-bytes", "1MiB"]);
+    let mut client = router_client(&addr).await;
+    common::wait_for_workers(&mut client, 1).await;
+    // Over --max-request-bytes, and over the hard ceiling on any message (64 MiB).
+    for bytes in [(1 << 20) + 1, 65 << 20] {
+        let oversized = pb::GenerateRequest {
+            prompt: "x".repeat(bytes),
+            max_new_tokens: Some(1),
+            ..Default::default()
+        };
+        let unary = client.generate(oversized.clone()).await.map(|_| ());
+        let stream = match client.generate_stream(oversized).await {
+            Ok(mut s) => s.get_mut().message().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        for answer in [unary, stream] {
+            let e = answer.unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{bytes} bytes: {e:?}");
+            assert!(
+                e.message().contains("--max-request-bytes") && e.message().contains("1048576"),
+                "{bytes} bytes: {}",
+                e.message()
+            );
+        }
+    }
+    // The router serves on.
+    let ok = client.generate(long_request(2)).await.unwrap().into_inner();
+    assert_eq!(ok.token_ids.len(), 2);
+}

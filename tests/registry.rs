@@ -845,7 +845,32 @@ async fn a_deadline_that_runs_out_mid_generation_is_deadline_exceeded() {
         "{:?}",
         start.elapsed()
     );
-    // The worker's slot comes back: the next request runs.
+    // A stream ends the same way: its tokens so far, then DEADLINE_EXCEEDED.
+    let mut r = tonic::Request::new(req(500));
+    r.set_timeout(Duration::from_secs(1));
+    let start = Instant::now();
+    let mut stream = client.generate_stream(r).await.unwrap().into_inner();
+    let mut tokens = 0;
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(m)) => tokens += m.token_ids.len(),
+            Ok(None) => panic!("the stream ended without an error after {tokens} tokens"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains(&format!("after {tokens} generated tokens")),
+        "{tokens} tokens, then {status:?}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    // The worker's slots come back: the next request runs.
     let done = client.generate(req(4)).await.unwrap().into_inner();
     assert_eq!(done.finish_reason, "length");
 }

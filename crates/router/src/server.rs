@@ -212,8 +212,12 @@ impl Router {
             }
             let _ = drained_tx.send(());
         };
+        let cfg = self.cfg.clone();
         let server = tonic::transport::Server::builder()
             .max_concurrent_streams(self.cfg.max_concurrent_streams)
+            .layer(tower::util::MapResponseLayer::new(move |r| {
+                over_ceiling(r, &cfg)
+            }))
             .add_service(
                 InferenceServer::new(service)
                     .max_decoding_message_size(MESSAGE_CEILING)
@@ -244,4 +248,25 @@ impl Router {
         }
         Ok(())
     }
+}
+
+/// tonic refuses a message over [`MESSAGE_CEILING`] before decoding it, with `OUT_OF_RANGE`;
+/// clients get the documented answer to an oversized request instead (`INVALID_ARGUMENT`
+/// naming `--max-request-bytes`, as for one between the limit and the ceiling).
+fn over_ceiling(
+    response: http::Response<tonic::body::Body>,
+    cfg: &RouterConfig,
+) -> http::Response<tonic::body::Body> {
+    let oversized = response
+        .extensions()
+        .get::<tonic::Status>()
+        .is_some_and(|s| {
+            s.code() == tonic::Code::OutOfRange
+                && s.message()
+                    .starts_with("Error, decoded message length too large")
+        });
+    if !oversized {
+        return response;
+    }
+    tonic::Status::from(crate::validate::over_ceiling(MESSAGE_CEILING, cfg)).into_http()
 }

@@ -63,6 +63,8 @@ impl InferenceService {
         rpc: &'static str,
     ) -> Result<(Started, CancelGuard), Status> {
         let timeout = grpc_timeout(request.metadata());
+        let answer_by =
+            timeout.map(|t| tokio::time::Instant::now() + crate::validate::generate_within(t));
         let unread_refusal = self.unread_refusal(request.get_ref());
         let parent = TraceParent::from_headers(request.metadata().as_ref());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -118,6 +120,8 @@ impl InferenceService {
             model: req.model.clone(),
             output: Output::new(req.arrived, self.metrics.unread_output.clone()),
             record,
+            answer_by,
+            generated: 0,
         };
         if let Err(e) = self.scheduler.submit(req, started.output.clone()).await {
             let mut record = started.record;
@@ -156,9 +160,31 @@ struct Started {
     model: String,
     output: Arc<Output>,
     record: RequestRecord,
+    /// When the call must have answered: a little before the client's deadline.
+    answer_by: Option<tokio::time::Instant>,
+    /// Tokens handed to the client so far.
+    generated: usize,
 }
 
 impl Started {
+    /// The next output; once the client's deadline has (nearly) run out, the error that ends
+    /// the call with `DEADLINE_EXCEEDED` (dropping the guard then cancels the sequence).
+    async fn next(&mut self) -> Result<Next, Status> {
+        let next = match self.answer_by {
+            None => self.output.next().await,
+            Some(at) => match tokio::time::timeout_at(at, self.output.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    let e = RouterError::DeadlineDuringGeneration(self.generated);
+                    return Err(self.record.fail(e));
+                }
+            },
+        };
+        let (Next::Delta(d) | Next::End(d, _)) = &next;
+        self.generated += d.token_ids.len();
+        Ok(next)
+    }
+
     /// The request's end as its client sees it, recorded in its span and the metrics.
     fn end(&mut self, end: End) -> Result<Summary, Status> {
         match end {
@@ -200,8 +226,6 @@ impl Inference for InferenceService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let answer_by = grpc_timeout(request.metadata())
-            .map(|t| tokio::time::Instant::now() + crate::validate::generate_within(t));
         let (mut s, mut guard) = self.start(request, "Generate").await?;
         let mut resp = pb::GenerateResponse {
             request_id: s.request_id.clone(),
@@ -209,20 +233,7 @@ impl Inference for InferenceService {
             ..Default::default()
         };
         loop {
-            let next = match answer_by {
-                None => s.output.next().await,
-                Some(at) => match tokio::time::timeout_at(at, s.output.next()).await {
-                    Ok(next) => next,
-                    // The guard cancels the sequence on its worker.
-                    Err(_) => {
-                        let generated = resp.token_ids.len();
-                        return Err(s
-                            .record
-                            .fail(RouterError::DeadlineDuringGeneration(generated)));
-                    }
-                },
-            };
-            match next {
+            match s.next().await? {
                 Next::Delta(d) => append(&mut resp, d),
                 Next::End(d, end) => {
                     guard.disarm();
@@ -246,7 +257,14 @@ impl Inference for InferenceService {
         let (mut s, mut guard) = self.start(request, "GenerateStream").await?;
         let stream = async_stream::stream! {
             loop {
-                match s.output.next().await {
+                let next = match s.next().await {
+                    Ok(next) => next,
+                    Err(status) => {
+                        yield Err(status);
+                        break;
+                    }
+                };
+                match next {
                     Next::Delta(d) => yield Ok(message(&s, d)),
                     Next::End(d, end) => {
                         guard.disarm();

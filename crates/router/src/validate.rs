@@ -248,6 +248,19 @@ fn check_size(req: &pb::GenerateRequest, cfg: &RouterConfig) -> Result<(), Route
     ))
 }
 
+/// The answer to a message over the transport's hard `ceiling`, which is refused before it is
+/// decoded (so its fields are unknown): the same code and limit as [`check_size`]'s.
+pub fn over_ceiling(ceiling: usize, cfg: &RouterConfig) -> RouterError {
+    RouterError::invalid(
+        "prompt",
+        format!(
+            "the request is over {ceiling} bytes, far over the router's limit of {} bytes \
+             (--max-request-bytes); shorten `prompt` or `prompt_ids`",
+            cfg.max_request_bytes
+        ),
+    )
+}
+
 fn check_stop(stop: &[String], cfg: &RouterConfig) -> Result<(), RouterError> {
     if stop.len() > cfg.max_stop_strings {
         return Err(RouterError::invalid(
