@@ -7,7 +7,9 @@
 #   overload-*/   one sim worker offered 10x its capacity: unloaded priority-5 baseline, then
 #                 priority 5 at a fifth of capacity (three rounds on one router; once more
 #                 without preemption), then the 0:80,5:20 mix
-# Usage: scripts/bench-serving.sh [vs-hf|scaling|overload]...   (default: all three)
+#   deadlines*/   one sim worker offered 10x its capacity for 30 s, every request with a 5 s
+#                 deadline; then the same with deadline admission off
+# Usage: scripts/bench-serving.sh [vs-hf|scaling|overload|deadlines]...   (default: all four)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -47,13 +49,23 @@ overload() {
         --out "$OUT/overload-10x-mix-80-20"
 }
 
-for what in "${@:-vs-hf scaling overload}"; do
+deadlines() {
+    # One sim worker: 32 slots, 100 tokens of 20 ms (101 steps with the prompt's): 16
+    # requests/s. Offered 160/s for 30 s, each request with a 5 s grpc-timeout.
+    local sim=(--spawn-sim-workers 1 --input-len 16 --output-len 100 --rate 160
+        --num-requests 4800 --deadline 5s)
+    "$BIN" bench "${sim[@]}" --out "$OUT/deadlines"
+    OPENINFER_DEADLINE_ADMISSION=false "$BIN" bench "${sim[@]}" --out "$OUT/deadlines-off"
+}
+
+for what in "${@:-vs-hf scaling overload deadlines}"; do
     for w in $what; do
         case "$w" in
             vs-hf) vs_hf ;;
             scaling) scaling ;;
             overload) overload ;;
-            *) echo "unknown figure set: $w (vs-hf, scaling, overload)" >&2; exit 2 ;;
+            deadlines) deadlines ;;
+            *) echo "unknown figure set: $w (vs-hf, scaling, overload, deadlines)" >&2; exit 2 ;;
         esac
     done
 done

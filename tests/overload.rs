@@ -301,3 +301,77 @@ async fn an_oversized_request_is_invalid_argument_naming_the_limit() {
     let ok = client.generate(long_request(2)).await.unwrap().into_inner();
     assert_eq!(ok.token_ids.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_ten_times_overload_with_deadlines_the_router_serves_at_capacity_in_time() {
+    // 8 slots of 20 ms steps, 40 tokens a request (41 steps): 9.8 requests/s at best.
+    let (_worker, waddr) = sim_worker("20ms", &["--max-running", "8", "--max-waiting", "8"]);
+    let router = common::spawn_service(
+        "router",
+        std::process::Command::new(common::bin()).args([
+            "router",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            &waddr,
+        ]),
+    );
+    let client = router_client(&router.addr).await;
+    common::wait_for_workers(&mut client.clone(), 1).await;
+    let capacity = 8.0 / (41.0 * 0.020);
+    let (arrivals, every) = (500u32, Duration::from_millis(10)); // 100/s for 5 s: ten times
+    let deadline = Duration::from_secs(2);
+
+    let start = Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..arrivals {
+        tokio::time::sleep_until((start + every * i).into()).await;
+        let mut client = client.clone();
+        calls.spawn(async move {
+            let mut r = tonic::Request::new(long_request(40));
+            r.set_timeout(deadline);
+            let sent = Instant::now();
+            let answer = client.generate(r).await;
+            (answer.map(|r| r.into_inner()), sent.elapsed())
+        });
+    }
+    let (mut done, mut refused, mut late) = (0, 0, 0);
+    let mut slowest_refusal = Duration::ZERO;
+    while let Some(call) = calls.join_next().await {
+        let (answer, took) = call.unwrap();
+        match answer {
+            Ok(r) => {
+                assert_eq!(r.token_ids.len(), 40);
+                assert!(took <= deadline, "answered after its deadline: {took:?}");
+                done += 1;
+            }
+            Err(e) if e.code() == Code::ResourceExhausted => {
+                slowest_refusal = slowest_refusal.max(took);
+                refused += 1;
+            }
+            Err(e) if e.code() == Code::DeadlineExceeded => late += 1,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    let samples = common::prom::parse(&common::prom::get(&router.metrics));
+    let counter = |name| common::prom::value(&samples, name, &[("model", "sim")]);
+    let generated = counter("openinfer_router_generation_tokens_total");
+    let wasted = counter("openinfer_router_wasted_tokens_total");
+    eprintln!(
+        "{done} served in time, {refused} refused, {late} late; {wasted} of {generated} tokens wasted; slowest refusal {slowest_refusal:?}"
+    );
+    // Served in time: at least 90 % of what the worker can do over the 5 s of arrivals.
+    let floor = (0.9 * capacity * 5.0) as usize;
+    assert!(
+        done >= floor,
+        "{done} served in time; capacity allows {floor}+"
+    );
+    assert!(
+        wasted <= 0.1 * generated,
+        "{wasted} of {generated} tokens went to requests that then missed their deadline"
+    );
+    assert!(
+        slowest_refusal < Duration::from_millis(500),
+        "refusals should be fast: {slowest_refusal:?}"
+    );
+}

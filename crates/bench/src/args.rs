@@ -138,6 +138,11 @@ pub struct BenchArgs {
     /// Priorities by weight, e.g. 0:80,5:20.
     #[arg(long, env = "OPENINFER_BENCH_PRIORITY_MIX", default_value = "0:100")]
     pub priority_mix: String,
+    /// Client deadline on every request (its gRPC grpc-timeout), e.g. 5s. A request that
+    /// misses it counts as late; goodput then counts only requests done within it (and the
+    /// --slo objectives).
+    #[arg(long, env = "OPENINFER_BENCH_DEADLINE", value_parser = parse_duration)]
+    pub deadline: Option<Duration>,
     /// Objectives for goodput, e.g. ttft=200ms,tpot=50ms,e2e=10s.
     #[arg(long, env = "OPENINFER_BENCH_SLO", default_value = "")]
     pub slo: String,

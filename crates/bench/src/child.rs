@@ -12,6 +12,8 @@ pub struct ChildService {
     child: Child,
     /// The address it listens on.
     pub addr: String,
+    /// Its Prometheus endpoint (`http://HOST:PORT/metrics`), once it logged one.
+    pub metrics: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl ChildService {
@@ -30,10 +32,18 @@ impl ChildService {
         let stderr = child.stderr.take().context("child stderr")?;
         let (tx, rx) = std::sync::mpsc::channel();
         let name_ = name.to_string();
+        let metrics = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let metrics_ = metrics.clone();
         std::thread::spawn(move || {
             let mut last = String::new();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 tracing::debug!(target: "openinfer::child", "{name_}: {line}");
+                if let Some(i) = line.find("metrics=") {
+                    let url = line[i + 8..].split_whitespace().next().unwrap_or_default();
+                    if let Ok(mut m) = metrics_.lock() {
+                        *m = Some(url.to_string());
+                    }
+                }
                 if let Some(i) = line.find("addr=") {
                     let addr = line[i + 5..].split_whitespace().next().unwrap_or_default();
                     let _ = tx.send(Ok(addr.to_string()));
@@ -46,6 +56,7 @@ impl ChildService {
         let mut svc = ChildService {
             child,
             addr: String::new(),
+            metrics,
         };
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(Ok(addr)) => svc.addr = addr,
@@ -101,6 +112,38 @@ impl ChildService {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// The sum of every sample of counter `name` on its metrics endpoint (0 when absent).
+    pub fn counter(&self, name: &str) -> anyhow::Result<f64> {
+        let url = self
+            .metrics
+            .lock()
+            .ok()
+            .and_then(|m| m.clone())
+            .context("the child has not logged its metrics endpoint")?;
+        let text = http_get(&url)?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+}
+
+/// The body of a plain `GET` of an `http://HOST:PORT/PATH` URL (HTTP/1.0, loopback).
+fn http_get(url: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").context("not an http:// URL")?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut stream = std::net::TcpStream::connect(host)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (_, body) = response
+        .split_once("\r\n\r\n")
+        .context("a malformed HTTP response")?;
+    Ok(body.to_string())
 }
 
 /// Prompt tokens a sim worker's step takes beside its decodes (a generous prompt, or a

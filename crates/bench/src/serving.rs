@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use openinfer_proto::v1 as pb;
@@ -41,11 +41,15 @@ struct Done {
     /// Gaps between tokens after the first, seconds (a message with k tokens counts k gaps of
     /// its gap / k).
     itl: Vec<f64>,
+    /// When it ended, in seconds from the start of its step.
+    ended_at: f64,
 }
 
 enum Failure {
     /// Admission refused it (`RESOURCE_EXHAUSTED`).
     Refused,
+    /// It ran past its deadline (`DEADLINE_EXCEEDED`, from the router or the client).
+    Late,
     /// Anything else.
     Error(String),
 }
@@ -56,6 +60,8 @@ struct Group {
     requests: usize,
     completed: usize,
     refused: usize,
+    /// Ended with `DEADLINE_EXCEEDED` (only with --deadline).
+    late: usize,
     errors: usize,
     /// Prompt and generated tokens of the completed requests.
     input_tokens: u64,
@@ -115,6 +121,13 @@ struct SimCluster {
     capacity_rps: f64,
     /// End-to-end latency with no overhead at all: one step per output token.
     ideal_e2e_ms: f64,
+}
+
+/// Generated tokens, and those wasted on requests that did not complete.
+#[derive(Serialize, Clone, Copy)]
+struct TokenWork {
+    generated: f64,
+    wasted: f64,
 }
 
 /// Memory of the spawned server process (the router, or `openinfer serve`) after a step.
@@ -187,6 +200,17 @@ impl Spawned {
         }))
     }
 
+    /// The router's generated and wasted token counters so far (the router is the last
+    /// process started: `router`, or `serve` with the router inside).
+    fn token_work(&self) -> Option<TokenWork> {
+        let router = self._procs.last()?;
+        let read = |name| router.counter(name).ok();
+        Some(TokenWork {
+            generated: read("openinfer_router_generation_tokens_total")?,
+            wasted: read("openinfer_router_wasted_tokens_total")?,
+        })
+    }
+
     fn memory(&self) -> Option<ServerMemory> {
         let (pid, process) = self.server;
         let (rss, peak) = memory(pid)?;
@@ -211,6 +235,16 @@ struct Report {
     wall_seconds: f64,
     /// The spawned server's memory after the step (--spawn, --spawn-sim-workers).
     server_memory: Option<ServerMemory>,
+    /// Tokens the spawned router saw generated in the step, and how many of them went to
+    /// requests that then did not complete (--spawn, --spawn-sim-workers).
+    router_tokens: Option<TokenWork>,
+    /// The client deadline of every request, in seconds (--deadline).
+    deadline_seconds: Option<f64>,
+    /// Goodput against the spawned sim cluster's capacity (--spawn-sim-workers).
+    goodput_of_capacity: Option<f64>,
+    /// Goodput in each whole window of `GOODPUT_WINDOW_S` seconds of the step, requests/s:
+    /// whether it held for the whole run, not just on average.
+    goodput_by_window: Vec<f64>,
     overall: Group,
     by_priority: BTreeMap<i32, Group>,
 }
@@ -234,7 +268,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             .collect()
     };
     let mix = parse_priority_mix(&a.priority_mix).map_err(anyhow::Error::msg)?;
-    let slo = Slo::parse(&a.slo).map_err(anyhow::Error::msg)?;
+    let mut slo = Slo::parse(&a.slo).map_err(anyhow::Error::msg)?;
+    // A request done after its deadline is no good to its client, whatever the server said.
+    if let Some(d) = a.deadline {
+        let d = d.as_secs_f64();
+        slo.e2e = Some(slo.e2e.map_or(d, |e| e.min(d)));
+    }
     let dataset = match &a.dataset {
         Some(path) => read_dataset(path).map_err(anyhow::Error::msg)?,
         None => Vec::new(),
@@ -254,11 +293,21 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             hf_transformers: None,
         };
         for load in steps {
+            let before = spawned.as_ref().and_then(Spawned::token_work);
             let start = Instant::now();
             let outcomes = drive(&a, load, client.clone(), &mix, &dataset).await;
             let wall = start.elapsed().as_secs_f64();
             let mut report = report(&a, load, &outcomes, wall, &slo);
             report.server_memory = spawned.as_ref().and_then(Spawned::memory);
+            let after = spawned.as_ref().and_then(Spawned::token_work);
+            report.router_tokens = before.zip(after).map(|(b, a)| TokenWork {
+                generated: a.generated - b.generated,
+                wasted: a.wasted - b.wasted,
+            });
+            report.goodput_of_capacity = run
+                .sim
+                .as_ref()
+                .map(|s| report.overall.goodput / s.capacity_rps);
             print_table(&report);
             run.steps.push(report);
         }
@@ -299,12 +348,37 @@ fn report(a: &BenchArgs, load: Load, outcomes: &[Outcome], wall: f64, slo: &Slo)
         slo: *slo,
         wall_seconds: wall,
         server_memory: None,
+        router_tokens: None,
+        goodput_by_window: goodput_by_window(outcomes, wall, slo),
+        deadline_seconds: a.deadline.map(|d| d.as_secs_f64()),
+        goodput_of_capacity: None,
         overall: group(&outcomes.iter().collect::<Vec<_>>(), wall, slo),
         by_priority: by_priority
             .into_iter()
             .map(|(p, os)| (p, group(&os, wall, slo)))
             .collect(),
     }
+}
+
+/// Seconds in each window of [`goodput_by_window`].
+const GOODPUT_WINDOW_S: f64 = 5.0;
+
+/// Requests per second that ended meeting every objective, in each whole window of
+/// [`GOODPUT_WINDOW_S`] seconds of a step that took `wall` seconds.
+fn goodput_by_window(outcomes: &[Outcome], wall: f64, slo: &Slo) -> Vec<f64> {
+    let windows = (wall / GOODPUT_WINDOW_S) as usize;
+    let mut good = vec![0usize; windows];
+    for o in outcomes {
+        if let Ok(d) = &o.result {
+            let w = (d.ended_at / GOODPUT_WINDOW_S) as usize;
+            if w < windows && slo.met(d.ttft, tpot(d), d.e2e) {
+                good[w] += 1;
+            }
+        }
+    }
+    good.into_iter()
+        .map(|n| n as f64 / GOODPUT_WINDOW_S)
+        .collect()
 }
 
 /// Latency percentiles against load, one line each.
@@ -364,6 +438,8 @@ async fn drive(
     dataset: &[Prompt],
 ) -> Vec<Outcome> {
     let pb = crate::progress::bar(a.num_requests as u64, "requests");
+    let deadline = a.deadline;
+    let step_start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     match load {
         Load::Rate(rate) => {
@@ -372,7 +448,7 @@ async fn drive(
                 let (priority, req) = request(a, i, mix, dataset);
                 let (mut client, pb) = (client.clone(), pb.clone());
                 tasks.spawn(async move {
-                    let o = one(&mut client, req, priority).await;
+                    let o = one(&mut client, req, priority, deadline, step_start).await;
                     pb.inc(1);
                     vec![o]
                 });
@@ -393,7 +469,7 @@ async fn drive(
                         let Some((priority, req)) = reqs.get(i).cloned() else {
                             return done;
                         };
-                        done.push(one(&mut client, req, priority).await);
+                        done.push(one(&mut client, req, priority, deadline, step_start).await);
                         pb.inc(1);
                     }
                 });
@@ -413,15 +489,19 @@ async fn one(
     client: &mut InferenceClient<Channel>,
     req: pb::GenerateRequest,
     priority: i32,
+    deadline: Option<Duration>,
+    step_start: Instant,
 ) -> Outcome {
-    let failure = |s: tonic::Status| {
-        if s.code() == tonic::Code::ResourceExhausted {
-            Failure::Refused
-        } else {
-            Failure::Error(format!("{:?}: {}", s.code(), s.message()))
-        }
+    let failure = |s: tonic::Status| match s.code() {
+        tonic::Code::ResourceExhausted => Failure::Refused,
+        tonic::Code::DeadlineExceeded => Failure::Late,
+        _ => Failure::Error(format!("{:?}: {}", s.code(), s.message())),
     };
     let start = Instant::now();
+    let mut req = tonic::Request::new(req);
+    if let Some(d) = deadline {
+        req.set_timeout(d);
+    }
     let result = async {
         let mut stream = client
             .generate_stream(req)
@@ -446,6 +526,7 @@ async fn one(
             }
             if !m.finish_reason.is_empty() {
                 return Ok(Done {
+                    ended_at: (now - step_start).as_secs_f64(),
                     prompt_tokens: m.usage.map_or(0, |u| u.prompt_tokens),
                     output_tokens: tokens,
                     ttft: ttft.unwrap_or_default(),
@@ -479,6 +560,10 @@ fn group(outcomes: &[&Outcome], wall: f64, slo: &Slo) -> Group {
         .iter()
         .filter(|o| matches!(o.result, Err(Failure::Refused)))
         .count();
+    let late = outcomes
+        .iter()
+        .filter(|o| matches!(o.result, Err(Failure::Late)))
+        .count();
     let errors = outcomes
         .iter()
         .filter(|o| matches!(o.result, Err(Failure::Error(_))))
@@ -502,6 +587,7 @@ fn group(outcomes: &[&Outcome], wall: f64, slo: &Slo) -> Group {
         requests: outcomes.len(),
         completed: done.len(),
         refused,
+        late,
         errors,
         input_tokens: input,
         output_tokens: out,
@@ -527,11 +613,12 @@ fn print_table(r: &Report) {
         r.num_requests, r.mode, r.input_words, r.output_tokens, r.priority_mix, r.wall_seconds
     );
     println!(
-        "{:<9} {:>5} {:>5} {:>5} {:>5} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
+        "{:<9} {:>5} {:>5} {:>5} {:>5} {:>5} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
         "group",
         "reqs",
         "ok",
         "refus",
+        "late",
         "err",
         "req/s",
         "out t/s",
@@ -545,8 +632,8 @@ fn print_table(r: &Report) {
     );
     let row = |name: String, g: &Group| {
         println!(
-            "{name:<9} {:>5} {:>5} {:>5} {:>5} {:>7.2} {:>8.1} {:>9.1} {:>9.1} {:>9.2} {:>9.2} {:>9.1} {:>9.1} {:>8.2}",
-            g.requests, g.completed, g.refused, g.errors, g.request_throughput,
+            "{name:<9} {:>5} {:>5} {:>5} {:>5} {:>5} {:>7.2} {:>8.1} {:>9.1} {:>9.1} {:>9.2} {:>9.2} {:>9.1} {:>9.1} {:>8.2}",
+            g.requests, g.completed, g.refused, g.late, g.errors, g.request_throughput,
             g.output_tokens_per_s, g.ttft_ms.p50, g.ttft_ms.p99, g.tpot_ms.p50, g.itl_ms.p99,
             g.e2e_ms.p50, g.e2e_ms.p99, g.goodput
         );
@@ -555,7 +642,41 @@ fn print_table(r: &Report) {
     for (p, g) in &r.by_priority {
         row(format!("prio {p}"), g);
     }
-    println!("latencies in ms; goodput: requests/s meeting every SLO given with --slo");
+    println!(
+        "latencies in ms; late: DEADLINE_EXCEEDED; goodput: requests/s meeting every SLO given \
+         with --slo, and done within --deadline"
+    );
+    if let Some(share) = r.goodput_of_capacity {
+        println!(
+            "goodput: {:.1} % of the sim cluster's capacity",
+            share * 100.0
+        );
+    }
+    let windows = &r.goodput_by_window;
+    if windows.len() > 1 {
+        let (min, max) = windows
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), &g| (lo.min(g), hi.max(g)));
+        println!(
+            "goodput by {GOODPUT_WINDOW_S} s window: {} (min {min:.2}, max {max:.2} req/s)",
+            windows
+                .iter()
+                .map(|g| format!("{g:.1}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    if let Some(t) = &r.router_tokens {
+        let share = if t.generated > 0.0 {
+            t.wasted / t.generated * 100.0
+        } else {
+            0.0
+        };
+        println!(
+            "router: {:.0} tokens generated, {:.0} of them ({share:.1} %) wasted on requests that did not complete",
+            t.generated, t.wasted
+        );
+    }
     if let Some(m) = &r.server_memory {
         println!(
             "{} process memory: {:.1} MiB resident, {:.1} MiB peak",
@@ -686,8 +807,27 @@ mod tests {
                 ttft,
                 e2e,
                 itl: vec![(e2e - ttft) / f64::from(tokens - 1); tokens as usize - 1],
+                ended_at: e2e,
             }),
         }
+    }
+
+    #[test]
+    fn goodput_is_counted_per_window_and_late_ones_apart() {
+        let mut outcomes: Vec<Outcome> = [1.0, 2.0, 3.0, 6.0, 12.0]
+            .map(|ended| done(0, 0.1, ended, 10))
+            .into();
+        outcomes.push(Outcome {
+            priority: 0,
+            result: Err(Failure::Late),
+        });
+        // A 4 s deadline: the request done at 6 s was too late for its client.
+        let slo = Slo::parse("e2e=4s").unwrap();
+        // 12.5 s: two whole windows; the last request ended in the partial third.
+        assert_eq!(goodput_by_window(&outcomes, 12.5, &slo), [3.0 / 5.0, 0.0]);
+        let all: Vec<&Outcome> = outcomes.iter().collect();
+        let g = group(&all, 12.5, &slo);
+        assert_eq!((g.completed, g.late, g.slo_met), (5, 1, 3));
     }
 
     #[test]

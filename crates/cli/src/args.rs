@@ -272,6 +272,11 @@ pub struct RouterArgs {
     /// Waiting this long raises a queued request's priority by one level; 0 turns aging off.
     #[arg(long, env = "OPENINFER_AGING_STEP", default_value_t = Dur(router_defaults().aging_step.unwrap_or_default()))]
     pub aging_step: Dur,
+    /// Refuse (RESOURCE_EXHAUSTED) or drop from the queue (DEADLINE_EXCEEDED) requests that
+    /// cannot finish before their grpc-timeout at the workers' measured step time, instead of
+    /// starting them only to cancel them at their deadline.
+    #[arg(long, env = "OPENINFER_DEADLINE_ADMISSION", default_value_t = router_defaults().deadline_admission, action = clap::ArgAction::Set)]
+    pub deadline_admission: bool,
     /// Preempt lower-priority running sequences when a higher-priority request cannot be
     /// placed (they resume later, invisibly to their clients).
     #[arg(long, env = "OPENINFER_PREEMPTION", default_value_t = router_defaults().preemption, action = clap::ArgAction::Set)]

@@ -20,6 +20,10 @@ pub struct RouterConfig {
     pub default_queue_timeout: Duration,
     /// Waiting this long raises a queued request's priority by one level (`None`: no aging).
     pub aging_step: Option<Duration>,
+    /// Refuse (`RESOURCE_EXHAUSTED`) or drop from the queue (`DEADLINE_EXCEEDED`) requests
+    /// that cannot finish before their client's deadline at the workers' measured pace,
+    /// instead of starting them only to cancel them at the deadline.
+    pub deadline_admission: bool,
     /// Preempt lower-priority running sequences when a higher-priority request cannot be placed.
     pub preemption: bool,
     /// The `grpc-retry-pushback-ms` sent with `RESOURCE_EXHAUSTED`.
@@ -64,6 +68,7 @@ impl Default for RouterConfig {
             sheddable_share: 0.5,
             default_queue_timeout: Duration::from_secs(60),
             aging_step: Some(Duration::from_secs(5)),
+            deadline_admission: true,
             preemption: true,
             retry_pushback: Duration::from_millis(500),
             default_max_new_tokens: 256,

@@ -28,6 +28,10 @@ pub enum RouterError {
         "waited {0:.3?} in the queue without reaching a worker; raise the deadline or retry later"
     )]
     QueueTimeout(Duration),
+    /// The request could no longer finish before its client's deadline at the workers' pace,
+    /// with this much time left; it never reached a worker.
+    #[error("it can no longer finish before its deadline ({0:.1?} left is less than the generation it needs at the workers' current pace), so it never reached a worker; raise the deadline, lower max_new_tokens or retry later")]
+    TooLateToStart(Duration),
     /// The client's deadline ran out while its tokens were being generated, after this many.
     #[error("the deadline ran out after {0} generated tokens; raise the deadline or lower max_new_tokens")]
     DeadlineDuringGeneration(usize),
@@ -45,9 +49,9 @@ impl ErrorCode for RouterError {
             RouterError::Invalid(_) => Code::InvalidArgument,
             RouterError::UnknownModel { .. } => Code::NotFound,
             RouterError::QueueFull(..) => Code::ResourceExhausted,
-            RouterError::QueueTimeout(_) | RouterError::DeadlineDuringGeneration(_) => {
-                Code::DeadlineExceeded
-            }
+            RouterError::QueueTimeout(_)
+            | RouterError::TooLateToStart(_)
+            | RouterError::DeadlineDuringGeneration(_) => Code::DeadlineExceeded,
             RouterError::Unavailable(_) => Code::Unavailable,
             RouterError::Worker(_) => Code::Internal,
         }

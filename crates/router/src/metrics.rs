@@ -71,6 +71,8 @@ pub enum Refusal {
     Draining,
     /// Too much finished output waits for its clients to read it.
     UnreadOutput,
+    /// The request could not be served before its client's deadline.
+    Deadline,
 }
 
 impl Refusal {
@@ -84,10 +86,11 @@ impl Refusal {
             Refusal::NoWorker => "no_worker",
             Refusal::Draining => "draining",
             Refusal::UnreadOutput => "unread_output",
+            Refusal::Deadline => "deadline",
         }
     }
 
-    const ALL: [Refusal; 7] = [
+    const ALL: [Refusal; 8] = [
         Refusal::QueueFull,
         Refusal::TokenBudget,
         Refusal::PriorityQueueFull,
@@ -95,6 +98,7 @@ impl Refusal {
         Refusal::NoWorker,
         Refusal::Draining,
         Refusal::UnreadOutput,
+        Refusal::Deadline,
     ];
 }
 
@@ -148,6 +152,8 @@ pub struct RouterMetrics {
     pub worker_kv_total: IntGaugeVec,
     /// Bytes of generated output held for clients that have not read it yet.
     pub unread_output: IntGauge,
+    /// Tokens generated for requests that then did not complete.
+    pub wasted_tokens: IntCounterVec,
 }
 
 impl RouterMetrics {
@@ -251,6 +257,11 @@ impl RouterMetrics {
                 "KV-cache blocks on each worker, from its latest capacity report.",
                 per_worker,
             )?,
+            wasted_tokens: f.counter(
+                "openinfer_router_wasted_tokens_total",
+                "Tokens generated for requests that then did not complete (cancelled by their client, past their deadline, or failed): work the workers did for nobody.",
+                model,
+            )?,
             unread_output: f
                 .gauge(
                     "openinfer_router_unread_output_bytes",
@@ -280,6 +291,7 @@ impl RouterMetrics {
             &self.generation_tokens,
             &self.preemptions,
             &self.migrations,
+            &self.wasted_tokens,
         ] {
             c.with_label_values(&[model]);
         }

@@ -204,7 +204,9 @@ fn outcome(e: &RouterError) -> Outcome {
     match e {
         RouterError::Invalid(_) | RouterError::UnknownModel { .. } => Outcome::Invalid,
         RouterError::QueueFull(..) => Outcome::Refused,
-        RouterError::QueueTimeout(_) | RouterError::DeadlineDuringGeneration(_) => Outcome::Timeout,
+        RouterError::QueueTimeout(_)
+        | RouterError::TooLateToStart(_)
+        | RouterError::DeadlineDuringGeneration(_) => Outcome::Timeout,
         RouterError::Unavailable(_) => Outcome::Unavailable,
         RouterError::Worker(_) => Outcome::Error,
     }
@@ -216,9 +218,9 @@ fn error_type(e: &RouterError) -> &'static str {
         RouterError::Invalid(_) => "INVALID_ARGUMENT",
         RouterError::UnknownModel { .. } => "NOT_FOUND",
         RouterError::QueueFull(..) => "RESOURCE_EXHAUSTED",
-        RouterError::QueueTimeout(_) | RouterError::DeadlineDuringGeneration(_) => {
-            "DEADLINE_EXCEEDED"
-        }
+        RouterError::QueueTimeout(_)
+        | RouterError::TooLateToStart(_)
+        | RouterError::DeadlineDuringGeneration(_) => "DEADLINE_EXCEEDED",
         RouterError::Unavailable(_) => "UNAVAILABLE",
         RouterError::Worker(_) => "INTERNAL",
     }

@@ -37,6 +37,9 @@ pub struct Request {
     pub arrived: Instant,
     /// When it must have reached a worker.
     pub deadline: Instant,
+    /// When its client must have the answer (from `grpc-timeout`, less a margin), if the
+    /// client set a deadline.
+    pub client_deadline: Option<Instant>,
     /// Its span and trace id.
     pub trace: RequestTrace,
 }

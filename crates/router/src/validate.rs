@@ -141,6 +141,7 @@ pub fn validate(
         priority: req.priority,
         arrived,
         deadline: arrived + timeout,
+        client_deadline: queue_timeout.map(|t| arrived + answer_within(t)),
         trace,
     })
 }

@@ -39,6 +39,7 @@ pub fn config(a: &RouterArgs) -> RouterConfig {
         default_queue_timeout: a.queue_timeout.0,
         aging_step: (!a.aging_step.0.is_zero()).then_some(a.aging_step.0),
         preemption: a.preemption,
+        deadline_admission: a.deadline_admission,
         max_resumes: a.max_resumes,
         retry_pushback: a.retry_pushback.0,
         default_max_new_tokens: a.default_max_new_tokens,

@@ -1,13 +1,15 @@
 //! Admission: a request is queued only within the router's bounds (requests, prompt tokens,
-//! one priority level), sheddable (negative priority) work gets a share of them and is
-//! dropped first to make room, and a request that reaches no worker before its deadline
-//! leaves the queue with `DEADLINE_EXCEEDED`.
+//! one priority level) and when it can be served before its client's deadline
+//! ([`pace`](super::pace)); sheddable (negative priority) work gets a share of the bounds and
+//! is dropped first to make room; and a request that reaches no worker before its deadline
+//! (or before it could still finish) leaves the queue with `DEADLINE_EXCEEDED`.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::Span;
 
+use super::pace::Outlook;
 use super::state::{Place, State, Tracked};
 use crate::error::RouterError;
 use crate::metrics::Refusal;
@@ -37,6 +39,24 @@ impl State {
             )));
         }
         let cfg = self.cfg.clone();
+        // A request that cannot be served before its deadline is refused now, not when its
+        // slot is wasted; one that can may wait only as long as it can still finish.
+        let mut req = req;
+        match self.outlook(now, &req, 0, true) {
+            Outlook::Late { left, needs } => {
+                self.metrics.refused(&req.model, Refusal::Deadline);
+                return Err(RouterError::QueueFull(
+                    format!(
+                        "it cannot be served before its deadline: it needs about {needs:.1?} of \
+                         generation at the workers' current pace and has {left:.1?}, less once \
+                         the work queued ahead of it is done"
+                    ),
+                    cfg.retry_pushback,
+                ));
+            }
+            Outlook::StartBy(at) => req.deadline = req.deadline.min(at),
+            Outlook::Unknown => {}
+        }
         let tokens = req.prompt_ids.len();
         let share = if req.priority < 0 {
             cfg.sheddable_share.clamp(0.0, 1.0)
@@ -137,9 +157,11 @@ impl State {
         }
     }
 
-    /// Takes a queued request out of the router entirely.
+    /// Takes a queued request out of the router entirely: it will not complete (what it
+    /// generated before it came back to the queue counts as wasted).
     pub(super) fn unqueue(&mut self, id: u64) -> Option<Tracked> {
         let t = self.requests.remove(&id)?;
+        self.wasted(&t);
         if let Some(q) = self.queues.get_mut(&t.req.model) {
             q.remove(id, t.req.priority);
         }
@@ -164,8 +186,12 @@ impl State {
                 .is_some_and(|t| t.place == Place::Queued && !t.dispatched_once);
             if queued {
                 if let Some(t) = self.unqueue(id) {
-                    t.output
-                        .fail(RouterError::QueueTimeout(now - t.req.arrived));
+                    // Before the client's own deadline: it could no longer finish in time.
+                    let e = match t.req.client_deadline {
+                        Some(d) if d > now => RouterError::TooLateToStart(d - now),
+                        _ => RouterError::QueueTimeout(now - t.req.arrived),
+                    };
+                    t.output.fail(e);
                 }
                 continue;
             }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use openinfer_proto::worker::v1 as wpb;
 
+use super::pace::StepClock;
 use crate::models::ModelSpec;
 
 /// A sequence running on a worker.
@@ -40,6 +41,8 @@ pub(super) struct Credits {
     pub leaving: bool,
     /// Asked to close (a leaving worker with nothing left running there).
     pub closing: bool,
+    /// Its step time, from its step messages.
+    pub clock: StepClock,
 }
 
 impl Credits {
@@ -55,6 +58,7 @@ impl Credits {
             releasing: Vec::new(),
             leaving: false,
             closing: false,
+            clock: StepClock::default(),
         }
     }
 

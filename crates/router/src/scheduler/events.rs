@@ -35,6 +35,8 @@ impl State {
         let Some(w) = self.workers.get_mut(&wid) else {
             return Ok(());
         };
+        let busy = !w.running.is_empty();
+        w.clock.observe(now, busy);
         let model = [w.spec.id.as_str()];
         let (itl, generated) = (
             self.metrics.itl.with_label_values(&model),
@@ -146,7 +148,10 @@ impl State {
                         t.req.prompt_ids.len() as u32,
                         t.generated.len() as u32,
                     ),
-                    Err(e) => t.output.fail(e),
+                    Err(e) => {
+                        self.wasted(&t);
+                        t.output.fail(e);
+                    }
                 }
             }
         }

@@ -21,6 +21,7 @@
 mod admission;
 mod credits;
 mod events;
+mod pace;
 mod placement;
 mod preemption;
 pub mod queues;
@@ -49,8 +50,8 @@ use crate::worker_link::WorkerUp;
 pub enum Msg {
     /// Admit a validated request; the reply says whether it was queued.
     Submit {
-        /// The request.
-        req: Request,
+        /// The request (boxed: it is much larger than the other messages).
+        req: Box<Request>,
         /// Where its output goes.
         output: Arc<Output>,
         /// Admission outcome.
@@ -85,7 +86,11 @@ impl SchedulerHandle {
         let (reply, rx) = oneshot::channel();
         let stopped = || RouterError::Unavailable("the router is shutting down".into());
         self.tx
-            .send(Msg::Submit { req, output, reply })
+            .send(Msg::Submit {
+                req: Box::new(req),
+                output,
+                reply,
+            })
             .await
             .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
@@ -258,7 +263,7 @@ impl Task {
         let now = Instant::now();
         match msg {
             Msg::Submit { req, output, reply } => {
-                let _ = reply.send(self.state.submit(now, req, output));
+                let _ = reply.send(self.state.submit(now, *req, output));
             }
             Msg::WorkerUp(up) => {
                 self.links.insert(

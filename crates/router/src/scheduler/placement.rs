@@ -3,14 +3,16 @@
 //! lower priority when none has room, and sends each worker its share as one `Dispatch`.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use openinfer_proto::worker::v1 as wpb;
 use openinfer_proto::worker::v1::execute_request::Kind;
 use openinfer_telemetry::{trace, TRACEPARENT};
 
 use super::credits::Running;
+use super::pace::Outlook;
 use super::state::{Effect, Place, State, WorkerId};
+use crate::error::RouterError;
 use crate::metrics::priority_label;
 use crate::observe::child_span;
 
@@ -33,6 +35,12 @@ impl State {
                 .get(&model)
                 .and_then(|q| q.peek(now, self.cfg.aging_step))
             {
+                if let Some(left) = self.too_late_to_start(now, e.id) {
+                    if let Some(t) = self.unqueue(e.id) {
+                        t.output.fail(RouterError::TooLateToStart(left));
+                    }
+                    continue;
+                }
                 let target = match self.pick_worker(&model, e.tokens + 1, room) {
                     Some(wid) => Some(wid),
                     // A preemption makes room at once: the worker handles the preempt
@@ -58,6 +66,16 @@ impl State {
                 wid,
                 Kind::Dispatch(wpb::Dispatch { sequences }),
             ));
+        }
+    }
+
+    /// The time left to a fresh request that could no longer finish before its client's
+    /// deadline if it started now (`None`: it can, or nothing says otherwise).
+    fn too_late_to_start(&self, now: Instant, id: u64) -> Option<Duration> {
+        let t = self.requests.get(&id).filter(|t| !t.dispatched_once)?;
+        match self.outlook(now, &t.req, t.generated.len(), false) {
+            Outlook::Late { left, .. } => Some(left),
+            _ => None,
         }
     }
 

@@ -64,6 +64,15 @@ impl PriorityQueue {
         self.levels.range(priority..).map(|(_, l)| l.len()).sum()
     }
 
+    /// The requests a new one of `priority` would wait behind, in the order they would run
+    /// (higher levels first, then first come; aging aside).
+    pub fn ahead(&self, priority: i32) -> impl Iterator<Item = u64> + '_ {
+        self.levels
+            .range(priority..)
+            .rev()
+            .flat_map(|(_, l)| l.iter().map(|e| e.id))
+    }
+
     /// Requests queued per priority level, lowest level first.
     pub fn levels(&self) -> impl Iterator<Item = (i32, usize)> + '_ {
         self.levels.iter().map(|(&p, l)| (p, l.len()))

@@ -188,7 +188,11 @@ impl State {
                         w.running.remove(&id);
                         cancels.entry(wid).or_default().push(id);
                     }
-                    self.requests.remove(&id)
+                    let t = self.requests.remove(&id);
+                    if let Some(t) = &t {
+                        self.wasted(t);
+                    }
+                    t
                 }
             };
             if let Some(t) = tracked {
@@ -214,7 +218,9 @@ impl State {
                 self.unqueue(id);
             }
             Place::Running(wid) => {
-                self.requests.remove(&id);
+                if let Some(t) = self.requests.remove(&id) {
+                    self.wasted(&t);
+                }
                 if let Some(w) = self.workers.get_mut(&wid) {
                     w.running.remove(&id);
                     self.effects.push(Effect::Send(
@@ -227,6 +233,16 @@ impl State {
             }
         }
         self.take_effects()
+    }
+
+    /// Counts the tokens generated for a request that will not complete.
+    pub(super) fn wasted(&self, t: &Tracked) {
+        if !t.generated.is_empty() {
+            self.metrics
+                .wasted_tokens
+                .with_label_values(&[t.req.model.as_str()])
+                .inc_by(t.generated.len() as u64);
+        }
     }
 
     /// A worker connected.

@@ -102,6 +102,21 @@ impl Harness {
         max_new: u32,
         deadline_ms: u64,
     ) -> Result<u64, RouterError> {
+        self.submit_with_client_deadline(ms, m, priority, prompt, max_new, deadline_ms, None)
+    }
+
+    /// [`Harness::submit`] with a client deadline `client_ms` after it arrived.
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit_with_client_deadline(
+        &mut self,
+        ms: u64,
+        m: &str,
+        priority: i32,
+        prompt: usize,
+        max_new: u32,
+        deadline_ms: u64,
+        client_ms: Option<u64>,
+    ) -> Result<u64, RouterError> {
         let id = self.next_id;
         self.next_id += 1;
         let now = self.at(ms);
@@ -120,6 +135,7 @@ impl Harness {
             priority,
             arrived: now,
             deadline: now + Duration::from_millis(deadline_ms),
+            client_deadline: client_ms.map(|c| now + Duration::from_millis(c)),
             trace: RequestTrace {
                 span: tracing::Span::none(),
                 trace_id: TraceId::random(),
@@ -310,6 +326,57 @@ fn a_request_that_reaches_no_worker_by_its_deadline_leaves_the_queue() {
     // A request already on a worker is not bound by its queue deadline.
     h.tick(LONG + 1);
     assert!(h.end(running).is_none());
+}
+
+#[test]
+fn requests_that_cannot_finish_before_their_client_deadline_never_take_a_slot() {
+    let mut h = harness(cfg());
+    h.worker(1, "m", 1, 1000);
+    let running = h.submit(0, "m", 0, 10, 8, LONG).unwrap();
+    assert_eq!(Harness::dispatched(&h.tick(1)), vec![(1, running)]);
+    // Until a step was timed nothing is refused; two busy 20 ms steps teach the pace.
+    for (ms, acked) in [(20, 1), (40, 1)] {
+        let one_slot = wpb::CapacityReport {
+            max_running_sequences: 1,
+            ..Harness::capacity(0, 900, acked)
+        };
+        h.step(ms, 1, &[(running, 1)], &[], Some(one_slot));
+    }
+    let deadline = |h: &mut Harness, client_ms| {
+        h.submit_with_client_deadline(40, "m", 0, 10, 8, LONG, Some(client_ms))
+    };
+    // 8 tokens take 9 steps, 180 ms: 100 ms cannot do.
+    assert!(matches!(
+        deadline(&mut h, 100),
+        Err(RouterError::QueueFull(..))
+    ));
+    // 400 ms can, after the running one's 7 steps; it may wait until 40 + 400 - 180 ms.
+    let fits = deadline(&mut h, 400).unwrap();
+    assert_eq!(h.state.next_deadline(), Some(h.at(260)));
+    // A third would start only after that one's 9 steps: refused.
+    assert!(matches!(
+        deadline(&mut h, 400),
+        Err(RouterError::QueueFull(..))
+    ));
+    // The worker stalls: the queued one leaves with DEADLINE_EXCEEDED when it no longer can
+    // finish, not at its client's deadline, and never reaches the worker.
+    assert!(h.end(fits).is_none());
+    assert!(Harness::dispatched(&h.tick(260)).is_empty());
+    match h.end(fits) {
+        Some(Err(e @ RouterError::TooLateToStart(left))) => {
+            assert_eq!(left, Duration::from_millis(180));
+            assert_eq!(
+                openinfer_core::ErrorCode::code(&e),
+                openinfer_core::Code::DeadlineExceeded
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Work the worker did for a request that then did not complete counts as wasted.
+    let wasted = h.state.metrics.wasted_tokens.with_label_values(&["m"]);
+    assert_eq!(wasted.get(), 0);
+    h.state.cancel(h.at(300), running);
+    assert_eq!(wasted.get(), 2);
 }
 
 #[test]
