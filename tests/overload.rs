@@ -6,26 +6,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{router_client, start_router, start_worker, Proc};
+use common::{memory, router_client, start_router, start_worker, Proc, MB};
 use futures::future::join_all;
 use openinfer_proto::v1 as pb;
 use tonic::Code;
-
-/// A process's resident memory now and at its peak, in bytes (`/proc/PID/status`).
-fn memory(proc: &Proc) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", proc.0.id())).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in /proc status"))
-            * 1024
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-const MB: u64 = 1 << 20;
 
 /// Waits until `proc`'s resident memory is at most `bound`, or panics with what it was.
 async fn until_rss_at_most(proc: &Proc, bound: u64, within: Duration, what: &str) {

@@ -7,10 +7,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::etcd::EtcdServer;
-use common::{registry_router, router_client, spawn, until_workers, workers_seen, Proc};
+use common::{
+    draining_worker, registered_worker, registry_router, router_client, spawn, stream,
+    until_workers, workers_seen, Proc,
+};
 use futures::future::join_all;
 use openinfer_proto::v1 as pb;
-use openinfer_proto::v1::inference_client::InferenceClient;
 use openinfer_registry::client::Etcd;
 use openinfer_registry::{EtcdConfig, WorkerRecord, WORKERS_PREFIX};
 use tonic::transport::Channel;
@@ -24,23 +26,6 @@ fn router(etcd: &EtcdServer) -> (Proc, String) {
     registry_router(&etcd.url(), &[])
 }
 
-/// A sim worker registering as `group` in the registry at `url`, with `extra` flags.
-fn registered_worker(url: &str, group: &str, extra: &[&str]) -> (Proc, String) {
-    let mut args = vec![
-        "worker",
-        "--engine",
-        "sim",
-        "--listen",
-        "127.0.0.1:0",
-        "--registry",
-        url,
-        "--group-id",
-        group,
-    ];
-    args.extend(extra);
-    spawn(&format!("worker {group}"), &args)
-}
-
 async fn records(etcd: &EtcdServer) -> Vec<WorkerRecord> {
     let client = Etcd::connect(&EtcdConfig::from_url(&etcd.url()).unwrap())
         .await
@@ -52,11 +37,7 @@ async fn records(etcd: &EtcdServer) -> Vec<WorkerRecord> {
 }
 
 fn req(max_new: u32) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        prompt: "hello".into(),
-        max_new_tokens: Some(max_new),
-        ..Default::default()
-    }
+    common::hello(max_new)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,37 +181,6 @@ async fn an_etcd_outage_stops_nothing_and_both_sides_recover() {
     until_workers(&mut client, 2, Duration::from_secs(10)).await;
     let r = client.generate(req(4)).await.unwrap().into_inner();
     assert_eq!(r.token_ids.len(), 4);
-}
-
-/// A sim worker registered in `etcd` (lease TTL 2 s) with drain grace `grace`.
-fn draining_worker(etcd: &EtcdServer, group: &str, grace: &str) -> (Proc, String) {
-    registered_worker(
-        &etcd.url(),
-        group,
-        &[
-            "--sim-step-time",
-            "5ms",
-            "--lease-ttl",
-            "2s",
-            "--drain-grace",
-            grace,
-        ],
-    )
-}
-
-/// Streams `req(n)` to the end: (token ids, text, finish reason).
-async fn stream(
-    mut client: InferenceClient<Channel>,
-    n: u32,
-) -> Result<(Vec<u32>, String, String), tonic::Status> {
-    let mut s = client.generate_stream(req(n)).await?.into_inner();
-    let (mut ids, mut text, mut reason) = (Vec::new(), String::new(), String::new());
-    while let Some(m) = s.message().await? {
-        ids.extend(m.token_ids);
-        text.push_str(&m.text);
-        reason = m.finish_reason;
-    }
-    Ok((ids, text, reason))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

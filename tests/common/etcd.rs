@@ -159,6 +159,25 @@ impl EtcdServer {
         format!("etcd://127.0.0.1:{}", self.client_port)
     }
 
+    /// Freezes the server (SIGSTOP): its connections stay open and nothing answers.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen server go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let child = self.child.as_ref().expect("etcd is running");
+        let st = Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill {sig} etcd");
+    }
+
     /// Stops the server (SIGKILL), keeping its data.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -82,6 +82,23 @@ impl Drop for Proc {
     }
 }
 
+/// A mebibyte.
+pub const MB: u64 = 1 << 20;
+
+/// A process's resident memory now and at its peak, in bytes (`/proc/PID/status`).
+pub fn memory(proc: &Proc) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proc.0.id())).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc status"))
+            * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
 /// Writes the `tiny` preset model into `dir`.
 pub fn make_tiny(dir: &Path) {
     let st = Command::new(bin())
@@ -275,6 +292,63 @@ pub async fn wait_for_workers(client: &mut InferenceClient<Channel>, workers: u3
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the router never saw {workers} workers");
+}
+
+/// A sim worker registering as `group` in the registry at `url`, with `extra` flags.
+pub fn registered_worker(url: &str, group: &str, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec![
+        "worker",
+        "--engine",
+        "sim",
+        "--listen",
+        "127.0.0.1:0",
+        "--registry",
+        url,
+        "--group-id",
+        group,
+    ];
+    args.extend(extra);
+    spawn(&format!("worker {group}"), &args)
+}
+
+/// A sim worker (5 ms steps) registered in `etcd` with lease TTL 2 s and drain grace `grace`.
+pub fn draining_worker(etcd: &etcd::EtcdServer, group: &str, grace: &str) -> (Proc, String) {
+    registered_worker(
+        &etcd.url(),
+        group,
+        &[
+            "--sim-step-time",
+            "5ms",
+            "--lease-ttl",
+            "2s",
+            "--drain-grace",
+            grace,
+        ],
+    )
+}
+
+/// A request for `max_new` tokens of "hello" (eos allowed).
+pub fn hello(max_new: u32) -> openinfer_proto::v1::GenerateRequest {
+    openinfer_proto::v1::GenerateRequest {
+        prompt: "hello".into(),
+        max_new_tokens: Some(max_new),
+        ..Default::default()
+    }
+}
+
+/// Streams `hello(n)` to the end: (token ids, text, finish reason).
+pub async fn stream(
+    mut client: InferenceClient<Channel>,
+    n: u32,
+) -> Result<(Vec<u32>, String, String), tonic::Status> {
+    let mut s = client.generate_stream(hello(n)).await?.into_inner();
+    let (mut ids, mut text, mut reason) = (Vec::new(), String::new(), String::new());
+    while let Some(m) = s.message().await? {
+        ids.extend(m.token_ids);
+        text.push_str(&m.text);
+        reason = m.finish_reason;
+    }
+    Ok((ids, text, reason))
 }
 
 /// A router following the registry at `url`, with `extra` flags.
