@@ -777,9 +777,20 @@ async fn a_deadline_that_runs_out_mid_generation_is_deadline_exceeded() {
             "127.0.0.1:0",
         ],
     );
+    // Once it knows the pace the router would refuse these requests up front (overload.rs);
+    // a worker that slows down after admission is what leaves a request generating at its
+    // deadline, as here with deadline admission off.
     let (_router, addr) = spawn(
         "router",
-        &["router", "--listen", "127.0.0.1:0", "--workers", &w_addr],
+        &[
+            "router",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            &w_addr,
+            "--deadline-admission",
+            "false",
+        ],
     );
     let mut client = router_client(&addr).await;
     until_workers(&mut client, 1, Duration::from_secs(10)).await;
