@@ -374,7 +374,9 @@ async fn every_validation_rule_names_its_field_and_nothing_reaches_a_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_goes_away_has_its_sequence_cancelled_on_the_worker() {
-    let c = Cluster::start(1, &[], &[]).await;
+    // Deadline admission would refuse the unary call below up front (it cannot finish in
+    // time); this test is about what happens to one that is abandoned at its deadline.
+    let c = Cluster::start(1, &[], &["--deadline-admission", "false"]).await;
     let mut client = c.client().await;
     let mut worker = worker_client(&c.workers[0]).await;
     let total = capacity(&mut worker).await.total_blocks;
@@ -702,7 +704,14 @@ async fn a_full_queue_refuses_quickly_with_pushback_and_sheds_sheddable_work_fir
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_past_their_queue_deadline_never_reach_a_worker() {
-    let c = Cluster::start(1, &["--max-running", "1"], &["--queue-timeout", "400ms"]).await;
+    // The queue deadline alone: deadline admission would refuse the hurried request up
+    // front, once it has timed the worker's steps (overload.rs tests that).
+    let c = Cluster::start(
+        1,
+        &["--max-running", "1"],
+        &["--queue-timeout", "400ms", "--deadline-admission", "false"],
+    )
+    .await;
     let mut client = c.client().await;
     let mut worker = worker_client(&c.workers[0]).await;
     let mut busy = client

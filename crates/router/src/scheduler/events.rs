@@ -143,11 +143,19 @@ impl State {
                     return Ok(());
                 };
                 match result {
-                    Ok(reason) => t.output.finish(
-                        reason,
-                        t.req.prompt_ids.len() as u32,
-                        t.generated.len() as u32,
-                    ),
+                    Ok(reason) => {
+                        if !t.req.stopping.ignore_eos {
+                            self.typical_length
+                                .entry(t.req.model.clone())
+                                .or_default()
+                                .observe(t.generated.len());
+                        }
+                        t.output.finish(
+                            reason,
+                            t.req.prompt_ids.len() as u32,
+                            t.generated.len() as u32,
+                        );
+                    }
                     Err(e) => {
                         self.wasted(&t);
                         t.output.fail(e);

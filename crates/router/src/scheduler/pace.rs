@@ -6,8 +6,10 @@
 //!
 //! The step time is a moving average of the intervals between a busy worker's step messages
 //! (one per engine step). A request needs about one step for its prompt and one per output
-//! token; when it could start is estimated by handing the model's slots, as its running
-//! sequences free them, to the queued requests ahead of it in order.
+//! token: `max_new_tokens` of them when it ignores eos, else no more than the model's typical
+//! output length (a moving average of completed requests' lengths). When it could start is
+//! estimated by handing the model's slots, as its running sequences free them, to the queued
+//! requests ahead of it in order.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -16,9 +18,20 @@ use std::time::{Duration, Instant};
 use super::state::State;
 use crate::request::Request;
 
-/// Steps a request needs: one for its prompt, one per token it may still generate.
-fn steps_for(req: &Request, generated: usize) -> u64 {
-    u64::from(req.stopping.max_new_tokens).saturating_sub(generated as u64) + 1
+/// Weight of the newest completion in a model's typical output length.
+const LENGTH_SMOOTHING: f64 = 0.1;
+
+/// How long a model's outputs are when they may stop early (eos or a stop string): a moving
+/// average of the lengths of completed requests that did not ignore eos.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct TypicalLength(Option<f64>);
+
+impl TypicalLength {
+    /// A request that could have stopped early ended after `tokens` tokens.
+    pub fn observe(&mut self, tokens: usize) {
+        let n = tokens as f64;
+        self.0 = Some(self.0.map_or(n, |avg| avg + LENGTH_SMOOTHING * (n - avg)));
+    }
 }
 
 /// Weight of the newest interval in the moving average.
@@ -75,11 +88,30 @@ impl State {
         (!steps.is_empty()).then(|| steps.iter().sum::<Duration>() / steps.len() as u32)
     }
 
-    /// Steps a live request still needs (see [`steps_for`]).
+    /// Steps `req` may still need with `generated` tokens so far: one for its prompt, one
+    /// per token it is expected to generate: all of `max_new_tokens` when it ignores eos,
+    /// else no more than its model's typical length (`None` until one was seen: a request
+    /// that may stop early is not judged by a `max_new_tokens` it may never reach).
+    fn steps_expected(&self, req: &Request, generated: usize) -> Option<u64> {
+        let max_new = f64::from(req.stopping.max_new_tokens);
+        let expected = if req.stopping.ignore_eos {
+            max_new
+        } else {
+            let typical = self.typical_length.get(&req.model)?.0?;
+            typical.min(max_new)
+        };
+        Some((expected - generated as f64).max(0.0).ceil() as u64 + 1)
+    }
+
+    /// Steps a live request may still need; when nothing says how long its output will be,
+    /// all of its `max_new_tokens`.
     fn steps_needed(&self, id: u64) -> u64 {
-        self.requests
-            .get(&id)
-            .map_or(1, |t| steps_for(&t.req, t.generated.len()))
+        self.requests.get(&id).map_or(1, |t| {
+            let generated = t.generated.len();
+            self.steps_expected(&t.req, generated).unwrap_or_else(|| {
+                u64::from(t.req.stopping.max_new_tokens).saturating_sub(generated as u64) + 1
+            })
+        })
     }
 
     /// Whether `req`, with `generated` tokens so far, can be served in time if it starts now
@@ -98,7 +130,10 @@ impl State {
         let (Some(deadline), Some(step)) = (req.client_deadline, self.step_time(&req.model)) else {
             return Outlook::Unknown;
         };
-        let steps = steps_for(req, generated).min(u64::from(u32::MAX)) as u32;
+        let Some(steps) = self.steps_expected(req, generated) else {
+            return Outlook::Unknown;
+        };
+        let steps = steps.min(u64::from(u32::MAX)) as u32;
         let needs = step.saturating_mul(steps);
         let left = deadline.saturating_duration_since(now);
         let late = Outlook::Late { left, needs };

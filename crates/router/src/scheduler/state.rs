@@ -19,6 +19,7 @@ use openinfer_proto::worker::v1::execute_request::Kind;
 use tracing::Span;
 
 use super::credits::Credits;
+use super::pace::TypicalLength;
 use super::queues::{Entry, PriorityQueue};
 use crate::config::RouterConfig;
 use crate::error::RouterError;
@@ -117,6 +118,8 @@ pub struct State {
     pub(super) deadlines: BTreeSet<(Instant, u64)>,
     /// Dispatch order, to preempt the newest first.
     pub(super) next_order: u64,
+    /// Per model: how long outputs that may stop early turn out to be.
+    pub(super) typical_length: HashMap<String, TypicalLength>,
     pub(super) draining: bool,
     /// Queue-depth and running gauges last set, so that levels that emptied are set to 0.
     gauges: HashMap<(String, String), i64>,
@@ -136,6 +139,7 @@ impl State {
             requests: HashMap::new(),
             deadlines: BTreeSet::new(),
             next_order: 0,
+            typical_length: HashMap::new(),
             draining: false,
             gauges: HashMap::new(),
             effects: Vec::new(),

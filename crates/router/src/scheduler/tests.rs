@@ -102,10 +102,11 @@ impl Harness {
         max_new: u32,
         deadline_ms: u64,
     ) -> Result<u64, RouterError> {
-        self.submit_with_client_deadline(ms, m, priority, prompt, max_new, deadline_ms, None)
+        self.submit_with_client_deadline(ms, m, priority, prompt, max_new, deadline_ms, None, false)
     }
 
-    /// [`Harness::submit`] with a client deadline `client_ms` after it arrived.
+    /// [`Harness::submit`] with a client deadline `client_ms` after it arrived, ignoring eos
+    /// or not.
     #[allow(clippy::too_many_arguments)]
     pub fn submit_with_client_deadline(
         &mut self,
@@ -116,6 +117,7 @@ impl Harness {
         max_new: u32,
         deadline_ms: u64,
         client_ms: Option<u64>,
+        ignore_eos: bool,
     ) -> Result<u64, RouterError> {
         let id = self.next_id;
         self.next_id += 1;
@@ -128,6 +130,7 @@ impl Harness {
             sampling: Default::default(),
             stopping: openinfer_core::StoppingParams {
                 max_new_tokens: max_new,
+                ignore_eos,
                 ..Default::default()
             },
             logprobs: false,
@@ -342,8 +345,9 @@ fn requests_that_cannot_finish_before_their_client_deadline_never_take_a_slot() 
         };
         h.step(ms, 1, &[(running, 1)], &[], Some(one_slot));
     }
+    // These ignore eos: they will generate all 8 tokens.
     let deadline = |h: &mut Harness, client_ms| {
-        h.submit_with_client_deadline(40, "m", 0, 10, 8, LONG, Some(client_ms))
+        h.submit_with_client_deadline(40, "m", 0, 10, 8, LONG, Some(client_ms), true)
     };
     // 8 tokens take 9 steps, 180 ms: 100 ms cannot do.
     assert!(matches!(
@@ -377,6 +381,38 @@ fn requests_that_cannot_finish_before_their_client_deadline_never_take_a_slot() 
     assert_eq!(wasted.get(), 0);
     h.state.cancel(h.at(300), running);
     assert_eq!(wasted.get(), 2);
+}
+
+#[test]
+fn a_request_that_may_stop_early_is_judged_by_the_typical_output_not_its_max_new_tokens() {
+    let mut h = harness(cfg());
+    h.worker(1, "m", 4, 1000);
+    let may_stop = |h: &mut Harness, ms| {
+        h.submit_with_client_deadline(ms, "m", 0, 10, 1000, LONG, Some(100), false)
+    };
+    // Until an output length was seen, nothing says it cannot make it.
+    let first = may_stop(&mut h, 0).unwrap();
+    assert_eq!(Harness::dispatched(&h.tick(1)), vec![(1, first)]);
+    let four = wpb::CapacityReport {
+        max_running_sequences: 4,
+        ..Harness::capacity(3, 900, 1)
+    };
+    h.step(20, 1, &[(first, 1)], &[], Some(four));
+    h.step(
+        40,
+        1,
+        &[(first, 1)],
+        &[(first, wpb::FinishReason::Eos)],
+        Some(four),
+    );
+    // Its outputs end after 2 tokens (3 steps, 60 ms at 20 ms a step): 100 ms will do,
+    // although 1,000 tokens would take 20 s...
+    assert!(may_stop(&mut h, 50).is_ok());
+    // ...while one that ignores eos is held to all of them.
+    assert!(matches!(
+        h.submit_with_client_deadline(50, "m", 0, 10, 1000, LONG, Some(100), true),
+        Err(RouterError::QueueFull(..))
+    ));
 }
 
 #[test]
