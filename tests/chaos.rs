@@ -184,15 +184,15 @@ async fn soak(total: Duration) {
         draining_worker(&etcd, "a", "1s").0,
         draining_worker(&etcd, "b", "1s").0,
     ];
-    let router = common::spawn_service(
+    let router = common::service(
         "router",
-        std::process::Command::new(common::bin()).args([
+        &[
             "router",
             "--listen",
             "127.0.0.1:0",
             "--registry",
             &etcd.url(),
-        ]),
+        ],
     );
     let mut client = router_client(&router.addr).await;
     until_workers(&mut client, 2, Duration::from_secs(10)).await;

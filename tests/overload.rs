@@ -112,21 +112,6 @@ async fn eight_four_megabyte_prompts_are_refused_without_the_router_s_memory_blo
     assert_eq!(ok.token_ids.len(), 2);
 }
 
-/// A `--engine sim` worker with steps of `step`, with `extra` flags.
-fn sim_worker(step: &str, extra: &[&str]) -> (Proc, String) {
-    let mut args = vec![
-        "worker",
-        "--engine",
-        "sim",
-        "--sim-step-time",
-        step,
-        "--listen",
-        "127.0.0.1:0",
-    ];
-    args.extend(extra);
-    common::spawn("sim worker", &args)
-}
-
 fn long_request(max_new: u32) -> pb::GenerateRequest {
     pb::GenerateRequest {
         prompt: "never read".into(),
@@ -138,7 +123,7 @@ fn long_request(max_new: u32) -> pb::GenerateRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_nobody_reads_is_bounded_and_freed_when_its_connection_closes() {
-    let (_worker, waddr) = sim_worker(
+    let (_worker, waddr) = common::sim_worker(
         "1ms",
         &[
             "--max-running",
@@ -151,9 +136,9 @@ async fn output_nobody_reads_is_bounded_and_freed_when_its_connection_closes() {
             "300000",
         ],
     );
-    let service = common::spawn_service(
+    let service = common::service(
         "router",
-        std::process::Command::new(common::bin()).args([
+        &[
             "router",
             "--listen",
             "127.0.0.1:0",
@@ -163,7 +148,7 @@ async fn output_nobody_reads_is_bounded_and_freed_when_its_connection_closes() {
             "4MiB",
             "--max-queue-per-priority",
             "4096",
-        ]),
+        ],
     );
     let (router, addr) = (&service.proc, service.addr.clone());
     let unread = || {
@@ -264,7 +249,7 @@ async fn output_nobody_reads_is_bounded_and_freed_when_its_connection_closes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_request_is_invalid_argument_naming_the_limit() {
-    let (_worker, waddr) = sim_worker("5ms", &[]);
+    let (_worker, waddr) = common::sim_worker("5ms", &[]);
     let (_router, addr) = start_router(&[&waddr], &["--max-request-bytes", "1MiB"]);
     let mut client = router_client(&addr).await;
     common::wait_for_workers(&mut client, 1).await;
@@ -298,16 +283,11 @@ async fn an_oversized_request_is_invalid_argument_naming_the_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_ten_times_overload_with_deadlines_the_router_serves_at_capacity_in_time() {
     // 8 slots of 20 ms steps, 40 tokens a request (41 steps): 9.8 requests/s at best.
-    let (_worker, waddr) = sim_worker("20ms", &["--max-running", "8", "--max-waiting", "8"]);
-    let router = common::spawn_service(
+    let (_worker, waddr) =
+        common::sim_worker("20ms", &["--max-running", "8", "--max-waiting", "8"]);
+    let router = common::service(
         "router",
-        std::process::Command::new(common::bin()).args([
-            "router",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            &waddr,
-        ]),
+        &["router", "--listen", "127.0.0.1:0", "--workers", &waddr],
     );
     let client = router_client(&router.addr).await;
     common::wait_for_workers(&mut client.clone(), 1).await;

@@ -553,15 +553,15 @@ async fn a_worker_is_ready_once_registered_and_neither_alive_nor_ready_while_dra
 async fn a_worker_of_a_model_id_with_a_slash_is_counted_under_that_model_when_it_leaves() {
     const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
     let etcd = EtcdServer::start();
-    let router = common::spawn_service(
+    let router = common::service(
         "router",
-        std::process::Command::new(common::bin()).args([
+        &[
             "router",
             "--listen",
             "127.0.0.1:0",
             "--registry",
             &etcd.url(),
-        ]),
+        ],
     );
     let (worker, _) = registered_worker(
         &etcd.url(),
@@ -605,19 +605,13 @@ async fn a_worker_of_a_model_id_with_a_slash_is_counted_under_that_model_when_it
 async fn etcd_connections_stay_up_for_a_minute_on_a_default_configured_etcd() {
     let etcd = EtcdServer::start();
     let url = etcd.url();
-    let router = common::spawn_service(
+    let router = common::service(
         "router",
-        std::process::Command::new(common::bin()).args([
-            "router",
-            "--listen",
-            "127.0.0.1:0",
-            "--registry",
-            &url,
-        ]),
+        &["router", "--listen", "127.0.0.1:0", "--registry", &url],
     );
-    let worker = common::spawn_service(
+    let worker = common::service(
         "worker",
-        std::process::Command::new(common::bin()).args([
+        &[
             "worker",
             "--engine",
             "sim",
@@ -627,7 +621,7 @@ async fn etcd_connections_stay_up_for_a_minute_on_a_default_configured_etcd() {
             &url,
             "--group-id",
             "steady",
-        ]),
+        ],
     );
     let mut client = router_client(&router.addr).await;
     until_workers(&mut client, 1, Duration::from_secs(10)).await;

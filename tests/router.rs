@@ -49,21 +49,6 @@ impl Cluster {
     }
 }
 
-/// A `--engine sim` worker with steps of `step`, with `extra` flags.
-fn sim_worker(step: &str, extra: &[&str]) -> (Proc, String) {
-    let mut args = vec![
-        "worker",
-        "--engine",
-        "sim",
-        "--sim-step-time",
-        step,
-        "--listen",
-        "127.0.0.1:0",
-    ];
-    args.extend(extra);
-    common::spawn("sim worker", &args)
-}
-
 fn req(prompt: &str, max_new: u32) -> pb::GenerateRequest {
     pb::GenerateRequest {
         prompt: prompt.into(),
@@ -514,7 +499,7 @@ async fn higher_priority_goes_first_and_preemption_lets_it_overtake_the_running_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_preempting_request_starts_in_the_worker_s_next_step() {
     let step = Duration::from_millis(200);
-    let (_sim, sim) = sim_worker("200ms", &["--max-running", "2"]);
+    let (_sim, sim) = common::sim_worker("200ms", &["--max-running", "2"]);
     let (_router, addr) = start_router(&[&sim], &["--aging-step", "0"]);
     let client = router_client(&addr).await;
     common::wait_for_workers(&mut client.clone(), 1).await;
@@ -762,7 +747,7 @@ async fn requests_past_their_queue_deadline_never_reach_a_worker() {
 async fn several_models_are_served_at_once_and_an_empty_model_needs_a_default() {
     let (_dir, model) = common::tiny_model();
     let (_tiny, tiny) = start_worker(&model, &[]);
-    let (_sim, sim) = sim_worker("1ms", &[]);
+    let (_sim, sim) = common::sim_worker("1ms", &[]);
     let (_router, addr) = start_router(&[&tiny, &sim], &[]);
     let mut client = router_client(&addr).await;
     common::wait_for_workers(&mut client, 2).await;

@@ -140,6 +140,26 @@ impl Service {
     }
 }
 
+/// `openinfer ARGS` as a [`Service`] (see [`spawn_service`]).
+pub fn service(name: &str, args: &[&str]) -> Service {
+    spawn_service(name, Command::new(bin()).args(args))
+}
+
+/// A `--engine sim` worker on an ephemeral port with steps of `step`, and `extra` flags.
+pub fn sim_worker(step: &str, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec![
+        "worker",
+        "--engine",
+        "sim",
+        "--sim-step-time",
+        step,
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    args.extend(extra);
+    spawn("sim worker", &args)
+}
+
 /// [`spawn_command`] for a service, also waiting for its metrics endpoint
 /// (`metrics=http://…/metrics`) and keeping its log lines.
 pub fn spawn_service(name: &str, cmd: &mut Command) -> Service {

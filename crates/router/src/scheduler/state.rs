@@ -188,13 +188,9 @@ impl State {
             let tracked = match place {
                 Place::Queued => self.unqueue(id),
                 Place::Running(wid) => {
-                    if let Some(w) = self.workers.get_mut(&wid) {
-                        w.running.remove(&id);
+                    let (t, on_worker) = self.take_running(id, wid);
+                    if on_worker {
                         cancels.entry(wid).or_default().push(id);
-                    }
-                    let t = self.requests.remove(&id);
-                    if let Some(t) = &t {
-                        self.wasted(t);
                     }
                     t
                 }
@@ -222,11 +218,7 @@ impl State {
                 self.unqueue(id);
             }
             Place::Running(wid) => {
-                if let Some(t) = self.requests.remove(&id) {
-                    self.wasted(&t);
-                }
-                if let Some(w) = self.workers.get_mut(&wid) {
-                    w.running.remove(&id);
+                if let (_, true) = self.take_running(id, wid) {
                     self.effects.push(Effect::Send(
                         wid,
                         Kind::Cancel(wpb::Cancel {
@@ -237,6 +229,24 @@ impl State {
             }
         }
         self.take_effects()
+    }
+
+    /// Takes running request `id` out of the router (its tokens so far count as wasted) and
+    /// off worker `wid`'s ledger; says whether the worker still has it (then it must hear a
+    /// cancel).
+    fn take_running(&mut self, id: u64, wid: WorkerId) -> (Option<Tracked>, bool) {
+        let t = self.requests.remove(&id);
+        if let Some(t) = &t {
+            self.wasted(t);
+        }
+        let on_worker = match self.workers.get_mut(&wid) {
+            Some(w) => {
+                w.running.remove(&id);
+                true
+            }
+            None => false,
+        };
+        (t, on_worker)
     }
 
     /// Counts the tokens generated for a request that will not complete.
