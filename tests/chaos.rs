@@ -13,7 +13,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::etcd::EtcdServer;
-use common::{draining_worker, registry_router, router_client, stream, until_workers};
+use common::{draining_worker, registry_router, router_client, stream, until_workers, Proc};
 use openinfer_proto::v1::inference_client::InferenceClient;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -80,19 +80,37 @@ async fn all_complete(load: Load, expected: &openinfer_proto::v1::GenerateRespon
     total
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_frozen_then_killed_under_streaming_load_loses_no_stream() {
-    let mut etcd = EtcdServer::start();
-    let _a = draining_worker(&etcd, "a", "10s");
-    let _b = draining_worker(&etcd, "b", "10s");
-    let (_router, addr) = registry_router(&etcd.url(), &[]);
+/// Two registered sim workers with drain grace `grace` and a router following `etcd`, once
+/// the router sees both; with a client and the undisturbed answer to `hello(tokens)`.
+async fn two_workers(
+    etcd: &EtcdServer,
+    grace: &str,
+    tokens: u32,
+) -> (
+    [Proc; 2],
+    Proc,
+    InferenceClient<Channel>,
+    openinfer_proto::v1::GenerateResponse,
+) {
+    let workers = [
+        draining_worker(etcd, "a", grace).0,
+        draining_worker(etcd, "b", grace).0,
+    ];
+    let (router, addr) = registry_router(&etcd.url(), &[]);
     let mut client = router_client(&addr).await;
     until_workers(&mut client, 2, Duration::from_secs(10)).await;
     let expected = client
-        .generate(common::hello(60))
+        .generate(common::hello(tokens))
         .await
         .unwrap()
         .into_inner();
+    (workers, router, client, expected)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_frozen_then_killed_under_streaming_load_loses_no_stream() {
+    let mut etcd = EtcdServer::start();
+    let (_workers, _router, mut client, expected) = two_workers(&etcd, "10s", 60).await;
 
     let (stop_tx, stop) = watch::channel(false);
     let load = steady_load(&client, 8, 60, &stop);
@@ -123,18 +141,7 @@ async fn a_rolling_restart_with_a_grace_shorter_than_the_streams_loses_no_stream
     let etcd = EtcdServer::start();
     // 200 tokens of 5 ms steps take a second; the drain grace is 200 ms, so every restart
     // hands running streams back to the router to finish on the other worker.
-    let mut workers = [
-        draining_worker(&etcd, "a", "200ms").0,
-        draining_worker(&etcd, "b", "200ms").0,
-    ];
-    let (_router, addr) = registry_router(&etcd.url(), &[]);
-    let mut client = router_client(&addr).await;
-    until_workers(&mut client, 2, Duration::from_secs(10)).await;
-    let expected = client
-        .generate(common::hello(200))
-        .await
-        .unwrap()
-        .into_inner();
+    let (mut workers, _router, mut client, expected) = two_workers(&etcd, "200ms", 200).await;
 
     let (stop_tx, stop) = watch::channel(false);
     let load = steady_load(&client, 8, 200, &stop);

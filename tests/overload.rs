@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use common::{memory, router_client, start_router, start_worker, Proc, MB};
 use futures::future::join_all;
 use openinfer_proto::v1 as pb;
+use openinfer_proto::v1::inference_client::InferenceClient;
+use tonic::transport::Channel;
 use tonic::Code;
 
 /// Waits until `proc`'s resident memory is at most `bound`, or panics with what it was.
@@ -44,16 +46,7 @@ async fn eight_four_megabyte_prompts_are_refused_without_the_router_s_memory_blo
     let mut client = router_client(&addr).await;
     common::wait_for_workers(&mut client, 1).await;
     // A served request first, so the baseline includes what serving costs.
-    let ok = client
-        .generate(pb::GenerateRequest {
-            prompt: document(2000),
-            max_new_tokens: Some(2),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(ok.token_ids.len(), 2);
+    serve_document(&mut client, 2000).await;
     let (baseline, _) = memory(&router);
 
     let prompt = document(4_000_000);
@@ -100,9 +93,14 @@ async fn eight_four_megabyte_prompts_are_refused_without_the_router_s_memory_blo
     .await;
 
     // A prompt that may fit is still tokenized and served.
+    serve_document(&mut client, 3000).await;
+}
+
+/// Sends a `bytes`-long document for 2 tokens; it must be served.
+async fn serve_document(client: &mut InferenceClient<Channel>, bytes: usize) {
     let ok = client
         .generate(pb::GenerateRequest {
-            prompt: document(3000),
+            prompt: document(bytes),
             max_new_tokens: Some(2),
             ..Default::default()
         })

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::etcd::EtcdServer;
 use common::{
-    draining_worker, registered_worker, registry_router, router_client, spawn, stream,
-    until_workers, workers_seen, Proc,
+    draining_worker, registered_worker, registry_router, router_client, stream, until_workers,
+    workers_seen, Proc,
 };
 use futures::future::join_all;
 use openinfer_proto::v1 as pb;
@@ -185,22 +185,8 @@ async fn an_etcd_outage_stops_nothing_and_both_sides_recover() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_sigterm_refuses_new_work_and_finishes_its_streams() {
-    let (_w, w_addr) = spawn(
-        "worker",
-        &[
-            "worker",
-            "--engine",
-            "sim",
-            "--sim-step-time",
-            "5ms",
-            "--listen",
-            "127.0.0.1:0",
-        ],
-    );
-    let (router_proc, addr) = spawn(
-        "router",
-        &["router", "--listen", "127.0.0.1:0", "--workers", &w_addr],
-    );
+    let (_w, w_addr) = common::sim_worker("5ms", &[]);
+    let (router_proc, addr) = common::start_router(&[&w_addr], &[]);
     let mut client = router_client(&addr).await;
     until_workers(&mut client, 1, Duration::from_secs(10)).await;
     let expected = client.generate(req(200)).await.unwrap().into_inner();
@@ -238,30 +224,8 @@ async fn router_sigterm_refuses_new_work_and_finishes_its_streams() {
 /// router exits 0, even with a client that never reads its stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_drain_ends_at_its_timeout_even_with_a_client_that_never_reads() {
-    let (_w, w_addr) = spawn(
-        "worker",
-        &[
-            "worker",
-            "--engine",
-            "sim",
-            "--sim-step-time",
-            "50ms",
-            "--listen",
-            "127.0.0.1:0",
-        ],
-    );
-    let (router_proc, addr) = spawn(
-        "router",
-        &[
-            "router",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            &w_addr,
-            "--drain-timeout",
-            "2s",
-        ],
-    );
+    let (_w, w_addr) = common::sim_worker("50ms", &[]);
+    let (router_proc, addr) = common::start_router(&[&w_addr], &["--drain-timeout", "2s"]);
     let mut client = router_client(&addr).await;
     until_workers(&mut client, 1, Duration::from_secs(10)).await;
     // 2,000 tokens at 50 ms a step: far longer than the drain.
@@ -700,30 +664,8 @@ async fn a_deleted_record_stops_new_work_and_a_returning_worker_gets_one_link() 
 /// queue timeout, then ends with `UNAVAILABLE`; it never hangs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_whose_every_worker_is_lost_ends_after_the_queue_timeout() {
-    let (mut worker, w_addr) = spawn(
-        "worker",
-        &[
-            "worker",
-            "--engine",
-            "sim",
-            "--sim-step-time",
-            "20ms",
-            "--listen",
-            "127.0.0.1:0",
-        ],
-    );
-    let (_router, addr) = spawn(
-        "router",
-        &[
-            "router",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            &w_addr,
-            "--queue-timeout",
-            "2s",
-        ],
-    );
+    let (mut worker, w_addr) = common::sim_worker("20ms", &[]);
+    let (_router, addr) = common::start_router(&[&w_addr], &["--queue-timeout", "2s"]);
     let mut client = router_client(&addr).await;
     until_workers(&mut client, 1, Duration::from_secs(10)).await;
     let mut s = client
@@ -759,33 +701,11 @@ async fn a_stream_whose_every_worker_is_lost_ends_after_the_queue_timeout() {
 /// sequence is cancelled on its worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_that_runs_out_mid_generation_is_deadline_exceeded() {
-    let (_w, w_addr) = spawn(
-        "worker",
-        &[
-            "worker",
-            "--engine",
-            "sim",
-            "--sim-step-time",
-            "20ms",
-            "--listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let (_w, w_addr) = common::sim_worker("20ms", &[]);
     // Once it knows the pace the router would refuse these requests up front (overload.rs);
     // a worker that slows down after admission is what leaves a request generating at its
     // deadline, as here with deadline admission off.
-    let (_router, addr) = spawn(
-        "router",
-        &[
-            "router",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            &w_addr,
-            "--deadline-admission",
-            "false",
-        ],
-    );
+    let (_router, addr) = common::start_router(&[&w_addr], &["--deadline-admission", "false"]);
     let mut client = router_client(&addr).await;
     until_workers(&mut client, 1, Duration::from_secs(10)).await;
     // 500 tokens at 20 ms a step take 10 s; the deadline is 1 s.
