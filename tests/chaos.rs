@@ -13,7 +13,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::etcd::EtcdServer;
-use common::{draining_worker, registry_router, router_client, stream, until_workers, Proc};
+use common::{draining_worker, router_client, stream, until_workers, Proc, Service};
 use openinfer_proto::v1::inference_client::InferenceClient;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -88,7 +88,7 @@ async fn two_workers(
     tokens: u32,
 ) -> (
     [Proc; 2],
-    Proc,
+    Service,
     InferenceClient<Channel>,
     openinfer_proto::v1::GenerateResponse,
 ) {
@@ -96,8 +96,12 @@ async fn two_workers(
         draining_worker(etcd, "a", grace).0,
         draining_worker(etcd, "b", grace).0,
     ];
-    let (router, addr) = registry_router(&etcd.url(), &[]);
-    let mut client = router_client(&addr).await;
+    let url = etcd.url();
+    let router = common::service(
+        "router",
+        &["router", "--listen", "127.0.0.1:0", "--registry", &url],
+    );
+    let mut client = router_client(&router.addr).await;
     until_workers(&mut client, 2, Duration::from_secs(10)).await;
     let expected = client
         .generate(common::hello(tokens))
@@ -107,10 +111,41 @@ async fn two_workers(
     (workers, router, client, expected)
 }
 
+/// Worker registrations the router has seen come `up`.
+fn registrations_up(router: &Service) -> f64 {
+    let samples = common::prom::parse(&common::prom::get(&router.metrics));
+    samples
+        .iter()
+        .filter(|s| {
+            s.name == "openinfer_router_worker_registrations_total"
+                && s.labels.get("event").map(String::as_str) == Some("up")
+        })
+        .map(|s| s.value)
+        .sum()
+}
+
+/// Lets etcd go on after it was frozen past the workers' lease TTL, and waits until both
+/// workers, whose leases it then expires, have registered again and the router follows
+/// them: until then a model has no registered worker, and killing etcd in that moment would
+/// leave it with none for the whole outage.
+async fn thaw(etcd: &EtcdServer, router: &Service, client: &mut InferenceClient<Channel>) {
+    let before = registrations_up(router);
+    etcd.thaw();
+    let end = Instant::now() + Duration::from_secs(15);
+    while registrations_up(router) < before + 2.0 {
+        assert!(
+            Instant::now() < end,
+            "the workers did not register again after etcd was frozen"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    until_workers(client, 2, Duration::from_secs(10)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_frozen_then_killed_under_streaming_load_loses_no_stream() {
     let mut etcd = EtcdServer::start();
-    let (_workers, _router, mut client, expected) = two_workers(&etcd, "10s", 60).await;
+    let (_workers, router, mut client, expected) = two_workers(&etcd, "10s", 60).await;
 
     let (stop_tx, stop) = watch::channel(false);
     let load = steady_load(&client, 8, 60, &stop);
@@ -119,8 +154,7 @@ async fn etcd_frozen_then_killed_under_streaming_load_loses_no_stream() {
     etcd.freeze();
     eprintln!("etcd frozen (SIGSTOP) for 6 s");
     tokio::time::sleep(Duration::from_secs(6)).await;
-    etcd.thaw();
-    until_workers(&mut client, 2, Duration::from_secs(10)).await;
+    thaw(&etcd, &router, &mut client).await;
     // Killed: connections fail at once.
     etcd.stop();
     eprintln!("etcd killed for 6 s");
@@ -187,27 +221,7 @@ async fn soak(total: Duration) {
     use std::sync::{Arc, Mutex};
 
     let mut etcd = EtcdServer::start();
-    let mut workers = [
-        draining_worker(&etcd, "a", "1s").0,
-        draining_worker(&etcd, "b", "1s").0,
-    ];
-    let router = common::service(
-        "router",
-        &[
-            "router",
-            "--listen",
-            "127.0.0.1:0",
-            "--registry",
-            &etcd.url(),
-        ],
-    );
-    let mut client = router_client(&router.addr).await;
-    until_workers(&mut client, 2, Duration::from_secs(10)).await;
-    let expected = client
-        .generate(common::hello(60))
-        .await
-        .unwrap()
-        .into_inner();
+    let (mut workers, router, mut client, expected) = two_workers(&etcd, "1s", 60).await;
     let tally = Arc::new(Mutex::new(Tally::default()));
     let (stop_tx, stop) = watch::channel(false);
 
@@ -308,7 +322,7 @@ async fn soak(total: Duration) {
             2 => {
                 etcd.freeze();
                 tokio::time::sleep(Duration::from_secs(4)).await;
-                etcd.thaw();
+                thaw(&etcd, &router, &mut client).await;
                 eprintln!("soak: etcd frozen for 4 s");
             }
             _ => {
