@@ -763,6 +763,7 @@ async fn a_direct_worker_client_s_traceparent_on_the_execute_stream_parents_its_
     };
     tx.send(wpb::ExecuteRequest {
         kind: Some(wpb::execute_request::Kind::Dispatch(wpb::Dispatch {
+            backlog: false,
             sequences: vec![spec],
         })),
     })

@@ -23,6 +23,7 @@ fn tiny_worker(extra: &[&str]) -> (tempfile::TempDir, Proc, String) {
 fn dispatch(sequences: Vec<pb::SequenceSpec>) -> pb::ExecuteRequest {
     pb::ExecuteRequest {
         kind: Some(pb::execute_request::Kind::Dispatch(pb::Dispatch {
+            backlog: false,
             sequences,
         })),
     }
@@ -78,6 +79,7 @@ async fn worker_streams_tokens_reports_capacity_and_cancels_within_a_step() {
         async move { tx.send(pb::ExecuteRequest { kind: Some(k) }).await.unwrap() }
     };
     send(pb::execute_request::Kind::Dispatch(pb::Dispatch {
+        backlog: false,
         sequences: vec![
             spec(10, vec![1, 50, 60, 70], 5),
             spec(11, vec![1, 80, 90], 7),

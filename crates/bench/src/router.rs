@@ -169,6 +169,7 @@ async fn ttft_phase(a: &BenchRouterArgs) -> anyhow::Result<TtftReport> {
         let start = Instant::now();
         tx.send(wpb::ExecuteRequest {
             kind: Some(wpb::execute_request::Kind::Dispatch(wpb::Dispatch {
+                backlog: false,
                 sequences: vec![wpb::SequenceSpec {
                     sequence_id: i as u64,
                     prompt_ids: prompt_ids.clone(),

@@ -242,6 +242,10 @@ pub struct WorkerLoopArgs {
     /// disconnected (its sequences cancelled) so that it cannot stall the engine.
     #[arg(long, env = "OPENINFER_CONNECTION_BUFFER", default_value_t = loop_defaults().connection_buffer)]
     pub connection_buffer: usize,
+    /// After a step that freed sequence slots, while a router says it holds more work for
+    /// this worker, how long the engine waits for it before planning the next step (0: never).
+    #[arg(long, env = "OPENINFER_REFILL_WAIT", default_value_t = Dur(loop_defaults().refill_wait))]
+    pub refill_wait: Dur,
     /// Commands buffered for the engine thread.
     #[arg(long, env = "OPENINFER_COMMAND_QUEUE", default_value_t = loop_defaults().command_queue)]
     pub command_queue: usize,
@@ -325,6 +329,23 @@ pub struct RouterArgs {
     /// UNAVAILABLE and the router exits (after at most 2s more for connections to close).
     #[arg(long, env = "OPENINFER_DRAIN_TIMEOUT", default_value_t = Dur(router_defaults().drain_timeout))]
     pub drain_timeout: Dur,
+    /// Tenants file (YAML: name, api_keys_sha256, max_priority, weight, requests_per_minute,
+    /// tokens_per_minute, max_concurrent), reloaded when it changes or on SIGHUP. With it,
+    /// clients must send `authorization: Bearer <key>`; without it every request is one
+    /// anonymous tenant's (for trusted networks only). See docs/security.md.
+    #[arg(long, env = "OPENINFER_TENANTS", value_name = "FILE")]
+    pub tenants: Option<std::path::PathBuf>,
+    /// Share each priority level among tenants by weight (virtual token counters); false:
+    /// first come, first served across tenants.
+    #[arg(long, env = "OPENINFER_FAIR_SHARE", default_value_t = router_defaults().fair_share, action = clap::ArgAction::Set)]
+    pub fair_share: bool,
+    /// Weight of a prompt token in a tenant's virtual token counter (the fair share of
+    /// capacity among tenants of one priority level).
+    #[arg(long, env = "OPENINFER_FAIR_INPUT_WEIGHT", default_value_t = router_defaults().fair_input_weight)]
+    pub fair_input_weight: f64,
+    /// Weight of a generated token in a tenant's virtual token counter.
+    #[arg(long, env = "OPENINFER_FAIR_OUTPUT_WEIGHT", default_value_t = router_defaults().fair_output_weight)]
+    pub fair_output_weight: f64,
 }
 
 #[derive(Debug, Args)]

@@ -20,6 +20,10 @@ pub enum Code {
     Cancelled,
     /// A precondition of the operation does not hold (for example a duplicate id).
     FailedPrecondition,
+    /// No credentials, or credentials that name nobody.
+    Unauthenticated,
+    /// The caller is known but may not do this (a priority above its tenant's cap).
+    PermissionDenied,
 }
 
 /// Implemented by every typed error so that services can turn it into a status code.

@@ -24,6 +24,15 @@ pub struct RouterConfig {
     /// that cannot finish before their client's deadline at the workers' measured pace,
     /// instead of starting them only to cancel them at the deadline.
     pub deadline_admission: bool,
+    /// Share each priority level among tenants by weight (virtual token counters); `false`:
+    /// first come, first served across tenants (the benchmark's peer).
+    pub fair_share: bool,
+    /// Weight of a prompt token in a tenant's virtual token counter (its fair share inside a
+    /// priority level).
+    pub fair_input_weight: f64,
+    /// Weight of a generated token in a tenant's virtual token counter. Output tokens cost
+    /// a step each, prompt tokens a share of one: the paper's defaults are 1 and 2.
+    pub fair_output_weight: f64,
     /// Preempt lower-priority running sequences when a higher-priority request cannot be placed.
     pub preemption: bool,
     /// The `grpc-retry-pushback-ms` sent with `RESOURCE_EXHAUSTED`.
@@ -56,6 +65,9 @@ pub struct RouterConfig {
     pub max_resumes: u32,
     /// On shutdown, how long in-flight requests may take to finish.
     pub drain_timeout: Duration,
+    /// The tenants file (API keys, caps, weights, quotas), followed for changes; `None`:
+    /// one anonymous tenant, no authentication.
+    pub tenants_file: Option<std::path::PathBuf>,
 }
 
 impl Default for RouterConfig {
@@ -69,6 +81,9 @@ impl Default for RouterConfig {
             default_queue_timeout: Duration::from_secs(60),
             aging_step: Some(Duration::from_secs(5)),
             deadline_admission: true,
+            fair_share: true,
+            fair_input_weight: 1.0,
+            fair_output_weight: 2.0,
             preemption: true,
             retry_pushback: Duration::from_millis(500),
             default_max_new_tokens: 256,
@@ -83,6 +98,7 @@ impl Default for RouterConfig {
             max_dispatch_attempts: 3,
             max_resumes: 16,
             drain_timeout: Duration::from_secs(30),
+            tenants_file: None,
         }
     }
 }

@@ -41,6 +41,12 @@ pub enum RouterError {
     /// The worker failed the sequence.
     #[error("the worker failed this request: {0}")]
     Worker(String),
+    /// No API key, or one no tenant holds.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The tenant may not ask for this (a priority above its cap).
+    #[error("{0}")]
+    PermissionDenied(String),
 }
 
 impl ErrorCode for RouterError {
@@ -54,11 +60,32 @@ impl ErrorCode for RouterError {
             | RouterError::DeadlineDuringGeneration(_) => Code::DeadlineExceeded,
             RouterError::Unavailable(_) => Code::Unavailable,
             RouterError::Worker(_) => Code::Internal,
+            RouterError::Unauthenticated(_) => Code::Unauthenticated,
+            RouterError::PermissionDenied(_) => Code::PermissionDenied,
+        }
+    }
+}
+
+impl From<crate::tenants::AuthError> for RouterError {
+    fn from(e: crate::tenants::AuthError) -> Self {
+        match e.code() {
+            Code::PermissionDenied => RouterError::PermissionDenied(e.to_string()),
+            _ => RouterError::Unauthenticated(e.to_string()),
         }
     }
 }
 
 impl RouterError {
+    /// A tenant's quota refusal: `RESOURCE_EXHAUSTED` with the pushback of when its window
+    /// has room (`fallback` when that is not knowable), or, for a request larger than the
+    /// whole quota, `INVALID_ARGUMENT` on `max_new_tokens`.
+    pub fn quota(e: crate::tenants::quota::QuotaError, fallback: Duration) -> Self {
+        match e.code() {
+            Code::InvalidArgument => RouterError::invalid("max_new_tokens", e.to_string()),
+            _ => RouterError::QueueFull(e.to_string(), e.retry_after().unwrap_or(fallback)),
+        }
+    }
+
     /// A broken rule on `field`.
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
         RouterError::Invalid(InvalidField::new(field, message))
@@ -76,6 +103,8 @@ pub fn grpc_code(code: Code) -> tonic::Code {
         Code::Internal => tonic::Code::Internal,
         Code::Cancelled => tonic::Code::Cancelled,
         Code::FailedPrecondition => tonic::Code::FailedPrecondition,
+        Code::Unauthenticated => tonic::Code::Unauthenticated,
+        Code::PermissionDenied => tonic::Code::PermissionDenied,
     }
 }
 

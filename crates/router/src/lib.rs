@@ -8,6 +8,8 @@
 //!   the least-loaded worker with credits, preempts lower priorities when it must, and streams
 //!   the worker's tokens into the request's [`request::Output`];
 //! * [`worker_link`] keeps one `Execute` stream per worker and feeds the scheduler;
+//! * [`tenants`] says who is asking (API keys), what they may ask for and how much (quotas);
+//!   the scheduler shares each priority level among tenants by weight;
 //! * [`service`] is the gRPC face: it streams the output and cancels on disconnect;
 //! * [`observe`] and [`metrics`] make each request one trace and count it for Prometheus.
 
@@ -20,10 +22,11 @@ pub mod request;
 pub mod scheduler;
 pub mod server;
 pub mod service;
+pub mod tenants;
 pub mod token_bound;
 pub mod validate;
 pub mod worker_link;
 
 pub use config::RouterConfig;
 pub use error::RouterError;
-pub use server::{Router, ServeError, WorkerLink};
+pub use server::{Router, ServeError, StartError, WorkerLink};

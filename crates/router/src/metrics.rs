@@ -8,7 +8,7 @@
 
 use openinfer_telemetry::metrics::{Families, REQUEST_SECONDS, STEP_SECONDS};
 use openinfer_telemetry::TelemetryError;
-use prometheus::{HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Registry};
+use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 
 /// How a request ended, as counted by `openinfer_router_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +27,8 @@ pub enum Outcome {
     Cancelled,
     /// A worker failed it.
     Error,
+    /// No or an unknown API key, or a priority above its tenant's cap.
+    Denied,
 }
 
 impl Outcome {
@@ -40,10 +42,11 @@ impl Outcome {
             Outcome::Timeout => "timeout",
             Outcome::Cancelled => "cancelled",
             Outcome::Error => "error",
+            Outcome::Denied => "denied",
         }
     }
 
-    const ALL: [Outcome; 7] = [
+    const ALL: [Outcome; 8] = [
         Outcome::Success,
         Outcome::Invalid,
         Outcome::Refused,
@@ -51,6 +54,7 @@ impl Outcome {
         Outcome::Timeout,
         Outcome::Cancelled,
         Outcome::Error,
+        Outcome::Denied,
     ];
 }
 
@@ -73,6 +77,12 @@ pub enum Refusal {
     UnreadOutput,
     /// The request could not be served before its client's deadline.
     Deadline,
+    /// Its tenant's `requests_per_minute`.
+    TenantRequests,
+    /// Its tenant's `tokens_per_minute`.
+    TenantTokens,
+    /// Its tenant's `max_concurrent`.
+    TenantConcurrency,
 }
 
 impl Refusal {
@@ -87,10 +97,13 @@ impl Refusal {
             Refusal::Draining => "draining",
             Refusal::UnreadOutput => "unread_output",
             Refusal::Deadline => "deadline",
+            Refusal::TenantRequests => "tenant_requests",
+            Refusal::TenantTokens => "tenant_tokens",
+            Refusal::TenantConcurrency => "tenant_concurrency",
         }
     }
 
-    const ALL: [Refusal; 8] = [
+    const ALL: [Refusal; 11] = [
         Refusal::QueueFull,
         Refusal::TokenBudget,
         Refusal::PriorityQueueFull,
@@ -99,6 +112,9 @@ impl Refusal {
         Refusal::Draining,
         Refusal::UnreadOutput,
         Refusal::Deadline,
+        Refusal::TenantRequests,
+        Refusal::TenantTokens,
+        Refusal::TenantConcurrency,
     ];
 }
 
@@ -154,6 +170,16 @@ pub struct RouterMetrics {
     pub unread_output: IntGauge,
     /// Tokens generated for requests that then did not complete.
     pub wasted_tokens: IntCounterVec,
+    /// Requests that ended, by tenant and outcome.
+    pub tenant_requests: IntCounterVec,
+    /// Tokens of finished requests, by tenant and kind (`prompt`, `completion`).
+    pub tenant_tokens: IntCounterVec,
+    /// Requests refused for their credentials, by reason.
+    pub auth_failures: IntCounterVec,
+    /// Tenants file reloads, by result (`ok`, `error`).
+    pub tenants_reloads: IntCounterVec,
+    /// Prompts handed to validation and the tokenizer.
+    pub prompts_tokenized: IntCounter,
 }
 
 impl RouterMetrics {
@@ -262,6 +288,33 @@ impl RouterMetrics {
                 "Tokens generated for requests that then did not complete (cancelled by their client, past their deadline, or failed): work the workers did for nobody.",
                 model,
             )?,
+            tenant_requests: f.counter(
+                "openinfer_router_tenant_requests_total",
+                "Requests that ended, by tenant (from the tenants file; `anonymous` without one) and outcome.",
+                &["tenant", "outcome"],
+            )?,
+            tenant_tokens: f.counter(
+                "openinfer_router_tenant_tokens_total",
+                "Tokens of finished requests, by tenant and kind (prompt, completion).",
+                &["tenant", "kind"],
+            )?,
+            auth_failures: f.counter(
+                "openinfer_router_auth_failures_total",
+                "Requests refused for their credentials, by reason (missing, malformed, unknown, priority_cap).",
+                &["reason"],
+            )?,
+            tenants_reloads: f.counter(
+                "openinfer_router_tenants_reloads_total",
+                "Reloads of the tenants file, by result (ok, error: the previous version stays in force).",
+                &["result"],
+            )?,
+            prompts_tokenized: f
+                .counter(
+                    "openinfer_router_prompts_tokenized_total",
+                    "Prompts handed to validation and the tokenizer since start (requests refused before it cost no tokenizer time).",
+                    &[],
+                )?
+                .with_label_values(&[] as &[&str]),
             unread_output: f
                 .gauge(
                     "openinfer_router_unread_output_bytes",
@@ -304,6 +357,17 @@ impl RouterMetrics {
         self.requests
             .with_label_values(&[model, outcome.as_str()])
             .inc();
+    }
+
+    /// Creates the zero series of a tenant (from the tenants file, or `anonymous`).
+    pub fn tenant_known(&self, tenant: &str) {
+        for o in Outcome::ALL {
+            self.tenant_requests
+                .with_label_values(&[tenant, o.as_str()]);
+        }
+        for kind in ["prompt", "completion"] {
+            self.tenant_tokens.with_label_values(&[tenant, kind]);
+        }
     }
 
     /// Counts an admission refusal.

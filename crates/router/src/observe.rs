@@ -33,6 +33,8 @@ pub struct RequestRecord {
     metrics: Arc<RouterMetrics>,
     /// The `model` label (a served model, or `unknown`).
     model: String,
+    /// Its tenant, once its credentials named one.
+    tenant: Option<Arc<str>>,
     done: bool,
 }
 
@@ -47,7 +49,12 @@ impl RequestRecord {
         metrics: Arc<RouterMetrics>,
     ) -> Self {
         let span = if !otel::exporting() {
-            tracing::info_span!("request", request_id = Empty, trace_id = Empty)
+            tracing::info_span!(
+                "request",
+                request_id = Empty,
+                trace_id = Empty,
+                tenant = Empty
+            )
         } else {
             tracing::info_span!(
                 "request",
@@ -69,6 +76,7 @@ impl RequestRecord {
                 gen_ai.usage.input_tokens = Empty,
                 gen_ai.usage.output_tokens = Empty,
                 openinfer.priority = priority,
+                openinfer.tenant = Empty,
                 openinfer.queue_time_s = Empty,
                 openinfer.time_to_first_token_s = Empty,
                 request_id = Empty,
@@ -80,6 +88,7 @@ impl RequestRecord {
             trace: RequestTrace { span, trace_id },
             metrics,
             model: "unknown".into(),
+            tenant: None,
             done: false,
         }
     }
@@ -98,6 +107,24 @@ impl RequestRecord {
     pub fn request_id(&self, id: &str) {
         self.trace.span.record("request_id", id);
         self.trace.span.record("gen_ai.response.id", id);
+    }
+
+    /// Names the request's tenant on its span (so on every log line inside it) and in its
+    /// per-tenant metrics.
+    pub fn tenant(&mut self, tenant: &Arc<str>) {
+        self.trace.span.record("tenant", tenant.as_ref());
+        self.trace.span.record("openinfer.tenant", tenant.as_ref());
+        self.tenant = Some(tenant.clone());
+    }
+
+    /// Counts the request's end under its tenant.
+    fn count_tenant(&self, outcome: Outcome) {
+        if let Some(t) = &self.tenant {
+            self.metrics
+                .tenant_requests
+                .with_label_values(&[t.as_ref(), outcome.as_str()])
+                .inc();
+        }
     }
 
     /// A child span of the request, for a step worth seeing in its trace (none with export
@@ -157,6 +184,12 @@ impl RequestRecord {
         }
         m.duration.with_label_values(&model).observe(s.total_time);
         m.request(&self.model, Outcome::Success);
+        self.count_tenant(Outcome::Success);
+        if let Some(t) = &self.tenant {
+            let tokens = |kind| m.tenant_tokens.with_label_values(&[t.as_ref(), kind]);
+            tokens("prompt").inc_by(s.prompt_tokens.into());
+            tokens("completion").inc_by(s.completion_tokens.into());
+        }
         tracing::debug!(parent: span, reason = s.reason.as_str(), prompt_tokens = s.prompt_tokens, completion_tokens = s.completion_tokens, total_s = s.total_time, "request finished");
     }
 
@@ -175,6 +208,7 @@ impl RequestRecord {
             span.set_attribute("error.type", error_type(e));
         }
         self.metrics.request(&self.model, outcome(e));
+        self.count_tenant(outcome(e));
         tracing::debug!(parent: span, error = %e, "request failed");
     }
 }
@@ -186,6 +220,7 @@ impl Drop for RequestRecord {
                 self.trace.span.set_attribute("error.type", "cancelled");
             }
             self.metrics.request(&self.model, Outcome::Cancelled);
+            self.count_tenant(Outcome::Cancelled);
             tracing::debug!(parent: &self.trace.span, "request cancelled: its client went away");
         }
     }
@@ -209,6 +244,7 @@ fn outcome(e: &RouterError) -> Outcome {
         | RouterError::DeadlineDuringGeneration(_) => Outcome::Timeout,
         RouterError::Unavailable(_) => Outcome::Unavailable,
         RouterError::Worker(_) => Outcome::Error,
+        RouterError::Unauthenticated(_) | RouterError::PermissionDenied(_) => Outcome::Denied,
     }
 }
 
@@ -223,5 +259,7 @@ fn error_type(e: &RouterError) -> &'static str {
         | RouterError::DeadlineDuringGeneration(_) => "DEADLINE_EXCEEDED",
         RouterError::Unavailable(_) => "UNAVAILABLE",
         RouterError::Worker(_) => "INTERNAL",
+        RouterError::Unauthenticated(_) => "UNAUTHENTICATED",
+        RouterError::PermissionDenied(_) => "PERMISSION_DENIED",
     }
 }

@@ -42,6 +42,10 @@ pub struct Request {
     pub client_deadline: Option<Instant>,
     /// Its span and trace id.
     pub trace: RequestTrace,
+    /// Its tenant's name.
+    pub tenant: Arc<str>,
+    /// Its tenant's weight in the fair share of its priority level.
+    pub weight: f64,
 }
 
 /// New output since the client last looked.
@@ -106,6 +110,8 @@ struct State {
     first_token: Option<Instant>,
     /// Bytes of `delta`, as counted in the router-wide unread gauge.
     held: i64,
+    /// Tokens generated so far (read or not).
+    generated: u64,
 }
 
 /// The output buffer of one request: the scheduler writes, the client's stream reads. A slow
@@ -154,12 +160,18 @@ impl Output {
             s.first_token.get_or_insert(now);
         }
         s.held += bytes;
+        s.generated += ev.token_ids.len() as u64;
         self.unread.add(bytes);
         s.delta.token_ids.extend(ev.token_ids);
         s.delta.text.push_str(&ev.text);
         s.delta.logprobs.extend(ev.logprobs);
         drop(s);
         self.notify.notify_one();
+    }
+
+    /// Tokens generated for the request so far.
+    pub fn generated(&self) -> u64 {
+        self.lock().generated
     }
 
     /// Ends the request. Later calls change nothing.

@@ -1,7 +1,7 @@
 //! Assembles the router: scheduler task, worker links, and the gRPC server with the
 //! `Inference` service, `grpc.health.v1.Health` and server reflection (v1 and v1alpha).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openinfer_proto::v1::inference_server::InferenceServer;
 use openinfer_registry::Change;
@@ -16,11 +16,23 @@ use crate::metrics::RouterMetrics;
 use crate::models::ModelTable;
 use crate::scheduler::{self, SchedulerHandle};
 use crate::service::InferenceService;
+use crate::tenants::{Quotas, Tenants, TenantsError};
 use crate::worker_link;
 
 /// Hard ceiling on a decoded client message; requests above `max_request_bytes` but below it
 /// get a clear `INVALID_ARGUMENT` naming the field.
 const MESSAGE_CEILING: usize = 64 << 20;
+
+/// Why the router could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Its metrics could not be registered.
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
+    /// Its tenants file was refused.
+    #[error(transparent)]
+    Tenants(#[from] TenantsError),
+}
 
 /// Why the router's server stopped.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +57,8 @@ pub struct Router {
     scheduler: SchedulerHandle,
     serving: watch::Receiver<bool>,
     metrics: Arc<RouterMetrics>,
+    tenants: Tenants,
+    quotas: Arc<Mutex<Quotas>>,
 }
 
 /// What requests still in flight when the drain times out are told (`UNAVAILABLE`).
@@ -54,11 +68,32 @@ const SHUTTING_DOWN: &str = "router shutting down; retry";
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Router {
-    /// Starts the scheduler, with its metrics on `registry`. Workers are added with
-    /// [`Router::add_worker`].
-    pub fn start(cfg: RouterConfig, registry: &Registry) -> Result<Router, TelemetryError> {
+    /// Starts the scheduler, with its metrics on `registry`, and follows the tenants file
+    /// when one is configured. Workers are added with [`Router::add_worker`].
+    pub fn start(cfg: RouterConfig, registry: &Registry) -> Result<Router, StartError> {
         let cfg = Arc::new(cfg);
         let metrics = Arc::new(RouterMetrics::new(registry)?);
+        let quotas = Arc::new(Mutex::new(Quotas::new(std::time::Instant::now())));
+        let tenants = match &cfg.tenants_file {
+            None => {
+                metrics.tenant_known(crate::tenants::ANONYMOUS);
+                Tenants::open()
+            }
+            Some(path) => {
+                let directory = crate::tenants::file::load(path)?;
+                for t in directory.tenants() {
+                    metrics.tenant_known(&t.name);
+                }
+                let tenants = Tenants::with(directory);
+                crate::tenants::reload::follow(
+                    path.clone(),
+                    tenants.clone(),
+                    quotas.clone(),
+                    metrics.clone(),
+                );
+                tenants
+            }
+        };
         let models = ModelTable::default();
         let (serving_tx, serving) = watch::channel(false);
         let scheduler = scheduler::spawn(cfg.clone(), models.clone(), serving_tx, metrics.clone());
@@ -68,6 +103,8 @@ impl Router {
             scheduler,
             serving,
             metrics,
+            tenants,
+            quotas,
         })
     }
 
@@ -143,6 +180,8 @@ impl Router {
             scheduler: self.scheduler.clone(),
             serving: self.serving.clone(),
             metrics: self.metrics.clone(),
+            tenants: self.tenants.clone(),
+            quotas: self.quotas.clone(),
         }
     }
 
@@ -190,6 +229,8 @@ impl Router {
             self.models.clone(),
             self.cfg.clone(),
             self.metrics.clone(),
+            self.tenants.clone(),
+            self.quotas.clone(),
         );
         let scheduler = self.scheduler.clone();
         let drain_timeout = self.cfg.drain_timeout;

@@ -12,6 +12,7 @@ use openinfer_proto::v1 as pb;
 use openinfer_proto::v1::inference_server::Inference;
 use openinfer_proto::worker::v1 as wpb;
 use openinfer_telemetry::TraceParent;
+use std::sync::Mutex;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
@@ -21,7 +22,10 @@ use crate::models::ModelTable;
 use crate::observe::{RequestRecord, TEXT_COMPLETION};
 use crate::request::{Delta, End, Next, Output, Summary};
 use crate::scheduler::SchedulerHandle;
-use crate::validate::{before_tokenizing, client_request_id, default_request_id, validate};
+use crate::tenants::{Quotas, Reservation, Tenants};
+use crate::validate::{
+    before_tokenizing, client_request_id, default_request_id, resolve_model, validate,
+};
 
 /// Prompts up to this size are tokenized inline; longer ones on the blocking pool.
 const INLINE_TOKENIZE_BYTES: usize = 8 << 10;
@@ -36,6 +40,8 @@ pub struct InferenceService {
     next_id: Arc<AtomicU64>,
     /// Permits to tokenize a long prompt (`tokenizer_threads` of them).
     tokenizers: Arc<Semaphore>,
+    tenants: Tenants,
+    quotas: Arc<Mutex<Quotas>>,
 }
 
 impl InferenceService {
@@ -45,10 +51,14 @@ impl InferenceService {
         models: ModelTable,
         cfg: Arc<RouterConfig>,
         metrics: Arc<RouterMetrics>,
+        tenants: Tenants,
+        quotas: Arc<Mutex<Quotas>>,
     ) -> Self {
         InferenceService {
             scheduler,
             models,
+            tenants,
+            quotas,
             tokenizers: Arc::new(Semaphore::new(cfg.tokenizer_threads.max(1))),
             cfg,
             metrics,
@@ -65,7 +75,10 @@ impl InferenceService {
         let timeout = grpc_timeout(request.metadata());
         let answer_by =
             timeout.map(|t| tokio::time::Instant::now() + crate::validate::generate_within(t));
-        let unread_refusal = self.unread_refusal(request.get_ref());
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes().to_vec());
         let parent = TraceParent::from_headers(request.metadata().as_ref());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let req = request.into_inner();
@@ -77,12 +90,52 @@ impl InferenceService {
             self.metrics.clone(),
         );
         record.request_id(client_request_id(&req).unwrap_or(&default_request_id(id)));
-        if self.models.get(&req.model).is_some() {
-            record.model_known(&req.model);
+        // The model it will be served by (the default one when it names none), for the
+        // labels of refusals that come before validation.
+        let served_model = resolve_model(&req.model, &self.models, &self.cfg)
+            .ok()
+            .map(|e| e.spec.id.clone());
+        if let Some(m) = &served_model {
+            record.model_known(m);
         }
-        if let Some(e) = unread_refusal {
+        // Every check that costs no work on the prompt comes first: a request refused here
+        // is never tokenized.
+        let tenant = match self
+            .tenants
+            .authenticate(authorization.as_deref(), req.priority)
+        {
+            Ok(t) => t,
+            Err(e) => {
+                self.metrics
+                    .auth_failures
+                    .with_label_values(&[e.reason()])
+                    .inc();
+                return Err(record.fail(e.into()));
+            }
+        };
+        record.tenant(&tenant.name);
+        let refuse = |reason| {
+            if let Some(m) = &served_model {
+                self.metrics.refused(m, reason);
+            }
+        };
+        if let Some(e) = self.unread_refusal() {
+            refuse(Refusal::UnreadOutput);
             return Err(record.fail(e));
         }
+        if let Some(e) = self.scheduler.surely_full(req.priority) {
+            refuse(Refusal::QueueFull);
+            return Err(record.fail(e));
+        }
+        let wants = u64::from(req.max_new_tokens.unwrap_or(0).max(1)) + 1;
+        let mut reservation = match Reservation::admit(&self.quotas, tenant.clone(), wants) {
+            Ok(r) => r,
+            Err(e) => {
+                refuse(e.refusal());
+                return Err(record.fail(RouterError::quota(e, self.cfg.retry_pushback)));
+            }
+        };
+        self.metrics.prompts_tokenized.inc();
         let validated = {
             let span = record.child(|p| tracing::info_span!(parent: p, "validate"));
             let trace = record.trace();
@@ -110,23 +163,36 @@ impl InferenceService {
                 .map_err(|e| Status::internal(format!("tokenizer task failed: {e}")))?
             }
         };
-        let req = match validated {
+        let mut req = match validated {
             Ok(req) => req,
             Err(e) => return Err(record.fail(e)),
         };
         record.validated(&req, TEXT_COMPLETION);
-        let started = Started {
+        let reserved = reservation.reserve(
+            req.prompt_ids.len() as u64,
+            req.stopping.max_new_tokens.into(),
+        );
+        if let Err(e) = reserved {
+            self.metrics.refused(&req.model, e.refusal());
+            return Err(record.fail(RouterError::quota(e, self.cfg.retry_pushback)));
+        }
+        req.tenant = tenant.name.clone();
+        req.weight = tenant.weight;
+        let mut started = Started {
             request_id: req.request_id.clone(),
             model: req.model.clone(),
             output: Output::new(req.arrived, self.metrics.unread_output.clone()),
             record,
             answer_by,
             generated: 0,
+            reservation: None,
         };
         if let Err(e) = self.scheduler.submit(req, started.output.clone()).await {
             let mut record = started.record;
             return Err(record.fail(e));
         }
+        reservation.track(started.output.clone());
+        started.reservation = Some(reservation);
         let guard = CancelGuard {
             id,
             scheduler: Some(self.scheduler.clone()),
@@ -134,15 +200,11 @@ impl InferenceService {
         Ok((started, guard))
     }
 
-    /// Admission's first check, before any work: output nobody reads is bounded. Counts the
-    /// refusal under the request's model when that is served here.
-    fn unread_refusal(&self, req: &pb::GenerateRequest) -> Option<RouterError> {
+    /// An admission check before any work: output nobody reads is bounded.
+    fn unread_refusal(&self) -> Option<RouterError> {
         let unread = self.metrics.unread_output.get();
         if unread <= self.cfg.max_unread_output as i64 {
             return None;
-        }
-        if self.models.get(&req.model).is_some() {
-            self.metrics.refused(&req.model, Refusal::UnreadOutput);
         }
         Some(RouterError::QueueFull(
             format!(
@@ -164,6 +226,8 @@ struct Started {
     answer_by: Option<tokio::time::Instant>,
     /// Tokens handed to the client so far.
     generated: usize,
+    /// Its hold on its tenant's quotas, given back when the call ends.
+    reservation: Option<Reservation>,
 }
 
 impl Started {

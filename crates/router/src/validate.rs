@@ -143,6 +143,8 @@ pub fn validate(
         deadline: arrived + timeout,
         client_deadline: queue_timeout.map(|t| arrived + answer_within(t)),
         trace,
+        tenant: crate::tenants::ANONYMOUS.into(),
+        weight: 1.0,
     })
 }
 

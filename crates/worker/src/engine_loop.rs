@@ -36,6 +36,10 @@ pub struct LoopConfig {
     pub model_name: Option<String>,
     /// Where the worker's metrics are registered (default: nowhere that is served).
     pub registry: Option<prometheus::Registry>,
+    /// After a step that freed sequence slots, while a router says it holds more work for
+    /// this worker, how long to wait for that work before planning the next step (it comes
+    /// in reply to the step's message; without the wait it would miss the next step).
+    pub refill_wait: std::time::Duration,
 }
 
 impl Default for LoopConfig {
@@ -45,6 +49,7 @@ impl Default for LoopConfig {
             connection_buffer: 256,
             model_name: None,
             registry: None,
+            refill_wait: std::time::Duration::from_millis(5),
         }
     }
 }
@@ -71,6 +76,8 @@ pub enum Command {
         conn: u64,
         /// The sequences.
         sequences: Vec<pb::SequenceSpec>,
+        /// The router holds more work this worker could take.
+        backlog: bool,
     },
     /// Cancel sequences (their KV is freed at once).
     Cancel {
@@ -128,6 +135,7 @@ impl EngineHandle {
         let (cap_tx, cap_rx) = watch::channel(convert::capacity(&engine.capacity()));
         let (failure_tx, failure) = watch::channel(None);
         let lp = Loop {
+            refill_wait: cfg.refill_wait,
             model: info.model.clone(),
             metrics,
             traces: HashMap::new(),
@@ -253,10 +261,14 @@ struct Connection {
     dispatched: u64,
     /// The stream's own trace context (from its gRPC metadata), if any.
     trace: Option<TraceParent>,
+    /// Its latest dispatch said it holds more work for this worker.
+    backlog: bool,
 }
 
 struct Loop<E> {
     engine: E,
+    /// See [`LoopConfig::refill_wait`].
+    refill_wait: std::time::Duration,
     /// Model id (for spans).
     model: String,
     metrics: WorkerMetrics,
@@ -280,6 +292,7 @@ struct Loop<E> {
 
 impl<E: Backend> Loop<E> {
     fn run(mut self) {
+        let mut refill = false;
         loop {
             // Block only when idle; otherwise take whatever arrived and keep stepping.
             if !self.engine.has_work() {
@@ -302,6 +315,7 @@ impl<E: Backend> Loop<E> {
                         m.step_duration.observe(started.elapsed().as_secs_f64());
                         m.batch_size.observe(out.batch_sequences as f64);
                         m.generation_tokens.inc_by(out.tokens.len() as u64);
+                        refill = !out.finished.is_empty();
                         self.route(out)
                     }
                     // The group cannot step any more: stop, so that routers see the streams
@@ -315,8 +329,32 @@ impl<E: Backend> Loop<E> {
                 }
             }
             self.flush();
+            if std::mem::take(&mut refill) && self.conns.values().any(|c| c.backlog) {
+                self.await_refill();
+            }
         }
         tracing::info!("engine thread stopped: every handle was dropped");
+    }
+
+    /// Waits up to `refill_wait` for a dispatch (taking whatever else arrives meanwhile):
+    /// slots just freed, and a router said it holds work for them.
+    fn await_refill(&mut self) {
+        let until = std::time::Instant::now() + self.refill_wait;
+        while std::time::Instant::now() < until {
+            match self.rx.try_recv() {
+                Ok(cmd) => {
+                    let dispatch = matches!(cmd, Command::Dispatch { .. });
+                    self.handle(cmd);
+                    if dispatch {
+                        return;
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    std::thread::sleep(std::time::Duration::from_micros(50))
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => return,
+            }
+        }
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -332,6 +370,7 @@ impl<E: Backend> Loop<E> {
                         tx,
                         dispatched: 0,
                         trace,
+                        backlog: false,
                     },
                 );
                 self.metrics.connections.set(self.conns.len() as i64);
@@ -339,9 +378,14 @@ impl<E: Backend> Loop<E> {
             Command::Disconnect { conn } => self.disconnect(conn),
             // A connection already dropped (it stopped reading) gets no new work.
             Command::Dispatch { conn, .. } if !self.conns.contains_key(&conn) => {}
-            Command::Dispatch { conn, sequences } => {
+            Command::Dispatch {
+                conn,
+                sequences,
+                backlog,
+            } => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.dispatched += sequences.len() as u64;
+                    c.backlog = backlog;
                 }
                 self.total_dispatched += sequences.len() as u64;
                 // The router hears the new count with the next step's capacity report.

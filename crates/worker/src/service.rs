@@ -72,6 +72,7 @@ impl Worker for WorkerService {
                         Some(Kind::Dispatch(d)) => Command::Dispatch {
                             conn,
                             sequences: d.sequences,
+                            backlog: d.backlog,
                         },
                         Some(Kind::Cancel(c)) => Command::Cancel {
                             conn,

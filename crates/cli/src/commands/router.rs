@@ -52,6 +52,10 @@ pub fn config(a: &RouterArgs) -> RouterConfig {
         scheduler_queue: a.scheduler_queue,
         max_concurrent_streams: a.max_concurrent_streams,
         drain_timeout: a.drain_timeout.0,
+        tenants_file: a.tenants.clone(),
+        fair_share: a.fair_share,
+        fair_input_weight: a.fair_input_weight,
+        fair_output_weight: a.fair_output_weight,
         ..RouterConfig::default()
     }
 }

@@ -114,6 +114,7 @@ pub fn start_engine(
     let cfg = LoopConfig {
         command_queue: worker.command_queue,
         connection_buffer: worker.connection_buffer,
+        refill_wait: worker.refill_wait.0,
         model_name: engine.served_model_name.clone(),
         registry: Some(metrics),
     };

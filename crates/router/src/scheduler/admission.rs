@@ -11,10 +11,30 @@ use tracing::Span;
 
 use super::pace::Outlook;
 use super::state::{Place, State, Tracked};
+use crate::config::RouterConfig;
 use crate::error::RouterError;
 use crate::metrics::Refusal;
 use crate::observe::child_span;
 use crate::request::{Output, Request};
+
+/// The share of the queue bounds open to a request of `priority`.
+fn share(cfg: &RouterConfig, priority: i32) -> f64 {
+    if priority < 0 {
+        cfg.sheddable_share.clamp(0.0, 1.0)
+    } else {
+        1.0
+    }
+}
+
+/// Most requests queued that still admit one of `priority`.
+pub(super) fn max_queued_requests(cfg: &RouterConfig, priority: i32) -> usize {
+    (cfg.max_queued_requests as f64 * share(cfg, priority)) as usize
+}
+
+/// The refusal of a full queue holding `n` requests.
+pub(super) fn queue_full(n: usize) -> String {
+    format!("the router's queue is full ({n} requests waiting)")
+}
 
 impl State {
     /// Admits `req` into its model's queue, or says why not (the reply to the client).
@@ -39,9 +59,13 @@ impl State {
             )));
         }
         let cfg = self.cfg.clone();
+        let mut req = req;
+        if !cfg.fair_share {
+            // One queue per level for every tenant: first come, first served.
+            req.tenant = "".into();
+        }
         // A request that cannot be served before its deadline is refused now, not when its
         // slot is wasted; one that can may wait only as long as it can still finish.
-        let mut req = req;
         match self.outlook(now, &req, 0, true) {
             Outlook::Late { left, needs } => {
                 self.metrics.refused(&req.model, Refusal::Deadline);
@@ -58,12 +82,8 @@ impl State {
             Outlook::Unknown => {}
         }
         let tokens = req.prompt_ids.len();
-        let share = if req.priority < 0 {
-            cfg.sheddable_share.clamp(0.0, 1.0)
-        } else {
-            1.0
-        };
-        let max_requests = (cfg.max_queued_requests as f64 * share) as usize;
+        let share = share(&cfg, req.priority);
+        let max_requests = max_queued_requests(&cfg, req.priority);
         let max_tokens = (cfg.max_queued_tokens as f64 * share) as usize;
         loop {
             let (n, t) = self.queued();
@@ -72,10 +92,7 @@ impl State {
                 .get(&req.model)
                 .map_or(0, |q| q.level_len(req.priority));
             let (reason, full) = if n >= max_requests {
-                (
-                    Refusal::QueueFull,
-                    format!("the router's queue is full ({n} requests waiting)"),
-                )
+                (Refusal::QueueFull, queue_full(n))
             } else if t + tokens > max_tokens {
                 (Refusal::TokenBudget, format!("the router's token budget is full ({t} prompt tokens waiting, this request brings {tokens})"))
             } else if level >= cfg.max_queue_per_priority {
@@ -104,7 +121,7 @@ impl State {
         }
         self.deadlines.insert((req.deadline, req.id));
         let queue = self.queues.entry(req.model.clone()).or_default();
-        let queue_span = queue_span(&req, queue.ahead_of(req.priority), false);
+        let queue_span = queue_span(&req, queue.ahead_of(req.priority, &req.tenant), false);
         let t = Tracked {
             req,
             output,
@@ -125,6 +142,14 @@ impl State {
         queue.push_back(t.entry());
         self.requests.insert(t.req.id, t);
         Ok(())
+    }
+
+    /// Requests queued, and of them the sheddable (negative priority) ones, over every model.
+    pub fn queue_counts(&self) -> (usize, usize) {
+        self.queues.values().fold((0, 0), |(n, s), q| {
+            let sheddable: usize = q.levels().filter(|&(p, _)| p < 0).map(|(_, n)| n).sum();
+            (n + q.len(), s + sheddable)
+        })
     }
 
     /// Requests and prompt tokens queued, over every model.
@@ -163,7 +188,7 @@ impl State {
         let t = self.requests.remove(&id)?;
         self.wasted(&t);
         if let Some(q) = self.queues.get_mut(&t.req.model) {
-            q.remove(id, t.req.priority);
+            q.remove(id, t.req.priority, &t.req.tenant);
         }
         self.deadlines.remove(&(t.req.deadline, id));
         if let Some(d) = t.resume_deadline {

@@ -65,6 +65,12 @@ impl State {
                     t.last_token = Some(now);
                     generated.inc_by(n as u64);
                 }
+                if let Some(q) = self.queues.get_mut(&t.req.model) {
+                    q.charge(
+                        &t.req.tenant,
+                        self.cfg.fair_output_weight * n as f64 / t.req.weight,
+                    );
+                }
                 t.generated.extend(&ev.token_ids);
                 t.emitted_text_bytes += ev.text.len() as u64;
                 t.output.push(ev, now);

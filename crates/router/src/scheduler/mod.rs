@@ -32,6 +32,7 @@ pub(crate) mod tests;
 pub use state::{Effect, NewWorker, State, WorkerId};
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -71,10 +72,20 @@ pub enum Msg {
     Abort(String),
 }
 
+/// What clients may know of the queues before any work is spent on a request (the counts
+/// after the scheduler's latest pass).
+#[derive(Debug, Default)]
+pub struct QueueView {
+    queued: AtomicUsize,
+    sheddable: AtomicUsize,
+}
+
 /// Submits and cancels requests; cheap to clone.
 #[derive(Clone)]
 pub struct SchedulerHandle {
     tx: mpsc::Sender<Msg>,
+    view: Arc<QueueView>,
+    cfg: Arc<RouterConfig>,
     live: watch::Receiver<usize>,
     // Unbounded, but each admitted request sends at most one cancel, so admission bounds it.
     cancels: mpsc::UnboundedSender<u64>,
@@ -94,6 +105,17 @@ impl SchedulerHandle {
             .await
             .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
+    }
+
+    /// Admission's request bound, checked before a request is tokenized: `Some` when a
+    /// request of `priority` would be refused for a full queue whatever its prompt (no
+    /// sheddable work to make room). Admission itself checks again, exactly.
+    pub fn surely_full(&self, priority: i32) -> Option<RouterError> {
+        let queued = self.view.queued.load(Ordering::Relaxed);
+        let sheddable = self.view.sheddable.load(Ordering::Relaxed);
+        let max = admission::max_queued_requests(&self.cfg, priority);
+        (queued >= max && sheddable == 0)
+            .then(|| RouterError::QueueFull(admission::queue_full(queued), self.cfg.retry_pushback))
     }
 
     /// Cancels request `id` wherever it is (no-op when it already ended).
@@ -134,8 +156,10 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(cfg.scheduler_queue.max(1));
     let (cancel_tx, cancels) = mpsc::unbounded_channel();
     let (live_tx, live) = watch::channel(0);
+    let view = Arc::new(QueueView::default());
     let task = Task {
-        state: State::new(cfg, models, metrics),
+        view: view.clone(),
+        state: State::new(cfg.clone(), models, metrics),
         links: HashMap::new(),
         live: live_tx,
         serving,
@@ -145,6 +169,8 @@ pub fn spawn(
     tokio::spawn(task.run());
     SchedulerHandle {
         tx,
+        view,
+        cfg,
         live,
         cancels: cancel_tx,
     }
@@ -196,6 +222,7 @@ impl Link {
 /// The task around the [`State`]: it turns messages into inputs and effects into sends.
 struct Task {
     state: State,
+    view: Arc<QueueView>,
     links: HashMap<WorkerId, Link>,
     /// Requests queued or running, for drain.
     live: watch::Sender<usize>,
@@ -244,6 +271,9 @@ impl Task {
             let room = |wid: WorkerId| links.get(&wid).is_some_and(Link::has_room);
             let effects = self.state.tick(Instant::now(), &room);
             self.apply(effects);
+            let (queued, sheddable) = self.state.queue_counts();
+            self.view.queued.store(queued, Ordering::Relaxed);
+            self.view.sheddable.store(sheddable, Ordering::Relaxed);
             let live = self.state.live();
             self.live
                 .send_if_modified(|n| std::mem::replace(n, live) != live);

@@ -142,7 +142,7 @@ impl State {
         };
         if wait_for_queue {
             let spare_steps = (spare.as_secs_f64() / step.as_secs_f64()) as u64;
-            if !self.starts_within(&req.model, req.priority, spare_steps) {
+            if !self.starts_within(&req.model, req.priority, &req.tenant, spare_steps) {
                 return late;
             }
         }
@@ -152,7 +152,7 @@ impl State {
     /// Whether a new request of `priority` for `model` would find a free slot within `steps`:
     /// slots go to the running sequences until they end, then to the queued requests ahead
     /// of it in turn.
-    fn starts_within(&self, model: &str, priority: i32, steps: u64) -> bool {
+    fn starts_within(&self, model: &str, priority: i32, tenant: &str, steps: u64) -> bool {
         // When each slot of the model frees, in steps from now.
         let mut slots: BinaryHeap<Reverse<u64>> = BinaryHeap::new();
         for w in self.workers.values() {
@@ -170,7 +170,7 @@ impl State {
         let Some(queue) = self.queues.get(model) else {
             return false;
         };
-        for ahead in queue.ahead(priority) {
+        for ahead in queue.ahead(priority, tenant) {
             match slots.pop() {
                 Some(Reverse(free)) if free <= steps => {
                     slots.push(Reverse(free + self.steps_needed(ahead)))

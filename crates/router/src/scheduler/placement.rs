@@ -52,7 +52,7 @@ impl State {
                 };
                 let Some(wid) = target else { break };
                 if let Some(q) = self.queues.get_mut(&model) {
-                    q.remove(e.id, e.priority);
+                    q.remove(e.id, e.priority, &e.tenant);
                 }
                 if let Some(spec) = self.place(e.id, wid, now) {
                     batches.entry(wid).or_default().push(spec);
@@ -62,9 +62,15 @@ impl State {
         let mut batches: Vec<_> = batches.into_iter().collect();
         batches.sort_unstable_by_key(|(wid, _)| *wid);
         for (wid, sequences) in batches {
+            // Work left queued for the worker's model: it waits for the next dispatch after
+            // its next step frees slots.
+            let backlog = self
+                .workers
+                .get(&wid)
+                .is_some_and(|w| self.queues.get(&w.spec.id).is_some_and(|q| !q.is_empty()));
             self.effects.push(Effect::Send(
                 wid,
-                Kind::Dispatch(wpb::Dispatch { sequences }),
+                Kind::Dispatch(wpb::Dispatch { sequences, backlog }),
             ));
         }
     }
@@ -125,6 +131,11 @@ impl State {
                 .prompt_tokens
                 .with_label_values(&model)
                 .inc_by(t.req.prompt_ids.len() as u64);
+            // The fair share's counter: the prompt is served once, at the first dispatch.
+            let service = self.cfg.fair_input_weight * t.req.prompt_ids.len() as f64 / t.req.weight;
+            if let Some(q) = self.queues.get_mut(&t.req.model) {
+                q.charge(&t.req.tenant, service);
+            }
         }
         if t.last_worker.as_ref().is_some_and(|a| *a != w.addr) {
             self.metrics.migrations.with_label_values(&model).inc();

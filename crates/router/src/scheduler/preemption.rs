@@ -103,7 +103,11 @@ impl State {
         self.deadlines.insert((deadline, id));
         let entry = t.entry();
         let queue = self.queues.entry(t.req.model.clone()).or_default();
-        t.queue_span = Some(queue_span(&t.req, queue.ahead_of(t.req.priority), true));
+        t.queue_span = Some(queue_span(
+            &t.req,
+            queue.ahead_of(t.req.priority, &t.req.tenant),
+            true,
+        ));
         queue.push_resumed(entry);
     }
 }

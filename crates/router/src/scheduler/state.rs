@@ -102,6 +102,7 @@ impl Tracked {
             priority: self.req.priority,
             enqueued: self.enqueued,
             tokens: self.tokens(),
+            tenant: self.req.tenant.clone(),
         }
     }
 }

@@ -47,6 +47,9 @@ pub(crate) struct Harness {
     pub t0: Instant,
     pub outputs: std::collections::HashMap<u64, Arc<Output>>,
     next_id: u64,
+    /// The tenant and weight of the requests submitted next.
+    pub tenant: Arc<str>,
+    pub weight: f64,
 }
 
 pub(crate) fn harness(cfg: RouterConfig) -> Harness {
@@ -56,6 +59,8 @@ pub(crate) fn harness(cfg: RouterConfig) -> Harness {
         t0: Instant::now(),
         outputs: Default::default(),
         next_id: 1,
+        tenant: crate::tenants::ANONYMOUS.into(),
+        weight: 1.0,
     }
 }
 
@@ -143,6 +148,8 @@ impl Harness {
                 span: tracing::Span::none(),
                 trace_id: TraceId::random(),
             },
+            tenant: self.tenant.clone(),
+            weight: self.weight,
         };
         let output = Output::new(now, prometheus::IntGauge::new("unread", "unread").unwrap());
         self.outputs.insert(id, output.clone());

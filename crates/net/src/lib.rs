@@ -1,0 +1,9 @@
+//! Connections of OpenInferencev2's services.
+//!
+//! | module | concept |
+//! |---|---|
+//! | [`watch`] | files followed for changes (certificates, the tenants file), and `SIGHUP` |
+//! | [`tls`] | TLS and mutual TLS from PEM files, reloaded when they change |
+//! | [`listen`] | the accept loop: TLS handshakes off the loop, a bound on connections |
+
+pub mod watch;
