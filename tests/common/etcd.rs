@@ -19,17 +19,6 @@ pub struct EtcdServer {
 }
 
 /// Runs openssl with `args` in `dir`.
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let st = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl runs (scripts/test.sh installs it)");
-    assert!(st.success(), "openssl {args:?}");
-}
-
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -82,69 +71,9 @@ impl EtcdServer {
             tls: true,
         };
         let certs = e.certs();
-        std::fs::create_dir_all(&certs).unwrap();
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        let mut ca = vec![
-            "req",
-            "-x509",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=openinfer-test-ca",
-        ];
-        ca.extend(ec);
-        ca.extend([
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-        openssl(&certs, &ca);
-        for (name, usage) in [("server", "serverAuth"), ("client", "clientAuth")] {
-            let key = format!("{name}.key");
-            let csr = format!("{name}.csr");
-            let pem = format!("{name}.pem");
-            let ext = format!("{name}.ext");
-            std::fs::write(
-                certs.join(&ext),
-                format!("subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n"),
-            )
-            .unwrap();
-            let mut req = vec!["req", "-subj", "/CN=openinfer-test"];
-            req.extend(ec);
-            req.extend(["-keyout", &key, "-out", &csr]);
-            openssl(&certs, &req);
-            openssl(
-                &certs,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &csr,
-                    "-CA",
-                    "ca.pem",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-days",
-                    "2",
-                    "-out",
-                    &pem,
-                    "-extfile",
-                    &ext,
-                ],
-            );
-        }
+        let ca = super::certs::Ca::new(&certs, "ca");
+        ca.leaf("server", "serverAuth");
+        ca.leaf("client", "clientAuth");
         e.resume();
         e
     }

@@ -149,7 +149,41 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub tp: TpArgs,
     #[command(flatten)]
+    pub worker_tls: WorkerTlsArgs,
+    /// Most router connections open at once; one more is closed at once.
+    #[arg(long, env = "OPENINFER_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    #[command(flatten)]
     pub metrics: MetricsArgs,
+}
+
+/// Mutual TLS on router ↔ worker streams: routers and workers each take all three flags
+/// (their own certificate and key, and the CA that signed the other side's). Files are
+/// reloaded when they change; open streams keep going.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerTlsArgs {
+    /// This side's certificate chain (PEM) on router ↔ worker streams.
+    #[arg(long, env = "OPENINFER_WORKER_TLS_CERT", value_name = "FILE")]
+    pub worker_tls_cert: Option<PathBuf>,
+    /// This side's private key (PEM) on router ↔ worker streams.
+    #[arg(long, env = "OPENINFER_WORKER_TLS_KEY", value_name = "FILE")]
+    pub worker_tls_key: Option<PathBuf>,
+    /// The CA (PEM) that signed the other side's certificates; nothing else is trusted.
+    #[arg(long, env = "OPENINFER_WORKER_TLS_CA", value_name = "FILE")]
+    pub worker_tls_ca: Option<PathBuf>,
+}
+
+impl WorkerTlsArgs {
+    /// The three files, when mutual TLS is on; an error when only some are given.
+    pub fn files(&self) -> anyhow::Result<Option<(PathBuf, PathBuf, PathBuf)>> {
+        match (&self.worker_tls_cert, &self.worker_tls_key, &self.worker_tls_ca) {
+            (None, None, None) => Ok(None),
+            (Some(c), Some(k), Some(ca)) => Ok(Some((c.clone(), k.clone(), ca.clone()))),
+            _ => anyhow::bail!(
+                "router ↔ worker TLS is mutual: give all of --worker-tls-cert, --worker-tls-key and --worker-tls-ca, or none"
+            ),
+        }
+    }
 }
 
 /// The Prometheus endpoint.
@@ -329,6 +363,47 @@ pub struct RouterArgs {
     /// UNAVAILABLE and the router exits (after at most 2s more for connections to close).
     #[arg(long, env = "OPENINFER_DRAIN_TIMEOUT", default_value_t = Dur(router_defaults().drain_timeout))]
     pub drain_timeout: Dur,
+    /// Serve the public API over TLS with this certificate chain (PEM, leaf first; reloaded
+    /// when it changes, open streams keep going). Plaintext clients are then refused.
+    #[arg(
+        long,
+        env = "OPENINFER_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(
+        long,
+        env = "OPENINFER_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS on the public API.
+    #[arg(
+        long,
+        env = "OPENINFER_TLS_CLIENT_CA",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Most client connections open at once; one more is closed at once.
+    #[arg(long, env = "OPENINFER_MAX_CONNECTIONS", default_value_t = router_defaults().max_connections)]
+    pub max_connections: usize,
+    /// Largest header block (gRPC metadata) a client may send, e.g. 16KiB.
+    #[arg(long, env = "OPENINFER_MAX_HEADER_BYTES", default_value_t = Size(router_defaults().max_header_bytes.into()))]
+    pub max_header_bytes: Size,
+    /// Longest a client's TLS handshake may take.
+    #[arg(long, env = "OPENINFER_HANDSHAKE_TIMEOUT", default_value_t = Dur(router_defaults().handshake_timeout))]
+    pub handshake_timeout: Dur,
+    /// HTTP/2 PING to each client connection this often; one that does not answer within
+    /// --keepalive-timeout is closed and its requests cancelled.
+    #[arg(long, env = "OPENINFER_KEEPALIVE_INTERVAL", default_value_t = Dur(router_defaults().keepalive_interval))]
+    pub keepalive_interval: Dur,
+    /// See --keepalive-interval.
+    #[arg(long, env = "OPENINFER_KEEPALIVE_TIMEOUT", default_value_t = Dur(router_defaults().keepalive_timeout))]
+    pub keepalive_timeout: Dur,
     /// Tenants file (YAML: name, api_keys_sha256, max_priority, weight, requests_per_minute,
     /// tokens_per_minute, max_concurrent), reloaded when it changes or on SIGHUP. With it,
     /// clients must send `authorization: Bearer <key>`; without it every request is one
@@ -365,6 +440,13 @@ pub struct RouterCmdArgs {
     pub registry: RegistryArgs,
     #[command(flatten)]
     pub router: RouterArgs,
+    #[command(flatten)]
+    pub worker_tls: WorkerTlsArgs,
+    /// The name workers' certificates must hold (default: the host of each worker's
+    /// address). Workers register pod IPs; certificates name a DNS name, such as
+    /// `openinfer-worker`.
+    #[arg(long, env = "OPENINFER_WORKER_TLS_SERVER_NAME", value_name = "NAME")]
+    pub worker_tls_server_name: Option<String>,
     #[command(flatten)]
     pub metrics: MetricsArgs,
 }

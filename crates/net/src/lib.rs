@@ -6,4 +6,9 @@
 //! | [`tls`] | TLS and mutual TLS from PEM files, reloaded when they change |
 //! | [`listen`] | the accept loop: TLS handshakes off the loop, a bound on connections |
 
+pub mod listen;
+pub mod tls;
 pub mod watch;
+
+pub use listen::{incoming, Accept, Conn};
+pub use tls::{ClientPems, ClientTls, Reloading, ServerTls, TlsError};

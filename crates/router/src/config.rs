@@ -58,6 +58,21 @@ pub struct RouterConfig {
     pub scheduler_queue: usize,
     /// Most concurrent HTTP/2 streams per client connection.
     pub max_concurrent_streams: u32,
+    /// Most client connections open at once; one more is closed at once.
+    pub max_connections: usize,
+    /// Largest header block (gRPC metadata) a client may send, in bytes.
+    pub max_header_bytes: u32,
+    /// Longest a client's TLS handshake may take.
+    pub handshake_timeout: Duration,
+    /// HTTP/2 PING to each client connection this often; a client that does not answer
+    /// within `keepalive_timeout` is disconnected (its requests cancelled).
+    pub keepalive_interval: Duration,
+    /// See `keepalive_interval`.
+    pub keepalive_timeout: Duration,
+    /// TLS on the public endpoint (and mutual TLS with a client CA); `None`: plaintext.
+    pub tls: Option<openinfer_net::ServerTls>,
+    /// Mutual TLS towards workers; `None`: plaintext.
+    pub worker_tls: Option<openinfer_net::ClientTls>,
     /// Times a sequence the workers refuse is retried before the client gets `UNAVAILABLE`.
     pub max_dispatch_attempts: u32,
     /// Times a request may come back unfinished from its workers (preempted, or its worker
@@ -95,6 +110,13 @@ impl Default for RouterConfig {
             worker_queue: 1024,
             scheduler_queue: 8192,
             max_concurrent_streams: 16_384,
+            max_connections: 10_000,
+            max_header_bytes: 16 << 10,
+            handshake_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+            tls: None,
+            worker_tls: None,
             max_dispatch_attempts: 3,
             max_resumes: 16,
             drain_timeout: Duration::from_secs(30),

@@ -178,6 +178,8 @@ pub struct RouterMetrics {
     pub auth_failures: IntCounterVec,
     /// Tenants file reloads, by result (`ok`, `error`).
     pub tenants_reloads: IntCounterVec,
+    /// Client connections closed at once because `--max-connections` were open.
+    pub connections_refused: IntCounter,
     /// Prompts handed to validation and the tokenizer.
     pub prompts_tokenized: IntCounter,
 }
@@ -308,6 +310,13 @@ impl RouterMetrics {
                 "Reloads of the tenants file, by result (ok, error: the previous version stays in force).",
                 &["result"],
             )?,
+            connections_refused: f
+                .counter(
+                    "openinfer_router_connections_refused_total",
+                    "Client connections closed at once because --max-connections were open.",
+                    &[],
+                )?
+                .with_label_values(&[] as &[&str]),
             prompts_tokenized: f
                 .counter(
                     "openinfer_router_prompts_tokenized_total",

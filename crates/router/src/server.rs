@@ -18,9 +18,9 @@ use crate::scheduler::{self, SchedulerHandle};
 use crate::service::InferenceService;
 use crate::tenants::{Quotas, Tenants, TenantsError};
 use crate::worker_link;
+use openinfer_net::{ClientPems, Reloading};
 
-/// Hard ceiling on a decoded client message; requests above `max_request_bytes` but below it
-/// get a clear `INVALID_ARGUMENT` naming the field.
+/// Largest message the router sends a client (a unary answer of a long generation).
 const MESSAGE_CEILING: usize = 64 << 20;
 
 /// Why the router could not start.
@@ -32,6 +32,9 @@ pub enum StartError {
     /// Its tenants file was refused.
     #[error(transparent)]
     Tenants(#[from] TenantsError),
+    /// Its TLS files were refused.
+    #[error(transparent)]
+    Tls(#[from] openinfer_net::TlsError),
 }
 
 /// Why the router's server stopped.
@@ -59,6 +62,10 @@ pub struct Router {
     metrics: Arc<RouterMetrics>,
     tenants: Tenants,
     quotas: Arc<Mutex<Quotas>>,
+    /// TLS of the public endpoint, as in force now.
+    tls: Option<Reloading<rustls::ServerConfig>>,
+    /// TLS towards workers, as in force now.
+    worker_tls: Option<Reloading<ClientPems>>,
 }
 
 /// What requests still in flight when the drain times out are told (`UNAVAILABLE`).
@@ -97,6 +104,24 @@ impl Router {
         let models = ModelTable::default();
         let (serving_tx, serving) = watch::channel(false);
         let scheduler = scheduler::spawn(cfg.clone(), models.clone(), serving_tx, metrics.clone());
+        let tls = match &cfg.tls {
+            Some(files) => {
+                let f = files.clone();
+                Some(Reloading::follow("public TLS", files.files(), move || {
+                    f.load()
+                })?)
+            }
+            None => None,
+        };
+        let worker_tls = match &cfg.worker_tls {
+            Some(files) => {
+                let f = files.clone();
+                Some(Reloading::follow("worker TLS", files.files(), move || {
+                    f.load()
+                })?)
+            }
+            None => None,
+        };
         Ok(Router {
             cfg,
             models,
@@ -105,6 +130,8 @@ impl Router {
             metrics,
             tenants,
             quotas,
+            tls,
+            worker_tls,
         })
     }
 
@@ -114,6 +141,7 @@ impl Router {
         let (stop, stopped) = oneshot::channel();
         tokio::spawn(worker_link::run(
             addr,
+            self.worker_tls.clone(),
             self.scheduler.sender(),
             self.cfg.worker_queue,
             stopped,
@@ -182,6 +210,8 @@ impl Router {
             metrics: self.metrics.clone(),
             tenants: self.tenants.clone(),
             quotas: self.quotas.clone(),
+            tls: self.tls.clone(),
+            worker_tls: self.worker_tls.clone(),
         }
     }
 
@@ -254,24 +284,34 @@ impl Router {
             let _ = drained_tx.send(());
         };
         let cfg = self.cfg.clone();
+        let refused = self.metrics.connections_refused.clone();
+        let incoming = openinfer_net::incoming(
+            listener,
+            openinfer_net::Accept {
+                tls: self.tls.clone(),
+                max_connections: cfg.max_connections,
+                handshake_timeout: cfg.handshake_timeout,
+            },
+            move || refused.inc(),
+        );
         let server = tonic::transport::Server::builder()
-            .max_concurrent_streams(self.cfg.max_concurrent_streams)
+            .max_concurrent_streams(cfg.max_concurrent_streams)
+            .http2_max_header_list_size(cfg.max_header_bytes)
+            .http2_keepalive_interval(Some(cfg.keepalive_interval))
+            .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
             .layer(tower::util::MapResponseLayer::new(move |r| {
-                over_ceiling(r, &cfg)
+                over_limit(r, &cfg)
             }))
             .add_service(
+                // A message over --max-request-bytes is refused before it is decoded.
                 InferenceServer::new(service)
-                    .max_decoding_message_size(MESSAGE_CEILING)
+                    .max_decoding_message_size(self.cfg.max_request_bytes)
                     .max_encoding_message_size(MESSAGE_CEILING),
             )
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(
-                // Token deltas are small writes: no Nagle delay.
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                shutdown,
-            );
+            .serve_with_incoming_shutdown(incoming, shutdown);
         tokio::pin!(server);
         let mut drained = drained;
         tokio::select! {
@@ -291,10 +331,10 @@ impl Router {
     }
 }
 
-/// tonic refuses a message over [`MESSAGE_CEILING`] before decoding it, with `OUT_OF_RANGE`;
-/// clients get the documented answer to an oversized request instead (`INVALID_ARGUMENT`
-/// naming `--max-request-bytes`, as for one between the limit and the ceiling).
-fn over_ceiling(
+/// tonic refuses a message over `--max-request-bytes` before decoding it, with
+/// `OUT_OF_RANGE`; clients get the documented answer to an oversized request instead
+/// (`INVALID_ARGUMENT` naming `--max-request-bytes`).
+fn over_limit(
     response: http::Response<tonic::body::Body>,
     cfg: &RouterConfig,
 ) -> http::Response<tonic::body::Body> {
@@ -309,5 +349,5 @@ fn over_ceiling(
     if !oversized {
         return response;
     }
-    tonic::Status::from(crate::validate::over_ceiling(MESSAGE_CEILING, cfg)).into_http()
+    tonic::Status::from(crate::validate::over_limit(cfg)).into_http()
 }

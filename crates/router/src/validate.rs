@@ -253,12 +253,12 @@ fn check_size(req: &pb::GenerateRequest, cfg: &RouterConfig) -> Result<(), Route
 
 /// The answer to a message over the transport's hard `ceiling`, which is refused before it is
 /// decoded (so its fields are unknown): the same code and limit as [`check_size`]'s.
-pub fn over_ceiling(ceiling: usize, cfg: &RouterConfig) -> RouterError {
+pub fn over_limit(cfg: &RouterConfig) -> RouterError {
     RouterError::invalid(
         "prompt",
         format!(
-            "the request is over {ceiling} bytes, far over the router's limit of {} bytes \
-             (--max-request-bytes); shorten `prompt` or `prompt_ids`",
+            "the request is over the router's limit of {} bytes (--max-request-bytes); \
+             shorten `prompt` or `prompt_ids`",
             cfg.max_request_bytes
         ),
     )

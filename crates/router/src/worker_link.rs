@@ -15,6 +15,7 @@ use tonic::transport::Endpoint;
 
 use crate::models::ModelSpec;
 use crate::scheduler::{Msg, WorkerId};
+use openinfer_net::{ClientPems, Reloading};
 
 /// Largest message exchanged with a worker (the tokenizer of a big vocabulary is several MB).
 const MAX_WORKER_MESSAGE: usize = 64 << 20;
@@ -43,6 +44,7 @@ pub struct WorkerUp {
 /// scheduler goes away.
 pub async fn run(
     addr: String,
+    tls: Option<Reloading<ClientPems>>,
     sched: mpsc::Sender<Msg>,
     worker_queue: usize,
     mut stop: oneshot::Receiver<()>,
@@ -52,7 +54,7 @@ pub async fn run(
         let id = WorkerId(NEXT_WORKER.fetch_add(1, Ordering::Relaxed));
         let connected = tokio::select! {
             _ = &mut stop => return,
-            c = connect(&addr, id, worker_queue) => c,
+            c = connect(&addr, tls.as_ref().map(|t| t.get()), id, worker_queue) => c,
         };
         match connected {
             Ok((up, mut inbound, mut close)) => {
@@ -119,6 +121,7 @@ pub async fn run(
 /// Connects, learns the model and opens the `Execute` stream.
 async fn connect(
     addr: &str,
+    tls: Option<Arc<ClientPems>>,
     id: WorkerId,
     worker_queue: usize,
 ) -> Result<
@@ -129,12 +132,20 @@ async fn connect(
     ),
     Box<dyn std::error::Error + Send + Sync>,
 > {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let uri = if addr.contains("://") {
         addr.to_string()
     } else {
-        format!("http://{addr}")
+        format!("{scheme}://{addr}")
     };
-    let channel = Endpoint::from_shared(uri)?
+    let mut endpoint = Endpoint::from_shared(uri)?;
+    if let Some(tls) = &tls {
+        // The files as they are now: a rotation applies from the next connection on.
+        endpoint = endpoint.tls_config(tls.config(host))?;
+    }
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))

@@ -61,6 +61,7 @@ pub const READINESS_SERVICE: &str = "openinfer.worker.v1.Worker";
 pub async fn serve_on(
     service: WorkerService,
     listener: tokio::net::TcpListener,
+    accept: openinfer_net::Accept,
     mut readiness: tokio::sync::watch::Receiver<Readiness>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -86,8 +87,10 @@ pub async fn serve_on(
             }
         }
     });
-    // Small step messages must not wait for Nagle's algorithm.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // Mutual TLS when configured; small step messages never wait for Nagle's algorithm.
+    let incoming = openinfer_net::incoming(listener, accept, || {
+        tracing::warn!("router connection refused: the worker's connection limit is reached")
+    });
     tonic::transport::Server::builder()
         .add_service(
             WorkerServer::new(service)

@@ -79,6 +79,7 @@ pub fn warm_up<E: Backend>(
 pub async fn serve(
     handle: EngineHandle,
     listener: TcpListener,
+    accept: openinfer_net::Accept,
     m: Membership,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
@@ -90,6 +91,7 @@ pub async fn serve(
     let server = tokio::spawn(crate::serve_on(
         WorkerService::new(handle.clone()),
         listener,
+        accept,
         readiness_rx,
         async {
             let _ = stop_rx.await;

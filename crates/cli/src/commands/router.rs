@@ -1,5 +1,6 @@
 //! `openinfer router`.
 
+use openinfer_net::{ClientTls, ServerTls};
 use openinfer_router::{Router, RouterConfig};
 
 use crate::args::{RouterArgs, RouterCmdArgs};
@@ -9,7 +10,14 @@ pub fn run(a: RouterCmdArgs) -> anyhow::Result<()> {
     super::runtime()?.block_on(async move {
         let listener = super::bind(a.listen).await?;
         let metrics = prometheus::Registry::new();
-        let router = Router::start(config(&a.router), &metrics)?;
+        let mut cfg = config(&a.router);
+        cfg.worker_tls = a.worker_tls.files()?.map(|(cert, key, ca)| ClientTls {
+            cert,
+            key,
+            ca,
+            server_name: a.worker_tls_server_name.clone(),
+        });
+        let router = Router::start(cfg, &metrics)?;
         // Static workers stay linked as long as their handles live: the whole run.
         let _static: Vec<_> = a
             .workers
@@ -56,6 +64,20 @@ pub fn config(a: &RouterArgs) -> RouterConfig {
         fair_share: a.fair_share,
         fair_input_weight: a.fair_input_weight,
         fair_output_weight: a.fair_output_weight,
+        tls: a
+            .tls_cert
+            .clone()
+            .zip(a.tls_key.clone())
+            .map(|(cert, key)| ServerTls {
+                cert,
+                key,
+                client_ca: a.tls_client_ca.clone(),
+            }),
+        max_connections: a.max_connections,
+        max_header_bytes: a.max_header_bytes.0.min(u32::MAX.into()) as u32,
+        handshake_timeout: a.handshake_timeout.0,
+        keepalive_interval: a.keepalive_interval.0,
+        keepalive_timeout: a.keepalive_timeout.0,
         ..RouterConfig::default()
     }
 }

@@ -50,9 +50,16 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             drain_grace: std::time::Duration::ZERO,
             revision: String::new(),
         };
+        // The embedded worker listens on loopback for this process's router alone.
+        let accept = openinfer_net::Accept {
+            tls: None,
+            max_connections: 16,
+            handshake_timeout: std::time::Duration::from_secs(10),
+        };
         let worker = tokio::spawn(process::serve(
             handle.clone(),
             worker_listener,
+            accept,
             membership,
             async {
                 let _ = worker_stopped.await;

@@ -13,11 +13,21 @@ use openinfer_worker::process::{self, Membership};
 use openinfer_worker::{EngineHandle, LoopConfig};
 
 use crate::args::{EngineArgs, EngineKind, TpBackend, WorkerArgs, WorkerLoopArgs};
+use openinfer_net::{Accept, Reloading, ServerTls};
 
 pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
     let registry = super::etcd_config(&a.registry)?;
     // A bad address fails now, not after the model has loaded.
     process::advertised(a.advertise_addr.as_deref(), a.listen)?;
+    // So do TLS files that do not load.
+    let tls = a.worker_tls.files()?.map(|(cert, key, ca)| ServerTls {
+        cert,
+        key,
+        client_ca: Some(ca),
+    });
+    if let Some(t) = &tls {
+        t.load()?;
+    }
     let tp = group_config(&a, registry.clone());
     let comm = match group::role(&tp)? {
         Role::Whole => None,
@@ -54,7 +64,24 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, model = %handle.info().model, "worker serving openinfer.worker.v1");
         super::serve_metrics(&a.metrics, super::WORKER_METRICS, metrics).await?;
-        process::serve(handle, listener, membership, process::shutdown_signal()).await?;
+        let accept = Accept {
+            tls: match tls {
+                Some(t) => Some(Reloading::follow("worker TLS", t.files(), move || {
+                    t.load()
+                })?),
+                None => None,
+            },
+            max_connections: a.max_connections,
+            handshake_timeout: std::time::Duration::from_secs(10),
+        };
+        process::serve(
+            handle,
+            listener,
+            accept,
+            membership,
+            process::shutdown_signal(),
+        )
+        .await?;
         anyhow::Ok(())
     });
     // Every handle is gone with the runtime: the engine thread ends, and in a group rank 0's
