@@ -205,6 +205,21 @@ fn bad_values_are_refused_with_a_message_that_names_the_problem() {
             "logFormat",
             "an unknown log format",
         ),
+        (
+            r#"{"security": {"workerTls": {"routerSecretName": "r"}}}"#,
+            "mutual",
+            "router ↔ worker TLS on one side only",
+        ),
+        (
+            r#"{"security": {"tls": {"clientCaSecretName": "ca"}}}"#,
+            "security.tls.secretName",
+            "client certificates without TLS",
+        ),
+        (
+            r#"{"security": {"tenant": {"secretName": "t"}}}"#,
+            "tenant",
+            "a typo in a security key",
+        ),
     ];
     let base = example("cpu-single");
     for (overlay, says, why) in cases {
@@ -301,6 +316,104 @@ fn monitoring_renders_where_its_crds_exist_from_the_one_source_in_deploy() {
         1,
         "the dashboard needs no CRD"
     );
+}
+
+/// Each Secret of `security` is mounted where the flag that reads it points, and a port that
+/// speaks TLS is probed by TCP (kubelet's gRPC probes cannot speak TLS).
+#[test]
+fn security_secrets_are_mounted_where_their_flags_read_them() {
+    let release = Release::render(&example("secure"), None);
+    let containers = openinfer_containers(&release.objects);
+    let pods: Vec<&Value> = release
+        .objects
+        .iter()
+        .filter(|o| o["kind"] == "Deployment")
+        .collect();
+    let mut checked = BTreeSet::new();
+    for (at, c) in &containers {
+        let args: Vec<&str> = c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect();
+        let sub = args[0];
+        if sub != "router" && sub != "worker" {
+            continue;
+        }
+        let pod = pods
+            .iter()
+            .find(|d| {
+                d["spec"]["template"]["spec"]["containers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|x| x["name"] == c["name"])
+            })
+            .unwrap_or_else(|| panic!("no Deployment holds {at}"));
+        let volumes = pod["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .unwrap();
+        let want: &[(&str, &str)] = if sub == "router" {
+            &[
+                ("--tls-cert", "openinfer-api-tls"),
+                ("--tls-key", "openinfer-api-tls"),
+                ("--tls-client-ca", "openinfer-client-ca"),
+                ("--worker-tls-cert", "openinfer-router-internal"),
+                ("--worker-tls-key", "openinfer-router-internal"),
+                ("--worker-tls-ca", "openinfer-router-internal"),
+                ("--tenants", "openinfer-tenants"),
+            ]
+        } else {
+            &[
+                ("--worker-tls-cert", "openinfer-worker-internal"),
+                ("--worker-tls-key", "openinfer-worker-internal"),
+                ("--worker-tls-ca", "openinfer-worker-internal"),
+            ]
+        };
+        for (flag, secret) in want {
+            let path = args
+                .iter()
+                .find_map(|a| a.strip_prefix(&format!("{flag}=")))
+                .unwrap_or_else(|| panic!("{at} has no {flag}"));
+            let mount = c["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| path.starts_with(&format!("{}/", m["mountPath"].as_str().unwrap())))
+                .unwrap_or_else(|| panic!("{at}: nothing is mounted at {path}"));
+            let volume = volumes.iter().find(|v| v["name"] == mount["name"]).unwrap();
+            assert_eq!(volume["secret"]["secretName"], *secret, "{at}: {flag}");
+            assert_eq!(mount["readOnly"], true);
+        }
+        if sub == "router" {
+            assert!(
+                args.contains(&"--worker-tls-server-name=openinfer-worker"),
+                "{args:?}"
+            );
+        }
+        for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+            assert!(
+                c[probe]["tcpSocket"].is_object() && c[probe]["grpc"].is_null(),
+                "{at}: {probe} {}",
+                c[probe]
+            );
+        }
+        checked.insert(sub);
+    }
+    assert_eq!(checked.len(), 2, "{checked:?}");
+    // Without security values nothing changes: gRPC probes, no security volume.
+    let plain = Release::render(&example("cpu-single"), None);
+    for (at, c) in openinfer_containers(&plain.objects) {
+        if c["readinessProbe"].is_object() {
+            assert!(c["readinessProbe"]["grpc"].is_object(), "{at}");
+        }
+        let args = c["args"].to_string();
+        assert!(
+            !args.contains("tls") && !args.contains("--tenants"),
+            "{at}: {args}"
+        );
+    }
 }
 
 /// `--flag` names and `OPENINFER_*` variables `openinfer SUBCOMMAND --help` lists.

@@ -407,17 +407,64 @@ async fn etcd_password_authentication_and_bad_records_are_ignored() {
     .unwrap();
     auth.auth_enable(epb::AuthEnableRequest {}).await.unwrap();
 
-    let creds = ["--etcd-user", "root", "--etcd-password", "s3cret"];
-    let (_w, _) = registered_worker(&url, "authed", &creds);
-    let (mut router_proc, addr) = registry_router(&url, &creds);
+    // The password comes from a file (or the environment), never from the arguments.
+    let secrets = tempfile::tempdir().unwrap();
+    let (good, bad) = (secrets.path().join("good"), secrets.path().join("bad"));
+    std::fs::write(&good, "s3cret\n").unwrap();
+    std::fs::write(&bad, "nope").unwrap();
+    let file = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let good = file(&good);
+    let creds = ["--etcd-user", "root", "--etcd-password-file", &good];
+    let (w, _) = registered_worker(&url, "authed", &creds);
+    let router_svc = common::spawn_service(
+        "router",
+        std::process::Command::new(common::bin())
+            .args([
+                "router",
+                "--listen",
+                "127.0.0.1:0",
+                "--registry",
+                &url,
+                "--etcd-user",
+                "root",
+            ])
+            .env("OPENINFER_ETCD_PASSWORD", "s3cret"),
+    );
+    let router_log = router_svc.lines.clone();
+    let (mut router_proc, addr) = (router_svc.proc, router_svc.addr.clone());
     let mut client = router_client(&addr).await;
     until_workers(&mut client, 1, Duration::from_secs(10)).await;
+    for pid in [w.0.id(), router_proc.0.id()] {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains("s3cret"),
+            "the password is in the arguments of {pid}"
+        );
+    }
+    let refused = std::process::Command::new(common::bin())
+        .args([
+            "router",
+            "--workers",
+            "127.0.0.1:1",
+            "--registry",
+            &url,
+            "--etcd-user",
+            "root",
+            "--etcd-password",
+            "s3cret",
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("--etcd-password-file"), "{why}");
 
     // A wrong password registers nothing, and the worker serves on.
+    let bad = file(&bad);
     let (mut wrong, _) = registered_worker(
         &url,
         "wrong",
-        &["--etcd-user", "root", "--etcd-password", "nope"],
+        &["--etcd-user", "root", "--etcd-password-file", &bad],
     );
 
     // Records that are not JSON, or that sit under another model's prefix, are ignored.
@@ -465,6 +512,11 @@ async fn etcd_password_authentication_and_bad_records_are_ignored() {
         "the router exited"
     );
     assert!(wrong.0.try_wait().unwrap().is_none(), "the worker exited");
+    let log = router_log.lock().unwrap();
+    assert!(
+        !log.is_empty() && !log.iter().any(|l| l.contains("s3cret")),
+        "the password reached the router's log"
+    );
 }
 
 /// The `grpc.health.v1` states Kubernetes' probes read (docs/deploy.md): a warm worker that

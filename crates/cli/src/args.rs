@@ -247,11 +247,17 @@ pub struct RegistryArgs {
     /// etcd endpoints, etcd://HOST:PORT[,HOST:PORT]; without it membership is static.
     #[arg(long, env = "OPENINFER_REGISTRY")]
     pub registry: Option<String>,
-    /// etcd user (with --etcd-password).
-    #[arg(long, env = "OPENINFER_ETCD_USER", requires = "etcd_password")]
+    /// etcd user; its password comes from --etcd-password-file or the OPENINFER_ETCD_PASSWORD
+    /// environment variable, never from the command line (where `ps` shows it).
+    #[arg(long, env = "OPENINFER_ETCD_USER")]
     pub etcd_user: Option<String>,
-    /// etcd password.
-    #[arg(long, env = "OPENINFER_ETCD_PASSWORD", hide_env_values = true)]
+    /// File holding the etcd password of --etcd-user (a mounted Secret, say; one trailing
+    /// newline is ignored).
+    #[arg(long, env = "OPENINFER_ETCD_PASSWORD_FILE", value_name = "FILE")]
+    pub etcd_password_file: Option<PathBuf>,
+    /// Refused with a pointer to --etcd-password-file: a password in the arguments is
+    /// visible to every user of the host, and would be copied into each --tp rank's.
+    #[arg(long, hide = true)]
     pub etcd_password: Option<String>,
     /// CA certificate (PEM) of etcd's server certificate; turns on TLS.
     #[arg(long, env = "OPENINFER_ETCD_CA")]

@@ -147,21 +147,28 @@ OpenTelemetry and the etcd credentials (the password from its Secret, never an a
 {{- if and (eq $v.etcd.mode "external") $auth.enabled }}
 - name: OPENINFER_ETCD_USER
   value: {{ required "etcd.external.auth.username is required when auth is enabled" $auth.username | quote }}
-- name: OPENINFER_ETCD_PASSWORD
-  valueFrom:
-    secretKeyRef:
-      name: {{ required "etcd.external.auth.secretName names the Secret that holds the etcd password" $auth.secretName }}
-      key: {{ $auth.passwordKey }}
+# The password is a file of a Secret volume: never an argument, never in the environment.
+- name: OPENINFER_ETCD_PASSWORD_FILE
+  value: {{ include "openinfer.etcdPasswordDir" .root }}/{{ $auth.passwordKey }}
 {{- end }}
 {{- end }}
 
-{{/* Volumes and mounts for the etcd client certificates, when TLS is on. */}}
+{{- define "openinfer.etcdPasswordDir" -}}/etc/openinfer/etcd-password{{- end }}
+
+{{/* Volumes and mounts of the etcd client's Secrets: certificates when TLS is on, the
+password when auth is. */}}
 {{- define "openinfer.etcdTlsVolume" -}}
-{{- $tls := .Values.etcd.external.tls }}
-{{- if and (eq .Values.etcd.mode "external") $tls.enabled }}
+{{- $ext := .Values.etcd.external }}
+{{- if and (eq .Values.etcd.mode "external") $ext.tls.enabled }}
 - name: etcd-tls
   secret:
-    secretName: {{ required "etcd.external.tls.secretName names the Secret with ca.crt (and tls.crt, tls.key)" $tls.secretName }}
+    secretName: {{ required "etcd.external.tls.secretName names the Secret with ca.crt (and tls.crt, tls.key)" $ext.tls.secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- if and (eq .Values.etcd.mode "external") $ext.auth.enabled }}
+- name: etcd-password
+  secret:
+    secretName: {{ required "etcd.external.auth.secretName names the Secret that holds the etcd password" $ext.auth.secretName }}
     defaultMode: 0440
 {{- end }}
 {{- end }}
@@ -170,6 +177,11 @@ OpenTelemetry and the etcd credentials (the password from its Secret, never an a
 {{- if and (eq .Values.etcd.mode "external") .Values.etcd.external.tls.enabled }}
 - name: etcd-tls
   mountPath: {{ include "openinfer.etcdTlsDir" . }}
+  readOnly: true
+{{- end }}
+{{- if and (eq .Values.etcd.mode "external") .Values.etcd.external.auth.enabled }}
+- name: etcd-password
+  mountPath: {{ include "openinfer.etcdPasswordDir" . }}
   readOnly: true
 {{- end }}
 {{- end }}
@@ -203,5 +215,125 @@ in the map's (sorted) key order.
 {{- fail (printf "%s: terminationGracePeriodSeconds (%v) must be longer than the drain (%v s): Kubernetes would kill the pod before its drain ends" .what .grace .drain) }}
 {{- else }}
 {{- .grace }}
+{{- end }}
+{{- end }}
+
+{{/*
+Security (docs/security.md): where each Secret is mounted, the flags that read it, and the
+volumes. Secrets are volumes, never environment variables, so rotations reach the processes.
+*/}}
+{{- define "openinfer.securityDir" -}}/etc/openinfer/security{{- end }}
+
+{{- define "openinfer.workerTlsOn" -}}
+{{- $t := .Values.security.workerTls }}
+{{- if and $t.routerSecretName $t.workerSecretName }}true
+{{- else if or $t.routerSecretName $t.workerSecretName }}
+{{- fail "security.workerTls is mutual: set both routerSecretName and workerSecretName, or neither" }}
+{{- end }}
+{{- end }}
+
+{{- define "openinfer.routerSecurityArgs" -}}
+{{- $s := .Values.security }}
+{{- $d := include "openinfer.securityDir" . }}
+{{- if $s.tls.secretName }}
+- --tls-cert={{ $d }}/tls/tls.crt
+- --tls-key={{ $d }}/tls/tls.key
+{{- if $s.tls.clientCaSecretName }}
+- --tls-client-ca={{ $d }}/client-ca/ca.crt
+{{- end }}
+{{- else if $s.tls.clientCaSecretName }}
+{{- fail "security.tls.clientCaSecretName needs security.tls.secretName (client certificates are checked over TLS)" }}
+{{- end }}
+{{- if include "openinfer.workerTlsOn" . }}
+- --worker-tls-cert={{ $d }}/worker-tls/tls.crt
+- --worker-tls-key={{ $d }}/worker-tls/tls.key
+- --worker-tls-ca={{ $d }}/worker-tls/ca.crt
+{{- with $s.workerTls.serverName }}
+- --worker-tls-server-name={{ . }}
+{{- end }}
+{{- end }}
+{{- if $s.tenants.secretName }}
+- --tenants={{ $d }}/tenants/{{ $s.tenants.key }}
+{{- end }}
+{{- end }}
+
+{{- define "openinfer.routerSecurityVolumes" -}}
+{{- $s := .Values.security }}
+{{- if $s.tls.secretName }}
+- name: tls
+  secret:
+    secretName: {{ $s.tls.secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- if $s.tls.clientCaSecretName }}
+- name: client-ca
+  secret:
+    secretName: {{ $s.tls.clientCaSecretName }}
+    defaultMode: 0440
+{{- end }}
+{{- if include "openinfer.workerTlsOn" . }}
+- name: worker-tls
+  secret:
+    secretName: {{ $s.workerTls.routerSecretName }}
+    defaultMode: 0440
+{{- end }}
+{{- if $s.tenants.secretName }}
+- name: tenants
+  secret:
+    secretName: {{ $s.tenants.secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
+{{- define "openinfer.routerSecurityMounts" -}}
+{{- $s := .Values.security }}
+{{- $d := include "openinfer.securityDir" . }}
+{{- range $name, $on := dict "tls" $s.tls.secretName "client-ca" $s.tls.clientCaSecretName "worker-tls" (include "openinfer.workerTlsOn" $) "tenants" $s.tenants.secretName }}
+{{- if $on }}
+- name: {{ $name }}
+  mountPath: {{ $d }}/{{ $name }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "openinfer.workerSecurityArgs" -}}
+{{- if include "openinfer.workerTlsOn" . }}
+{{- $d := include "openinfer.securityDir" . }}
+- --worker-tls-cert={{ $d }}/worker-tls/tls.crt
+- --worker-tls-key={{ $d }}/worker-tls/tls.key
+- --worker-tls-ca={{ $d }}/worker-tls/ca.crt
+{{- end }}
+{{- end }}
+
+{{- define "openinfer.workerSecurityVolume" -}}
+{{- if include "openinfer.workerTlsOn" . }}
+- name: worker-tls
+  secret:
+    secretName: {{ .Values.security.workerTls.workerSecretName }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
+{{- define "openinfer.workerSecurityMount" -}}
+{{- if include "openinfer.workerTlsOn" . }}
+- name: worker-tls
+  mountPath: {{ include "openinfer.securityDir" . }}/worker-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* A probe of a gRPC port: grpc.health.v1 (with `service`), or, where the port speaks TLS
+(kubelet's gRPC probes cannot), whether it accepts connections. */}}
+{{- define "openinfer.probe" -}}
+{{- if .tls }}
+tcpSocket:
+  port: {{ .port }}
+{{- else }}
+grpc:
+  port: {{ .port }}
+  {{- with .service }}
+  service: {{ . }}
+  {{- end }}
 {{- end }}
 {{- end }}

@@ -75,6 +75,26 @@ pub fn load_engine(
     Ok(engine)
 }
 
+/// The etcd password: from --etcd-password-file, else OPENINFER_ETCD_PASSWORD.
+fn etcd_password(a: &crate::args::RegistryArgs) -> anyhow::Result<String> {
+    if let Some(path) = &a.etcd_password_file {
+        // The error names the file, never its contents.
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read --etcd-password-file {}", path.display()))?;
+        let password = text.strip_suffix('\n').unwrap_or(&text);
+        let password = password.strip_suffix('\r').unwrap_or(password);
+        return Ok(password.to_string());
+    }
+    std::env::var(ETCD_PASSWORD_ENV).map_err(|_| {
+        anyhow::anyhow!(
+            "--etcd-user needs a password: give --etcd-password-file FILE or set {ETCD_PASSWORD_ENV}"
+        )
+    })
+}
+
+/// The environment variable an etcd password may come from.
+const ETCD_PASSWORD_ENV: &str = "OPENINFER_ETCD_PASSWORD";
+
 /// The etcd settings the flags describe (`None`: static membership).
 pub fn etcd_config(
     a: &crate::args::RegistryArgs,
@@ -97,8 +117,15 @@ pub fn etcd_config(
         );
     }
     cfg.keepalive = keepalive;
-    if let (Some(user), Some(password)) = (&a.etcd_user, &a.etcd_password) {
-        cfg.auth = Some((user.clone(), password.clone()));
+    if a.etcd_password.is_some() {
+        anyhow::bail!(
+            "--etcd-password is refused: a password on the command line shows in `ps` (and \
+             in every --tp rank's arguments); put it in a file for --etcd-password-file, or in \
+             the OPENINFER_ETCD_PASSWORD environment variable"
+        );
+    }
+    if let Some(user) = &a.etcd_user {
+        cfg.auth = Some((user.clone(), etcd_password(a)?));
     }
     if let Some(ca) = &a.etcd_ca {
         let read =

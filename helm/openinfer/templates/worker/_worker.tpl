@@ -147,6 +147,7 @@ spec:
         - --metrics-listen=0.0.0.0:{{ $w.metricsPort }}
         {{- include "openinfer.registryArgs" $root | nindent 8 }}
         - --drain-grace={{ $w.drainGraceSeconds }}s
+        {{- with include "openinfer.workerSecurityArgs" $root }}{{ . | nindent 8 }}{{- end }}
         {{- with include "openinfer.flags" $w.flags }}{{ . | nindent 8 }}{{- end }}
         {{- with $w.extraArgs }}
         {{- toYaml . | nindent 8 }}
@@ -196,22 +197,19 @@ spec:
       # grpc.health.v1 (docs/deploy.md): the port opens once the model has loaded and warmed
       # up; "" is SERVING until the drain; openinfer.worker.v1.Worker is SERVING once the
       # worker is in the registry, until the drain.
+      {{- $tls := include "openinfer.workerTlsOn" $root }}
       startupProbe:
-        grpc:
-          port: {{ $w.grpcPort }}
+        {{- include "openinfer.probe" (dict "tls" $tls "port" $w.grpcPort) | nindent 8 }}
         periodSeconds: 10
         timeoutSeconds: 5
         failureThreshold: {{ max 1 (div (add $w.startupTimeoutSeconds 9) 10) }}
       livenessProbe:
-        grpc:
-          port: {{ $w.grpcPort }}
+        {{- include "openinfer.probe" (dict "tls" $tls "port" $w.grpcPort) | nindent 8 }}
         periodSeconds: 10
         timeoutSeconds: 5
         failureThreshold: 3
       readinessProbe:
-        grpc:
-          port: {{ $w.grpcPort }}
-          service: openinfer.worker.v1.Worker
+        {{- include "openinfer.probe" (dict "tls" $tls "port" $w.grpcPort "service" "openinfer.worker.v1.Worker") | nindent 8 }}
         periodSeconds: 5
         timeoutSeconds: 3
         failureThreshold: 2
@@ -239,6 +237,7 @@ spec:
           mountPath: /dev/shm
         {{- end }}
         {{- with include "openinfer.etcdTlsMount" $root }}{{ . | nindent 8 }}{{- end }}
+        {{- with include "openinfer.workerSecurityMount" $root }}{{ . | nindent 8 }}{{- end }}
         {{- with $w.extraVolumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -265,6 +264,7 @@ spec:
         sizeLimit: {{ $w.shmSize }}
     {{- end }}
     {{- with include "openinfer.etcdTlsVolume" $root }}{{ . | nindent 4 }}{{- end }}
+    {{- with include "openinfer.workerSecurityVolume" $root }}{{ . | nindent 4 }}{{- end }}
     {{- with $w.extraVolumes }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
