@@ -9,7 +9,10 @@
 #                 without preemption), then the 0:80,5:20 mix
 #   deadlines*/   one sim worker offered 10x its capacity for 30 s, every request with a 5 s
 #                 deadline; then the same with deadline admission off
-# Usage: scripts/bench-serving.sh [vs-hf|scaling|overload|deadlines]...   (default: all four)
+#   tenants/      two tenants at one priority on one sim worker, `heavy` at 10x its capacity
+#                 and `light` at a fifth: light alone, beside heavy with fair shares, and
+#                 beside heavy first come, first served
+# Usage: scripts/bench-serving.sh [vs-hf|scaling|overload|deadlines|tenants]...   (default: all)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -58,14 +61,24 @@ deadlines() {
     OPENINFER_DEADLINE_ADMISSION=false "$BIN" bench "${sim[@]}" --out "$OUT/deadlines-off"
 }
 
-for what in "${@:-vs-hf scaling overload deadlines}"; do
+tenants() {
+    # One sim worker: 8 slots, 4 tokens of 50 ms (5 steps with the prompt's): 40 requests/s.
+    # Heavy offers 400/s, light 8/s (120 requests: 15 s a phase); a level holds at most 400
+    # requests (10 s of capacity), so that first come, first served waits are bounded.
+    OPENINFER_MAX_QUEUE_PER_PRIORITY=400 "$BIN" bench --spawn-sim-workers 1 \
+        --sim-max-running 8 --sim-step-time 50ms --input-len 8 --output-len 4 \
+        --num-requests 120 --tenant-mix heavy:10,light:0.2 --out "$OUT/tenants"
+}
+
+for what in "${@:-vs-hf scaling overload deadlines tenants}"; do
     for w in $what; do
         case "$w" in
             vs-hf) vs_hf ;;
             scaling) scaling ;;
             overload) overload ;;
             deadlines) deadlines ;;
-            *) echo "unknown figure set: $w (vs-hf, scaling, overload, deadlines)" >&2; exit 2 ;;
+            tenants) tenants ;;
+            *) echo "unknown figure set: $w (vs-hf, scaling, overload, deadlines, tenants)" >&2; exit 2 ;;
         esac
     done
 done

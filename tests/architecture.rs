@@ -75,7 +75,7 @@ fn the_crate_graph_keeps_its_invariants() {
         String::from_utf8_lossy(&out.stderr)
     );
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let rules: [(&str, &[&str]); 5] = [
+    let rules: [(&str, &[&str]); 6] = [
         (
             "openinfer-router",
             &["candle-core", "openinfer-engine", "openinfer-worker"],
@@ -92,6 +92,16 @@ fn the_crate_graph_keeps_its_invariants() {
         (
             "openinfer-core",
             &["openinfer-proto", "tokio", "tonic", "candle-core"],
+        ),
+        (
+            "openinfer-net",
+            &[
+                "openinfer-core",
+                "openinfer-proto",
+                "openinfer-router",
+                "openinfer-worker",
+                "candle-core",
+            ],
         ),
     ];
     for (krate, forbidden) in rules {

@@ -351,7 +351,17 @@ async fn a_light_tenant_keeps_its_time_to_first_token_beside_one_at_ten_times_ca
     .unwrap();
     // Eight slots, 50 ms steps: two-token requests finish four a step, 80 a second.
     let (_worker, waddr) = common::sim_worker("50ms", &["--max-running", "8"]);
-    let (_router, addr) = common::start_router(&[&waddr], &["--tenants", file.to_str().unwrap()]);
+    // A level holds 40: the heavy tenant alone overfills it, and must not lock the light one
+    // out.
+    let (_router, addr) = common::start_router(
+        &[&waddr],
+        &[
+            "--tenants",
+            file.to_str().unwrap(),
+            "--max-queue-per-priority",
+            "40",
+        ],
+    );
     let c = common::router_client(&addr).await;
     common::wait_for_workers(&mut c.clone(), 1).await;
 
@@ -359,7 +369,8 @@ async fn a_light_tenant_keeps_its_time_to_first_token_beside_one_at_ten_times_ca
     let every = Duration::from_millis(250);
     let alone = light_ttft(&c, 30, every).await;
 
-    // The heavy tenant keeps ten times the worker's slots busy: 80 requests always in flight.
+    // The heavy tenant keeps ten times the worker's slots busy: 80 requests always in flight
+    // (refused ones retried after the pushback).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let heavy: Vec<_> = (0..80)
         .map(|_| {
@@ -367,8 +378,17 @@ async fn a_light_tenant_keeps_its_time_to_first_token_beside_one_at_ten_times_ca
             tokio::spawn(async move {
                 let mut served = 0u32;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    if call(&mut c, Some("sk-heavy"), 2, 0).await.is_ok() {
-                        served += 1;
+                    match call(&mut c, Some("sk-heavy"), 2, 0).await {
+                        Ok(_) => served += 1,
+                        // Refused or shed: back off for the pushback, as gRPC clients do.
+                        Err(e) => {
+                            let ms = e
+                                .metadata()
+                                .get("grpc-retry-pushback-ms")
+                                .and_then(|v| v.to_str().ok()?.parse().ok())
+                                .unwrap_or(100);
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
                     }
                 }
                 served

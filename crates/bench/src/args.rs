@@ -143,6 +143,12 @@ pub struct BenchArgs {
     /// --slo objectives).
     #[arg(long, env = "OPENINFER_BENCH_DEADLINE", value_parser = parse_duration)]
     pub deadline: Option<Duration>,
+    /// Tenants at one priority sharing the spawned sim cluster, each at a multiple of its
+    /// capacity, e.g. heavy:10,light:0.2: the lightest one's time to first token alone,
+    /// beside the others with fair shares, and first come, first served (needs
+    /// --spawn-sim-workers; the lightest sends --num-requests).
+    #[arg(long, env = "OPENINFER_BENCH_TENANT_MIX")]
+    pub tenant_mix: Option<String>,
     /// Objectives for goodput, e.g. ttft=200ms,tpot=50ms,e2e=10s.
     #[arg(long, env = "OPENINFER_BENCH_SLO", default_value = "")]
     pub slo: String,

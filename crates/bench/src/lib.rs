@@ -6,6 +6,8 @@
 //!   dataset prompts, priority mix), latency percentiles, goodput; optionally HF `generate`.
 //! * [`engine`]: prefill and decode speed of the engine beside HF transformers.
 //! * [`router`]: what the router adds over direct-to-worker, and its memory under streams.
+//! * [`tenants`]: tenants sharing a cluster (`--tenant-mix`), fair shares beside first come,
+//!   first served.
 //! * [`workload`], [`stats`], [`chart`]: prompts and arrivals, percentiles and SLOs, SVG.
 //! * [`child`], [`python`]: `openinfer` child processes, and the HF baseline scripts.
 //! * [`progress`]: progress bars (shared with the `openinfer` binary).
@@ -19,6 +21,7 @@ pub mod python;
 pub mod router;
 pub mod serving;
 pub mod stats;
+pub mod tenants;
 pub mod workload;
 
 pub use args::{BenchArgs, BenchEngineArgs, BenchRouterArgs};

@@ -250,6 +250,9 @@ struct Report {
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    if let Some(mix) = &a.tenant_mix {
+        return crate::tenants::run(&a, mix);
+    }
     if a.num_requests == 0 || a.output_len == 0 || a.input_len == 0 {
         bail!("--num-requests, --input-len and --output-len must be positive");
     }

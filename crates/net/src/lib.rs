@@ -10,5 +10,5 @@ pub mod listen;
 pub mod tls;
 pub mod watch;
 
-pub use listen::{incoming, Accept, Conn};
+pub use listen::{incoming, Accept, Conn, DEFAULT_HANDSHAKE_TIMEOUT};
 pub use tls::{ClientPems, ClientTls, Reloading, ServerTls, TlsError};

@@ -18,6 +18,9 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::tls::Reloading;
 
+/// Longest a TLS handshake may take, unless configured otherwise.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How an endpoint accepts connections.
 #[derive(Clone)]
 pub struct Accept {

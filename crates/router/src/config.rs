@@ -112,7 +112,7 @@ impl Default for RouterConfig {
             max_concurrent_streams: 16_384,
             max_connections: 10_000,
             max_header_bytes: 16 << 10,
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: openinfer_net::DEFAULT_HANDSHAKE_TIMEOUT,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(20),
             tls: None,

@@ -35,6 +35,9 @@ pub enum StartError {
     /// Its TLS files were refused.
     #[error(transparent)]
     Tls(#[from] openinfer_net::TlsError),
+    /// A setting is out of its range.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Why the router's server stopped.
@@ -78,6 +81,16 @@ impl Router {
     /// Starts the scheduler, with its metrics on `registry`, and follows the tenants file
     /// when one is configured. Workers are added with [`Router::add_worker`].
     pub fn start(cfg: RouterConfig, registry: &Registry) -> Result<Router, StartError> {
+        for (flag, w) in [
+            ("--fair-input-weight", cfg.fair_input_weight),
+            ("--fair-output-weight", cfg.fair_output_weight),
+        ] {
+            if !(w.is_finite() && w >= 0.0) {
+                return Err(StartError::Config(format!(
+                    "{flag} must be a number of at least 0, not {w}"
+                )));
+            }
+        }
         let cfg = Arc::new(cfg);
         let metrics = Arc::new(RouterMetrics::new(registry)?);
         let quotas = Arc::new(Mutex::new(Quotas::new(std::time::Instant::now())));

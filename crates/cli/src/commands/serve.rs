@@ -54,7 +54,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         let accept = openinfer_net::Accept {
             tls: None,
             max_connections: 16,
-            handshake_timeout: std::time::Duration::from_secs(10),
+            handshake_timeout: openinfer_net::DEFAULT_HANDSHAKE_TIMEOUT,
         };
         let worker = tokio::spawn(process::serve(
             handle.clone(),

@@ -72,7 +72,7 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
                 None => None,
             },
             max_connections: a.max_connections,
-            handshake_timeout: std::time::Duration::from_secs(10),
+            handshake_timeout: openinfer_net::DEFAULT_HANDSHAKE_TIMEOUT,
         };
         process::serve(
             handle,

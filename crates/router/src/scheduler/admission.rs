@@ -31,6 +31,10 @@ pub(super) fn max_queued_requests(cfg: &RouterConfig, priority: i32) -> usize {
     (cfg.max_queued_requests as f64 * share(cfg, priority)) as usize
 }
 
+const SHED_FOR_PRIORITY: &str = "shed from the queue to make room for higher-priority work";
+const SHED_FOR_SHARE: &str =
+    "shed from the full queue: your tenant held more of it than the tenant of a newer request";
+
 /// The refusal of a full queue holding `n` requests.
 pub(super) fn queue_full(n: usize) -> String {
     format!("the router's queue is full ({n} requests waiting)")
@@ -106,17 +110,23 @@ impl State {
             } else {
                 break;
             };
-            // Room is made by shedding sheddable work of lower priority, newest first; a full
-            // level of the request's own priority cannot be helped that way.
-            let victim = (level < cfg.max_queue_per_priority)
+            // Room is made by shedding sheddable work of lower priority, newest first (a full
+            // level of the request's own priority cannot be helped that way); else, with fair
+            // shares, by shedding the newest request of the tenant that holds the most of
+            // the request's level, when that is more than the request's tenant holds: one
+            // tenant cannot lock the others out by filling the queue.
+            let sheddable = (level < cfg.max_queue_per_priority)
                 .then(|| self.shed_candidate(req.priority))
                 .flatten();
-            match victim {
-                Some(id) => self.shed(id),
-                None => {
-                    self.metrics.refused(&req.model, reason);
-                    return Err(RouterError::QueueFull(full, cfg.retry_pushback));
-                }
+            match sheddable {
+                Some(id) => self.shed(id, SHED_FOR_PRIORITY),
+                None => match self.over_share(&req) {
+                    Some(id) => self.shed(id, SHED_FOR_SHARE),
+                    None => {
+                        self.metrics.refused(&req.model, reason);
+                        return Err(RouterError::QueueFull(full, cfg.retry_pushback));
+                    }
+                },
             }
         }
         self.deadlines.insert((req.deadline, req.id));
@@ -172,13 +182,21 @@ impl State {
             .map(|e| e.id)
     }
 
-    fn shed(&mut self, id: u64) {
+    /// With fair shares, the newest request of the tenant holding the most of `req`'s
+    /// level of its model, if that tenant holds more than `req`'s tenant would with `req`.
+    fn over_share(&self, req: &Request) -> Option<u64> {
+        if !self.cfg.fair_share {
+            return None;
+        }
+        let queue = self.queues.get(&req.model)?;
+        queue.over_share(req.priority, &req.tenant).map(|e| e.id)
+    }
+
+    fn shed(&mut self, id: u64, why: &str) {
         if let Some(t) = self.unqueue(id) {
             self.metrics.refused(&t.req.model, Refusal::Shed);
-            t.output.fail(RouterError::QueueFull(
-                "shed from the queue to make room for higher-priority work".into(),
-                self.cfg.retry_pushback,
-            ));
+            t.output
+                .fail(RouterError::QueueFull(why.into(), self.cfg.retry_pushback));
         }
     }
 

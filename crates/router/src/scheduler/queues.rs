@@ -209,6 +209,21 @@ impl PriorityQueue {
         self.last_served = *c;
     }
 
+    /// The newest request of the tenant with the most requests at `priority`, when that
+    /// tenant holds more than `tenant` would with one more (its fair share of a full level).
+    pub fn over_share(&self, priority: i32, tenant: &str) -> Option<Entry> {
+        let level = self.levels.get(&priority)?;
+        let mine = level.tenants.get(tenant).map_or(0, VecDeque::len);
+        let (_, most) = level
+            .tenants
+            .iter()
+            .filter(|(t, _)| t.as_ref() != tenant)
+            .max_by_key(|(_, q)| q.len())?;
+        (most.len() > mine + 1)
+            .then(|| most.back().cloned())
+            .flatten()
+    }
+
     /// The request to shed first: the newest at the lowest level, if that level is below
     /// `below`.
     pub fn shed_candidate(&self, below: i32) -> Option<Entry> {
@@ -365,6 +380,26 @@ mod tests {
         serve(&mut q, t, 1, &|_| 1.0);
         q.push_back(tenant_entry(2, 0, t, "b"));
         assert_eq!(q.counter("b"), 10.0);
+    }
+
+    #[test]
+    fn a_tenant_that_holds_most_of_a_full_level_gives_way() {
+        let t = Instant::now();
+        let mut q = PriorityQueue::default();
+        for i in 0..5 {
+            q.push_back(tenant_entry(i, 0, t + Duration::from_millis(i), "heavy"));
+        }
+        assert_eq!(q.over_share(0, "light").unwrap().id, 4, "heavy's newest");
+        assert_eq!(
+            q.over_share(0, "heavy"),
+            None,
+            "nobody holds more than heavy"
+        );
+        for i in 10..14 {
+            q.push_back(tenant_entry(i, 0, t, "light"));
+        }
+        assert_eq!(q.over_share(0, "light"), None, "5 is not more than 4 + 1");
+        assert_eq!(q.over_share(1, "light"), None, "another level");
     }
 
     #[test]

@@ -320,6 +320,54 @@ fn sheddable_work_gets_a_share_of_the_queue_and_is_shed_first() {
 }
 
 #[test]
+fn one_tenant_filling_the_queue_cannot_lock_another_out() {
+    let mut h = harness(RouterConfig {
+        max_queue_per_priority: 4,
+        ..cfg()
+    });
+    h.worker(1, "m", 1, 1000);
+    h.tenant = "heavy".into();
+    let running = h.submit(0, "m", 0, 10, 8, LONG).unwrap();
+    h.tick(1);
+    let heavy: Vec<u64> = (0..4)
+        .map(|i| h.submit(2 + i, "m", 0, 10, 8, LONG).unwrap())
+        .collect();
+    assert!(
+        h.submit(10, "m", 0, 10, 8, LONG).is_err(),
+        "heavy's own level is full"
+    );
+    // A light tenant's request takes the place of heavy's newest, and runs next.
+    h.tenant = "light".into();
+    let light = h.submit(11, "m", 0, 10, 8, LONG).unwrap();
+    let Some(Err(RouterError::QueueFull(why, _))) = h.end(heavy[3]) else {
+        panic!("heavy's newest was not shed")
+    };
+    assert!(why.contains("tenant"), "{why}");
+    h.step(
+        15,
+        1,
+        &[(running, 8)],
+        &[(running, wpb::FinishReason::Length)],
+        Some(Harness::capacity(1, 1000, 1)),
+    );
+    assert_eq!(Harness::dispatched(&h.tick(20)), vec![(1, light)]);
+    // Without fair shares the level is first come, first served: the light one is refused.
+    let mut h = harness(RouterConfig {
+        max_queue_per_priority: 2,
+        fair_share: false,
+        ..cfg()
+    });
+    h.worker(1, "m", 1, 1000);
+    h.tenant = "heavy".into();
+    for i in 0..3 {
+        h.submit(i, "m", 0, 10, 8, LONG).unwrap();
+        h.tick(i);
+    }
+    h.tenant = "light".into();
+    assert!(h.submit(10, "m", 0, 10, 8, LONG).is_err());
+}
+
+#[test]
 fn a_request_that_reaches_no_worker_by_its_deadline_leaves_the_queue() {
     let mut h = harness(cfg());
     h.worker(1, "m", 1, 1000);
