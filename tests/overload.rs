@@ -271,11 +271,95 @@ async fn an_oversized_request_is_invalid_argument_naming_the_limit() {
                 "{bytes} bytes: {}",
                 e.message()
             );
+            // The decoder's own limit refused it: it was never decoded.
+            assert!(
+                e.message().starts_with("prompt: the request is over"),
+                "{bytes} bytes: {}",
+                e.message()
+            );
         }
     }
     // The router serves on.
     let ok = client.generate(long_request(2)).await.unwrap().into_inner();
     assert_eq!(ok.token_ids.len(), 2);
+}
+
+/// Connections beyond --max-connections are closed at once and counted; headers beyond
+/// --max-header-bytes are refused; the router serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_and_headers_are_bounded() {
+    let (_worker, waddr) = common::sim_worker("5ms", &[]);
+    let router = common::service(
+        "router",
+        &[
+            "router",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            &waddr,
+            "--max-connections",
+            "2",
+            "--max-header-bytes",
+            "8KiB",
+        ],
+    );
+    let connect = || async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", router.addr))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await?;
+        Ok::<_, tonic::transport::Error>(InferenceClient::new(channel))
+    };
+    let mut first = connect().await.unwrap();
+    common::wait_for_workers(&mut first, 1).await;
+    let mut second = connect().await.unwrap();
+    second.generate(long_request(1)).await.unwrap();
+
+    // A third connection is closed as soon as it is accepted: its call fails as a lost
+    // connection (how depends on the client: UNAVAILABLE in grpcio; tonic says UNAVAILABLE,
+    // CANCELLED or UNKNOWN by when it notices).
+    let third = match connect().await {
+        Ok(mut c) => c.generate(long_request(1)).await.map(|_| ()),
+        Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+    };
+    assert!(third.is_err(), "a third connection was served");
+    let refused = common::prom::value(
+        &common::prom::parse(&common::prom::get(&router.metrics)),
+        "openinfer_router_connections_refused_total",
+        &[],
+    );
+    assert!(refused >= 1.0, "{refused}");
+
+    // Metadata over the bound: the request is refused, the connection's others go on.
+    let mut big = tonic::Request::new(long_request(1));
+    big.metadata_mut()
+        .insert("x-padding", "p".repeat(16 << 10).parse().unwrap());
+    assert!(
+        first.generate(big).await.is_err(),
+        "16 KiB of metadata was accepted"
+    );
+    let mut small = tonic::Request::new(long_request(1));
+    small
+        .metadata_mut()
+        .insert("x-padding", "p".repeat(1 << 10).parse().unwrap());
+    second.generate(small).await.unwrap();
+
+    // Once a connection closes, a new one is let in.
+    drop(first);
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(mut c) = connect().await {
+            if c.generate(long_request(1)).await.is_ok() {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "no connection was let in after one closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,7 +32,7 @@ pub fn parse_tenant_mix(s: &str) -> Result<Vec<(String, f64)>, String> {
             && name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if !valid || !(share.is_finite() && share > 0.0) {
+        if !(valid && share.is_finite() && share > 0.0) {
             return Err(format!(
                 "`{part}`: a tenant name of [A-Za-z0-9._-] and a positive multiple"
             ));

@@ -158,16 +158,22 @@ impl PriorityQueue {
     }
 
     /// The request to run next: highest effective priority; inside a level, the oldest of
-    /// the tenant with the lowest counter (the older head among equal counters).
+    /// the tenant with the lowest counter. Among equal counters (a tenant just lifted ties
+    /// with the lowest), the tenant with fewer requests waiting goes first, then the older
+    /// head.
     pub fn peek(&self, now: Instant, aging_step: Option<Duration>) -> Option<Entry> {
         self.levels
             .values()
             .filter_map(|l| {
                 l.tenants
                     .iter()
-                    .filter_map(|(t, q)| q.front().map(|e| (self.counter(t), e)))
-                    .min_by(|(ca, a), (cb, b)| ca.total_cmp(cb).then(a.enqueued.cmp(&b.enqueued)))
-                    .map(|(_, e)| e)
+                    .filter_map(|(t, q)| q.front().map(|e| (self.counter(t), q.len(), e)))
+                    .min_by(|(ca, na, a), (cb, nb, b)| {
+                        ca.total_cmp(cb)
+                            .then(na.cmp(nb))
+                            .then(a.enqueued.cmp(&b.enqueued))
+                    })
+                    .map(|(_, _, e)| e)
             })
             .max_by(|a, b| {
                 a.effective_priority(now, aging_step)
