@@ -90,7 +90,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_changed_file_calls_reload_once() {
+    async fn a_changed_file_or_sighup_calls_reload() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, "a").unwrap();
@@ -105,5 +105,43 @@ mod tests {
             .await
             .expect("reload within 5 s")
             .unwrap();
+        #[cfg(unix)]
+        sighup_calls_reload_without_waiting_for_the_poll().await;
+    }
+
+    /// Run after the poll test, not beside it: the signal reaches every watcher of the
+    /// process.
+    #[cfg(unix)]
+    async fn sighup_calls_reload_without_waiting_for_the_poll() {
+        // This process handles SIGHUP from here on (its default would end the test run).
+        let _handler =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "a").unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        // A poll an hour apart: only the signal can call reload within the test.
+        let _task = on_change(vec![path], Duration::from_secs(3600), move || {
+            let _ = tx.send(());
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            // Sent again until seen: the watcher's own handler may not be registered yet.
+            let st = std::process::Command::new("kill")
+                .args(["-HUP", &std::process::id().to_string()])
+                .status()
+                .unwrap();
+            assert!(st.success());
+            if tokio::time::timeout(Duration::from_millis(200), rx.recv())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "SIGHUP never reloaded"
+            );
+        }
     }
 }
