@@ -410,10 +410,6 @@ pub struct RouterArgs {
     /// See --keepalive-interval.
     #[arg(long, env = "OPENINFER_KEEPALIVE_TIMEOUT", default_value_t = Dur(router_defaults().keepalive_timeout))]
     pub keepalive_timeout: Dur,
-    /// A client connection with no request in flight this long is closed (its client
-    /// reconnects for its next call); 0: never.
-    #[arg(long, env = "OPENINFER_IDLE_TIMEOUT", default_value_t = Dur(router_defaults().idle_timeout.unwrap_or_default()))]
-    pub idle_timeout: Dur,
     /// Tenants file (YAML: name, api_keys_sha256, max_priority, weight, requests_per_minute,
     /// tokens_per_minute, max_concurrent), reloaded when it changes or on SIGHUP. With it,
     /// clients must send `authorization: Bearer <key>`; without it every request is one

@@ -5,13 +5,10 @@
 //! | [`watch`] | files followed for changes (certificates, the tenants file), and `SIGHUP` |
 //! | [`tls`] | TLS and mutual TLS from PEM files, reloaded when they change |
 //! | [`listen`] | the accept loop: TLS handshakes off the loop, a bound on connections |
-//! | [`idle`] | connections with no request in flight for the idle timeout are closed |
 
-pub mod idle;
 pub mod listen;
 pub mod tls;
 pub mod watch;
 
-pub use idle::{ConnInfo, CountStreams};
 pub use listen::{incoming, Accept, Conn, DEFAULT_HANDSHAKE_TIMEOUT};
 pub use tls::{ClientPems, ClientTls, Reloading, ServerTls, TlsError};

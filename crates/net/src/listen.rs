@@ -14,9 +14,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::Connected;
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use crate::idle::{Activity, ConnInfo, IdleTimer};
 use crate::tls::Reloading;
 
 /// Longest a TLS handshake may take, unless configured otherwise.
@@ -31,17 +30,12 @@ pub struct Accept {
     pub max_connections: usize,
     /// Longest a TLS handshake may take.
     pub handshake_timeout: Duration,
-    /// A connection with no request in flight this long is closed (`None`: never); requests
-    /// are counted by the [`CountStreams`](crate::CountStreams) layer, which the server must
-    /// have.
-    pub idle_timeout: Option<Duration>,
 }
 
 /// One accepted connection; its slot in `max_connections` is held until it is dropped.
 pub struct Conn {
     io: Io,
-    info: ConnInfo,
-    idle: Option<IdleTimer>,
+    info: TcpConnectInfo,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -51,9 +45,9 @@ enum Io {
 }
 
 impl Connected for Conn {
-    type ConnectInfo = ConnInfo;
+    type ConnectInfo = TcpConnectInfo;
 
-    fn connect_info(&self) -> ConnInfo {
+    fn connect_info(&self) -> TcpConnectInfo {
         self.info.clone()
     }
 }
@@ -64,17 +58,10 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let read = match &mut this.io {
+        match &mut self.get_mut().io {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        };
-        if read.is_pending() && this.idle.as_mut().is_some_and(|t| t.expired(cx)) {
-            // Idle for the timeout: the end of input closes the connection.
-            tracing::debug!(peer = ?this.info.tcp.remote_addr, "closing an idle connection");
-            return Poll::Ready(Ok(()));
         }
-        read
     }
 }
 
@@ -150,12 +137,7 @@ pub fn incoming(
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let activity = Activity::new();
-            let info = ConnInfo {
-                tcp: tcp.connect_info(),
-                activity: activity.clone(),
-            };
-            let idle = accept.idle_timeout.map(|t| IdleTimer::new(t, activity));
+            let info = tcp.connect_info();
             let (conns, accept) = (tx.clone(), accept.clone());
             tokio::spawn(async move {
                 let io = match &accept.tls {
@@ -181,7 +163,6 @@ pub fn incoming(
                     .send(Ok(Conn {
                         io,
                         info,
-                        idle,
                         _slot: slot,
                     }))
                     .await;

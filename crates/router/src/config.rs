@@ -69,8 +69,6 @@ pub struct RouterConfig {
     pub keepalive_interval: Duration,
     /// See `keepalive_interval`.
     pub keepalive_timeout: Duration,
-    /// A client connection with no request in flight this long is closed (`None`: never).
-    pub idle_timeout: Option<Duration>,
     /// TLS on the public endpoint (and mutual TLS with a client CA); `None`: plaintext.
     pub tls: Option<openinfer_net::ServerTls>,
     /// Mutual TLS towards workers; `None`: plaintext.
@@ -117,7 +115,6 @@ impl Default for RouterConfig {
             handshake_timeout: openinfer_net::DEFAULT_HANDSHAKE_TIMEOUT,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(20),
-            idle_timeout: Some(Duration::from_secs(600)),
             tls: None,
             worker_tls: None,
             max_dispatch_attempts: 3,

@@ -304,7 +304,6 @@ impl Router {
                 tls: self.tls.clone(),
                 max_connections: cfg.max_connections,
                 handshake_timeout: cfg.handshake_timeout,
-                idle_timeout: cfg.idle_timeout,
             },
             move || refused.inc(),
         );
@@ -313,8 +312,6 @@ impl Router {
             .http2_max_header_list_size(cfg.max_header_bytes)
             .http2_keepalive_interval(Some(cfg.keepalive_interval))
             .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
-            // Counts each connection's requests, for the idle timeout.
-            .layer(openinfer_net::CountStreams)
             .layer(tower::util::MapResponseLayer::new(move |r| {
                 over_limit(r, &cfg)
             }))

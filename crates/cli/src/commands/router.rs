@@ -78,7 +78,6 @@ pub fn config(a: &RouterArgs) -> RouterConfig {
         handshake_timeout: a.handshake_timeout.0,
         keepalive_interval: a.keepalive_interval.0,
         keepalive_timeout: a.keepalive_timeout.0,
-        idle_timeout: (!a.idle_timeout.0.is_zero()).then_some(a.idle_timeout.0),
         ..RouterConfig::default()
     }
 }

@@ -55,8 +55,6 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             tls: None,
             max_connections: 16,
             handshake_timeout: openinfer_net::DEFAULT_HANDSHAKE_TIMEOUT,
-            // Routers hold their connection for good (one stream a worker).
-            idle_timeout: None,
         };
         let worker = tokio::spawn(process::serve(
             handle.clone(),

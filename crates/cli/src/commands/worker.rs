@@ -73,8 +73,6 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
             },
             max_connections: a.max_connections,
             handshake_timeout: openinfer_net::DEFAULT_HANDSHAKE_TIMEOUT,
-            // Routers hold their connection for good (one stream a worker).
-            idle_timeout: None,
         };
         process::serve(
             handle,
