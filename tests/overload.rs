@@ -362,6 +362,81 @@ async fn connections_and_headers_are_bounded() {
     }
 }
 
+/// A connection older than --max-connection-age is asked to go: a stream in flight then runs
+/// to its end, an idle one closes, and clients reconnect. One that never says anything is
+/// closed after --handshake-timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_connections_are_asked_to_go_without_cutting_a_stream() {
+    use tokio::io::AsyncReadExt;
+    let (_worker, waddr) = common::sim_worker("20ms", &[]);
+    let router = common::service(
+        "router",
+        &[
+            "router",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            &waddr,
+            "--max-connection-age",
+            "1s",
+            "--handshake-timeout",
+            "1s",
+        ],
+    );
+    let addr = router.addr.clone();
+    let open = || {
+        let samples = common::prom::parse(&common::prom::get(&router.metrics));
+        common::prom::value(&samples, "openinfer_router_connections_open", &[])
+    };
+    let mut client = router_client(&addr).await;
+    common::wait_for_workers(&mut client, 1).await;
+
+    // A stream of 100 tokens (2 s) on a connection that turns 1 s old meanwhile.
+    let mut s = client
+        .generate_stream(long_request(100))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut tokens = 0;
+    while let Some(m) = s.message().await.unwrap() {
+        tokens += m.token_ids.len();
+    }
+    assert_eq!(tokens, 100);
+
+    // The client's connection, idle now, is asked to go once it is 1 s old, and closes.
+    let end = Instant::now() + Duration::from_secs(10);
+    while open() != 0.0 {
+        assert!(Instant::now() < end, "{} connections stayed open", open());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A connection that never sends a byte is closed after --handshake-timeout.
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let start = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // the server's HTTP/2 settings, then its GOAWAY
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a silent connection stayed open for 10 s");
+    let after = start.elapsed();
+    assert!(
+        after >= Duration::from_millis(900),
+        "closed after {after:?}"
+    );
+
+    // Calls keep working across the client's reconnections.
+    for _ in 0..5 {
+        client.generate(long_request(2)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_ten_times_overload_with_deadlines_the_router_serves_at_capacity_in_time() {
     // 8 slots of 20 ms steps, 40 tokens a request (41 steps): 9.8 requests/s at best.

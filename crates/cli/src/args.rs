@@ -400,7 +400,8 @@ pub struct RouterArgs {
     /// Largest header block (gRPC metadata) a client may send, e.g. 16KiB.
     #[arg(long, env = "OPENINFER_MAX_HEADER_BYTES", default_value_t = Size(router_defaults().max_header_bytes.into()))]
     pub max_header_bytes: Size,
-    /// Longest a client's TLS handshake may take.
+    /// Longest a client's TLS handshake may take; a new connection that sends nothing this
+    /// long is closed.
     #[arg(long, env = "OPENINFER_HANDSHAKE_TIMEOUT", default_value_t = Dur(router_defaults().handshake_timeout))]
     pub handshake_timeout: Dur,
     /// HTTP/2 PING to each client connection this often; one that does not answer within
@@ -410,6 +411,11 @@ pub struct RouterArgs {
     /// See --keepalive-interval.
     #[arg(long, env = "OPENINFER_KEEPALIVE_TIMEOUT", default_value_t = Dur(router_defaults().keepalive_timeout))]
     pub keepalive_timeout: Dur,
+    /// A client connection this old is asked to go (HTTP/2 GOAWAY): its requests in flight
+    /// finish, new ones go to a new connection; an idle connection holds a slot no longer.
+    /// 0: never.
+    #[arg(long, env = "OPENINFER_MAX_CONNECTION_AGE", default_value_t = Dur(router_defaults().max_connection_age.unwrap_or_default()))]
+    pub max_connection_age: Dur,
     /// Tenants file (YAML: name, api_keys_sha256, max_priority, weight, requests_per_minute,
     /// tokens_per_minute, max_concurrent), reloaded when it changes or on SIGHUP. With it,
     /// clients must send `authorization: Bearer <key>`; without it every request is one

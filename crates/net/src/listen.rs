@@ -1,8 +1,9 @@
 //! The accept loop of a public endpoint: at most `max_connections` open at once (one more is
 //! closed at once and counted), TLS handshakes on their own tasks with a deadline (a client
-//! that stalls mid-handshake holds nothing but its own task), and no Nagle delay (token
-//! deltas are small writes).
+//! that stalls mid-handshake holds nothing but its own task), a connection that sends nothing
+//! within that deadline closed, and no Nagle delay (token deltas are small writes).
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -28,15 +29,34 @@ pub struct Accept {
     pub tls: Option<Reloading<ServerConfig>>,
     /// Most connections open at once.
     pub max_connections: usize,
-    /// Longest a TLS handshake may take.
+    /// Longest a TLS handshake may take, and (after it, or in plaintext) how long a new
+    /// connection may stay silent before it is closed.
     pub handshake_timeout: Duration,
+    /// Counts the connections open, when given.
+    pub open: Option<prometheus::IntGauge>,
 }
 
 /// One accepted connection; its slot in `max_connections` is held until it is dropped.
 pub struct Conn {
     io: Io,
     info: TcpConnectInfo,
-    _slot: OwnedSemaphorePermit,
+    /// Until its first byte arrives: when a silent connection is closed.
+    silent_until: Option<Pin<Box<tokio::time::Sleep>>>,
+    _slot: Slot,
+}
+
+/// A connection's place among `max_connections`, and in the open gauge.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    open: Option<prometheus::IntGauge>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(g) = &self.open {
+            g.dec();
+        }
+    }
 }
 
 enum Io {
@@ -58,10 +78,22 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = match &mut this.io {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
+        if let Some(silent) = &mut this.silent_until {
+            if buf.filled().len() > before {
+                this.silent_until = None;
+            } else if read.is_pending() && silent.as_mut().poll(cx).is_ready() {
+                // It said nothing in time: the end of input closes it (nothing is in flight).
+                tracing::debug!(peer = ?this.info.remote_addr, "closing a connection that sent nothing");
+                return Poll::Ready(Ok(()));
+            }
         }
+        read
     }
 }
 
@@ -138,6 +170,13 @@ pub fn incoming(
             };
             let _ = tcp.set_nodelay(true);
             let info = tcp.connect_info();
+            if let Some(g) = &accept.open {
+                g.inc();
+            }
+            let slot = Slot {
+                _permit: slot,
+                open: accept.open.clone(),
+            };
             let (conns, accept) = (tx.clone(), accept.clone());
             tokio::spawn(async move {
                 let io = match &accept.tls {
@@ -159,10 +198,12 @@ pub fn incoming(
                         }
                     }
                 };
+                let silent_until = Some(Box::pin(tokio::time::sleep(accept.handshake_timeout)));
                 let _ = conns
                     .send(Ok(Conn {
                         io,
                         info,
+                        silent_until,
                         _slot: slot,
                     }))
                     .await;

@@ -62,13 +62,18 @@ pub struct RouterConfig {
     pub max_connections: usize,
     /// Largest header block (gRPC metadata) a client may send, in bytes.
     pub max_header_bytes: u32,
-    /// Longest a client's TLS handshake may take.
+    /// Longest a client's TLS handshake may take, and how long a new connection may stay
+    /// silent before it is closed.
     pub handshake_timeout: Duration,
     /// HTTP/2 PING to each client connection this often; a client that does not answer
     /// within `keepalive_timeout` is disconnected (its requests cancelled).
     pub keepalive_interval: Duration,
     /// See `keepalive_interval`.
     pub keepalive_timeout: Duration,
+    /// A client connection this old is asked to go (HTTP/2 GOAWAY): it takes no new request,
+    /// its requests in flight finish, then it closes; clients reconnect for their next call.
+    /// Bounds how long an idle connection can hold one of `max_connections` (`None`: never).
+    pub max_connection_age: Option<Duration>,
     /// TLS on the public endpoint (and mutual TLS with a client CA); `None`: plaintext.
     pub tls: Option<openinfer_net::ServerTls>,
     /// Mutual TLS towards workers; `None`: plaintext.
@@ -115,6 +120,7 @@ impl Default for RouterConfig {
             handshake_timeout: openinfer_net::DEFAULT_HANDSHAKE_TIMEOUT,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(20),
+            max_connection_age: Some(Duration::from_secs(1800)),
             tls: None,
             worker_tls: None,
             max_dispatch_attempts: 3,

@@ -180,6 +180,8 @@ pub struct RouterMetrics {
     pub tenants_reloads: IntCounterVec,
     /// Client connections closed at once because `--max-connections` were open.
     pub connections_refused: IntCounter,
+    /// Client connections open now.
+    pub connections_open: IntGauge,
     /// Prompts handed to validation and the tokenizer.
     pub prompts_tokenized: IntCounter,
 }
@@ -314,6 +316,13 @@ impl RouterMetrics {
                 .counter(
                     "openinfer_router_connections_refused_total",
                     "Client connections closed at once because --max-connections were open.",
+                    &[],
+                )?
+                .with_label_values(&[] as &[&str]),
+            connections_open: f
+                .gauge(
+                    "openinfer_router_connections_open",
+                    "Client connections open now (bounded by --max-connections).",
                     &[],
                 )?
                 .with_label_values(&[] as &[&str]),

@@ -78,6 +78,7 @@ pub fn config(a: &RouterArgs) -> RouterConfig {
         handshake_timeout: a.handshake_timeout.0,
         keepalive_interval: a.keepalive_interval.0,
         keepalive_timeout: a.keepalive_timeout.0,
+        max_connection_age: (!a.max_connection_age.0.is_zero()).then_some(a.max_connection_age.0),
         ..RouterConfig::default()
     }
 }

@@ -55,6 +55,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             tls: None,
             max_connections: 16,
             handshake_timeout: openinfer_net::DEFAULT_HANDSHAKE_TIMEOUT,
+            open: None,
         };
         let worker = tokio::spawn(process::serve(
             handle.clone(),

@@ -73,6 +73,7 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
             },
             max_connections: a.max_connections,
             handshake_timeout: openinfer_net::DEFAULT_HANDSHAKE_TIMEOUT,
+            open: None,
         };
         process::serve(
             handle,
