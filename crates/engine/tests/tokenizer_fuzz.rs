@@ -3,7 +3,7 @@
 //! (inside and outside the vocabulary) through incremental decoding and stop strings. No
 //! input panics; deltas of ids that decode add up to the whole decoding.
 //!
-//! Short in CI (256 cases); longer: `PROPTEST_CASES=100000 cargo test --release -p
+//! Short in CI (proptest's default of 256 cases); longer: `PROPTEST_CASES=100000 cargo test --release -p
 //! openinfer-engine --test tokenizer_fuzz`.
 
 use std::str::FromStr;
@@ -25,18 +25,7 @@ fn make_tokenizer() -> Tokenizer {
     Tokenizer::from_parts(inner, None, vec![], false)
 }
 
-fn cases() -> ProptestConfig {
-    ProptestConfig::with_cases(
-        std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(256),
-    )
-}
-
 proptest! {
-    #![proptest_config(cases())]
-
     #[test]
     fn random_text_encodes_and_round_trips(
         text in prop_oneof!["\\PC{0,200}", ".{0,200}"],

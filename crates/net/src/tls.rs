@@ -116,6 +116,12 @@ impl ServerTls {
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(cfg))
     }
+
+    /// The configuration now (an error fails the start), reloaded when the files change;
+    /// `what` names it in logs.
+    pub fn follow(self, what: &'static str) -> Result<Reloading<ServerConfig>, TlsError> {
+        Reloading::follow(what, self.files(), move || self.load())
+    }
 }
 
 /// The files of the router's side of router ↔ worker mutual TLS.
@@ -159,6 +165,12 @@ impl ClientTls {
             ca: read(&self.ca)?,
             server_name: self.server_name.clone(),
         }))
+    }
+
+    /// The files now (an error fails the start), reloaded when they change; `what` names
+    /// them in logs.
+    pub fn follow(self, what: &'static str) -> Result<Reloading<ClientPems>, TlsError> {
+        Reloading::follow(what, self.files(), move || self.load())
     }
 }
 

@@ -117,24 +117,16 @@ impl Router {
         let models = ModelTable::default();
         let (serving_tx, serving) = watch::channel(false);
         let scheduler = scheduler::spawn(cfg.clone(), models.clone(), serving_tx, metrics.clone());
-        let tls = match &cfg.tls {
-            Some(files) => {
-                let f = files.clone();
-                Some(Reloading::follow("public TLS", files.files(), move || {
-                    f.load()
-                })?)
-            }
-            None => None,
-        };
-        let worker_tls = match &cfg.worker_tls {
-            Some(files) => {
-                let f = files.clone();
-                Some(Reloading::follow("worker TLS", files.files(), move || {
-                    f.load()
-                })?)
-            }
-            None => None,
-        };
+        let tls = cfg
+            .tls
+            .clone()
+            .map(|f| f.follow("public TLS"))
+            .transpose()?;
+        let worker_tls = cfg
+            .worker_tls
+            .clone()
+            .map(|f| f.follow("worker TLS"))
+            .transpose()?;
         Ok(Router {
             cfg,
             models,

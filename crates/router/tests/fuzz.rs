@@ -2,7 +2,7 @@
 //! decoders, random `GenerateRequest`s through validation, and random worker step messages
 //! through the scheduler. No input may panic; every refusal is a proper status.
 //!
-//! Short in CI (256 cases each); longer: `PROPTEST_CASES=100000 cargo test --release -p
+//! Short in CI (proptest's default of 256 cases each); longer: `PROPTEST_CASES=100000 cargo test --release -p
 //! openinfer-router --test fuzz` (docs/security.md).
 
 use std::sync::Arc;
@@ -18,15 +18,6 @@ use openinfer_router::RouterConfig;
 use openinfer_telemetry::TraceId;
 use proptest::prelude::*;
 use prost::Message;
-
-fn cases() -> ProptestConfig {
-    ProptestConfig::with_cases(
-        std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(256),
-    )
-}
 
 /// A model like a real one: a byte-level BPE tokenizer of 512 tokens, 256 tokens of context
 /// (made once: parsing the tokenizer is the slow part).
@@ -106,8 +97,6 @@ prop_compose! {
 }
 
 proptest! {
-    #![proptest_config(cases())]
-
     #[test]
     fn random_bytes_through_every_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
         let _ = pb::GenerateRequest::decode(bytes.as_slice());

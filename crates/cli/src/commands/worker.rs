@@ -13,7 +13,7 @@ use openinfer_worker::process::{self, Membership};
 use openinfer_worker::{EngineHandle, LoopConfig};
 
 use crate::args::{EngineArgs, EngineKind, TpBackend, WorkerArgs, WorkerLoopArgs};
-use openinfer_net::{Accept, Reloading, ServerTls};
+use openinfer_net::{Accept, ServerTls};
 
 pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
     let registry = super::etcd_config(&a.registry)?;
@@ -65,12 +65,7 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
         tracing::info!(%addr, model = %handle.info().model, "worker serving openinfer.worker.v1");
         super::serve_metrics(&a.metrics, super::WORKER_METRICS, metrics).await?;
         let accept = Accept {
-            tls: match tls {
-                Some(t) => Some(Reloading::follow("worker TLS", t.files(), move || {
-                    t.load()
-                })?),
-                None => None,
-            },
+            tls: tls.map(|t| t.follow("worker TLS")).transpose()?,
             max_connections: a.max_connections,
             handshake_timeout: openinfer_net::DEFAULT_HANDSHAKE_TIMEOUT,
             open: None,

@@ -286,10 +286,6 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(
-            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
-        ))]
-
         /// Random bytes, and random edits of a valid file: a clear error or a directory,
         /// never a panic.
         #[test]
