@@ -130,6 +130,8 @@ pub struct Service {
     pub addr: String,
     /// Its `/metrics` URL.
     pub metrics: String,
+    /// Its HTTP API's base URL (`http://HOST:PORT`), when started with `--http-listen`.
+    pub http: String,
     /// Every line it has logged so far.
     pub lines: Arc<Mutex<Vec<String>>>,
 }
@@ -169,6 +171,7 @@ pub fn spawn_service(name: &str, cmd: &mut Command) -> Service {
 
 fn spawn_logged(name: &str, cmd: &mut Command, metrics: bool) -> Service {
     let set = |k: &str| cmd.get_envs().any(|(key, _)| key == k);
+    let http = cmd.get_args().any(|a| a == "--http-listen");
     let defaults = [
         (
             "OPENINFER_LOG",
@@ -192,7 +195,7 @@ fn spawn_logged(name: &str, cmd: &mut Command, metrics: bool) -> Service {
             if let Some(k) = &keep {
                 k.lock().unwrap().push(line.clone());
             }
-            for key in ["addr=", "metrics="] {
+            for key in ["addr=", "metrics=", "http="] {
                 // Text lines say `addr=HOST:PORT`; JSON lines `"addr":"HOST:PORT"`.
                 let json_key = format!("\"{}\":\"", &key[..key.len() - 1]);
                 let value = line
@@ -208,11 +211,13 @@ fn spawn_logged(name: &str, cmd: &mut Command, metrics: bool) -> Service {
     });
     let mut addr = None;
     let mut url = None;
+    let mut base = None;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while addr.is_none() || (metrics && url.is_none()) {
+    while addr.is_none() || (metrics && url.is_none()) || (http && base.is_none()) {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(("addr=", v)) => addr = addr.or(Some(v)),
+            Ok(("http=", v)) => base = base.or(Some(v)),
             Ok((_, v)) => url = url.or(Some(v)),
             Err(_) => panic!("{name} never announced its address (and metrics endpoint)"),
         }
@@ -221,6 +226,7 @@ fn spawn_logged(name: &str, cmd: &mut Command, metrics: bool) -> Service {
         proc: child,
         addr: addr.unwrap_or_default(),
         metrics: url.unwrap_or_default(),
+        http: base.unwrap_or_default(),
         lines,
     }
 }

@@ -89,6 +89,11 @@ pub struct EngineArgs {
     /// Model id announced to routers and clients (default: the model directory's name).
     #[arg(long, env = "OPENINFER_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
+    /// Chat template (a Jinja file, as transformers renders it) that replaces the model's own
+    /// (`chat_template.jinja` or `chat_template` in tokenizer_config.json) for
+    /// /v1/chat/completions.
+    #[arg(long, env = "OPENINFER_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, env = "OPENINFER_DEVICE", default_value = "cpu")]
     pub device: String,
@@ -294,6 +299,14 @@ pub struct WorkerLoopArgs {
 /// Admission, scheduling and limits of the router.
 #[derive(Debug, Clone, Args)]
 pub struct RouterArgs {
+    /// Address to serve the OpenAI-compatible HTTP API on (/v1/completions,
+    /// /v1/chat/completions, /v1/models, /health, /tokenize, /detokenize); off when unset.
+    /// Takes the same TLS, tenants and limits as the gRPC API.
+    #[arg(long, env = "OPENINFER_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Most choices one HTTP request may ask for (prompts × n).
+    #[arg(long, env = "OPENINFER_MAX_CHOICES", default_value_t = router_defaults().max_choices)]
+    pub max_choices: usize,
     /// Model used when a request names none (default: the only model served).
     #[arg(long, env = "OPENINFER_DEFAULT_MODEL")]
     pub default_model: Option<String>,

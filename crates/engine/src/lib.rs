@@ -43,7 +43,7 @@ pub use engine::{
 pub use error::{EngineError, Result};
 pub use model_dir::ModelDir;
 pub use sim::{SimConfig, SimEngine};
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{ChatFacts, Tokenizer};
 
 /// Parses a dtype name as used on the command line and in `config.json`.
 pub fn parse_dtype(s: &str) -> Option<DType> {

@@ -282,6 +282,10 @@ pub fn ensure_preset(
     Ok(dir)
 }
 
+/// The chat template of a made model: each turn `<|role|>` on its own line, then its text and
+/// eos (`</s>`).
+const CHAT_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}";
+
 /// Writes a model directory for `spec` into `out`. `progress(bytes_done, bytes_total)` is
 /// called as weights are written.
 pub fn make_model(spec: &ModelSpec, out: &Path, progress: &dyn Fn(u64, u64)) -> Result<()> {
@@ -299,6 +303,7 @@ pub fn make_model(spec: &ModelSpec, out: &Path, progress: &dyn Fn(u64, u64)) -> 
         &json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                 "add_bos_token": true, "add_eos_token": false,
                 "model_max_length": spec.max_position_embeddings,
+                "chat_template": CHAT_TEMPLATE,
                 "tokenizer_class": "PreTrainedTokenizerFast"}),
     )?;
     write_json(

@@ -19,6 +19,79 @@ pub struct Tokenizer {
     pub eos_token_ids: Vec<u32>,
     /// Whether text prompts start with bos.
     pub add_bos_token: bool,
+    /// The chat template and the special-token texts it is rendered with.
+    pub chat: ChatFacts,
+}
+
+/// What rendering a conversation needs: the model's chat template (from `chat_template.jinja`,
+/// or `chat_template` in `tokenizer_config.json`, a string or the named list's `default`) and
+/// the texts of its bos and eos tokens.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChatFacts {
+    /// The Jinja source, when the model has one.
+    pub template: Option<String>,
+    /// Text of the bos token (`bos_token` in `tokenizer_config.json`).
+    pub bos_token: Option<String>,
+    /// Text of the eos token.
+    pub eos_token: Option<String>,
+}
+
+impl ChatFacts {
+    /// Reads the facts of the model directory `dir`.
+    pub fn from_dir(dir: &Path, tokenizer_config: Option<&Value>) -> Result<Self> {
+        let text = |field: &str| -> Option<String> {
+            let v = tokenizer_config?.get(field)?;
+            v.as_str()
+                .or_else(|| v.get("content")?.as_str())
+                .map(str::to_owned)
+        };
+        let jinja = dir.join("chat_template.jinja");
+        let template = if jinja.exists() {
+            Some(std::fs::read_to_string(&jinja).map_err(|e| EngineError::io(&jinja, e))?)
+        } else {
+            match tokenizer_config.and_then(|t| t.get("chat_template")) {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Array(named)) => named
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .and_then(|t| t.get("template")?.as_str())
+                    .map(str::to_owned),
+                Some(other) => {
+                    return Err(EngineError::ConfigField {
+                        path: dir.join("tokenizer_config.json"),
+                        field: "chat_template".into(),
+                        message: format!(
+                            "expected a string or a list of {{\"name\", \"template\"}}, found {}",
+                            kind(other)
+                        ),
+                    })
+                }
+            }
+        };
+        Ok(ChatFacts {
+            template,
+            bos_token: text("bos_token"),
+            eos_token: text("eos_token"),
+        })
+    }
+
+    /// These facts with the template replaced by the file `path` (`--chat-template`).
+    pub fn with_template_file(mut self, path: &Path) -> Result<Self> {
+        self.template = Some(std::fs::read_to_string(path).map_err(|e| EngineError::io(path, e))?);
+        Ok(self)
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
 }
 
 impl Tokenizer {
@@ -95,6 +168,7 @@ impl Tokenizer {
             });
         }
         Ok(Tokenizer {
+            chat: ChatFacts::from_dir(dir, tokenizer_config)?,
             inner,
             bos_token_id: bos,
             eos_token_ids: eos,
@@ -114,6 +188,7 @@ impl Tokenizer {
             bos_token_id,
             eos_token_ids,
             add_bos_token,
+            chat: ChatFacts::default(),
         }
     }
 

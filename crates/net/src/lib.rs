@@ -11,4 +11,4 @@ pub mod tls;
 pub mod watch;
 
 pub use listen::{incoming, Accept, Conn, DEFAULT_HANDSHAKE_TIMEOUT};
-pub use tls::{ClientPems, ClientTls, Reloading, ServerTls, TlsError};
+pub use tls::{ClientPems, ClientTls, Reloading, ServerTls, TlsError, ALPN_H2, ALPN_HTTP1};

@@ -70,6 +70,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// ALPN id of HTTP/2 (gRPC).
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN id of HTTP/1.1 (the OpenAI-compatible API).
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+
 /// The files of a TLS server endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerTls {
@@ -92,6 +97,11 @@ impl ServerTls {
     /// A rustls server configuration from the files as they are now (HTTP/2 by ALPN, as
     /// gRPC clients require).
     pub fn load(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        self.load_with_alpn(ALPN_H2)
+    }
+
+    /// A rustls server configuration from the files as they are now, offering `alpn`.
+    pub fn load_with_alpn(&self, alpn: &'static [u8]) -> Result<Arc<ServerConfig>, TlsError> {
         let builder = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(e.to_string()))?;
@@ -113,14 +123,23 @@ impl ServerTls {
                     self.key.display()
                 ))
             })?;
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        cfg.alpn_protocols = vec![alpn.to_vec()];
         Ok(Arc::new(cfg))
     }
 
     /// The configuration now (an error fails the start), reloaded when the files change;
-    /// `what` names it in logs.
+    /// `what` names it in logs. HTTP/2 by ALPN.
     pub fn follow(self, what: &'static str) -> Result<Reloading<ServerConfig>, TlsError> {
-        Reloading::follow(what, self.files(), move || self.load())
+        self.follow_with_alpn(what, ALPN_H2)
+    }
+
+    /// As [`follow`](Self::follow), offering `alpn` ([`ALPN_HTTP1`] for the HTTP API).
+    pub fn follow_with_alpn(
+        self,
+        what: &'static str,
+        alpn: &'static [u8],
+    ) -> Result<Reloading<ServerConfig>, TlsError> {
+        Reloading::follow(what, self.files(), move || self.load_with_alpn(alpn))
     }
 }
 

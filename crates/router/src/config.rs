@@ -39,6 +39,8 @@ pub struct RouterConfig {
     pub retry_pushback: Duration,
     /// `max_new_tokens` of a request that sets none (capped by the room left in the context).
     pub default_max_new_tokens: u32,
+    /// Most choices one HTTP request may ask for (prompts × `n`).
+    pub max_choices: usize,
     /// Most stop strings per request.
     pub max_stop_strings: usize,
     /// Longest stop string, in bytes.
@@ -107,6 +109,7 @@ impl Default for RouterConfig {
             preemption: true,
             retry_pushback: Duration::from_millis(500),
             default_max_new_tokens: 256,
+            max_choices: 16,
             max_stop_strings: 16,
             max_stop_bytes: 256,
             tokenizer_threads: 2,

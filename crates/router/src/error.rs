@@ -47,6 +47,9 @@ pub enum RouterError {
     /// The tenant may not ask for this (a priority above its cap).
     #[error("{0}")]
     PermissionDenied(String),
+    /// The router itself failed (a bug or an exhausted resource).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl ErrorCode for RouterError {
@@ -59,7 +62,7 @@ impl ErrorCode for RouterError {
             | RouterError::TooLateToStart(_)
             | RouterError::DeadlineDuringGeneration(_) => Code::DeadlineExceeded,
             RouterError::Unavailable(_) => Code::Unavailable,
-            RouterError::Worker(_) => Code::Internal,
+            RouterError::Worker(_) | RouterError::Internal(_) => Code::Internal,
             RouterError::Unauthenticated(_) => Code::Unauthenticated,
             RouterError::PermissionDenied(_) => Code::PermissionDenied,
         }

@@ -11,13 +11,17 @@
 //! * [`tenants`] says who is asking (API keys), what they may ask for and how much (quotas);
 //!   the scheduler shares each priority level among tenants by weight;
 //! * [`service`] is the gRPC face: it streams the output and cancels on disconnect;
+//! * [`openai`] is the OpenAI-compatible HTTP face over the same path, with
+//!   [`chat_template`] rendering conversations into prompts;
 //! * [`observe`] and [`metrics`] make each request one trace and count it for Prometheus.
 
+pub mod chat_template;
 pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod models;
 pub mod observe;
+pub mod openai;
 pub mod request;
 pub mod scheduler;
 pub mod server;

@@ -7,6 +7,9 @@ use std::sync::{Arc, RwLock};
 
 use openinfer_proto::worker::v1 as wpb;
 
+use crate::chat_template::{ChatTemplate, TemplateError};
+use crate::error::RouterError;
+
 /// A model's facts, as its workers report them.
 pub struct ModelSpec {
     /// The model id clients name.
@@ -23,6 +26,8 @@ pub struct ModelSpec {
     tokenizer: tokenizers::Tokenizer,
     bos_token_id: Option<u32>,
     add_bos_token: bool,
+    /// Its chat template: `None` when it has none, an error when it does not compile.
+    chat_template: Option<Result<ChatTemplate, TemplateError>>,
 }
 
 /// A worker's `Info` and `Tokenizer` answers did not make a usable model description.
@@ -60,7 +65,63 @@ impl ModelSpec {
             tokenizer,
             bos_token_id: tok.bos_token_id,
             add_bos_token: tok.add_bos_token,
+            chat_template: tok.chat_template.as_deref().map(|source| {
+                let compiled =
+                    ChatTemplate::new(source, tok.bos_token.clone(), tok.eos_token.clone());
+                if let Err(e) = &compiled {
+                    tracing::warn!(model = %info.model, error = %e, "chat requests will be refused");
+                }
+                compiled
+            }),
         })
+    }
+
+    /// `messages` rendered with the model's chat template, ending with the assistant's
+    /// header when `add_generation_prompt`.
+    pub fn render_chat(
+        &self,
+        messages: &serde_json::Value,
+        add_generation_prompt: bool,
+    ) -> Result<String, RouterError> {
+        let refused = |message: String| RouterError::invalid("messages", message);
+        match &self.chat_template {
+            None => Err(refused(format!(
+                "model `{}` has no chat template (no chat_template.jinja, no chat_template in \
+                 tokenizer_config.json), so it cannot take a conversation; send a `prompt` to \
+                 /v1/completions, or start its workers with --chat-template FILE",
+                self.id
+            ))),
+            Some(Err(e)) => Err(refused(format!(
+                "model `{}`: {e}; fix it or start its workers with --chat-template FILE",
+                self.id
+            ))),
+            Some(Ok(t)) => t
+                .render(messages, add_generation_prompt)
+                .map_err(|e| match e {
+                    TemplateError::Raised(m) => refused(format!(
+                        "the chat template of `{}` refuses this conversation: {m}",
+                        self.id
+                    )),
+                    other => refused(format!("model `{}`: {other}", self.id)),
+                }),
+        }
+    }
+
+    /// Token ids of a prompt rendered by the chat template: the template wrote its special
+    /// tokens (bos among them) itself, so none is added.
+    pub fn encode_rendered(&self, text: &str) -> Result<Vec<u32>, String> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| e.to_string())?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`; special tokens are kept when `special`.
+    pub fn decode(&self, ids: &[u32], special: bool) -> Result<String, String> {
+        self.tokenizer
+            .decode(ids, !special)
+            .map_err(|e| e.to_string())
     }
 
     /// Token ids of a text prompt, exactly as the worker's engine would make them.

@@ -22,8 +22,10 @@ pub struct RequestTrace {
     pub trace_id: TraceId,
 }
 
-/// The GenAI operation of the public `Generate` calls.
+/// The GenAI operation of the public `Generate` calls and of `/v1/completions`.
 pub const TEXT_COMPLETION: &str = "text_completion";
+/// The GenAI operation of `/v1/chat/completions`.
+pub const CHAT: &str = "chat";
 
 /// A request's span and metrics from arrival to its end. Dropped before
 /// [`finished`](Self::finished) or [`fail`](Self::fail), the request counts as cancelled (its
@@ -43,6 +45,7 @@ impl RequestRecord {
     /// With export off the span carries only what log lines need (`request_id`, `trace_id`).
     pub fn start(
         operation: &'static str,
+        system: &'static str,
         rpc: &'static str,
         priority: i32,
         parent: Option<TraceParent>,
@@ -62,7 +65,7 @@ impl RequestRecord {
                 otel.kind = "server",
                 otel.status_code = Empty,
                 otel.status_description = Empty,
-                rpc.system = "grpc",
+                rpc.system = system,
                 rpc.method = rpc,
                 gen_ai.operation.name = operation,
                 gen_ai.provider.name = "openinfer",
@@ -77,6 +80,7 @@ impl RequestRecord {
                 gen_ai.usage.output_tokens = Empty,
                 openinfer.priority = priority,
                 openinfer.tenant = Empty,
+                openinfer.user = Empty,
                 openinfer.queue_time_s = Empty,
                 openinfer.time_to_first_token_s = Empty,
                 request_id = Empty,
@@ -115,6 +119,11 @@ impl RequestRecord {
         self.trace.span.record("tenant", tenant.as_ref());
         self.trace.span.record("openinfer.tenant", tenant.as_ref());
         self.tenant = Some(tenant.clone());
+    }
+
+    /// The end user the client names (OpenAI's `user`), on the exported span.
+    pub fn user(&self, user: &str) {
+        self.trace.span.record("openinfer.user", user);
     }
 
     /// Counts the request's end under its tenant.
@@ -193,10 +202,10 @@ impl RequestRecord {
         tracing::debug!(parent: span, reason = s.reason.as_str(), prompt_tokens = s.prompt_tokens, completion_tokens = s.completion_tokens, total_s = s.total_time, "request finished");
     }
 
-    /// The request failed with `e`: recorded, and turned into the client's status.
-    pub fn fail(&mut self, e: RouterError) -> tonic::Status {
+    /// The request failed with `e`: recorded, and handed back for its client.
+    pub fn failed_with(&mut self, e: RouterError) -> RouterError {
         self.failed(&e);
-        e.into()
+        e
     }
 
     fn failed(&mut self, e: &RouterError) {
@@ -243,7 +252,7 @@ fn outcome(e: &RouterError) -> Outcome {
         | RouterError::TooLateToStart(_)
         | RouterError::DeadlineDuringGeneration(_) => Outcome::Timeout,
         RouterError::Unavailable(_) => Outcome::Unavailable,
-        RouterError::Worker(_) => Outcome::Error,
+        RouterError::Worker(_) | RouterError::Internal(_) => Outcome::Error,
         RouterError::Unauthenticated(_) | RouterError::PermissionDenied(_) => Outcome::Denied,
     }
 }
@@ -258,7 +267,7 @@ fn error_type(e: &RouterError) -> &'static str {
         | RouterError::TooLateToStart(_)
         | RouterError::DeadlineDuringGeneration(_) => "DEADLINE_EXCEEDED",
         RouterError::Unavailable(_) => "UNAVAILABLE",
-        RouterError::Worker(_) => "INTERNAL",
+        RouterError::Worker(_) | RouterError::Internal(_) => "INTERNAL",
         RouterError::Unauthenticated(_) => "UNAUTHENTICATED",
         RouterError::PermissionDenied(_) => "PERMISSION_DENIED",
     }

@@ -67,6 +67,8 @@ pub struct Router {
     quotas: Arc<Mutex<Quotas>>,
     /// TLS of the public endpoint, as in force now.
     tls: Option<Reloading<rustls::ServerConfig>>,
+    /// The same files for the HTTP API (HTTP/1.1 by ALPN).
+    http_tls: Option<Reloading<rustls::ServerConfig>>,
     /// TLS towards workers, as in force now.
     worker_tls: Option<Reloading<ClientPems>>,
 }
@@ -122,6 +124,11 @@ impl Router {
             .clone()
             .map(|f| f.follow("public TLS"))
             .transpose()?;
+        let http_tls = cfg
+            .tls
+            .clone()
+            .map(|f| f.follow_with_alpn("HTTP API TLS", openinfer_net::ALPN_HTTP1))
+            .transpose()?;
         let worker_tls = cfg
             .worker_tls
             .clone()
@@ -136,6 +143,7 @@ impl Router {
             tenants,
             quotas,
             tls,
+            http_tls,
             worker_tls,
         })
     }
@@ -216,6 +224,7 @@ impl Router {
             tenants: self.tenants.clone(),
             quotas: self.quotas.clone(),
             tls: self.tls.clone(),
+            http_tls: self.http_tls.clone(),
             worker_tls: self.worker_tls.clone(),
         }
     }
@@ -225,11 +234,13 @@ impl Router {
         &self.models
     }
 
-    /// Serves the public API on `listener` until `shutdown` resolves; then stops admitting
-    /// (health turns NOT_SERVING) and lets in-flight requests finish.
+    /// Serves the public gRPC API on `listener`, and the OpenAI-compatible HTTP API on `http`
+    /// when given, until `shutdown` resolves; then stops admitting (health turns
+    /// NOT_SERVING) and lets in-flight requests finish.
     pub async fn serve_on(
         self,
         listener: TcpListener,
+        http: Option<TcpListener>,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let (reporter, health) = tonic_health::server::health_reporter();
@@ -268,6 +279,27 @@ impl Router {
             self.tenants.clone(),
             self.quotas.clone(),
         );
+        let (http_stop, http_stopped) = watch::channel(false);
+        let http = http.map(|listener| {
+            let refused = self.metrics.connections_refused.clone();
+            let mut stopped = http_stopped;
+            tokio::spawn(crate::openai::serve(
+                listener,
+                openinfer_net::Accept {
+                    tls: self.http_tls.clone(),
+                    max_connections: self.cfg.max_connections,
+                    handshake_timeout: self.cfg.handshake_timeout,
+                    open: Some(self.metrics.connections_open.clone()),
+                },
+                move || refused.inc(),
+                crate::openai::routes(service.clone(), self.serving.clone()),
+                self.cfg.max_header_bytes as usize,
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+                CLOSE_GRACE,
+            ))
+        });
         let scheduler = self.scheduler.clone();
         let drain_timeout = self.cfg.drain_timeout;
         let (drained_tx, drained) = tokio::sync::oneshot::channel::<()>();
@@ -288,6 +320,7 @@ impl Router {
                 scheduler.abort(SHUTTING_DOWN).await;
             }
             let _ = drained_tx.send(());
+            let _ = http_stop.send(true);
         };
         let cfg = self.cfg.clone();
         let refused = self.metrics.connections_refused.clone();
@@ -338,6 +371,9 @@ impl Router {
                 grace = ?CLOSE_GRACE,
                 "connections still open after the drain; closing them"
             ),
+        }
+        if let Some(http) = http {
+            let _ = http.await;
         }
         Ok(())
     }

@@ -19,12 +19,12 @@ use tonic::{Request, Response, Status};
 use crate::config::RouterConfig;
 use crate::metrics::{Refusal, RouterMetrics};
 use crate::models::ModelTable;
-use crate::observe::{RequestRecord, TEXT_COMPLETION};
+use crate::observe::{RequestRecord, CHAT, TEXT_COMPLETION};
 use crate::request::{Delta, End, Next, Output, Summary};
 use crate::scheduler::SchedulerHandle;
 use crate::tenants::{Quotas, Reservation, Tenants};
 use crate::validate::{
-    before_tokenizing, client_request_id, default_request_id, resolve_model, validate,
+    before_tokenizing, client_request_id, default_request_id, resolve_model, validate, Checks,
 };
 
 /// Prompts up to this size are tokenized inline; longer ones on the blocking pool.
@@ -66,81 +66,98 @@ impl InferenceService {
         }
     }
 
-    /// Validates and admits a request; the guard cancels it when dropped before its end.
-    async fn start(
-        &self,
-        request: Request<pb::GenerateRequest>,
-        rpc: &'static str,
-    ) -> Result<(Started, CancelGuard), Status> {
-        let timeout = grpc_timeout(request.metadata());
+    /// Validates and admits a call from either API; the guard cancels it when dropped before
+    /// its end. Every check that costs no work on the prompt comes first, so a request refused
+    /// by them is never rendered or tokenized.
+    pub(crate) async fn start(&self, call: Call) -> Result<(Started, CancelGuard), RouterError> {
+        let Call {
+            req,
+            authorization,
+            parent,
+            timeout,
+            system,
+            rpc,
+            conversation,
+            user,
+        } = call;
         let answer_by =
             timeout.map(|t| tokio::time::Instant::now() + crate::validate::generate_within(t));
-        let authorization = request
-            .metadata()
-            .get("authorization")
-            .map(|v| v.as_bytes().to_vec());
-        let parent = TraceParent::from_headers(request.metadata().as_ref());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let req = request.into_inner();
+        let operation = if conversation.is_some() {
+            CHAT
+        } else {
+            TEXT_COMPLETION
+        };
         let mut record = RequestRecord::start(
-            TEXT_COMPLETION,
+            operation,
+            system,
             rpc,
             req.priority,
             parent,
             self.metrics.clone(),
         );
         record.request_id(client_request_id(&req).unwrap_or(&default_request_id(id)));
+        if let Some(u) = &user {
+            record.user(u);
+        }
         // The model it will be served by (the default one when it names none), for the
         // labels of refusals that come before validation.
-        let served_model = resolve_model(&req.model, &self.models, &self.cfg)
-            .ok()
-            .map(|e| e.spec.id.clone());
+        let served_model = resolve_model(&req.model, &self.models, &self.cfg).ok();
         if let Some(m) = &served_model {
-            record.model_known(m);
+            record.model_known(&m.spec.id);
         }
-        // Every check that costs no work on the prompt comes first: a request refused here
-        // is never tokenized.
-        let tenant = match self
-            .tenants
-            .authenticate(authorization.as_deref(), req.priority)
-        {
+        let tenant = match self.authenticate(authorization.as_deref(), req.priority) {
             Ok(t) => t,
-            Err(e) => {
-                self.metrics
-                    .auth_failures
-                    .with_label_values(&[e.reason()])
-                    .inc();
-                return Err(record.fail(e.into()));
-            }
+            Err(e) => return Err(record.failed_with(e)),
         };
         record.tenant(&tenant.name);
         let refuse = |reason| {
             if let Some(m) = &served_model {
-                self.metrics.refused(m, reason);
+                self.metrics.refused(&m.spec.id, reason);
             }
         };
         if let Some(e) = self.unread_refusal() {
             refuse(Refusal::UnreadOutput);
-            return Err(record.fail(e));
+            return Err(record.failed_with(e));
         }
         if let Some(e) = self.scheduler.surely_full(req.priority) {
             refuse(Refusal::QueueFull);
-            return Err(record.fail(e));
+            return Err(record.failed_with(e));
         }
         let wants = u64::from(req.max_new_tokens.unwrap_or(0).max(1)) + 1;
         let mut reservation = match Reservation::admit(&self.quotas, tenant.clone(), wants) {
             Ok(r) => r,
             Err(e) => {
                 refuse(e.refusal());
-                return Err(record.fail(RouterError::quota(e, self.cfg.retry_pushback)));
+                return Err(record.failed_with(RouterError::quota(e, self.cfg.retry_pushback)));
             }
+        };
+        // A conversation becomes its prompt: the model's template writes its special tokens,
+        // so the tokenizer adds none.
+        let mut req = req;
+        let special_tokens = match (&conversation, &served_model) {
+            (None, _) => true,
+            (Some(c), Some(m)) => {
+                match m.spec.render_chat(&c.messages, c.add_generation_prompt) {
+                    Ok(prompt) => req.prompt = prompt,
+                    Err(e) => return Err(record.failed_with(e)),
+                }
+                false
+            }
+            // Validation names why the model is unknown or unavailable.
+            (Some(_), None) => true,
         };
         self.metrics.prompts_tokenized.inc();
         let validated = {
             let span = record.child(|p| tracing::info_span!(parent: p, "validate"));
             let trace = record.trace();
+            let checks = Checks {
+                id,
+                queue_timeout: timeout,
+                special_tokens,
+            };
             if req.prompt.len() <= INLINE_TOKENIZE_BYTES {
-                span.in_scope(|| validate(req, &self.models, &self.cfg, id, timeout, trace))
+                span.in_scope(|| validate(req, &self.models, &self.cfg, checks, trace))
             } else if let Err(e) =
                 span.in_scope(|| before_tokenizing(&req, &self.models, &self.cfg))
             {
@@ -148,39 +165,33 @@ impl InferenceService {
             } else {
                 // Long prompts are tokenized off the async threads, a bounded number at once:
                 // tokenizing costs many times a prompt's size in memory.
-                let permit = self
-                    .tokenizers
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|e| Status::internal(format!("tokenizer pool closed: {e}")))?;
                 let (models, cfg) = (self.models.clone(), self.cfg.clone());
-                tokio::task::spawn_blocking(move || {
-                    let _permit = permit;
-                    span.in_scope(|| validate(req, &models, &cfg, id, timeout, trace))
+                self.off_thread(move || {
+                    span.in_scope(|| validate(req, &models, &cfg, checks, trace))
                 })
                 .await
-                .map_err(|e| Status::internal(format!("tokenizer task failed: {e}")))?
+                .and_then(|v| v)
             }
         };
         let mut req = match validated {
             Ok(req) => req,
-            Err(e) => return Err(record.fail(e)),
+            Err(e) => return Err(record.failed_with(e)),
         };
-        record.validated(&req, TEXT_COMPLETION);
+        record.validated(&req, operation);
         let reserved = reservation.reserve(
             req.prompt_ids.len() as u64,
             req.stopping.max_new_tokens.into(),
         );
         if let Err(e) = reserved {
             self.metrics.refused(&req.model, e.refusal());
-            return Err(record.fail(RouterError::quota(e, self.cfg.retry_pushback)));
+            return Err(record.failed_with(RouterError::quota(e, self.cfg.retry_pushback)));
         }
         req.tenant = tenant.name.clone();
         req.weight = tenant.weight;
         let mut started = Started {
             request_id: req.request_id.clone(),
             model: req.model.clone(),
+            prompt_tokens: req.prompt_ids.len(),
             output: Output::new(req.arrived, self.metrics.unread_output.clone()),
             record,
             answer_by,
@@ -189,7 +200,7 @@ impl InferenceService {
         };
         if let Err(e) = self.scheduler.submit(req, started.output.clone()).await {
             let mut record = started.record;
-            return Err(record.fail(e));
+            return Err(record.failed_with(e));
         }
         reservation.track(started.output.clone());
         started.reservation = Some(reservation);
@@ -198,6 +209,70 @@ impl InferenceService {
             scheduler: Some(self.scheduler.clone()),
         };
         Ok((started, guard))
+    }
+
+    /// The tenant whose key `authorization` holds, allowed `priority`; failures are counted.
+    pub(crate) fn authenticate(
+        &self,
+        authorization: Option<&[u8]>,
+        priority: i32,
+    ) -> Result<Arc<crate::tenants::Tenant>, RouterError> {
+        self.tenants
+            .authenticate(authorization, priority)
+            .map_err(|e| {
+                self.metrics
+                    .auth_failures
+                    .with_label_values(&[e.reason()])
+                    .inc();
+                e.into()
+            })
+    }
+
+    /// Runs tokenizer work `f` on the blocking pool, holding one of `tokenizer_threads`
+    /// permits (tokenizing costs many times the text's size in memory).
+    pub(crate) async fn off_thread<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, RouterError> {
+        let permit = self
+            .tokenizers
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| RouterError::Internal(format!("tokenizer pool closed: {e}")))?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f()
+        })
+        .await
+        .map_err(|e| RouterError::Internal(format!("tokenizer task failed: {e}")))
+    }
+
+    /// The models known now.
+    pub(crate) fn models(&self) -> &ModelTable {
+        &self.models
+    }
+
+    /// The router's configuration.
+    pub(crate) fn config(&self) -> &RouterConfig {
+        &self.cfg
+    }
+
+    /// A gRPC call as a [`Call`].
+    fn grpc_call(request: Request<pb::GenerateRequest>, rpc: &'static str) -> Call {
+        Call {
+            timeout: grpc_timeout(request.metadata()),
+            authorization: request
+                .metadata()
+                .get("authorization")
+                .map(|v| v.as_bytes().to_vec()),
+            parent: TraceParent::from_headers(request.metadata().as_ref()),
+            req: request.into_inner(),
+            system: "grpc",
+            rpc,
+            conversation: None,
+            user: None,
+        }
     }
 
     /// An admission check before any work: output nobody reads is bounded.
@@ -217,9 +292,40 @@ impl InferenceService {
     }
 }
 
-struct Started {
-    request_id: String,
-    model: String,
+/// One call to generate, as either API hands it to [`InferenceService::start`].
+pub(crate) struct Call {
+    /// The request in the gRPC API's terms.
+    pub req: pb::GenerateRequest,
+    /// The `authorization` header, as sent.
+    pub authorization: Option<Vec<u8>>,
+    /// The client's trace context.
+    pub parent: Option<TraceParent>,
+    /// The client's deadline, when it sent one.
+    pub timeout: Option<Duration>,
+    /// `grpc` or `http`, for the span.
+    pub system: &'static str,
+    /// The method called, for the span.
+    pub rpc: &'static str,
+    /// A conversation that becomes `req.prompt` through the model's chat template.
+    pub conversation: Option<Conversation>,
+    /// The end user the client names, for the span.
+    pub user: Option<String>,
+}
+
+/// Chat messages to render into the prompt.
+pub(crate) struct Conversation {
+    /// A list of `{role, content}` maps.
+    pub messages: serde_json::Value,
+    /// End with the assistant's header.
+    pub add_generation_prompt: bool,
+}
+
+/// An admitted request, read by its call.
+pub(crate) struct Started {
+    pub(crate) request_id: String,
+    pub(crate) model: String,
+    /// Tokens of its prompt, as the model sees them.
+    pub(crate) prompt_tokens: usize,
     output: Arc<Output>,
     record: RequestRecord,
     /// When the call must have answered: a little before the client's deadline.
@@ -233,14 +339,14 @@ struct Started {
 impl Started {
     /// The next output; once the client's deadline has (nearly) run out, the error that ends
     /// the call with `DEADLINE_EXCEEDED` (dropping the guard then cancels the sequence).
-    async fn next(&mut self) -> Result<Next, Status> {
+    pub(crate) async fn next(&mut self) -> Result<Next, RouterError> {
         let next = match self.answer_by {
             None => self.output.next().await,
             Some(at) => match tokio::time::timeout_at(at, self.output.next()).await {
                 Ok(next) => next,
                 Err(_) => {
                     let e = RouterError::DeadlineDuringGeneration(self.generated);
-                    return Err(self.record.fail(e));
+                    return Err(self.record.failed_with(e));
                 }
             },
         };
@@ -250,25 +356,26 @@ impl Started {
     }
 
     /// The request's end as its client sees it, recorded in its span and the metrics.
-    fn end(&mut self, end: End) -> Result<Summary, Status> {
+    pub(crate) fn end(&mut self, end: End) -> Result<Summary, RouterError> {
         match end {
             End::Finished(s) => {
                 self.record.finished(&s);
                 Ok(s)
             }
-            End::Failed(e) => Err(self.record.fail(e)),
+            End::Failed(e) => Err(self.record.failed_with(e)),
         }
     }
 }
 
 /// Cancels the request when the client's call is dropped before the request ended.
-struct CancelGuard {
+pub(crate) struct CancelGuard {
     id: u64,
     scheduler: Option<SchedulerHandle>,
 }
 
 impl CancelGuard {
-    fn disarm(&mut self) {
+    /// The request ended: nothing to cancel.
+    pub(crate) fn disarm(&mut self) {
         self.scheduler = None;
     }
 }
@@ -290,7 +397,7 @@ impl Inference for InferenceService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let (mut s, mut guard) = self.start(request, "Generate").await?;
+        let (mut s, mut guard) = self.start(Self::grpc_call(request, "Generate")).await?;
         let mut resp = pb::GenerateResponse {
             request_id: s.request_id.clone(),
             model: s.model.clone(),
@@ -318,13 +425,15 @@ impl Inference for InferenceService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
-        let (mut s, mut guard) = self.start(request, "GenerateStream").await?;
+        let (mut s, mut guard) = self
+            .start(Self::grpc_call(request, "GenerateStream"))
+            .await?;
         let stream = async_stream::stream! {
             loop {
                 let next = match s.next().await {
                     Ok(next) => next,
-                    Err(status) => {
-                        yield Err(status);
+                    Err(e) => {
+                        yield Err(e.into());
                         break;
                     }
                 };
@@ -340,11 +449,11 @@ impl Inference for InferenceService {
                                 last.timings = Some(timings(&summary));
                                 yield Ok(last);
                             }
-                            Err(status) => {
+                            Err(e) => {
                                 if !d.token_ids.is_empty() {
                                     yield Ok(message(&s, d));
                                 }
-                                yield Err(status);
+                                yield Err(e.into());
                             }
                         }
                         break;

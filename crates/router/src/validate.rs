@@ -27,18 +27,32 @@ pub fn client_request_id(req: &pb::GenerateRequest) -> Option<&str> {
         .then_some(req.request_id.as_str())
 }
 
-/// Checks `req` and turns it into a [`Request`] for model `entry`.
-///
-/// `id` is the router's id for it; `queue_timeout` the client's `grpc-timeout`, if any; `trace`
-/// its span and trace id, which the request carries on.
+/// How a request is validated, besides its own fields.
+#[derive(Debug, Clone, Copy)]
+pub struct Checks {
+    /// The router's id for it.
+    pub id: u64,
+    /// The client's deadline (`grpc-timeout`), if any.
+    pub queue_timeout: Option<Duration>,
+    /// Tokenize a text prompt with the tokenizer's special tokens (and bos when the model wants
+    /// one); `false` for a prompt a chat template rendered, which holds them already.
+    pub special_tokens: bool,
+}
+
+/// Checks `req` and turns it into a [`Request`] for its model; `trace` is its span and trace
+/// id, which the request carries on.
 pub fn validate(
     req: pb::GenerateRequest,
     models: &ModelTable,
     cfg: &RouterConfig,
-    id: u64,
-    queue_timeout: Option<Duration>,
+    checks: Checks,
     trace: RequestTrace,
 ) -> Result<Request, RouterError> {
+    let Checks {
+        id,
+        queue_timeout,
+        special_tokens,
+    } = checks;
     let arrived = Instant::now();
     let entry = before_tokenizing(&req, models, cfg)?;
     let spec = &entry.spec;
@@ -62,9 +76,12 @@ pub fn validate(
                 "send either `prompt` or `prompt_ids`, not both",
             ))
         }
-        (false, true) => spec
-            .encode(&req.prompt)
-            .map_err(|e| RouterError::invalid("prompt", format!("cannot be tokenized: {e}")))?,
+        (false, true) => if special_tokens {
+            spec.encode(&req.prompt)
+        } else {
+            spec.encode_rendered(&req.prompt)
+        }
+        .map_err(|e| RouterError::invalid("prompt", format!("cannot be tokenized: {e}")))?,
         (true, false) => {
             if let Some((i, t)) = req
                 .prompt_ids

@@ -13,7 +13,7 @@ use openinfer_proto::worker::v1 as wpb;
 use openinfer_router::models::{ModelSpec, ModelTable};
 use openinfer_router::observe::RequestTrace;
 use openinfer_router::scheduler::{NewWorker, State, WorkerId};
-use openinfer_router::validate::validate;
+use openinfer_router::validate::{validate, Checks};
 use openinfer_router::RouterConfig;
 use openinfer_telemetry::TraceId;
 use proptest::prelude::*;
@@ -111,7 +111,8 @@ proptest! {
     fn random_requests_are_valid_or_refused_with_a_proper_status(req in request()) {
         let cfg = RouterConfig::default();
         let models = models();
-        match validate(req, &models, &cfg, 1, Some(Duration::from_secs(5)), trace()) {
+        let checks = Checks { id: 1, queue_timeout: Some(Duration::from_secs(5)), special_tokens: true };
+        match validate(req, &models, &cfg, checks, trace()) {
             Ok(r) => {
                 prop_assert!(r.prompt_ids.len() + r.stopping.max_new_tokens as usize <= 256);
                 prop_assert!(r.prompt_ids.iter().all(|&id| id < 512));
@@ -155,7 +156,7 @@ proptest! {
         for id in 1..=4u64 {
             let req = validate(
                 pb::GenerateRequest { prompt: "hello".into(), max_new_tokens: Some(8), ..Default::default() },
-                &table, &RouterConfig::default(), id, None, trace(),
+                &table, &RouterConfig::default(), Checks { id, queue_timeout: None, special_tokens: true }, trace(),
             ).unwrap();
             let out = openinfer_router::request::Output::new(t0, prometheus::IntGauge::new("u", "u").unwrap());
             let _ = state.submit(t0, req, out);

@@ -94,5 +94,8 @@ pub fn tokenizer(t: &Tokenizer) -> pb::TokenizerResponse {
         tokenizer_json: t.inner().to_string(false).unwrap_or_default(),
         bos_token_id: t.bos_token_id,
         add_bos_token: t.add_bos_token,
+        chat_template: t.chat.template.clone(),
+        bos_token: t.chat.bos_token.clone(),
+        eos_token: t.chat.eos_token.clone(),
     }
 }

@@ -40,6 +40,8 @@ pub struct LoopConfig {
     /// this worker, how long to wait for that work before planning the next step (it comes
     /// in reply to the step's message; without the wait it would miss the next step).
     pub refill_wait: std::time::Duration,
+    /// A chat template that replaces the model's own (`--chat-template`), as text.
+    pub chat_template: Option<String>,
 }
 
 impl Default for LoopConfig {
@@ -50,6 +52,7 @@ impl Default for LoopConfig {
             model_name: None,
             registry: None,
             refill_wait: std::time::Duration::from_millis(5),
+            chat_template: None,
         }
     }
 }
@@ -131,7 +134,11 @@ impl EngineHandle {
         }
         let metrics = WorkerMetrics::new(&cfg.registry.clone().unwrap_or_default(), &info.model)?;
         let info = Arc::new(info);
-        let tokenizer = Arc::new(convert::tokenizer(engine.tokenizer()));
+        let mut tokenizer = convert::tokenizer(engine.tokenizer());
+        if let Some(t) = &cfg.chat_template {
+            tokenizer.chat_template = Some(t.clone());
+        }
+        let tokenizer = Arc::new(tokenizer);
         let (cap_tx, cap_rx) = watch::channel(convert::capacity(&engine.capacity()));
         let (failure_tx, failure) = watch::channel(None);
         let lp = Loop {

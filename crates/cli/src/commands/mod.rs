@@ -154,6 +154,28 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
         .with_context(|| format!("cannot listen on {addr}; pick a free address with --listen"))
 }
 
+/// The listener of `--http-listen`, when set; logs its URL (`http=http://…`).
+pub async fn bind_http(
+    a: &crate::args::RouterArgs,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = a.http_listen else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr}; pick a free address with --http-listen")
+    })?;
+    let scheme = if a.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(
+        http = %format!("{scheme}://{}", listener.local_addr()?),
+        "serving the OpenAI-compatible HTTP API"
+    );
+    Ok(Some(listener))
+}
+
 /// Starts the Prometheus `/metrics` endpoint for `registry` on `--metrics-listen`, else on
 /// `default`, and logs its URL (`metrics=http://…/metrics`).
 pub async fn serve_metrics(

@@ -31,7 +31,10 @@ pub fn run(a: RouterCmdArgs) -> anyhow::Result<()> {
         }
         tracing::info!(addr = %listener.local_addr()?, workers = ?a.workers, registry = ?a.registry.registry, "router serving openinfer.v1.Inference");
         super::serve_metrics(&a.metrics, super::ROUTER_METRICS, metrics).await?;
-        router.serve_on(listener, super::shutdown_signal()).await?;
+        let http = super::bind_http(&a.router).await?;
+        router
+            .serve_on(listener, http, super::shutdown_signal())
+            .await?;
         anyhow::Ok(())
     })
 }
@@ -51,6 +54,7 @@ pub fn config(a: &RouterArgs) -> RouterConfig {
         max_resumes: a.max_resumes,
         retry_pushback: a.retry_pushback.0,
         default_max_new_tokens: a.default_max_new_tokens,
+        max_choices: a.max_choices,
         max_stop_strings: a.max_stop_strings,
         max_stop_bytes: a.max_stop_bytes,
         max_request_bytes: a.max_request_bytes.0 as usize,

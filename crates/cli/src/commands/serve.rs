@@ -83,7 +83,10 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             "serving openinfer.v1.Inference (router + worker in one process)"
         );
         super::serve_metrics(&a.metrics, super::ROUTER_METRICS, metrics).await?;
-        router.serve_on(listener, super::shutdown_signal()).await?;
+        let http = super::bind_http(&a.router).await?;
+        router
+            .serve_on(listener, http, super::shutdown_signal())
+            .await?;
         // The router has drained: it lets go of the embedded worker, which then stops.
         drop(link);
         let _ = stop_worker.send(());

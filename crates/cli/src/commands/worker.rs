@@ -134,7 +134,16 @@ pub fn start_engine(
     comm: Option<Arc<dyn Communicator>>,
     metrics: prometheus::Registry,
 ) -> anyhow::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+    let chat_template = engine
+        .chat_template
+        .as_deref()
+        .map(|p| {
+            std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read --chat-template {}", p.display()))
+        })
+        .transpose()?;
     let cfg = LoopConfig {
+        chat_template,
         command_queue: worker.command_queue,
         connection_buffer: worker.connection_buffer,
         refill_wait: worker.refill_wait.0,
