@@ -659,6 +659,21 @@ async fn render_and_run_the_cpu_example_etcd_worker_and_router_as_the_chart_star
         .unwrap()
         .into_inner();
     assert_eq!((reply.token_ids.len(), reply.model.as_str()), (8, "tiny"));
+    // The OpenAI-compatible API, through the Service's http port.
+    let http = through_service(
+        release.one("Service", "-router"),
+        "http",
+        &[&router, &worker],
+    );
+    let (status, _, body) = common::http(
+        &http,
+        "POST",
+        "/v1/completions",
+        r#"{"prompt": "Once upon a time", "max_tokens": 4, "ignore_eos": true}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["usage"]["completion_tokens"], 4);
     assert!(worker.alive().await && router.alive().await);
     // What the ServiceMonitor and PodMonitor scrape.
     assert!(metrics_of(&router).contains("openinfer_router_requests_total"));

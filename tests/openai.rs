@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,8 +19,15 @@ fn script() -> std::path::PathBuf {
 
 /// Runs a scenario of the Python client to its end; its last stdout line, as JSON.
 fn client(scenario: &str, base: &str, key: Option<&str>) -> Value {
+    client_with(scenario, base, key, &[])
+}
+
+fn client_with(scenario: &str, base: &str, key: Option<&str>, env: &[(&str, &str)]) -> Value {
     let mut cmd = Command::new(common::python());
-    cmd.arg(script()).args([scenario, base]).args(key);
+    cmd.arg(script())
+        .args([scenario, base])
+        .args(key)
+        .envs(env.iter().copied());
     let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -31,25 +37,7 @@ fn client(scenario: &str, base: &str, key: Option<&str>) -> Value {
     );
     serde_json::from_str(stdout.lines().last().unwrap_or("null")).unwrap()
 }
-
-/// A raw HTTP/1.1 exchange: (status, head, body).
-fn http(base: &str, method: &str, path: &str, body: &str) -> (u16, String, String) {
-    let addr = base.trim_start_matches("http://");
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, head.to_ascii_lowercase(), body.to_owned())
-}
+use common::http;
 
 fn error_of(body: &str) -> Value {
     let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
@@ -386,4 +374,92 @@ async fn serve_renders_chat_with_one_bos() {
         answer["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
         ids.len()
     );
+}
+
+/// The HTTP API on TLS from the router's --tls-cert files: the official client gets an answer
+/// when it trusts the CA, and cannot connect when it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_api_speaks_tls_from_the_same_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::certs::Ca::new(&dir.path().join("ca"), "ca");
+    let (cert, key) = ca.leaf("server", "serverAuth");
+    let (_sim, sim_addr) = common::sim_worker("2ms", &[]);
+    let router = common::service(
+        "router",
+        &[
+            "router",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            &sim_addr,
+            "--http-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert!(router.http.starts_with("https://"), "{}", router.http);
+    let base = router.http.clone();
+    let ca_pem = ca.pem();
+    let done = tokio::task::spawn_blocking(move || {
+        client_with(
+            "tls",
+            &base,
+            None,
+            &[("OPENINFER_TEST_CA", ca_pem.to_str().unwrap())],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(done["ok"], true);
+}
+
+/// `--chat-template FILE` on the worker replaces the model's template (here the sim model,
+/// which has none): the router renders conversations with the file's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_template_file_replaces_the_model_s() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("template.jinja");
+    std::fs::write(
+        &file,
+        "{%- for m in messages %}[{{ m.role | upper }}] {{ m.content | trim }}\n{% endfor %}\
+         {%- if add_generation_prompt %}[ASSISTANT]{% endif %}",
+    )
+    .unwrap();
+    let (_sim, sim_addr) = common::sim_worker("2ms", &["--chat-template", file.to_str().unwrap()]);
+    let router = common::service(
+        "router",
+        &[
+            "router",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            &sim_addr,
+            "--http-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let messages = r#"{"messages": [{"role": "system", "content": " be brief "}, {"role": "user", "content": "hi"}]}"#;
+    let tokens = loop {
+        let (status, _, body) = http(&router.http, "POST", "/tokenize", messages);
+        if status == 200 {
+            break serde_json::from_str::<Value>(&body).unwrap()["tokens"].clone();
+        }
+        assert!(Instant::now() < deadline, "{status} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (status, _, body) = http(
+        &router.http,
+        "POST",
+        "/detokenize",
+        &json!({ "tokens": tokens }).to_string(),
+    );
+    assert_eq!(status, 200, "{body}");
+    let text: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(text["prompt"], "[SYSTEM] be brief\n[USER] hi\n[ASSISTANT]");
+    let (status, _, body) = http(&router.http, "POST", "/v1/chat/completions", messages);
+    assert_eq!(status, 200, "{body}");
 }

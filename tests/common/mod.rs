@@ -469,3 +469,25 @@ pub async fn assert_reference_tokens(client: &InferenceClient<Channel>, model: &
         );
     }
 }
+
+/// A raw HTTP/1.1 exchange with `base` (`http://HOST:PORT` or `HOST:PORT`): (status, head in
+/// lower case, body).
+pub fn http(base: &str, method: &str, path: &str, body: &str) -> (u16, String, String) {
+    let addr = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    std::io::Write::write_fmt(
+        &mut s,
+        format_args!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .unwrap();
+    let mut raw = String::new();
+    std::io::Read::read_to_string(&mut s, &mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}

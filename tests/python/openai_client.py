@@ -223,4 +223,19 @@ def midstream():
         out(error=str(e), chunks=n)
 
 
-{"suite": suite, "auth": auth, "retry": retry, "disconnect": disconnect, "midstream": midstream}[scenario]()
+def tls():
+    """Over TLS, trusting only the CA in OPENINFER_TEST_CA."""
+    import os
+
+    c = client(http_client=httpx2.Client(verify=os.environ["OPENINFER_TEST_CA"]))
+    r = c.completions.create(model="", prompt="x", max_tokens=3)
+    assert r.usage.completion_tokens >= 1, r
+    try:
+        client().completions.create(model="", prompt="x", max_tokens=3)
+        raise AssertionError("a client that does not trust the CA got through")
+    except openai.APIConnectionError:
+        pass
+    out(ok=True)
+
+
+{"suite": suite, "tls": tls, "auth": auth, "retry": retry, "disconnect": disconnect, "midstream": midstream}[scenario]()

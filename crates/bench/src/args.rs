@@ -174,9 +174,17 @@ pub struct BenchRouterArgs {
     /// Sim step time while holding the concurrent streams.
     #[arg(long, env = "OPENINFER_BENCH_STREAM_STEP_TIME", default_value = "50ms", value_parser = parse_duration)]
     pub stream_step_time: Duration,
-    /// Client HTTP/2 connections the streams share.
+    /// Client HTTP/2 connections the gRPC streams share (HTTP streams take one each).
     #[arg(long, env = "OPENINFER_BENCH_CONNECTIONS", default_value_t = 16)]
     pub connections: usize,
+    /// The APIs whose concurrent streams are held, one after the other: grpc, http.
+    #[arg(
+        long,
+        env = "OPENINFER_BENCH_STREAM_APIS",
+        value_delimiter = ',',
+        default_value = "grpc,http"
+    )]
+    pub stream_apis: Vec<crate::router::Api>,
     /// Times the concurrent load is repeated on the same router (memory must stay flat).
     #[arg(long, env = "OPENINFER_BENCH_ROUNDS", default_value_t = 3)]
     pub rounds: usize,

@@ -14,6 +14,8 @@ pub struct ChildService {
     pub addr: String,
     /// Its Prometheus endpoint (`http://HOST:PORT/metrics`), once it logged one.
     pub metrics: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// Its HTTP API's address (`HOST:PORT`), once it logged one (`--http-listen`).
+    http: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl ChildService {
@@ -34,6 +36,8 @@ impl ChildService {
         let name_ = name.to_string();
         let metrics = std::sync::Arc::new(std::sync::Mutex::new(None));
         let metrics_ = metrics.clone();
+        let http = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let http_ = http.clone();
         std::thread::spawn(move || {
             let mut last = String::new();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -42,6 +46,12 @@ impl ChildService {
                     let url = line[i + 8..].split_whitespace().next().unwrap_or_default();
                     if let Ok(mut m) = metrics_.lock() {
                         *m = Some(url.to_string());
+                    }
+                }
+                if let Some(i) = line.find("http=http://") {
+                    let addr = line[i + 12..].split_whitespace().next().unwrap_or_default();
+                    if let Ok(mut h) = http_.lock() {
+                        *h = Some(addr.to_string());
                     }
                 }
                 if let Some(i) = line.find("addr=") {
@@ -57,6 +67,7 @@ impl ChildService {
             child,
             addr: String::new(),
             metrics,
+            http,
         };
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(Ok(addr)) => svc.addr = addr,
@@ -106,6 +117,17 @@ impl ChildService {
         let mut args = vec!["router", "--listen", "127.0.0.1:0", "--workers", &list];
         args.extend(extra.iter().map(String::as_str));
         Self::spawn("router", &args)
+    }
+
+    /// Its HTTP API's address (`HOST:PORT`), waiting up to ten seconds for it to be logged.
+    pub fn http_addr(&self) -> anyhow::Result<String> {
+        for _ in 0..1000 {
+            if let Some(a) = self.http.lock().ok().and_then(|h| h.clone()) {
+                return Ok(a);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bail!("the service logged no HTTP API address (is --http-listen set?)")
     }
 
     /// Its process id.

@@ -20,6 +20,7 @@ pub mod progress;
 pub mod python;
 pub mod router;
 pub mod serving;
+pub mod sse;
 pub mod stats;
 pub mod tenants;
 pub mod workload;

@@ -1,8 +1,9 @@
 //! `openinfer bench-router`: what the router costs. Against `--engine sim` workers (tokens at a
 //! fixed step time, no model), it measures
-//! 1. time to first token through the router versus straight to the worker's `Execute` stream,
-//!    sampled alternately in the same run;
-//! 2. one router holding many concurrent streams, with the router process's memory.
+//! 1. time to first token through the router's gRPC API, through its OpenAI-compatible HTTP
+//!    API (server-sent events) and straight to the worker's `Execute` stream, sampled in turn
+//!    in the same run;
+//! 2. one router holding many concurrent streams of each API, with the router's memory.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::args::BenchRouterArgs;
 use crate::chart::{grouped_bars, Group};
 use crate::child::{memory, ChildService};
+use crate::sse::{Event, SseStream};
 use crate::stats::Summary;
 
 /// The prompt of every request (the router tokenizes it; the direct path sends its ids).
@@ -29,7 +31,7 @@ const PROMPT: &str = "Hello, how are you today? Tell me a story about a fox.";
 #[derive(Serialize)]
 struct Report {
     ttft: TtftReport,
-    streams: StreamsReport,
+    streams: Vec<StreamsReport>,
 }
 
 #[derive(Serialize)]
@@ -44,10 +46,19 @@ struct TtftReport {
     added_p50_ms: f64,
     /// Router p99 minus direct p99, milliseconds.
     added_p99_ms: f64,
+    /// Milliseconds, through the HTTP API (`/v1/completions`, streamed).
+    http: Summary,
+    /// HTTP p50 minus gRPC p50, milliseconds: what the HTTP face adds.
+    http_added_p50_ms: f64,
+    /// HTTP p99 minus gRPC p99, milliseconds.
+    http_added_p99_ms: f64,
 }
 
 #[derive(Serialize)]
 struct StreamsReport {
+    /// `grpc` (HTTP/2 streams over `connections`) or `http` (server-sent events, one
+    /// connection each).
+    api: Api,
     streams: usize,
     tokens_per_stream: u32,
     sim_step_ms: f64,
@@ -72,6 +83,16 @@ struct Round {
     bytes_per_stream: f64,
 }
 
+/// The API a benchmark's streams use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Api {
+    /// `openinfer.v1.Inference/GenerateStream`.
+    Grpc,
+    /// `POST /v1/completions` with `stream: true`.
+    Http,
+}
+
 pub fn run(a: BenchRouterArgs) -> anyhow::Result<()> {
     if a.samples == 0
         || a.streams == 0
@@ -85,7 +106,10 @@ pub fn run(a: BenchRouterArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", a.out.display()))?;
     let rt = crate::runtime()?;
     let ttft = rt.block_on(ttft_phase(&a))?;
-    let streams = rt.block_on(streams_phase(&a))?;
+    let mut streams = Vec::new();
+    for &api in &a.stream_apis {
+        streams.push(rt.block_on(streams_phase(&a, api))?);
+    }
     let report = Report { ttft, streams };
     print_table(&report);
     std::fs::write(
@@ -139,7 +163,8 @@ fn request(max_new_tokens: u32) -> pb::GenerateRequest {
 
 async fn ttft_phase(a: &BenchRouterArgs) -> anyhow::Result<TtftReport> {
     let worker = ChildService::sim_worker(a.ttft_step_time, 64)?;
-    let router = ChildService::router(&[worker.addr.as_str()], &queue_flags(1024))?;
+    let router = ChildService::router(&[worker.addr.as_str()], &http_flags(queue_flags(1024)))?;
+    let http = router.http_addr()?;
     let mut client = InferenceClient::new(channel(&router.addr).await?);
     ready(&mut client).await?;
 
@@ -163,7 +188,7 @@ async fn ttft_phase(a: &BenchRouterArgs) -> anyhow::Result<TtftReport> {
 
     let warmup = (a.samples / 10).max(5);
     let pb = crate::progress::bar((a.samples + warmup) as u64, "ttft samples");
-    let (mut d, mut r) = (Vec::new(), Vec::new());
+    let (mut d, mut r, mut h) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..a.samples + warmup {
         // Direct: dispatch one sequence, wait for its token.
         let start = Instant::now();
@@ -198,27 +223,49 @@ async fn ttft_phase(a: &BenchRouterArgs) -> anyhow::Result<TtftReport> {
             }
         };
         while stream.message().await?.is_some() {}
+        // Through the HTTP API: a new connection per request, as OpenAI clients often do.
+        let start = Instant::now();
+        let mut sse = SseStream::completion(&http, PROMPT, 1).await?;
+        let http_ttft = loop {
+            match sse.next().await? {
+                Some(Event::Chunk { .. }) => break start.elapsed(),
+                Some(Event::Done) | None => bail!("the HTTP stream ended before its token"),
+            }
+        };
+        while sse.next().await?.is_some() {}
         if i >= warmup {
             d.push(direct_ttft.as_secs_f64() * 1e3);
             r.push(router_ttft.as_secs_f64() * 1e3);
+            h.push(http_ttft.as_secs_f64() * 1e3);
         }
         pb.inc(1);
     }
     pb.finish_and_clear();
-    let (direct, router) = (Summary::of(&d), Summary::of(&r));
+    let (direct, router, http) = (Summary::of(&d), Summary::of(&r), Summary::of(&h));
     Ok(TtftReport {
         samples: a.samples,
         sim_step_ms: a.ttft_step_time.as_secs_f64() * 1e3,
         added_p50_ms: router.p50 - direct.p50,
         added_p99_ms: router.p99 - direct.p99,
+        http_added_p50_ms: http.p50 - router.p50,
+        http_added_p99_ms: http.p99 - router.p99,
         direct,
         router,
+        http,
     })
 }
 
-async fn streams_phase(a: &BenchRouterArgs) -> anyhow::Result<StreamsReport> {
+/// Router flags that also serve the HTTP API on a free port.
+fn http_flags(mut flags: Vec<String>) -> Vec<String> {
+    flags.extend(["--http-listen".into(), "127.0.0.1:0".into()]);
+    flags
+}
+
+async fn streams_phase(a: &BenchRouterArgs, api: Api) -> anyhow::Result<StreamsReport> {
     let worker = ChildService::sim_worker(a.stream_step_time, a.streams)?;
-    let router = ChildService::router(&[worker.addr.as_str()], &queue_flags(a.streams))?;
+    let router =
+        ChildService::router(&[worker.addr.as_str()], &http_flags(queue_flags(a.streams)))?;
+    let http = router.http_addr()?;
     let mut clients = Vec::new();
     for _ in 0..a.connections {
         clients.push(InferenceClient::new(channel(&router.addr).await?));
@@ -230,8 +277,11 @@ async fn streams_phase(a: &BenchRouterArgs) -> anyhow::Result<StreamsReport> {
 
     let mut rounds = Vec::new();
     for round in 0..a.rounds {
-        let pb = crate::progress::bar(a.streams as u64, &format!("streams, round {}", round + 1));
-        let mut r = streams_round(a, &clients, &pb).await;
+        let pb = crate::progress::bar(
+            a.streams as u64,
+            &format!("{api:?} streams, round {}", round + 1),
+        );
+        let mut r = streams_round(a, api, &clients, &http, &pb).await;
         pb.finish_and_clear();
         tokio::time::sleep(Duration::from_millis(300)).await;
         let (_, hwm) = memory(pid).context("cannot read the router's memory from /proc")?;
@@ -240,6 +290,7 @@ async fn streams_phase(a: &BenchRouterArgs) -> anyhow::Result<StreamsReport> {
         rounds.push(r);
     }
     Ok(StreamsReport {
+        api,
         streams: a.streams,
         tokens_per_stream: a.stream_tokens,
         sim_step_ms: a.stream_step_time.as_secs_f64() * 1e3,
@@ -252,7 +303,9 @@ async fn streams_phase(a: &BenchRouterArgs) -> anyhow::Result<StreamsReport> {
 /// Opens every stream at once and reads them all to the end.
 async fn streams_round(
     a: &BenchRouterArgs,
+    api: Api,
     clients: &[InferenceClient<Channel>],
+    http: &str,
     pb: &indicatif::ProgressBar,
 ) -> Round {
     let open = Arc::new(AtomicUsize::new(0));
@@ -263,7 +316,11 @@ async fn streams_round(
         let mut client = clients[i % clients.len()].clone();
         let (open, peak, pb) = (open.clone(), peak.clone(), pb.clone());
         let tokens = a.stream_tokens;
+        let http = http.to_owned();
         tasks.spawn(async move {
+            if api == Api::Http {
+                return sse_round_trip(&http, tokens, &open, &peak, &pb).await;
+            }
             let start = Instant::now();
             let mut stream = client.generate_stream(request(tokens)).await?.into_inner();
             let mut ttft = None;
@@ -310,6 +367,41 @@ async fn streams_round(
     }
 }
 
+/// One streamed completion through the HTTP API, read to `[DONE]`: its time to first token.
+async fn sse_round_trip(
+    addr: &str,
+    tokens: u32,
+    open: &AtomicUsize,
+    peak: &AtomicUsize,
+    pb: &indicatif::ProgressBar,
+) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let mut stream = SseStream::completion(addr, PROMPT, tokens).await?;
+    let mut ttft = None;
+    let mut finished = false;
+    let mut done = false;
+    while let Some(e) = stream.next().await? {
+        match e {
+            Event::Chunk { finished: f, .. } => {
+                if ttft.is_none() {
+                    ttft = Some(start.elapsed().as_secs_f64() * 1e3);
+                    let now = open.fetch_add(1, Ordering::Relaxed) + 1;
+                    peak.fetch_max(now, Ordering::Relaxed);
+                }
+                finished |= f;
+            }
+            Event::Done => done = true,
+        }
+    }
+    open.fetch_sub(1, Ordering::Relaxed);
+    pb.inc(1);
+    anyhow::ensure!(
+        finished && done,
+        "the stream ended without its finish and [DONE]"
+    );
+    Ok(ttft.unwrap_or_default())
+}
+
 fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
@@ -326,7 +418,8 @@ fn print_table(r: &Report) {
     );
     for (name, s) in [
         ("direct to worker", &t.direct),
-        ("through the router", &t.router),
+        ("router, gRPC", &t.router),
+        ("router, HTTP (SSE)", &t.http),
     ] {
         println!(
             "{name:<22} {:>8.3} {:>8.3} {:>8.3} {:>8.3}",
@@ -343,13 +436,29 @@ fn print_table(r: &Report) {
         },
         t.added_p99_ms
     );
-    let s = &r.streams;
+    println!(
+        "HTTP adds {:.3} ms at p50 over gRPC ({}), {:.3} ms at p99",
+        t.http_added_p50_ms,
+        if t.http_added_p50_ms < 1.0 {
+            "under 1 ms"
+        } else {
+            "OVER 1 ms"
+        },
+        t.http_added_p99_ms
+    );
+    for s in &r.streams {
+        print_streams(s);
+    }
+}
+
+fn print_streams(s: &StreamsReport) {
     println!();
     println!(
-        "{} concurrent streams × {} tokens over {} connections, sim step {:.0} ms; router idle RSS {:.1} MiB",
+        "{} concurrent {:?} streams × {} tokens over {} connections, sim step {:.0} ms; router idle RSS {:.1} MiB",
         s.streams,
+        s.api,
         s.tokens_per_stream,
-        s.connections,
+        if s.api == Api::Http { s.streams } else { s.connections },
         s.sim_step_ms,
         mib(s.router_rss_idle_bytes)
     );
@@ -384,32 +493,38 @@ fn print_table(r: &Report) {
 fn chart(r: &Report) -> String {
     let t = &r.ttft;
     let groups = [
-        ("mean", t.direct.mean, t.router.mean),
-        ("p50", t.direct.p50, t.router.p50),
-        ("p90", t.direct.p90, t.router.p90),
-        ("p99", t.direct.p99, t.router.p99),
+        ("mean", t.direct.mean, t.router.mean, t.http.mean),
+        ("p50", t.direct.p50, t.router.p50, t.http.p50),
+        ("p90", t.direct.p90, t.router.p90, t.http.p90),
+        ("p99", t.direct.p99, t.router.p99, t.http.p99),
     ]
     .into_iter()
-    .map(|(label, d, r)| Group {
+    .map(|(label, d, r, h)| Group {
         label: format!("TTFT {label} (ms)"),
-        values: vec![Some(d), Some(r)],
+        values: vec![Some(d), Some(r), Some(h)],
     })
     .collect::<Vec<_>>();
+    let peak = r
+        .streams
+        .iter()
+        .map(|s| {
+            let rss = s
+                .rounds
+                .iter()
+                .map(|x| x.router_rss_peak_bytes)
+                .max()
+                .unwrap_or_default();
+            format!("{:?} {:.0} MiB", s.api, mib(rss))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
     grouped_bars(
         &format!(
-            "Time to first token, sim step {:.1} ms (lower is better); {} streams: router peak RSS {:.0} MiB",
+            "Time to first token, sim step {:.1} ms (lower is better); {} streams: router peak RSS {peak}",
             t.sim_step_ms,
-            r.streams.streams,
-            mib(
-                r.streams
-                    .rounds
-                    .iter()
-                    .map(|x| x.router_rss_peak_bytes)
-                    .max()
-                    .unwrap_or_default()
-            )
+            r.streams.first().map_or(0, |s| s.streams),
         ),
-        &["direct to worker", "through the router"],
+        &["direct to worker", "router, gRPC", "router, HTTP (SSE)"],
         &groups,
     )
 }
