@@ -226,12 +226,10 @@ async fn ttft_phase(a: &BenchRouterArgs) -> anyhow::Result<TtftReport> {
         // Through the HTTP API: a new connection per request, as OpenAI clients often do.
         let start = Instant::now();
         let mut sse = SseStream::completion(&http, PROMPT, 1).await?;
-        let http_ttft = loop {
-            match sse.next().await? {
-                Some(Event::Chunk { .. }) => break start.elapsed(),
-                Some(Event::Done) | None => bail!("the HTTP stream ended before its token"),
-            }
+        let Some(Event::Chunk { .. }) = sse.next().await? else {
+            bail!("the HTTP stream ended before its token");
         };
+        let http_ttft = start.elapsed();
         while sse.next().await?.is_some() {}
         if i >= warmup {
             d.push(direct_ttft.as_secs_f64() * 1e3);
