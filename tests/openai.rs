@@ -39,6 +39,30 @@ fn client_with(scenario: &str, base: &str, key: Option<&str>, env: &[(&str, &str
 }
 use common::http;
 
+/// A router in front of `workers` with the HTTP API on a free port, and `extra` flags.
+fn http_router(workers: &str, extra: &[&str]) -> common::Service {
+    let mut args = vec![
+        "router",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        workers,
+        "--http-listen",
+        "127.0.0.1:0",
+    ];
+    args.extend(extra);
+    common::service("router", &args)
+}
+
+/// Waits until `/health` answers 200 (a worker is linked).
+async fn healthy(base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http(base, "GET", "/health", "").0 != 200 {
+        assert!(Instant::now() < deadline, "the router never became healthy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn error_of(body: &str) -> Value {
     let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
     v["error"].clone()
@@ -55,24 +79,9 @@ fn metric(url: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 async fn the_official_client_gets_completions_chat_streams_and_errors() {
     let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen2");
     let (_worker, worker_addr) = common::start_worker(&model, &[]);
-    let router = common::service(
-        "router",
-        &[
-            "router",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            &worker_addr,
-            "--http-listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let router = http_router(&worker_addr, &[]);
     let base = router.http.clone();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while http(&base, "GET", "/health", "").0 != 200 {
-        assert!(Instant::now() < deadline, "the router never became healthy");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    healthy(&base).await;
 
     let suite = tokio::task::spawn_blocking(move || client("suite", &base, None))
         .await
@@ -233,26 +242,9 @@ async fn tenants_keys_caps_and_quota_pushback_over_http() {
     )
     .unwrap();
     let (_sim, sim_addr) = common::sim_worker("20ms", &[]);
-    let router = common::service(
-        "router",
-        &[
-            "router",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            &sim_addr,
-            "--http-listen",
-            "127.0.0.1:0",
-            "--tenants",
-            file.to_str().unwrap(),
-        ],
-    );
+    let router = http_router(&sim_addr, &["--tenants", file.to_str().unwrap()]);
     let base = router.http.clone();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while http(&base, "GET", "/health", "").0 != 200 {
-        assert!(Instant::now() < deadline, "the router never became healthy");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    healthy(&base).await;
     let (status, _, body) = http(&base, "GET", "/v1/models", "");
     assert_eq!(status, 401, "{body}");
     assert_eq!(error_of(&body)["type"], "authentication_error");
@@ -282,22 +274,10 @@ async fn client_blocking(scenario: &'static str, base: &str, key: &'static str) 
 /// --max-request-bytes, 404 for a path that does not exist; the shape is OpenAI's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_refusals_take_openai_s_shape_and_codes() {
-    let router = common::service(
-        "router",
-        &[
-            "router",
-            "--listen",
-            "127.0.0.1:0",
-            // A worker that never answers: the router has no model to serve.
-            "--workers",
-            "127.0.0.1:1",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--max-request-bytes",
-            "2048",
-            "--retry-pushback",
-            "1500ms",
-        ],
+    // A worker that never answers: the router has no model to serve.
+    let router = http_router(
+        "127.0.0.1:1",
+        &["--max-request-bytes", "2048", "--retry-pushback", "1500ms"],
     );
     let base = router.http.clone();
     let (status, head, body) = http(&base, "GET", "/health", "");
@@ -384,16 +364,9 @@ async fn the_http_api_speaks_tls_from_the_same_files() {
     let ca = common::certs::Ca::new(&dir.path().join("ca"), "ca");
     let (cert, key) = ca.leaf("server", "serverAuth");
     let (_sim, sim_addr) = common::sim_worker("2ms", &[]);
-    let router = common::service(
-        "router",
+    let router = http_router(
+        &sim_addr,
         &[
-            "router",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            &sim_addr,
-            "--http-listen",
-            "127.0.0.1:0",
             "--tls-cert",
             cert.to_str().unwrap(),
             "--tls-key",
@@ -429,18 +402,7 @@ async fn a_chat_template_file_replaces_the_model_s() {
     )
     .unwrap();
     let (_sim, sim_addr) = common::sim_worker("2ms", &["--chat-template", file.to_str().unwrap()]);
-    let router = common::service(
-        "router",
-        &[
-            "router",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            &sim_addr,
-            "--http-listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let router = http_router(&sim_addr, &[]);
     let deadline = Instant::now() + Duration::from_secs(60);
     let messages = r#"{"messages": [{"role": "system", "content": " be brief "}, {"role": "user", "content": "hi"}]}"#;
     let tokens = loop {

@@ -117,6 +117,20 @@ impl ModelSpec {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Checks that every id of `ids` (the request's field `field`) is in the vocabulary.
+    pub fn check_ids(&self, ids: &[u32], field: &'static str) -> Result<(), RouterError> {
+        match ids.iter().enumerate().find(|(_, &t)| t >= self.vocab_size) {
+            None => Ok(()),
+            Some((i, t)) => Err(RouterError::invalid(
+                field,
+                format!(
+                    "{field}[{i}] = {t} is outside the vocabulary of `{}` (ids 0..{})",
+                    self.id, self.vocab_size
+                ),
+            )),
+        }
+    }
+
     /// Text of `ids`; special tokens are kept when `special`.
     pub fn decode(&self, ids: &[u32], special: bool) -> Result<String, String> {
         self.tokenizer

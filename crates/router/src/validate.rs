@@ -83,20 +83,7 @@ pub fn validate(
         }
         .map_err(|e| RouterError::invalid("prompt", format!("cannot be tokenized: {e}")))?,
         (true, false) => {
-            if let Some((i, t)) = req
-                .prompt_ids
-                .iter()
-                .enumerate()
-                .find(|(_, &t)| t >= spec.vocab_size)
-            {
-                return Err(RouterError::invalid(
-                    "prompt_ids",
-                    format!(
-                        "prompt_ids[{i}] = {t} is outside the vocabulary of `{}` (ids 0..{})",
-                        spec.id, spec.vocab_size
-                    ),
-                ));
-            }
+            spec.check_ids(&req.prompt_ids, "prompt_ids")?;
             req.prompt_ids
         }
     };

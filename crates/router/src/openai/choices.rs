@@ -292,7 +292,7 @@ impl Shape {
                 match self.api {
                     Api::Completions => {
                         let echo = self.echo.get(i / self.n.max(1)).map_or("", String::as_str);
-                        let mut offset = echo.len();
+                        let mut offset = 0;
                         json!({
                             "index": i,
                             "text": format!("{echo}{}", c.text),
@@ -350,8 +350,9 @@ impl Shape {
         Some(self.envelope(vec![choice]))
     }
 
-    /// A chunk of choice `i`'s output; `offset` is where its text starts (completions'
-    /// `text_offset`).
+    /// A chunk of choice `i`'s output; `offset` is where its text starts in the choice's
+    /// whole text (completions' `text_offset`; `echo`, which would shift it, comes without
+    /// `logprobs`).
     fn chunk(
         &self,
         i: usize,
@@ -362,9 +363,6 @@ impl Shape {
         let reason = reason.map(finish_reason);
         let choice = match self.api {
             Api::Completions => {
-                if *offset == 0 {
-                    *offset = self.echo.get(i / self.n.max(1)).map_or(0, String::len);
-                }
                 json!({
                     "index": i,
                     "text": d.text,

@@ -74,6 +74,19 @@ impl Gateway {
             .map_err(|e| self.error(e, Api::Completions))
     }
 
+    /// The body of a `/tokenize` or `/detokenize` call from a known tenant, and its model.
+    fn tool_request(
+        &self,
+        body: Result<Bytes, BytesRejection>,
+        headers: &HeaderMap,
+    ) -> Result<(Fields, String), ApiError> {
+        let body = self.body(body, Api::Completions)?;
+        self.authenticate(headers)?;
+        let mut f = Fields::parse(&body)?;
+        let model = f.take::<String>("model", "a model id")?.unwrap_or_default();
+        Ok((f, model))
+    }
+
     async fn generate(
         &self,
         headers: HeaderMap,
@@ -154,6 +167,14 @@ async fn health(State(g): State<Arc<Gateway>>) -> Response {
     }
 }
 
+/// A JSON answer, or the error in OpenAI's shape.
+fn reply(answer: Result<Value, ApiError>) -> Response {
+    match answer {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 /// `{model?, prompt, add_special_tokens?}` or `{model?, messages, add_generation_prompt?}` →
 /// `{count, max_model_len, tokens}`: the ids a completion or chat request would send.
 async fn tokenize(
@@ -162,10 +183,7 @@ async fn tokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let answer = async {
-        let body = g.body(body, Api::Completions)?;
-        g.authenticate(&headers)?;
-        let mut f = Fields::parse(&body)?;
-        let model = f.take::<String>("model", "a model id")?.unwrap_or_default();
+        let (mut f, model) = g.tool_request(body, &headers)?;
         let prompt = f.take::<String>("prompt", "a string")?;
         let messages = f.take_raw("messages");
         let add_special = f.take::<bool>("add_special_tokens", "true or false")?;
@@ -189,13 +207,7 @@ async fn tokenize(
                     .map_err(|e| ApiError::invalid("prompt", format!("cannot be tokenized: {e}")))?
             }
             (None, Some(m)) => {
-                let parsed = Parsed::chat(
-                    &serde_json::to_vec(&json!({"messages": m})).unwrap_or_default(),
-                    cfg,
-                )?;
-                let Some(request::Prompt::Chat(messages)) = parsed.prompts.first().cloned() else {
-                    return Err(ApiError::invalid("messages", "messages is required"));
-                };
+                let messages = request::messages(m)?;
                 let text = spec
                     .render_chat(&messages, add_generation_prompt)
                     .map_err(|e| g.error(e, Api::Chat))?;
@@ -220,10 +232,7 @@ async fn tokenize(
             "tokens": tokens,
         }))
     };
-    match answer.await {
-        Ok(v) => axum::Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
+    reply(answer.await)
 }
 
 /// `{model?, tokens}` → `{prompt}`: the text of token ids, special tokens kept.
@@ -233,10 +242,7 @@ async fn detokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let answer = async {
-        let body = g.body(body, Api::Completions)?;
-        g.authenticate(&headers)?;
-        let mut f = Fields::parse(&body)?;
-        let model = f.take::<String>("model", "a model id")?.unwrap_or_default();
+        let (mut f, model) = g.tool_request(body, &headers)?;
         let tokens = f
             .take::<Vec<u32>>("tokens", "a list of token ids")?
             .ok_or_else(|| ApiError::invalid("tokens", "tokens is required"))?;
@@ -244,19 +250,8 @@ async fn detokenize(
         let entry = crate::validate::resolve_model(&model, g.service.models(), g.service.config())
             .map_err(|e| g.error(e, Api::Completions))?;
         let spec = entry.spec;
-        if let Some((i, t)) = tokens
-            .iter()
-            .enumerate()
-            .find(|(_, &t)| t >= spec.vocab_size)
-        {
-            return Err(ApiError::invalid(
-                "tokens",
-                format!(
-                    "tokens[{i}] = {t} is outside the vocabulary of `{}` (ids 0..{})",
-                    spec.id, spec.vocab_size
-                ),
-            ));
-        }
+        spec.check_ids(&tokens, "tokens")
+            .map_err(|e| g.error(e, Api::Completions))?;
         let text = g
             .service
             .off_thread(move || spec.decode(&tokens, true))
@@ -265,8 +260,5 @@ async fn detokenize(
             .map_err(|e| ApiError::invalid("tokens", format!("cannot be decoded: {e}")))?;
         Ok::<_, ApiError>(json!({ "prompt": text }))
     };
-    match answer.await {
-        Ok(v) => axum::Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
+    reply(answer.await)
 }

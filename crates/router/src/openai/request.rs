@@ -332,7 +332,7 @@ fn prompts(v: Value) -> Result<Vec<Prompt>, ApiError> {
 
 /// `messages`, checked and put the way templates expect them: `{role, content}` with the
 /// content as text (text parts joined by newlines), `name` kept.
-fn messages(v: Value) -> Result<Value, ApiError> {
+pub(crate) fn messages(v: Value) -> Result<Value, ApiError> {
     let Value::Array(list) = v else {
         return Err(ApiError::invalid(
             "messages",
