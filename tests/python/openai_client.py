@@ -74,6 +74,12 @@ def suite():
     plain = list(c.chat.completions.create(model=model, messages=messages, max_tokens=3, stream=True))
     assert all(ch.choices for ch in plain), plain[-1]
 
+    # The same conversation again: its full prompt blocks come from the worker's prefix cache.
+    again = c.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0)
+    assert again.choices[0].message.content == chat.choices[0].message.content
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 16 <= cached < again.usage.prompt_tokens, again.usage
+
     # The rendered prompt's ids, for the gRPC comparison.
     tok = httpx2.post(base + "/tokenize", json={"model": model, "messages": messages}).json()
     assert tok["count"] == chat.usage.prompt_tokens, (tok, chat.usage)

@@ -119,6 +119,11 @@ pub struct EngineArgs {
     /// Longest sequence (prompt + output) accepted; default: the model's context.
     #[arg(long, env = "OPENINFER_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
+    /// Keep the KV of full prompt blocks after their sequence ends and reuse it for later
+    /// sequences of the same tenant that start with the same tokens (their prefill is
+    /// skipped); cached blocks are evicted, least recently used, only when blocks are needed.
+    #[arg(long, env = "OPENINFER_PREFIX_CACHE", default_value_t = engine_defaults().prefix_cache, action = clap::ArgAction::Set)]
+    pub prefix_cache: bool,
 }
 
 #[derive(Debug, Args)]

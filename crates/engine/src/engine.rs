@@ -47,6 +47,9 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// Longest sequence accepted; `None` uses the model's `max_position_embeddings`.
     pub max_model_len: Option<usize>,
+    /// Keep the KV of full prompt blocks after their sequence ends, and reuse it for later
+    /// sequences that start with the same tokens (and the same cache salt).
+    pub prefix_cache: bool,
 }
 
 impl Default for EngineConfig {
@@ -60,6 +63,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             max_waiting: 256,
             max_model_len: None,
+            prefix_cache: true,
         }
     }
 }
@@ -85,6 +89,10 @@ pub struct SequenceRequest {
     pub top_logprobs: u32,
     /// Higher runs first when memory is short.
     pub priority: i32,
+    /// Separates its cached KV from other tenants' (the router sends the tenant's name): a
+    /// sequence reuses cached blocks only of its own salt, since a cache hit is a timing side
+    /// channel.
+    pub cache_salt: String,
 }
 
 impl SequenceRequest {
@@ -105,6 +113,7 @@ impl SequenceRequest {
             logprobs: false,
             top_logprobs: 0,
             priority: 0,
+            cache_salt: String::new(),
         }
     }
 }
@@ -133,6 +142,8 @@ pub struct Finished {
     pub prompt_tokens: usize,
     /// Tokens generated (resumed ones included).
     pub completion_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache when it was admitted.
+    pub cached_prompt_tokens: usize,
     /// Detail for errors.
     pub message: String,
 }
@@ -154,6 +165,8 @@ pub struct Capacity {
     pub waiting: usize,
     /// Steps run so far.
     pub step: u64,
+    /// What the prefix cache has done so far.
+    pub prefix_cache: crate::kv_cache::PrefixCacheStats,
 }
 
 impl Capacity {
@@ -230,6 +243,9 @@ struct Sequence {
     seed: u64,
     detok: Detokenizer,
     stop: StopMatcher,
+    cache_salt: Vec<u8>,
+    /// Tokens that came from the prefix cache at admission.
+    cached: usize,
 }
 
 impl Scheduled for Sequence {
@@ -241,6 +257,15 @@ impl Scheduled for Sequence {
     }
     fn priority(&self) -> i32 {
         self.priority
+    }
+    fn token_ids(&self) -> &[u32] {
+        &self.tokens
+    }
+    fn cache_salt(&self) -> &[u8] {
+        &self.cache_salt
+    }
+    fn admitted(&mut self, cached: usize) {
+        self.cached = cached;
     }
 }
 
@@ -254,6 +279,7 @@ impl Sequence {
             reason,
             prompt_tokens: self.prompt_len,
             completion_tokens: self.generated(),
+            cached_prompt_tokens: self.cached.min(self.prompt_len),
             message,
         }
     }
@@ -443,7 +469,7 @@ impl Engine {
             model,
             kv,
             sched: StepScheduler::new(
-                BlockAllocator::new(total_blocks, cfg.block_size),
+                BlockAllocator::with_prefix_cache(total_blocks, cfg.block_size, cfg.prefix_cache),
                 Limits {
                     max_running: cfg.max_running,
                     max_waiting: cfg.max_waiting,
@@ -524,6 +550,8 @@ impl Engine {
             stopping: req.stopping,
             priority: req.priority,
             seed,
+            cache_salt: req.cache_salt.into_bytes(),
+            cached: 0,
         })
     }
 

@@ -7,22 +7,96 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{EngineError, Result};
 
-/// Free-list allocator of KV blocks.
+/// The key of a full block in the prefix cache: a 128-bit digest (SHA-256, truncated) of the
+/// cache salt (the tenant), the parent block's key and the block's token ids. Equal keys mean
+/// equal salts and equal token prefixes up to the block's end; a collision is not a concern
+/// at 128 bits.
+pub type BlockKey = [u8; 16];
+
+/// The key of the block holding `tokens` after the block keyed `parent` (`None`: the first
+/// block), for sequences of cache salt `salt`.
+pub fn block_key(salt: &[u8], parent: Option<&BlockKey>, tokens: &[u32]) -> BlockKey {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update((salt.len() as u64).to_le_bytes());
+    h.update(salt);
+    match parent {
+        Some(p) => {
+            h.update([1]);
+            h.update(p);
+        }
+        None => h.update([0]),
+    }
+    for t in tokens {
+        h.update(t.to_le_bytes());
+    }
+    let digest = h.finalize();
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&digest[..16]);
+    key
+}
+
+/// What the prefix cache has done so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixCacheStats {
+    /// Full blocks held in the cache now (in use or not).
+    pub cached_blocks: usize,
+    /// Prompt tokens whose K/V came from the cache instead of a prefill.
+    pub hit_tokens: u64,
+    /// Prompt tokens admitted (the hit rate's denominator).
+    pub prompt_tokens: u64,
+    /// Cached blocks taken back to hold other tokens.
+    pub evictions: u64,
+}
+
+/// Allocator of KV blocks, with a prefix cache.
+///
+/// A block is held by the sequences whose tables list it (reference-counted). Once its tokens
+/// are all computed it may be registered under its [`BlockKey`]; a later sequence whose tokens
+/// start the same way then shares it instead of computing it again. A registered block that
+/// no sequence holds stays cached, and counts as free: it is evicted, least recently used
+/// first (the deepest block of a sequence before its parents), only when a block is needed.
+/// So caching never makes a sequence wait or be refused.
 #[derive(Debug, Clone)]
 pub struct BlockAllocator {
     free: Vec<u32>,
     total: usize,
     block_size: usize,
+    caching: bool,
+    /// Per block: how many tables list it.
+    refs: Vec<u32>,
+    /// Per block: its key, when registered.
+    keys: Vec<Option<BlockKey>>,
+    index: std::collections::HashMap<BlockKey, u32>,
+    /// Registered blocks no table lists, by when they were last released.
+    idle: std::collections::BTreeMap<u64, u32>,
+    /// Per block: its entry in `idle`.
+    idle_since: Vec<u64>,
+    clock: u64,
+    stats: PrefixCacheStats,
 }
 
 impl BlockAllocator {
-    /// `total` blocks of `block_size` token slots each.
+    /// `total` blocks of `block_size` token slots each, without a prefix cache.
     pub fn new(total: usize, block_size: usize) -> Self {
+        Self::with_prefix_cache(total, block_size, false)
+    }
+
+    /// `total` blocks of `block_size` token slots each; `caching` turns the prefix cache on.
+    pub fn with_prefix_cache(total: usize, block_size: usize, caching: bool) -> Self {
         // Reverse so that low block numbers are handed out first (easier to read in traces).
         BlockAllocator {
             free: (0..total as u32).rev().collect(),
             total,
             block_size,
+            caching,
+            refs: vec![0; total],
+            keys: vec![None; total],
+            index: std::collections::HashMap::new(),
+            idle: std::collections::BTreeMap::new(),
+            idle_since: vec![0; total],
+            clock: 0,
+            stats: PrefixCacheStats::default(),
         }
     }
 
@@ -36,9 +110,22 @@ impl BlockAllocator {
         self.total
     }
 
-    /// Blocks not held by any sequence.
+    /// Whether the prefix cache is on.
+    pub fn caching(&self) -> bool {
+        self.caching
+    }
+
+    /// Blocks no sequence holds (cached ones included: they are evicted when needed).
     pub fn free(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.idle.len()
+    }
+
+    /// What the prefix cache has done so far.
+    pub fn stats(&self) -> PrefixCacheStats {
+        PrefixCacheStats {
+            cached_blocks: self.index.len(),
+            ..self.stats
+        }
     }
 
     /// Blocks needed to hold `tokens` token slots.
@@ -46,22 +133,108 @@ impl BlockAllocator {
         tokens.div_ceil(self.block_size)
     }
 
-    /// Grows `table` so that it covers `tokens` slots. On shortage nothing is taken and
+    /// Grows `table` so that it covers `tokens` slots, from the free list first, then by
+    /// evicting the least recently used cached blocks. On shortage nothing is taken and
     /// `false` is returned: the caller preempts or waits.
     #[must_use]
     pub fn grow(&mut self, table: &mut Vec<u32>, tokens: usize) -> bool {
         let need = self.blocks_for(tokens).saturating_sub(table.len());
-        if need > self.free.len() {
+        if need > self.free() {
             return false;
         }
-        let at = self.free.len() - need;
-        table.extend(self.free.drain(at..));
+        for _ in 0..need {
+            let b = match self.free.pop() {
+                Some(b) => b,
+                None => self.evict(),
+            };
+            self.refs[b as usize] = 1;
+            table.push(b);
+        }
         true
     }
 
-    /// Returns every block of `table` to the free list and empties it.
+    /// Takes the least recently used idle cached block out of the cache.
+    fn evict(&mut self) -> u32 {
+        // `grow` checked that free() covers the need, and the free list is empty.
+        let Some((_, b)) = self.idle.pop_first() else {
+            unreachable!("grow checks free() first");
+        };
+        if let Some(key) = self.keys[b as usize].take() {
+            self.index.remove(&key);
+        }
+        self.stats.evictions += 1;
+        b
+    }
+
+    /// Releases every block of `table` and empties it: a block no other table lists goes back
+    /// to the free list, or, when cached, to the idle cached blocks.
     pub fn release(&mut self, table: &mut Vec<u32>) {
-        self.free.append(table);
+        // The deepest blocks first, so that they are evicted before their parents.
+        for b in table.drain(..).rev() {
+            let i = b as usize;
+            self.refs[i] = self.refs[i].saturating_sub(1);
+            if self.refs[i] > 0 {
+                continue;
+            }
+            if self.keys[i].is_some() {
+                self.clock += 1;
+                self.idle_since[i] = self.clock;
+                self.idle.insert(self.clock, b);
+            } else {
+                self.free.push(b);
+            }
+        }
+    }
+
+    /// The cached blocks that hold the longest run of `keys` (a sequence's full blocks, in
+    /// order), without taking them.
+    pub fn lookup(&self, keys: &[BlockKey]) -> Vec<u32> {
+        keys.iter().map_while(|k| self.cached(k)).collect()
+    }
+
+    /// The cached block of `key`, if any (none while caching is off).
+    pub fn cached(&self, key: &BlockKey) -> Option<u32> {
+        if !self.caching {
+            return None;
+        }
+        self.index.get(key).copied()
+    }
+
+    /// How many of `blocks` (from [`lookup`](Self::lookup)) no table lists now: sharing them
+    /// takes them from the free count.
+    pub fn idle_among(&self, blocks: &[u32]) -> usize {
+        blocks
+            .iter()
+            .filter(|&&b| self.refs[b as usize] == 0)
+            .count()
+    }
+
+    /// Appends cached `blocks` (from [`lookup`](Self::lookup)) to the empty `table`.
+    pub fn share(&mut self, table: &mut Vec<u32>, blocks: &[u32]) {
+        for &b in blocks {
+            let i = b as usize;
+            if self.refs[i] == 0 {
+                self.idle.remove(&self.idle_since[i]);
+            }
+            self.refs[i] += 1;
+            table.push(b);
+        }
+    }
+
+    /// Counts an admitted prompt of `prompt` tokens of which `hit` came from the cache.
+    pub fn count_admission(&mut self, prompt: usize, hit: usize) {
+        self.stats.prompt_tokens += prompt as u64;
+        self.stats.hit_tokens += hit as u64;
+    }
+
+    /// Registers full block `block` under `key`, unless the key is cached already (another
+    /// sequence computed the same tokens at the same time: this block stays private).
+    pub fn register(&mut self, block: u32, key: BlockKey) {
+        if !self.caching || self.keys[block as usize].is_some() || self.index.contains_key(&key) {
+            return;
+        }
+        self.index.insert(key, block);
+        self.keys[block as usize] = Some(key);
     }
 }
 
@@ -130,6 +303,60 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_blocks_are_shared_counted_free_and_evicted_deepest_first() {
+        let mut a = BlockAllocator::with_prefix_cache(4, 2, true);
+        let keys: Vec<BlockKey> = (0..3u32)
+            .scan(None, |parent: &mut Option<BlockKey>, i| {
+                let k = block_key(b"t", parent.as_ref(), &[i, i]);
+                *parent = Some(k);
+                Some(k)
+            })
+            .collect();
+        let mut t1 = Vec::new();
+        assert!(a.grow(&mut t1, 6));
+        for (b, k) in t1.iter().zip(&keys) {
+            a.register(*b, *k);
+        }
+        assert_eq!(a.lookup(&keys), t1, "every full block is found");
+        let other_root = block_key(b"t", None, &[9, 9]);
+        assert!(
+            a.lookup(&[other_root, keys[1]]).is_empty(),
+            "a run stops at its first miss"
+        );
+        // A second table shares the first two blocks while the first still holds them.
+        let hit = a.lookup(&keys[..2]);
+        assert_eq!(a.idle_among(&hit), 0);
+        let mut t2 = Vec::new();
+        a.share(&mut t2, &hit);
+        assert!(a.grow(&mut t2, 5));
+        assert_eq!(a.free(), 0);
+        a.release(&mut t1);
+        // Its third block is idle and cached: free, but still found.
+        assert_eq!(a.free(), 1);
+        assert_eq!(a.lookup(&keys).len(), 3);
+        a.release(&mut t2);
+        assert_eq!(a.free(), 4, "every block is free again, cached or not");
+        assert_eq!(a.stats().cached_blocks, 3);
+        // Taking two blocks evicts the least recently released cached blocks first: the
+        // third block of the chain went idle before the first two.
+        let mut t3 = Vec::new();
+        assert!(a.grow(&mut t3, 4));
+        assert_eq!(a.stats().evictions, 1);
+        assert_eq!(a.lookup(&keys).len(), 2, "the root and its child stay");
+        // Salts separate tenants.
+        assert_ne!(
+            block_key(b"a", None, &[1, 2]),
+            block_key(b"b", None, &[1, 2])
+        );
+        // Off, nothing is found.
+        let mut off = BlockAllocator::new(2, 2);
+        let mut t = Vec::new();
+        assert!(off.grow(&mut t, 2));
+        off.register(t[0], keys[0]);
+        assert!(off.lookup(&keys).is_empty());
+    }
 
     #[test]
     fn grow_and_release_account_every_block() {

@@ -90,6 +90,7 @@ impl SimSeq {
             reason,
             prompt_tokens: self.prompt_len,
             completion_tokens: self.generated,
+            cached_prompt_tokens: 0,
             message: String::new(),
         }
     }

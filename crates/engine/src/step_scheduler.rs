@@ -22,7 +22,7 @@ use openinfer_core::SequenceId;
 
 use crate::engine::Capacity;
 use crate::error::{EngineError, Result};
-use crate::kv_cache::BlockAllocator;
+use crate::kv_cache::{block_key, BlockAllocator, BlockKey};
 
 /// What the scheduler needs to know of a sequence.
 pub(crate) trait Scheduled {
@@ -32,6 +32,17 @@ pub(crate) trait Scheduled {
     fn tokens(&self) -> usize;
     /// Its priority; the lowest is preempted first.
     fn priority(&self) -> i32;
+    /// Its token ids (prompt and generated), when the engine keeps them: the prefix cache
+    /// keys blocks by them. A sequence whose ids are not all here is never cached.
+    fn token_ids(&self) -> &[u32] {
+        &[]
+    }
+    /// What separates its cached blocks from other tenants' (the tenant's name).
+    fn cache_salt(&self) -> &[u8] {
+        &[]
+    }
+    /// It was admitted, its first `cached` tokens' KV taken from the prefix cache.
+    fn admitted(&mut self, _cached: usize) {}
 }
 
 /// A sequence with its place in the KV cache.
@@ -42,6 +53,10 @@ pub(crate) struct Slot<S> {
     pub computed: usize,
     /// Its block table.
     pub blocks: Vec<u32>,
+    /// Its leading blocks registered in (or found in) the prefix cache.
+    keyed: usize,
+    /// The key of the last of them.
+    last_key: Option<BlockKey>,
     /// Arrival order on this engine; the newest is preempted first within a priority.
     arrival: u64,
 }
@@ -119,6 +134,7 @@ impl<S: Scheduled> StepScheduler<S> {
             running: self.running.len(),
             waiting: self.waiting.len(),
             step: self.steps,
+            prefix_cache: self.alloc.stats(),
         }
     }
 
@@ -141,6 +157,8 @@ impl<S: Scheduled> StepScheduler<S> {
             seq,
             computed: 0,
             blocks: Vec::new(),
+            keyed: 0,
+            last_key: None,
             arrival: self.arrivals,
         });
         Ok(())
@@ -232,34 +250,62 @@ impl<S: Scheduled> StepScheduler<S> {
     }
 
     /// Moves waiting sequences into the running set, in arrival order, while slots and KV
-    /// blocks allow.
+    /// blocks allow. A sequence starts from the longest run of its leading full blocks the
+    /// prefix cache holds (never its last token: the step must compute it for its logits).
     fn admit(&mut self) {
         let watermark = self.alloc.total().div_ceil(100);
         while self.running.len() < self.limits.max_running {
-            let Some(need) = self
-                .waiting
-                .front()
-                .map(|s| self.alloc.blocks_for(s.seq.tokens()))
-            else {
+            let Some(front) = self.waiting.front() else {
                 break;
             };
+            let tokens = front.seq.tokens();
+            let (hit, last_key) = self.cached_prefix(&front.seq);
+            let need = self.alloc.blocks_for(tokens).saturating_sub(hit.len());
             let spare = if self.running.is_empty() {
                 0
             } else {
                 watermark
             };
-            if self.alloc.free() < need + spare {
+            if self.alloc.free() - self.alloc.idle_among(&hit) < need + spare {
                 break;
             }
             let Some(mut slot) = self.waiting.pop_front() else {
                 break;
             };
-            if !self.alloc.grow(&mut slot.blocks, slot.seq.tokens()) {
+            self.alloc.share(&mut slot.blocks, &hit);
+            if !self.alloc.grow(&mut slot.blocks, tokens) {
+                self.alloc.release(&mut slot.blocks);
                 self.waiting.push_front(slot);
                 break;
             }
+            slot.computed = hit.len() * self.alloc.block_size();
+            slot.keyed = hit.len();
+            slot.last_key = last_key;
+            self.alloc.count_admission(tokens, slot.computed);
+            slot.seq.admitted(slot.computed);
             self.running.push(slot);
         }
+    }
+
+    /// The cached blocks holding the longest run of `seq`'s leading full blocks (its last
+    /// token excluded), and the key of the last of them.
+    fn cached_prefix(&self, seq: &S) -> (Vec<u32>, Option<BlockKey>) {
+        let ids = seq.token_ids();
+        let bs = self.alloc.block_size();
+        let mut hit = Vec::new();
+        let mut last = None;
+        if !self.alloc.caching() || ids.len() != seq.tokens() {
+            return (hit, last);
+        }
+        for block in ids[..ids.len().saturating_sub(1)].chunks_exact(bs) {
+            let key = block_key(seq.cache_salt(), last.as_ref(), block);
+            let Some(b) = self.alloc.cached(&key) else {
+                break;
+            };
+            hit.push(b);
+            last = Some(key);
+        }
+        (hit, last)
     }
 
     /// The running sequence to preempt: lowest priority, then latest arrival.
@@ -270,11 +316,28 @@ impl<S: Scheduled> StepScheduler<S> {
         })
     }
 
-    /// Records that the forward computed `work`, and counts the step.
+    /// Records that the forward computed `work`, registers the blocks it filled in the
+    /// prefix cache, and counts the step.
     pub fn advance(&mut self, work: &[Planned]) {
         let len: HashMap<SequenceId, usize> = work.iter().map(|p| (p.id, p.len)).collect();
+        let bs = self.alloc.block_size();
         for slot in &mut self.running {
             slot.computed += len.get(&slot.seq.id()).copied().unwrap_or(0);
+            let ids = slot.seq.token_ids();
+            if !self.alloc.caching() || ids.len() != slot.seq.tokens() {
+                continue;
+            }
+            while (slot.keyed + 1) * bs <= slot.computed {
+                let i = slot.keyed;
+                let key = block_key(
+                    slot.seq.cache_salt(),
+                    slot.last_key.as_ref(),
+                    &ids[i * bs..(i + 1) * bs],
+                );
+                self.alloc.register(slot.blocks[i], key);
+                slot.last_key = Some(key);
+                slot.keyed += 1;
+            }
         }
         self.steps += 1;
     }

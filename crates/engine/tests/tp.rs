@@ -66,13 +66,20 @@ fn tp_2_and_4_produce_the_greedy_tokens_of_tp_1() {
             .unwrap();
             let reqs = requests(&cases);
             let got = run_all(&mut engine, reqs);
+            // Again: the prompts' full blocks now come from the prefix cache, which every rank
+            // holds in the same blocks.
+            let again = run_all(&mut engine, requests(&cases));
+            let hit = engine.capacity().prefix_cache.hit_tokens;
             drop(engine); // stops the followers
+            assert!(hit > 0, "{model} tp={tp}: the second run reused nothing");
             for (i, c) in cases.iter().enumerate() {
-                assert_eq!(
-                    got[&(i as u64)].tokens,
-                    c.expected,
-                    "{model} tp={tp} case {i}: tokens differ from tp=1 / HF transformers"
-                );
+                for (run, out) in [("cold", &got), ("warm", &again)] {
+                    assert_eq!(
+                        out[&(i as u64)].tokens,
+                        c.expected,
+                        "{model} tp={tp} case {i} ({run} cache): tokens differ from tp=1 / HF transformers"
+                    );
+                }
             }
             for f in followers {
                 let bytes = f.join().unwrap().unwrap();

@@ -83,12 +83,25 @@ pub struct Summary {
     pub prompt_tokens: u32,
     /// Generated tokens.
     pub completion_tokens: u32,
+    /// Prompt tokens whose KV came from the worker's prefix cache.
+    pub cached_prompt_tokens: u32,
     /// Seconds from arrival to the first dispatch.
     pub queue_time: f64,
     /// Seconds from arrival to the first token.
     pub time_to_first_token: f64,
     /// Seconds from arrival to the end.
     pub total_time: f64,
+}
+
+/// A request's token counts at its end.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tokens {
+    /// Prompt tokens.
+    pub prompt: u32,
+    /// Generated tokens.
+    pub completion: u32,
+    /// Prompt tokens the prefix cache held.
+    pub cached_prompt: u32,
 }
 
 /// What the client's stream gets next.
@@ -175,14 +188,15 @@ impl Output {
     }
 
     /// Ends the request. Later calls change nothing.
-    pub fn finish(&self, reason: FinishReason, prompt_tokens: u32, completion_tokens: u32) {
+    pub fn finish(&self, reason: FinishReason, tokens: Tokens) {
         let now = Instant::now();
         let mut s = self.lock();
         let secs = |t: Option<Instant>| t.map_or(0.0, |t| (t - self.arrived).as_secs_f64());
         let summary = Summary {
             reason,
-            prompt_tokens,
-            completion_tokens,
+            prompt_tokens: tokens.prompt,
+            completion_tokens: tokens.completion,
+            cached_prompt_tokens: tokens.cached_prompt,
             queue_time: secs(s.dispatched),
             time_to_first_token: secs(s.first_token),
             total_time: (now - self.arrived).as_secs_f64(),
@@ -268,7 +282,14 @@ mod tests {
         assert_eq!(d.token_ids, [1, 2]);
         assert_eq!(unread.get(), 7, "what a client read no longer counts");
         a.push(event(&[4], ""), Instant::now());
-        a.finish(FinishReason::Length, 1, 3);
+        a.finish(
+            FinishReason::Length,
+            Tokens {
+                prompt: 1,
+                completion: 3,
+                cached_prompt: 0,
+            },
+        );
         assert!(matches!(a.next().await, Next::End(..)));
         assert_eq!(unread.get(), 7);
         drop(b);

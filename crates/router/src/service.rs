@@ -503,6 +503,7 @@ fn usage(s: &Summary) -> pb::Usage {
     pb::Usage {
         prompt_tokens: s.prompt_tokens,
         completion_tokens: s.completion_tokens,
+        cached_prompt_tokens: s.cached_prompt_tokens,
     }
 }
 

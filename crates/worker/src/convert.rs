@@ -18,6 +18,7 @@ pub fn sequence_request(spec: pb::SequenceSpec, id: SequenceId) -> SequenceReque
         logprobs: spec.logprobs,
         top_logprobs: spec.top_logprobs,
         priority: spec.priority,
+        cache_salt: spec.cache_salt,
     }
 }
 
@@ -28,6 +29,7 @@ pub fn finished(f: &Finished, external: u64) -> pb::SequenceFinished {
         reason: pb::FinishReason::from(f.reason) as i32,
         prompt_tokens: f.prompt_tokens as u32,
         completion_tokens: f.completion_tokens as u32,
+        cached_prompt_tokens: f.cached_prompt_tokens as u32,
         message: f.message.clone(),
     }
 }

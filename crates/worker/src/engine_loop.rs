@@ -486,6 +486,7 @@ impl<E: Backend> Loop<E> {
                 reason: pb::FinishReason::Rejected as i32,
                 prompt_tokens,
                 completion_tokens: 0,
+                cached_prompt_tokens: 0,
                 message,
             });
     }
@@ -578,6 +579,7 @@ impl<E: Backend> Loop<E> {
         m.kv_used
             .set(i64::from(cap.total_blocks) - i64::from(cap.free_blocks));
         m.kv_total.set(cap.total_blocks.into());
+        m.prefix_cache(&self.engine.capacity().prefix_cache);
         let mut gone = Vec::new();
         for (conn, mut msg) in self.outbox.drain() {
             let Some(Connection { tx, dispatched, .. }) = self.conns.get(&conn) else {

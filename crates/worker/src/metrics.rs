@@ -31,6 +31,12 @@ pub struct WorkerMetrics {
     pub preemptions: IntCounter,
     /// Router connections.
     pub connections: IntGauge,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub prefix_cache_hit_tokens: IntCounter,
+    /// Full blocks in the prefix cache.
+    pub prefix_cache_blocks: IntGauge,
+    /// Cached blocks evicted to hold other tokens.
+    pub prefix_cache_evictions: IntCounter,
 }
 
 impl WorkerMetrics {
@@ -96,6 +102,18 @@ impl WorkerMetrics {
                 "openinfer_worker_connections",
                 "Router connections (Execute streams) open.",
             )?,
+            prefix_cache_hit_tokens: counter(
+                "openinfer_worker_prefix_cache_hit_tokens_total",
+                "Prompt tokens whose KV came from the prefix cache instead of a prefill (hit rate: this over openinfer_worker_prompt_tokens_total).",
+            )?,
+            prefix_cache_blocks: gauge(
+                "openinfer_worker_prefix_cache_blocks",
+                "Full KV blocks held in the prefix cache, in use or not (those not in use count as free).",
+            )?,
+            prefix_cache_evictions: counter(
+                "openinfer_worker_prefix_cache_evictions_total",
+                "Cached KV blocks taken back, least recently used first, to hold other tokens.",
+            )?,
         };
         for reason in FinishReason::ALL {
             metrics
@@ -103,6 +121,14 @@ impl WorkerMetrics {
                 .with_label_values(&[model, reason.as_str()]);
         }
         Ok(metrics)
+    }
+
+    /// Brings the prefix-cache series up to the engine's totals `s`.
+    pub fn prefix_cache(&self, s: &openinfer_engine::kv_cache::PrefixCacheStats) {
+        let catch_up = |c: &IntCounter, total: u64| c.inc_by(total.saturating_sub(c.get()));
+        catch_up(&self.prefix_cache_hit_tokens, s.hit_tokens);
+        catch_up(&self.prefix_cache_evictions, s.evictions);
+        self.prefix_cache_blocks.set(s.cached_blocks as i64);
     }
 
     /// Counts a sequence's end (a preempted one is also a preemption).

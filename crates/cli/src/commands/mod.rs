@@ -48,6 +48,7 @@ pub fn engine_config(a: &EngineArgs) -> anyhow::Result<EngineConfig> {
         max_batch_tokens: a.max_batch_tokens,
         max_waiting: a.max_waiting,
         max_model_len: a.max_model_len,
+        prefix_cache: a.prefix_cache,
     })
 }
 

@@ -43,6 +43,7 @@ struct Collected {
     logprobs: Vec<wpb::TokenLogprob>,
     reason: Option<FinishReason>,
     completion_tokens: u32,
+    cached_prompt_tokens: u32,
 }
 
 /// Starts every choice of `parsed`; a refusal of any one ends the others.
@@ -148,6 +149,7 @@ impl Collected {
     fn end(&mut self, s: &Summary) {
         self.reason = Some(s.reason);
         self.completion_tokens = s.completion_tokens;
+        self.cached_prompt_tokens = s.cached_prompt_tokens;
     }
 }
 
@@ -180,6 +182,7 @@ pub(crate) fn stream(
             }
         }
         let mut completion_tokens = 0u32;
+        let mut cached_tokens = 0u32;
         let mut offsets = vec![0usize; choices];
         let mut events = events;
         while let Some(event) = events.next().await {
@@ -191,6 +194,9 @@ pub(crate) fn stream(
                 }
                 Event::End(i, d, summary) => {
                     completion_tokens += summary.completion_tokens;
+                    if shape.first_of_its_prompt(i) {
+                        cached_tokens += summary.cached_prompt_tokens;
+                    }
                     yield sse(&shape.chunk(i, &d, Some(summary.reason), &mut offsets[i]));
                 }
                 Event::Failed(e) => {
@@ -201,7 +207,7 @@ pub(crate) fn stream(
             }
         }
         if shape.include_usage {
-            yield sse(&shape.usage_chunk(completion_tokens));
+            yield sse(&shape.usage_chunk(completion_tokens, cached_tokens));
         }
         yield done();
     };
@@ -271,23 +277,33 @@ impl Shape {
         }
     }
 
-    fn usage(&self, completion_tokens: u32) -> Value {
+    /// Whether choice `i` is the first of its prompt's (whose prompt usage counts).
+    fn first_of_its_prompt(&self, i: usize) -> bool {
+        i.is_multiple_of(self.n.max(1))
+    }
+
+    fn usage(&self, completion_tokens: u32, cached_tokens: u32) -> Value {
         let prompt: usize = self.prompt_tokens.iter().sum();
         json!({
             "prompt_tokens": prompt,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt + completion_tokens as usize,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens},
         })
     }
 
     /// The one answer of a request that did not stream.
     fn answer(&self, choices: &[Collected]) -> Value {
         let mut completion_tokens = 0;
+        let mut cached_tokens = 0;
         let choices: Vec<Value> = choices
             .iter()
             .enumerate()
             .map(|(i, c)| {
                 completion_tokens += c.completion_tokens;
+                if self.first_of_its_prompt(i) {
+                    cached_tokens += c.cached_prompt_tokens;
+                }
                 let reason = c.reason.map(finish_reason);
                 match self.api {
                     Api::Completions => {
@@ -315,7 +331,7 @@ impl Shape {
             "created": self.created,
             "model": self.model,
             "choices": choices,
-            "usage": self.usage(completion_tokens),
+            "usage": self.usage(completion_tokens, cached_tokens),
         })
     }
 
@@ -387,9 +403,9 @@ impl Shape {
         self.envelope(vec![choice])
     }
 
-    fn usage_chunk(&self, completion_tokens: u32) -> Value {
+    fn usage_chunk(&self, completion_tokens: u32, cached_tokens: u32) -> Value {
         let mut chunk = self.envelope(Vec::new());
-        chunk["usage"] = self.usage(completion_tokens);
+        chunk["usage"] = self.usage(completion_tokens, cached_tokens);
         chunk
     }
 

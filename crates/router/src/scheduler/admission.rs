@@ -148,6 +148,7 @@ impl State {
             queue_span: Some(queue_span),
             dispatch_span: None,
             dispatches: 0,
+            cached_prompt_tokens: None,
         };
         queue.push_back(t.entry());
         self.requests.insert(t.req.id, t);

@@ -11,6 +11,7 @@ use openinfer_proto::worker::v1 as wpb;
 
 use super::state::{Effect, State, WorkerId};
 use crate::error::RouterError;
+use crate::request::Tokens;
 
 impl State {
     /// Takes one of worker `wid`'s step messages.
@@ -115,12 +116,17 @@ impl State {
         }
         // A reason this build does not know ends the sequence as failed, with the message.
         let reason = f.finish_reason().unwrap_or(FinishReason::Error);
-        if let Some(span) = self
-            .requests
-            .get_mut(&id)
-            .and_then(|t| t.dispatch_span.take())
-        {
-            span.record("openinfer.finish", reason.as_str());
+        if let Some(t) = self.requests.get_mut(&id) {
+            if let Some(span) = t.dispatch_span.take() {
+                span.record("openinfer.finish", reason.as_str());
+            }
+            // What the prefix cache saved of the prompt: on its first run (a resumed run
+            // reuses its own tokens, which the client did not send). A worker cannot claim more
+            // than the prompt.
+            if t.cached_prompt_tokens.is_none() && reason != FinishReason::Rejected {
+                t.cached_prompt_tokens =
+                    Some(f.cached_prompt_tokens.min(t.req.prompt_ids.len() as u32));
+            }
         }
         let outcome = match reason {
             FinishReason::Preempted => None,
@@ -158,8 +164,11 @@ impl State {
                         }
                         t.output.finish(
                             reason,
-                            t.req.prompt_ids.len() as u32,
-                            t.generated.len() as u32,
+                            Tokens {
+                                prompt: t.req.prompt_ids.len() as u32,
+                                completion: t.generated.len() as u32,
+                                cached_prompt: t.cached_prompt_tokens.unwrap_or(0),
+                            },
                         );
                     }
                     Err(e) => {

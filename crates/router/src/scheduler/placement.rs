@@ -180,6 +180,7 @@ impl State {
             emitted_text_bytes: t.emitted_text_bytes,
             request_id: t.req.request_id.clone(),
             trace_context: HashMap::from([(TRACEPARENT.to_string(), traceparent.to_string())]),
+            cache_salt: t.req.tenant.to_string(),
         })
     }
 }

@@ -87,6 +87,8 @@ pub(super) struct Tracked {
     pub dispatch_span: Option<Span>,
     /// Dispatches so far.
     pub dispatches: u32,
+    /// Prompt tokens the worker of its first run found in its prefix cache.
+    pub cached_prompt_tokens: Option<u32>,
 }
 
 impl Tracked {
