@@ -343,6 +343,19 @@ pub struct RouterArgs {
     /// placed (they resume later, invisibly to their clients).
     #[arg(long, env = "OPENINFER_PREEMPTION", default_value_t = router_defaults().preemption, action = clap::ArgAction::Set)]
     pub preemption: bool,
+    /// Place a request on the worker whose prefix cache holds the most of its prompt's leading
+    /// blocks (among those at most --cache-balance-slack busier than the least busy); false:
+    /// the least busy worker.
+    #[arg(long, env = "OPENINFER_CACHE_AWARE", default_value_t = router_defaults().cache_aware, action = clap::ArgAction::Set)]
+    pub cache_aware: bool,
+    /// How much busier (running sequences over the worker's limit, 0 to 1) than the least busy
+    /// worker a worker holding a request's prefix may be and still get it.
+    #[arg(long, env = "OPENINFER_CACHE_BALANCE_SLACK", default_value_t = router_defaults().cache_balance_slack)]
+    pub cache_balance_slack: f64,
+    /// Most prefix-cache keys the router remembers across its workers (about 190 bytes each);
+    /// the keys reported longest ago are forgotten first.
+    #[arg(long, env = "OPENINFER_PREFIX_INDEX_ENTRIES", default_value_t = router_defaults().prefix_index_entries)]
+    pub prefix_index_entries: usize,
     /// Times a request may come back unfinished from its workers (preempted, or its worker
     /// lost) and resume elsewhere; one more and it fails with UNAVAILABLE instead of cycling.
     #[arg(long, env = "OPENINFER_MAX_RESUMES", default_value_t = router_defaults().max_resumes)]

@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod params;
+pub mod prefix;
 pub mod units;
 
 pub use error::{bounded, echo, Code, ErrorCode};

@@ -7,6 +7,7 @@ use openinfer_core::SequenceId;
 
 use crate::engine::{Capacity, Engine, EngineInfo, Finished, SequenceRequest, StepOutput};
 use crate::error::Result;
+use crate::kv_cache::CacheEvents;
 use crate::tokenizer::Tokenizer;
 
 /// An iteration-level scheduler with a KV budget: sequences are added, stepped, cancelled or
@@ -28,6 +29,10 @@ pub trait Backend: Send + 'static {
     fn preempt(&mut self, id: SequenceId) -> Option<Finished>;
     /// Runs one step.
     fn step(&mut self) -> Result<StepOutput>;
+    /// The prefix cache's key changes since the last call (none without a cache).
+    fn take_cache_events(&mut self) -> CacheEvents {
+        CacheEvents::default()
+    }
     /// How often an idle engine must [`heartbeat`](Backend::heartbeat) (`None`: never).
     fn heartbeat_interval(&self) -> Option<std::time::Duration> {
         None
@@ -63,6 +68,9 @@ impl Backend for Engine {
     }
     fn step(&mut self) -> Result<StepOutput> {
         Engine::step(self)
+    }
+    fn take_cache_events(&mut self) -> CacheEvents {
+        Engine::take_cache_events(self)
     }
     fn heartbeat_interval(&self) -> Option<std::time::Duration> {
         Engine::heartbeat_interval(self)

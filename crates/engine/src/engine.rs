@@ -524,6 +524,11 @@ impl Engine {
         self.sched.capacity()
     }
 
+    /// The prefix cache's key changes since the last call (for routers' placement).
+    pub fn take_cache_events(&mut self) -> crate::kv_cache::CacheEvents {
+        self.sched.take_cache_events()
+    }
+
     /// Checks `req` and queues it. Nothing changes when it is refused.
     pub fn add(&mut self, req: SequenceRequest) -> Result<()> {
         self.validate(&req)?;

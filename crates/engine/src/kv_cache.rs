@@ -7,34 +7,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{EngineError, Result};
 
-/// The key of a full block in the prefix cache: a 128-bit digest (SHA-256, truncated) of the
-/// cache salt (the tenant), the parent block's key and the block's token ids. Equal keys mean
-/// equal salts and equal token prefixes up to the block's end; a collision is not a concern
-/// at 128 bits.
-pub type BlockKey = [u8; 16];
-
-/// The key of the block holding `tokens` after the block keyed `parent` (`None`: the first
-/// block), for sequences of cache salt `salt`.
-pub fn block_key(salt: &[u8], parent: Option<&BlockKey>, tokens: &[u32]) -> BlockKey {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update((salt.len() as u64).to_le_bytes());
-    h.update(salt);
-    match parent {
-        Some(p) => {
-            h.update([1]);
-            h.update(p);
-        }
-        None => h.update([0]),
-    }
-    for t in tokens {
-        h.update(t.to_le_bytes());
-    }
-    let digest = h.finalize();
-    let mut key = [0u8; 16];
-    key.copy_from_slice(&digest[..16]);
-    key
-}
+pub use openinfer_core::prefix::{block_key, BlockKey};
 
 /// What the prefix cache has done so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -74,6 +47,44 @@ pub struct BlockAllocator {
     idle_since: Vec<u64>,
     clock: u64,
     stats: PrefixCacheStats,
+    /// Keys registered and evicted since [`take_events`](Self::take_events), for routers.
+    events: CacheEvents,
+}
+
+/// Changes to the prefix cache's keys, as workers report them to routers (which place
+/// requests where their prefixes are). Bounded: past [`MAX_EVENTS`] further changes are
+/// dropped and `lossy` is set (a router's view is a placement hint, never a correctness
+/// matter).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheEvents {
+    /// Keys now cached.
+    pub added: Vec<BlockKey>,
+    /// Keys no longer cached.
+    pub removed: Vec<BlockKey>,
+    /// Some changes were dropped.
+    pub lossy: bool,
+}
+
+/// Most key changes held between two reports.
+pub const MAX_EVENTS: usize = 1 << 16;
+
+impl CacheEvents {
+    fn push(&mut self, added: bool, key: BlockKey) {
+        if self.added.len() + self.removed.len() >= MAX_EVENTS {
+            self.lossy = true;
+            return;
+        }
+        if added {
+            self.added.push(key);
+        } else {
+            self.removed.push(key);
+        }
+    }
+
+    /// True when there is nothing to report.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && !self.lossy
+    }
 }
 
 impl BlockAllocator {
@@ -97,6 +108,7 @@ impl BlockAllocator {
             idle_since: vec![0; total],
             clock: 0,
             stats: PrefixCacheStats::default(),
+            events: CacheEvents::default(),
         }
     }
 
@@ -161,6 +173,7 @@ impl BlockAllocator {
         };
         if let Some(key) = self.keys[b as usize].take() {
             self.index.remove(&key);
+            self.events.push(false, key);
         }
         self.stats.evictions += 1;
         b
@@ -235,6 +248,12 @@ impl BlockAllocator {
         }
         self.index.insert(key, block);
         self.keys[block as usize] = Some(key);
+        self.events.push(true, key);
+    }
+
+    /// The key changes since the last call.
+    pub fn take_events(&mut self) -> CacheEvents {
+        std::mem::take(&mut self.events)
     }
 }
 

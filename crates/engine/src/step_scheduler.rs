@@ -23,6 +23,7 @@ use openinfer_core::SequenceId;
 use crate::engine::Capacity;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{block_key, BlockAllocator, BlockKey};
+use openinfer_core::prefix::prompt_keys;
 
 /// What the scheduler needs to know of a sequence.
 pub(crate) trait Scheduled {
@@ -122,6 +123,11 @@ impl<S: Scheduled> StepScheduler<S> {
     /// True while any sequence waits or runs.
     pub fn has_work(&self) -> bool {
         !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// The prefix cache's key changes since the last call.
+    pub fn take_cache_events(&mut self) -> crate::kv_cache::CacheEvents {
+        self.alloc.take_events()
     }
 
     /// Free blocks and slots now.
@@ -291,20 +297,12 @@ impl<S: Scheduled> StepScheduler<S> {
     /// token excluded), and the key of the last of them.
     fn cached_prefix(&self, seq: &S) -> (Vec<u32>, Option<BlockKey>) {
         let ids = seq.token_ids();
-        let bs = self.alloc.block_size();
-        let mut hit = Vec::new();
-        let mut last = None;
         if !self.alloc.caching() || ids.len() != seq.tokens() {
-            return (hit, last);
+            return (Vec::new(), None);
         }
-        for block in ids[..ids.len().saturating_sub(1)].chunks_exact(bs) {
-            let key = block_key(seq.cache_salt(), last.as_ref(), block);
-            let Some(b) = self.alloc.cached(&key) else {
-                break;
-            };
-            hit.push(b);
-            last = Some(key);
-        }
+        let keys = prompt_keys(seq.cache_salt(), ids, self.alloc.block_size());
+        let hit = self.alloc.lookup(&keys);
+        let last = hit.len().checked_sub(1).map(|i| keys[i]);
         (hit, last)
     }
 

@@ -35,6 +35,17 @@ pub struct RouterConfig {
     pub fair_output_weight: f64,
     /// Preempt lower-priority running sequences when a higher-priority request cannot be placed.
     pub preemption: bool,
+    /// Place a request on a worker whose prefix cache holds the most of its prompt's leading
+    /// blocks, among the workers no busier than the least busy by `cache_balance_slack`;
+    /// `false`: the least busy worker.
+    pub cache_aware: bool,
+    /// How much busier (running sequences over the worker's limit) than the least busy worker
+    /// a worker holding a request's prefix may be and still get it: bounds the imbalance one
+    /// hot prefix can cause.
+    pub cache_balance_slack: f64,
+    /// Most prefix-cache keys the router remembers across all workers (about 190 bytes each);
+    /// the least recently reported go first.
+    pub prefix_index_entries: usize,
     /// The `grpc-retry-pushback-ms` sent with `RESOURCE_EXHAUSTED`.
     pub retry_pushback: Duration,
     /// `max_new_tokens` of a request that sets none (capped by the room left in the context).
@@ -107,6 +118,9 @@ impl Default for RouterConfig {
             fair_input_weight: 1.0,
             fair_output_weight: 2.0,
             preemption: true,
+            cache_aware: true,
+            cache_balance_slack: 0.25,
+            prefix_index_entries: 1 << 17,
             retry_pushback: Duration::from_millis(500),
             default_max_new_tokens: 256,
             max_choices: 16,

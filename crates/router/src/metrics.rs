@@ -168,6 +168,10 @@ pub struct RouterMetrics {
     pub worker_kv_total: IntGaugeVec,
     /// Bytes of generated output held for clients that have not read it yet.
     pub unread_output: IntGauge,
+    /// Prefix-cache keys the router knows workers hold (bounded by --prefix-index-entries).
+    pub prefix_index_entries: IntGauge,
+    /// Prompt blocks that placement found on the chosen worker's prefix cache.
+    pub prefix_blocks_matched: IntCounter,
     /// Tokens generated for requests that then did not complete.
     pub wasted_tokens: IntCounterVec,
     /// Requests that ended, by tenant and outcome.
@@ -337,6 +341,20 @@ impl RouterMetrics {
                 .gauge(
                     "openinfer_router_unread_output_bytes",
                     "Bytes of generated output held in the router for clients that have not read it yet (bounded by --max-unread-output).",
+                    &[],
+                )?
+                .with_label_values(&[] as &[&str]),
+            prefix_index_entries: f
+                .gauge(
+                    "openinfer_router_prefix_index_entries",
+                    "Prefix-cache keys the router knows its workers hold (bounded by --prefix-index-entries).",
+                    &[],
+                )?
+                .with_label_values(&[] as &[&str]),
+            prefix_blocks_matched: f
+                .counter(
+                    "openinfer_router_prefix_blocks_matched_total",
+                    "Prompt blocks that placement found in the chosen worker's prefix cache (cache-aware placement).",
                     &[],
                 )?
                 .with_label_values(&[] as &[&str]),

@@ -46,6 +46,9 @@ pub struct Request {
     pub tenant: Arc<str>,
     /// Its tenant's weight in the fair share of its priority level.
     pub weight: f64,
+    /// The prefix-cache keys of its prompt's full blocks (salted with its tenant): placement
+    /// prefers a worker that holds them.
+    pub prefix_keys: Vec<openinfer_core::prefix::BlockKey>,
 }
 
 /// New output since the client last looked.

@@ -86,6 +86,7 @@ impl Router {
         for (flag, w) in [
             ("--fair-input-weight", cfg.fair_input_weight),
             ("--fair-output-weight", cfg.fair_output_weight),
+            ("--cache-balance-slack", cfg.cache_balance_slack),
         ] {
             if !(w.is_finite() && w >= 0.0) {
                 return Err(StartError::Config(format!(

@@ -188,6 +188,15 @@ impl InferenceService {
         }
         req.tenant = tenant.name.clone();
         req.weight = tenant.weight;
+        if self.cfg.cache_aware {
+            if let Some(m) = self.models.get(&req.model) {
+                req.prefix_keys = openinfer_core::prefix::prompt_keys(
+                    tenant.name.as_bytes(),
+                    &req.prompt_ids,
+                    m.spec.block_size,
+                );
+            }
+        }
         let mut started = Started {
             request_id: req.request_id.clone(),
             model: req.model.clone(),

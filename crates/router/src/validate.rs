@@ -149,6 +149,7 @@ pub fn validate(
         trace,
         tenant: crate::tenants::ANONYMOUS.into(),
         weight: 1.0,
+        prefix_keys: Vec::new(),
     })
 }
 

@@ -171,6 +171,7 @@ proptest! {
                     block_size: 16, max_running_sequences: 4, ..Default::default()
                 }),
                 finished: finished.into_iter().map(|(id, reason)| wpb::SequenceFinished { sequence_id: id, reason, ..Default::default() }).collect(),
+                ..Default::default()
             };
             let _ = state.worker_event(now, WorkerId(1), resp);
             let _ = state.tick(now, &|_| true);

@@ -580,6 +580,15 @@ impl<E: Backend> Loop<E> {
             .set(i64::from(cap.total_blocks) - i64::from(cap.free_blocks));
         m.kv_total.set(cap.total_blocks.into());
         m.prefix_cache(&self.engine.capacity().prefix_cache);
+        // Every router hears of every change to the prefix cache.
+        let events = self.engine.take_cache_events();
+        if !events.is_empty() {
+            for &conn in self.conns.keys() {
+                self.outbox.entry(conn).or_default();
+            }
+        }
+        let added: Vec<Vec<u8>> = events.added.iter().map(|k| k.to_vec()).collect();
+        let removed: Vec<Vec<u8>> = events.removed.iter().map(|k| k.to_vec()).collect();
         let mut gone = Vec::new();
         for (conn, mut msg) in self.outbox.drain() {
             let Some(Connection { tx, dispatched, .. }) = self.conns.get(&conn) else {
@@ -589,6 +598,9 @@ impl<E: Backend> Loop<E> {
                 dispatched: *dispatched,
                 ..cap
             });
+            msg.prefix_added.clone_from(&added);
+            msg.prefix_removed.clone_from(&removed);
+            msg.prefix_lossy = events.lossy;
             // The last free slot is kept for the status that tells a lagging router why its
             // stream ends.
             let sent = if tx.capacity() > 1 {

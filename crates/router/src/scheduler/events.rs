@@ -91,10 +91,46 @@ impl State {
                 .with_label_values(&labels)
                 .set(cap.total_blocks.into());
         }
+        self.prefix_report(
+            wid,
+            resp.prefix_lossy,
+            &resp.prefix_added,
+            &resp.prefix_removed,
+        );
         for f in resp.finished {
             self.finished(now, wid, f)?;
         }
         Ok(())
+    }
+
+    /// Worker `wid`'s prefix-cache changes. Keys of another length than 16 bytes are
+    /// ignored (the worker is a peer, not trusted); a lossy report forgets what the worker
+    /// held before it.
+    fn prefix_report(
+        &mut self,
+        wid: WorkerId,
+        lossy: bool,
+        added: &[Vec<u8>],
+        removed: &[Vec<u8>],
+    ) {
+        if lossy {
+            self.prefix.forget(wid);
+        }
+        for k in removed {
+            if let Ok(key) = <[u8; 16]>::try_from(k.as_slice()) {
+                self.prefix.removed(wid, &key);
+            }
+        }
+        for k in added {
+            if let Ok(key) = <[u8; 16]>::try_from(k.as_slice()) {
+                self.prefix.added(wid, key);
+            }
+        }
+        if lossy || !added.is_empty() || !removed.is_empty() {
+            self.metrics
+                .prefix_index_entries
+                .set(self.prefix.len() as i64);
+        }
     }
 
     /// A sequence ended on worker `wid`.

@@ -24,6 +24,7 @@ mod events;
 mod pace;
 mod placement;
 mod preemption;
+pub mod prefix_index;
 pub mod queues;
 mod state;
 #[cfg(test)]

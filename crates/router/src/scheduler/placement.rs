@@ -41,7 +41,7 @@ impl State {
                     }
                     continue;
                 }
-                let target = match self.pick_worker(&model, e.tokens + 1, room) {
+                let target = match self.pick_worker(&model, e.tokens + 1, e.id, room) {
                     Some(wid) => Some(wid),
                     // A preemption makes room at once: the worker handles the preempt
                     // before the dispatch that follows it on the same stream.
@@ -90,24 +90,48 @@ impl State {
         self.workers.get(&wid).is_some_and(|w| !w.leaving) && room(wid)
     }
 
-    /// The least-loaded worker of `model` with a free slot and room for `tokens`.
+    /// The worker of `model` with a free slot and room for `tokens` that request `id` goes to:
+    /// the least loaded, or, with cache-aware placement, the one whose prefix cache holds the
+    /// most of the request's leading blocks among those at most `--cache-balance-slack` more
+    /// loaded than the least loaded (ties: the least loaded).
     fn pick_worker(
         &self,
         model: &str,
         tokens: usize,
+        id: u64,
         room: &dyn Fn(WorkerId) -> bool,
     ) -> Option<WorkerId> {
-        self.workers
+        let fits: Vec<(WorkerId, &super::credits::Credits)> = self
+            .workers
             .iter()
             .filter(|(&id, w)| w.spec.id == model && w.free_slots() > 0 && self.can_take(id, room))
             .filter(|(_, w)| w.free_blocks() >= w.blocks(tokens))
-            .min_by(|(a_id, a), (b_id, b)| {
-                a.load()
-                    .total_cmp(&b.load())
-                    .then(b.free_blocks().cmp(&a.free_blocks()))
-                    .then(a_id.cmp(b_id))
-            })
-            .map(|(&id, _)| id)
+            .map(|(&id, w)| (id, w))
+            .collect();
+        let by_load = |(a_id, a): &(WorkerId, &super::credits::Credits),
+                       (b_id, b): &(WorkerId, &super::credits::Credits)| {
+            a.load()
+                .total_cmp(&b.load())
+                .then(b.free_blocks().cmp(&a.free_blocks()))
+                .then(a_id.cmp(b_id))
+        };
+        let least = fits.iter().min_by(|a, b| by_load(a, b))?;
+        let keys = self
+            .requests
+            .get(&id)
+            .map_or(&[][..], |t| t.req.prefix_keys.as_slice());
+        if !self.cfg.cache_aware || keys.is_empty() {
+            return Some(least.0);
+        }
+        let ceiling = least.1.load() + self.cfg.cache_balance_slack;
+        let (best, held) = fits
+            .iter()
+            .filter(|(_, w)| w.load() <= ceiling)
+            .map(|c| (c, self.prefix.held(c.0, keys)))
+            .max_by(|(a, ha), (b, hb)| ha.cmp(hb).then_with(|| by_load(b, a)))
+            .unwrap_or((least, 0));
+        self.metrics.prefix_blocks_matched.inc_by(held as u64);
+        Some(best.0)
     }
 
     /// Marks `id` as running on `wid` and returns what to send.

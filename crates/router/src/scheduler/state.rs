@@ -128,13 +128,14 @@ pub struct State {
     gauges: HashMap<(String, String), i64>,
     /// Effects of the input being handled.
     pub(super) effects: Vec<Effect>,
+    /// What each worker's prefix cache holds, as reported.
+    pub(super) prefix: super::prefix_index::PrefixIndex,
 }
 
 impl State {
     /// An empty state.
     pub fn new(cfg: Arc<RouterConfig>, models: ModelTable, metrics: Arc<RouterMetrics>) -> State {
         State {
-            cfg,
             models,
             metrics,
             queues: HashMap::new(),
@@ -146,6 +147,8 @@ impl State {
             draining: false,
             gauges: HashMap::new(),
             effects: Vec::new(),
+            prefix: super::prefix_index::PrefixIndex::new(cfg.prefix_index_entries),
+            cfg,
         }
     }
 
@@ -308,6 +311,10 @@ impl State {
         let Some(w) = self.workers.remove(&wid) else {
             return;
         };
+        self.prefix.forget(wid);
+        self.metrics
+            .prefix_index_entries
+            .set(self.prefix.len() as i64);
         if !w.leaving {
             self.models.worker_down(&w.spec.id);
             self.count_workers(&w.spec.id);

@@ -50,6 +50,8 @@ pub(crate) struct Harness {
     /// The tenant and weight of the requests submitted next.
     pub tenant: Arc<str>,
     pub weight: f64,
+    /// The prefix-cache keys of the requests submitted next.
+    pub prefix_keys: Vec<openinfer_core::prefix::BlockKey>,
 }
 
 pub(crate) fn harness(cfg: RouterConfig) -> Harness {
@@ -61,6 +63,7 @@ pub(crate) fn harness(cfg: RouterConfig) -> Harness {
         next_id: 1,
         tenant: crate::tenants::ANONYMOUS.into(),
         weight: 1.0,
+        prefix_keys: Vec::new(),
     }
 }
 
@@ -150,6 +153,7 @@ impl Harness {
             },
             tenant: self.tenant.clone(),
             weight: self.weight,
+            prefix_keys: self.prefix_keys.clone(),
         };
         let output = Output::new(now, prometheus::IntGauge::new("unread", "unread").unwrap());
         self.outputs.insert(id, output.clone());
@@ -200,6 +204,7 @@ impl Harness {
                 })
                 .collect(),
             capacity,
+            ..Default::default()
         };
         self.state.worker_event(self.at(ms), WorkerId(w), resp)
     }
@@ -925,6 +930,7 @@ mod properties {
                     dispatched: self.acked,
                     ..Default::default()
                 }),
+                ..Default::default()
             }
         }
     }
@@ -1112,4 +1118,77 @@ mod properties {
             }
         }
     }
+}
+
+#[test]
+fn placement_follows_the_prefix_cache_within_the_balance_slack() {
+    use openinfer_core::prefix::prompt_keys;
+    let mut h = harness(RouterConfig {
+        cache_balance_slack: 0.25,
+        ..cfg()
+    });
+    h.worker(1, "m", 4, 1000);
+    h.worker(2, "m", 4, 1000);
+    let keys = prompt_keys(b"anonymous", &[7; 65], 16);
+    assert_eq!(keys.len(), 4);
+    // Worker 2 reports that its cache holds the first three blocks (and a key of a wrong
+    // length, which is ignored).
+    let mut added: Vec<Vec<u8>> = keys[..3].iter().map(|k| k.to_vec()).collect();
+    added.push(vec![1, 2, 3]);
+    h.state.worker_event(
+        h.at(0),
+        WorkerId(2),
+        wpb::ExecuteResponse {
+            prefix_added: added,
+            ..Default::default()
+        },
+    );
+    h.prefix_keys = keys.clone();
+    let a = h.submit(1, "m", 0, 65, 8, LONG).unwrap();
+    assert_eq!(
+        Harness::dispatched(&h.tick(2)),
+        vec![(2, a)],
+        "to the worker holding its prefix, though the other is as idle"
+    );
+    // Worker 2 is a quarter busier than worker 1: within the slack, it still gets the next.
+    let b = h.submit(3, "m", 0, 65, 8, LONG).unwrap();
+    assert_eq!(Harness::dispatched(&h.tick(4)), vec![(2, b)]);
+    // Half busier: over the slack, so one hot prefix does not pile everything on one worker.
+    let c = h.submit(5, "m", 0, 65, 8, LONG).unwrap();
+    assert_eq!(Harness::dispatched(&h.tick(6)), vec![(1, c)]);
+    // The worker evicts the blocks: its hold is gone, and the least busy worker is chosen.
+    h.state.worker_event(
+        h.at(7),
+        WorkerId(2),
+        wpb::ExecuteResponse {
+            prefix_removed: keys[..1].iter().map(|k| k.to_vec()).collect(),
+            ..Default::default()
+        },
+    );
+    h.step(8, 1, &[], &[(c, wpb::FinishReason::Eos)], None);
+    let d = h.submit(9, "m", 0, 65, 8, LONG).unwrap();
+    assert_eq!(Harness::dispatched(&h.tick(10)), vec![(1, d)]);
+}
+
+#[test]
+fn without_cache_awareness_the_least_busy_worker_is_chosen() {
+    use openinfer_core::prefix::prompt_keys;
+    let mut h = harness(RouterConfig {
+        cache_aware: false,
+        ..cfg()
+    });
+    h.worker(1, "m", 4, 1000);
+    h.worker(2, "m", 4, 1000);
+    let keys = prompt_keys(b"anonymous", &[7; 65], 16);
+    h.state.worker_event(
+        h.at(0),
+        WorkerId(2),
+        wpb::ExecuteResponse {
+            prefix_added: keys.iter().map(|k| k.to_vec()).collect(),
+            ..Default::default()
+        },
+    );
+    h.prefix_keys = keys;
+    let a = h.submit(1, "m", 0, 65, 8, LONG).unwrap();
+    assert_eq!(Harness::dispatched(&h.tick(2)), vec![(1, a)]);
 }
