@@ -149,6 +149,51 @@ pub struct BenchArgs {
     /// --spawn-sim-workers; the lightest sends --num-requests).
     #[arg(long, env = "OPENINFER_BENCH_TENANT_MIX")]
     pub tenant_mix: Option<String>,
+    /// Compare prefix caching off, on with least-busy placement, and on with cache-aware
+    /// placement: the same workload (--prefix-workload) three times on fresh workers with the
+    /// real engine (--prefix-model, else the --prefix-preset model) behind a fresh router.
+    #[arg(long, env = "OPENINFER_BENCH_PREFIX_CACHE_COMPARE")]
+    pub prefix_cache_compare: bool,
+    /// shared: --prefix-groups system prompts, each followed by --prefix-questions questions;
+    /// multi-turn: conversations of --turns turns, each repeating the history before it.
+    #[arg(
+        long,
+        env = "OPENINFER_BENCH_PREFIX_WORKLOAD",
+        value_enum,
+        default_value = "shared"
+    )]
+    pub prefix_workload: crate::prefix::PrefixWorkload,
+    /// Workers for --prefix-cache-compare.
+    #[arg(long, env = "OPENINFER_BENCH_PREFIX_WORKERS", default_value_t = 2)]
+    pub prefix_workers: usize,
+    /// Model directory for --prefix-cache-compare (default: the --prefix-preset model).
+    #[arg(long, env = "OPENINFER_BENCH_PREFIX_MODEL")]
+    pub prefix_model: Option<PathBuf>,
+    /// Preset made (under --cache-dir) and measured when no --prefix-model is given.
+    #[arg(long, env = "OPENINFER_BENCH_PREFIX_PRESET", default_value = "small")]
+    pub prefix_preset: String,
+    /// Where generated models are kept.
+    #[arg(
+        long,
+        env = "OPENINFER_CACHE_DIR",
+        default_value = "target/openinfer-models"
+    )]
+    pub cache_dir: PathBuf,
+    /// System prompts (shared) or conversations per client (multi-turn).
+    #[arg(long, env = "OPENINFER_BENCH_PREFIX_GROUPS", default_value_t = 4)]
+    pub prefix_groups: usize,
+    /// Questions per system prompt.
+    #[arg(long, env = "OPENINFER_BENCH_PREFIX_QUESTIONS", default_value_t = 16)]
+    pub prefix_questions: usize,
+    /// Words of each system prompt.
+    #[arg(long, env = "OPENINFER_BENCH_PREFIX_WORDS", default_value_t = 300)]
+    pub prefix_words: usize,
+    /// Words of each question.
+    #[arg(long, env = "OPENINFER_BENCH_QUESTION_WORDS", default_value_t = 75)]
+    pub question_words: usize,
+    /// Turns per conversation (multi-turn).
+    #[arg(long, env = "OPENINFER_BENCH_TURNS", default_value_t = 4)]
+    pub turns: usize,
     /// Objectives for goodput, e.g. ttft=200ms,tpot=50ms,e2e=10s.
     #[arg(long, env = "OPENINFER_BENCH_SLO", default_value = "")]
     pub slo: String,

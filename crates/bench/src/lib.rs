@@ -8,6 +8,8 @@
 //! * [`router`]: what the router adds over direct-to-worker, and its memory under streams.
 //! * [`tenants`]: tenants sharing a cluster (`--tenant-mix`), fair shares beside first come,
 //!   first served.
+//! * [`prefix`]: prefix caching off, on, and with cache-aware placement, on one workload
+//!   (`--prefix-cache-compare`).
 //! * [`workload`], [`stats`], [`chart`]: prompts and arrivals, percentiles and SLOs, SVG.
 //! * [`child`], [`python`]: `openinfer` child processes, and the HF baseline scripts.
 //! * [`progress`]: progress bars (shared with the `openinfer` binary).
@@ -16,6 +18,7 @@ pub mod args;
 pub mod chart;
 pub mod child;
 pub mod engine;
+pub mod prefix;
 pub mod progress;
 pub mod python;
 pub mod router;

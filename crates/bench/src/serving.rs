@@ -253,6 +253,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if let Some(mix) = &a.tenant_mix {
         return crate::tenants::run(&a, mix);
     }
+    if a.prefix_cache_compare {
+        return crate::prefix::run(&a);
+    }
     if a.num_requests == 0 || a.output_len == 0 || a.input_len == 0 {
         bail!("--num-requests, --input-len and --output-len must be positive");
     }

@@ -140,3 +140,44 @@ fn bench_overloads_a_sim_cluster_and_the_router_refuses_low_priority_only() {
         run.stdout
     );
 }
+
+#[test]
+fn bench_compares_prefix_caching_off_on_and_cache_aware() {
+    let models = tempfile::tempdir().unwrap();
+    let run = common::run_with_env(
+        &[("OPENINFER_CACHE_DIR", models.path().to_str().unwrap())],
+        &[
+            "bench",
+            "--prefix-cache-compare",
+            "--prefix-preset",
+            "tiny",
+            "--prefix-groups",
+            "2",
+            "--prefix-questions",
+            "4",
+            "--prefix-words",
+            "100",
+            "--question-words",
+            "20",
+            "--output-len",
+            "4",
+            "--concurrency",
+            "2",
+        ],
+    );
+    assert!(run.stdout.contains("cache-aware"), "{}", run.stdout);
+    let json = run.json("bench-prefix.json");
+    let configs = json["configs"].as_array().unwrap();
+    assert_eq!(configs.len(), 3);
+    for c in configs {
+        assert_eq!(c["requests"], 8, "{c}");
+        assert_eq!(c["failed"], 0, "{c}");
+    }
+    let prefill = |i: usize| configs[i]["prefill_computed"].as_f64().unwrap();
+    assert_eq!(configs[0]["hit_rate"], 0.0, "caching off reuses nothing");
+    assert!(
+        prefill(1) < prefill(0) && prefill(2) < prefill(0),
+        "{configs:?}"
+    );
+    assert!(run.text("bench-prefix.svg").starts_with("<svg"));
+}
