@@ -14,6 +14,9 @@ use crate::service::{Call, Conversation};
 /// Longest `user` kept, in bytes.
 const MAX_USER_BYTES: usize = 256;
 
+/// `temperature` when a request sets none, as in OpenAI's API.
+const DEFAULT_TEMPERATURE: f32 = 1.0;
+
 /// Most messages in one conversation.
 const MAX_MESSAGES: usize = 4096;
 
@@ -265,7 +268,11 @@ fn common(
     let base = pb::GenerateRequest {
         model,
         max_new_tokens,
-        temperature: f.take("temperature", number)?,
+        // OpenAI's default: sampling at temperature 1 (the gRPC API's default is greedy).
+        temperature: Some(
+            f.take("temperature", number)?
+                .unwrap_or(DEFAULT_TEMPERATURE),
+        ),
         top_p: f.take("top_p", number)?,
         top_k,
         min_p: f.take("min_p", number)?,
@@ -443,6 +450,13 @@ mod tests {
         assert_eq!(calls[2].req.prompt, "b");
         let p = Parsed::completions(br#"{"prompt": [1, 2, 3]}"#, &cfg()).unwrap();
         assert!(matches!(&p.prompts[..], [Prompt::Ids(ids)] if ids == &[1, 2, 3]));
+        assert_eq!(
+            p.base.temperature,
+            Some(1.0),
+            "OpenAI's default temperature"
+        );
+        let greedy = Parsed::completions(br#"{"prompt": "a", "temperature": 0}"#, &cfg());
+        assert_eq!(greedy.unwrap().base.temperature, Some(0.0));
         let p = Parsed::completions(br#"{"prompt": [[1], [2, 3]]}"#, &cfg()).unwrap();
         assert_eq!(p.prompts.len(), 2);
         for bad in [
