@@ -120,7 +120,7 @@ def suite():
     assert all(len(t) <= 2 and len(t) >= 1 for t in l.top_logprobs), l
     assert all(v <= 0 for v in l.token_logprobs)
     chat_lp = c.chat.completions.create(model=model, messages=messages, max_tokens=4, logprobs=True,
-                                        top_logprobs=3, extra_body={"ignore_eos": True})
+                                        top_logprobs=3, temperature=0, extra_body={"ignore_eos": True})
     content = chat_lp.choices[0].logprobs.content
     assert len(content) == 4 and all(len(e.top_logprobs) == 3 for e in content), content
     # Greedy: the chosen token is the most likely one.
