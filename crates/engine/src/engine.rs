@@ -330,11 +330,16 @@ impl Loaded {
             None => Shard::SINGLE,
         };
         let local = shard.local_config(mc);
-        let dtype = cfg.dtype.unwrap_or(if cfg.device.is_cpu() {
-            DType::F32
-        } else {
-            DType::BF16
-        });
+        // A GGUF file without a dtype keeps its quantized tensors and computes in f32 (what
+        // candle's quantized kernels take); with one, it is dequantized into it.
+        let keep_quantized = dir.weights.is_gguf() && cfg.dtype.is_none();
+        let dtype = cfg
+            .dtype
+            .unwrap_or(if cfg.device.is_cpu() || keep_quantized {
+                DType::F32
+            } else {
+                DType::BF16
+            });
         if cfg.block_size == 0 || cfg.max_running == 0 || cfg.max_batch_tokens == 0 {
             return Err(EngineError::Config(
                 "block size, max running sequences and max batch tokens must be positive".into(),
@@ -365,6 +370,7 @@ impl Loaded {
             comm,
             &dir.weights,
             dtype,
+            keep_quantized,
             &cfg.device,
             max_model_len + 1,
             progress,

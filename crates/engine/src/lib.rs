@@ -1,14 +1,15 @@
 //! The OpenInferencev2 engine: Llama-family models in candle over a paged KV cache, with
 //! continuous batching, chunked prefill, sampling and incremental detokenization.
 //!
-//! * [`model_dir`] opens and checks a Hugging Face model directory.
+//! * [`model_dir`] opens and checks a Hugging Face model directory, or a GGUF file ([`gguf`]).
 //! * [`model`] is the batched decoder; [`batch`] lays out one step's inputs.
 //! * [`kv_cache`] holds the paged cache; `step_scheduler` decides what each step computes
 //!   (admission, KV blocks, preemption, prefill chunks) for both engines; [`engine`] runs the
 //!   steps on a model.
 //! * [`sampling`] and [`detokenize`] turn logits into tokens and text.
 //! * [`backend`] is what a worker drives: the [`Engine`] or the model-free [`sim`] engine.
-//! * [`reference`] reads the committed HF transformers reference outputs.
+//! * [`reference`] reads the committed HF transformers reference outputs; [`perplexity`]
+//!   scores a text the way llama.cpp's `llama-perplexity` does.
 //! * [`tp`] splits a model across ranks (tensor parallelism) and holds their collectives.
 //! * [`make_model`] writes random-weight model directories for demos, tests and benchmarks.
 
@@ -21,11 +22,13 @@ pub mod cpu_ops;
 pub mod detokenize;
 pub mod engine;
 pub mod error;
+pub mod gguf;
 pub mod kv_cache;
 pub mod make_model;
 pub mod model;
 pub mod model_dir;
 pub mod packed_matmul;
+pub mod perplexity;
 pub mod reference;
 pub mod rope;
 pub mod sampling;

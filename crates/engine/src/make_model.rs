@@ -168,6 +168,11 @@ impl ModelSpec {
                 t.push((format!("{p}.self_attn.k_proj.bias"), vec![kv], Init::Random));
                 t.push((format!("{p}.self_attn.v_proj.bias"), vec![kv], Init::Random));
             }
+            if self.architecture == Architecture::Qwen3 {
+                let hd = self.hidden_size / self.num_heads;
+                t.push((format!("{p}.self_attn.q_norm.weight"), vec![hd], Init::Ones));
+                t.push((format!("{p}.self_attn.k_norm.weight"), vec![hd], Init::Ones));
+            }
             t.push((
                 format!("{p}.self_attn.o_proj.weight"),
                 vec![h, q],
@@ -206,6 +211,7 @@ impl ModelSpec {
             Architecture::Llama => ("LlamaForCausalLM", "llama"),
             Architecture::Mistral => ("MistralForCausalLM", "mistral"),
             Architecture::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+            Architecture::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
         };
         let mut c = json!({
             "architectures": [arch],

@@ -1,12 +1,15 @@
-//! The Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2) over a paged KV cache.
+//! The Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3) over a paged KV cache.
 //!
 //! One [`Llama::forward`] runs every scheduled token of a step: projections and MLPs over the
-//! flattened token list, attention per [`AttnGroup`](crate::batch::AttnGroup).
+//! flattened token list, attention per [`AttnGroup`](crate::batch::AttnGroup). Weights of a
+//! GGUF file stay in their quantized formats unless a dtype is asked for; their products run
+//! on candle's quantized kernels.
 
 use std::cell::Cell;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::ops::{rms_norm, softmax_last_dim};
 
 use crate::batch::{AttnGroup, StepBatch};
@@ -27,10 +30,14 @@ fn uses_cpu_kernels(device: &Device, dtype: DType) -> bool {
 }
 
 /// A weight matrix `[out, in]`: packed once for the CPU kernel, a plain tensor for the device's
-/// own matmul otherwise.
+/// own matmul otherwise, or quantized as a GGUF file stores it.
 enum Weight {
     Packed(PackedWeight),
     Tensor(Tensor),
+    Quantized(QMatMul),
+    /// Fused projections whose parts are stored in different formats (a Q4_K_M file keeps
+    /// some `v` projections in Q6_K): each part's output, concatenated.
+    Split(Vec<Weight>),
 }
 
 impl Weight {
@@ -49,6 +56,44 @@ impl Weight {
         Ok(match self {
             Weight::Packed(p) => x.contiguous()?.apply_op1_no_bwd(&PackedMatmul(p))?,
             Weight::Tensor(w) => x.matmul(&w.t()?)?,
+            Weight::Quantized(q) => q.forward(&x.contiguous()?)?,
+            Weight::Split(parts) => {
+                let outs = parts
+                    .iter()
+                    .map(|p| p.forward(x))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&outs, 1)?
+            }
+        })
+    }
+}
+
+/// Stacks the rows of quantized matrices of one format (whole blocks per row, so the bytes
+/// concatenate as they are).
+fn stack_rows(parts: &[QTensor]) -> Result<QTensor> {
+    let dtype = parts[0].dtype();
+    let cols = parts[0].shape().dims2()?.1;
+    let mut rows = 0;
+    let mut bytes = Vec::new();
+    for p in parts {
+        rows += p.shape().dims2()?.0;
+        bytes.extend_from_slice(&p.data()?);
+    }
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), &Device::Cpu, dtype)?;
+    Ok(QTensor::new(storage, (rows, cols))?)
+}
+
+/// The token embedding: a dense table, or rows dequantized on lookup from a quantized one.
+enum Embedding {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl Embedding {
+    fn lookup(&self, tokens: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Embedding::Dense(t) => t.index_select(tokens, 0)?,
+            Embedding::Quantized(q) => q.embedding(tokens)?,
         })
     }
 }
@@ -72,6 +117,8 @@ impl Linear {
 struct Layer {
     input_norm: Tensor,
     post_norm: Tensor,
+    /// Per-head RMSNorm weights of queries and keys (Qwen3).
+    qk_norm: Option<(Tensor, Tensor)>,
     /// q, k and v projections fused into one matrix.
     qkv: Linear,
     o: Linear,
@@ -84,7 +131,7 @@ struct Layer {
 pub struct Llama {
     /// The shape this rank computes with (its heads, KV heads and MLP width).
     cfg: ModelConfig,
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Weight,
@@ -111,9 +158,23 @@ struct Loader<'a> {
     dtype: DType,
     device: &'a Device,
     bytes: Cell<usize>,
+    /// Quantized tensors stay quantized (a GGUF file loaded without a dtype, on one rank).
+    quantized: bool,
 }
 
 impl Loader<'_> {
+    /// The quantized form of `name`, when it is kept quantized.
+    fn quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QTensor>> {
+        if !self.quantized {
+            return Ok(None);
+        }
+        let q = self.weights.quantized(name, shape)?;
+        if let Some(q) = &q {
+            self.bytes.set(self.bytes.get() + q.storage_size_in_bytes());
+        }
+        Ok(q)
+    }
+
     fn count(&self, t: Tensor) -> Tensor {
         self.bytes
             .set(self.bytes.get() + t.elem_count() * self.dtype.size_in_bytes());
@@ -141,6 +202,34 @@ impl Loader<'_> {
 
     /// Column-parallel: each part's rows (and bias rows), concatenated (fused projections).
     fn column_parallel(&self, parts: &[Rows], cols: usize, bias: bool) -> Result<Linear> {
+        let whole = parts.iter().all(|p| p.start == 0 && p.len == p.rows);
+        if whole && self.quantized {
+            let qs = parts
+                .iter()
+                .map(|p| self.quantized(&p.name, &[p.rows, cols]))
+                .collect::<Result<Vec<_>>>()?;
+            if let Some(qs) = qs.into_iter().collect::<Option<Vec<QTensor>>>() {
+                let w = if qs.iter().all(|q| q.dtype() == qs[0].dtype()) {
+                    Weight::Quantized(QMatMul::from_qtensor(stack_rows(&qs)?)?)
+                } else {
+                    Weight::Split(
+                        qs.into_iter()
+                            .map(|q| Ok(Weight::Quantized(QMatMul::from_qtensor(q)?)))
+                            .collect::<Result<Vec<_>>>()?,
+                    )
+                };
+                let b = if bias {
+                    let bs = parts
+                        .iter()
+                        .map(|p| self.get(&p.name.replace(".weight", ".bias"), &[p.rows]))
+                        .collect::<Result<Vec<_>>>()?;
+                    Some(Tensor::cat(&bs, 0)?)
+                } else {
+                    None
+                };
+                return Ok(Linear { w, b });
+            }
+        }
         let cat = |bias: bool| -> Result<Tensor> {
             let ts = parts
                 .iter()
@@ -170,7 +259,14 @@ impl Loader<'_> {
         (start, len): (usize, usize),
         bias: bool,
     ) -> Result<Linear> {
-        let w = Weight::new(self.slice(name, &[rows, cols], 1, start, len)?)?;
+        let quantized = match start == 0 && len == cols {
+            true => self.quantized(name, &[rows, cols])?,
+            false => None,
+        };
+        let w = match quantized {
+            Some(q) => Weight::Quantized(QMatMul::from_qtensor(q)?),
+            None => Weight::new(self.slice(name, &[rows, cols], 1, start, len)?)?,
+        };
         let b = if bias {
             Some(self.get(&name.replace(".weight", ".bias"), &[rows])?)
         } else {
@@ -183,7 +279,8 @@ impl Loader<'_> {
 impl Llama {
     /// Loads every weight of `shard` (everything for [`Shard::SINGLE`]), checking shapes
     /// against `cfg`, the whole model's shape. `comm` joins the shards of a group.
-    /// `progress` is told after each layer.
+    /// `progress` is told after each layer. With `keep_quantized`, the quantized tensors of a
+    /// GGUF file stay in their formats (on one rank; a shard dequantizes its slices).
     #[allow(clippy::too_many_arguments)]
     pub fn load(
         cfg: &ModelConfig,
@@ -191,6 +288,7 @@ impl Llama {
         comm: Option<Arc<dyn Communicator>>,
         weights: &Weights,
         dtype: DType,
+        keep_quantized: bool,
         device: &Device,
         max_positions: usize,
         progress: &dyn Fn(usize, usize),
@@ -200,6 +298,7 @@ impl Llama {
             dtype,
             device,
             bytes: Cell::new(0),
+            quantized: keep_quantized && shard.size == 1,
         };
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_rows, kv_rows) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
@@ -208,7 +307,11 @@ impl Llama {
         let (kv0, nkv) = shard.kv_heads(cfg);
         let (m0, nm) = shard.mlp(cfg);
         let steps = cfg.num_layers + 2;
-        let embed = l.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let embed_name = "model.embed_tokens.weight";
+        let embed = match l.quantized(embed_name, &[cfg.vocab_size, h])? {
+            Some(q) => Embedding::Quantized(Arc::new(q)),
+            None => Embedding::Dense(l.get(embed_name, &[cfg.vocab_size, h])?),
+        };
         progress(1, steps);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -236,7 +339,16 @@ impl Llama {
                 h,
                 cfg.mlp_bias,
             )?;
+            let qk_norm = if cfg.qk_norm {
+                Some((
+                    l.get(&format!("{p}.self_attn.q_norm.weight"), &[hd])?,
+                    l.get(&format!("{p}.self_attn.k_norm.weight"), &[hd])?,
+                ))
+            } else {
+                None
+            };
             layers.push(Layer {
+                qk_norm,
                 input_norm: l.get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 post_norm: l.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 qkv,
@@ -257,11 +369,14 @@ impl Llama {
             progress(i + 2, steps);
         }
         let norm = l.get("model.norm.weight", &[h])?;
-        let lm_head = Weight::new(if cfg.tie_word_embeddings {
-            embed.clone()
-        } else {
-            l.get("lm_head.weight", &[cfg.vocab_size, h])?
-        })?;
+        let lm_head = match (&embed, cfg.tie_word_embeddings) {
+            (Embedding::Dense(e), true) => Weight::new(e.clone())?,
+            (Embedding::Quantized(q), true) => Weight::Quantized(QMatMul::from_arc(q.clone())?),
+            (_, false) => match l.quantized("lm_head.weight", &[cfg.vocab_size, h])? {
+                Some(q) => Weight::Quantized(QMatMul::from_qtensor(q)?),
+                None => Weight::new(l.get("lm_head.weight", &[cfg.vocab_size, h])?)?,
+            },
+        };
         progress(steps, steps);
         let local = shard.local_config(cfg);
         Ok(Llama {
@@ -319,13 +434,20 @@ impl Llama {
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let eps = cfg.rms_norm_eps as f32;
         let (cos, sin) = self.rope.gather(&batch.positions)?;
-        let mut x = self.embed.index_select(&batch.tokens, 0)?;
+        let mut x = self.embed.lookup(&batch.tokens)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.input_norm, eps)?;
             let qkv = layer.qkv.forward(&h)?;
             let q = qkv.narrow(1, 0, nh * hd)?.reshape((1, t, nh, hd))?;
             let k = qkv.narrow(1, nh * hd, nkv * hd)?.reshape((1, t, nkv, hd))?;
             let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?;
+            let (q, k) = match &layer.qk_norm {
+                Some((qn, kn)) => (
+                    rms_norm(&q.contiguous()?, qn, eps)?,
+                    rms_norm(&k.contiguous()?, kn, eps)?,
+                ),
+                None => (q, k),
+            };
             let q = self.rope.apply(&q, &cos, &sin)?.reshape((t, nh, hd))?;
             let k = self.rope.apply(&k, &cos, &sin)?.reshape((t, nkv * hd))?;
             kv.write(i, &k, &v, &batch.slot_index)?;

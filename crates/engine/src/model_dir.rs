@@ -1,11 +1,12 @@
 //! A Hugging Face model directory: `config.json`, `model.safetensors` (or a sharded
 //! `model.safetensors.index.json`), `tokenizer.json`, and the optional
 //! `tokenizer_config.json` / `generation_config.json` that say which tokens are bos and eos and
-//! whether to add bos.
+//! whether to add bos. A GGUF file stands in for the whole directory.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::QTensor;
 use candle_core::safetensors::{Load, MmapedSafetensors};
 use candle_core::{DType, Device, Tensor};
 use safetensors::slice::TensorIndexer;
@@ -14,6 +15,7 @@ use serde_json::Value;
 
 use crate::config::{token_id_list, ModelConfig};
 use crate::error::{EngineError, Result};
+use crate::gguf::{is_gguf, GgufFile, GgufWeights};
 use crate::tokenizer::Tokenizer;
 
 /// An opened, checked model directory. Weights are memory-mapped, not yet loaded.
@@ -29,17 +31,31 @@ pub struct ModelDir {
 }
 
 impl ModelDir {
-    /// Opens `dir`, checking that every file the engine needs is present and well-formed.
+    /// Opens `dir`, checking that every file the engine needs is present and well-formed. A
+    /// GGUF file is opened as such ([`GgufFile`]).
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let path = dir.as_ref().to_path_buf();
+        if is_gguf(&path) {
+            let GgufFile {
+                config,
+                weights,
+                tokenizer,
+            } = GgufFile::open(&path)?;
+            return Ok(ModelDir {
+                path,
+                config,
+                weights: Weights::Gguf(weights),
+                tokenizer,
+            });
+        }
         if !path.is_dir() {
             return Err(EngineError::ModelFile {
                 path,
-                message: "not a directory; pass a Hugging Face model directory (config.json, model.safetensors, tokenizer.json), or make one with `openinfer make-model`".into(),
+                message: "not a directory or a GGUF file; pass a Hugging Face model directory (config.json, model.safetensors, tokenizer.json), a .gguf file, or make one with `openinfer make-model`".into(),
             });
         }
         let config = ModelConfig::from_file(&path.join("config.json"))?;
-        let weights = Weights::open(&path)?;
+        let weights = Weights::Safetensors(Safetensors::open(&path)?);
         let tokenizer_config = read_optional_json(&path.join("tokenizer_config.json"))?;
         let generation_config = read_optional_json(&path.join("generation_config.json"))?;
         let tokenizer = Tokenizer::from_dir(
@@ -56,11 +72,13 @@ impl ModelDir {
         })
     }
 
-    /// A short id for the model: the directory's name.
+    /// A short id for the model: the directory's name, or the GGUF file's without `.gguf`.
     pub fn model_id(&self) -> String {
-        self.path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
+        let name = match &self.weights {
+            Weights::Gguf(_) => self.path.file_stem(),
+            Weights::Safetensors(_) => self.path.file_name(),
+        };
+        name.map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into())
     }
 }
@@ -88,15 +106,89 @@ pub(crate) fn ids_field(v: &Value, path: &Path, field: &str) -> Result<Vec<u32>>
     })
 }
 
+/// A model's tensors, by their Hugging Face names.
+pub enum Weights {
+    /// Safetensors files of a Hugging Face directory, in their stored dtype.
+    Safetensors(Safetensors),
+    /// A GGUF file, quantized or not.
+    Gguf(GgufWeights),
+}
+
+impl Weights {
+    /// True when the checkpoint holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        match self {
+            Weights::Safetensors(w) => w.contains(name),
+            Weights::Gguf(w) => w.contains(name),
+        }
+    }
+
+    /// Bytes of all weight files.
+    pub fn total_bytes(&self) -> u64 {
+        match self {
+            Weights::Safetensors(w) => w.total_bytes(),
+            Weights::Gguf(w) => w.total_bytes(),
+        }
+    }
+
+    /// Loads tensor `name` onto `device` as `dtype` (dequantized), checking its shape.
+    pub fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        match self {
+            Weights::Safetensors(w) => w.load(name, shape, dtype, device),
+            Weights::Gguf(w) => w.load(name, shape, dtype, device),
+        }
+    }
+
+    /// `len` rows (`dim` 0) or columns (`dim` 1) of tensor `name` from `start`; `shape` is the
+    /// whole tensor's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn load_slice(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dim: usize,
+        start: usize,
+        len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        match self {
+            Weights::Safetensors(w) => w.load_slice(name, shape, dim, start, len, dtype, device),
+            Weights::Gguf(w) => Ok(w
+                .load(name, shape, dtype, device)?
+                .narrow(dim, start, len)?),
+        }
+    }
+
+    /// Tensor `name` in its stored quantized format, when the checkpoint holds it quantized.
+    pub fn quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QTensor>> {
+        match self {
+            Weights::Gguf(w) if w.is_quantized(name) => w.qtensor(name, shape).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// True for a GGUF file.
+    pub fn is_gguf(&self) -> bool {
+        matches!(self, Weights::Gguf(_))
+    }
+}
+
 /// Memory-mapped safetensors files and which file holds which tensor.
-pub struct Weights {
+pub struct Safetensors {
     files: Vec<(PathBuf, MmapedSafetensors)>,
     index: HashMap<String, usize>,
     /// The file (single file or index) that errors about missing tensors name.
     origin: PathBuf,
 }
 
-impl Weights {
+impl Safetensors {
     /// Opens `model.safetensors`, or the shards listed by `model.safetensors.index.json`.
     pub fn open(dir: &Path) -> Result<Self> {
         let single = dir.join("model.safetensors");
@@ -156,7 +248,7 @@ impl Weights {
                 index.insert(tensor, file_idx[&file]);
             }
         }
-        Ok(Weights {
+        Ok(Safetensors {
             files,
             index,
             origin,
@@ -220,7 +312,7 @@ impl Weights {
     }
 }
 
-impl Weights {
+impl Safetensors {
     /// `len` rows (`dim` 0) or columns (`dim` 1) of tensor `name` from `start`, reading only
     /// those bytes; `shape` is the whole tensor's, checked as [`Weights::load`] does.
     #[allow(clippy::too_many_arguments)]

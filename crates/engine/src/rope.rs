@@ -18,15 +18,22 @@ pub fn inverse_frequencies(cfg: &ModelConfig) -> Vec<f32> {
     let base: Vec<f32> = (0..dim / 2)
         .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / dim as f32))
         .collect();
-    match cfg.rope_scaling {
+    match &cfg.rope_scaling {
         RopeScaling::None => base,
-        RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
+        RopeScaling::Factors(factors) => base
+            .iter()
+            .zip(factors.iter().chain(std::iter::repeat(&1.0)))
+            .map(|(f, d)| f / d)
+            .collect(),
+        RopeScaling::Linear { factor } => base.iter().map(|f| f / *factor as f32).collect(),
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,
             high_freq_factor,
             original_max_position_embeddings: old_len,
         } => {
+            let (factor, low_freq_factor, high_freq_factor, old_len) =
+                (*factor, *low_freq_factor, *high_freq_factor, *old_len);
             let low_freq_wavelen = old_len / low_freq_factor;
             let high_freq_wavelen = old_len / high_freq_factor;
             base.iter()

@@ -33,7 +33,8 @@ pub fn spec(a: &MakeModelArgs) -> anyhow::Result<ModelSpec> {
             "llama" => Architecture::Llama,
             "mistral" => Architecture::Mistral,
             "qwen2" => Architecture::Qwen2,
-            other => bail!("--architecture {other}: use llama, mistral or qwen2"),
+            "qwen3" => Architecture::Qwen3,
+            other => bail!("--architecture {other}: use llama, mistral, qwen2 or qwen3"),
         };
     }
     let set = |field: &mut usize, v: Option<usize>| {

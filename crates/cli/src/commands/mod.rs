@@ -3,6 +3,7 @@
 mod generate;
 mod make_model;
 mod parity;
+mod perplexity;
 mod router;
 mod serve;
 mod worker;
@@ -28,6 +29,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::BenchEngine(a) => openinfer_bench::engine::run(a),
         Command::BenchRouter(a) => openinfer_bench::router::run(a),
         Command::Parity(a) => parity::run(a),
+        Command::Perplexity(a) => perplexity::run(a),
     }
 }
 

