@@ -37,7 +37,9 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
     // candle's CPU kernels read this on first use.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     let model = match &a.model {
-        Some(m) => m.clone(),
+        Some(m) => {
+            openinfer_engine::hub::resolve(m, &openinfer_engine::hub::HubConfig::from_env())?
+        }
         None => crate::progress::preset_model(&a.cache_dir, &a.preset)?,
     };
     if a.repeats == 0 || a.batch == 0 || a.decode_steps == 0 || a.prompt_len == 0 {

@@ -18,7 +18,7 @@ use crate::config::ModelConfig;
 use crate::detokenize::{Detokenizer, StopMatcher};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{bytes_per_block, BlockAllocator, KvCache};
-use crate::model::{argmax_rows, Llama};
+use crate::model::{argmax_rows, Llama, Precision};
 use crate::model_dir::ModelDir;
 use crate::sampling::{self, SampleContext, TokenLogprob};
 use crate::step_scheduler::{Limits, Plan, Planned, Scheduled, StepScheduler};
@@ -331,7 +331,9 @@ impl Loaded {
         };
         let local = shard.local_config(mc);
         // A GGUF file without a dtype keeps its quantized tensors and computes in f32 (what
-        // candle's quantized kernels take); with one, it is dequantized into it.
+        // candle's quantized kernels take); with one, it is dequantized into it. On CPU the
+        // arithmetic is f32 whatever the weights' dtype: bf16 and f16 weights stay half in
+        // packed panels and are widened in registers.
         let keep_quantized = dir.weights.is_gguf() && cfg.dtype.is_none();
         let dtype = cfg
             .dtype
@@ -340,6 +342,15 @@ impl Loaded {
             } else {
                 DType::BF16
             });
+        let precision = Precision {
+            compute: if cfg.device.is_cpu() {
+                DType::F32
+            } else {
+                dtype
+            },
+            weights: dtype,
+            keep_quantized,
+        };
         if cfg.block_size == 0 || cfg.max_running == 0 || cfg.max_batch_tokens == 0 {
             return Err(EngineError::Config(
                 "block size, max running sequences and max batch tokens must be positive".into(),
@@ -350,7 +361,7 @@ impl Loaded {
             cfg.block_size,
             local.num_kv_heads,
             local.head_dim,
-            dtype,
+            precision.compute,
         );
         let total_blocks = cfg.kv_cache_bytes / per_block;
         if total_blocks == 0 {
@@ -369,8 +380,7 @@ impl Loaded {
             shard,
             comm,
             &dir.weights,
-            dtype,
-            keep_quantized,
+            precision,
             &cfg.device,
             max_model_len + 1,
             progress,
@@ -385,7 +395,7 @@ impl Loaded {
             local.num_layers,
             total_blocks * cfg.block_size,
             local.num_kv_heads * local.head_dim,
-            dtype,
+            precision.compute,
             &cfg.device,
         )?;
         Ok(Loaded {

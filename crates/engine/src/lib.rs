@@ -1,7 +1,8 @@
 //! The OpenInferencev2 engine: Llama-family models in candle over a paged KV cache, with
 //! continuous batching, chunked prefill, sampling and incremental detokenization.
 //!
-//! * [`model_dir`] opens and checks a Hugging Face model directory, or a GGUF file ([`gguf`]).
+//! * [`model_dir`] opens and checks a Hugging Face model directory, or a GGUF file ([`gguf`]);
+//!   [`hub`] downloads either from the Hugging Face Hub.
 //! * [`model`] is the batched decoder; [`batch`] lays out one step's inputs.
 //! * [`kv_cache`] holds the paged cache; `step_scheduler` decides what each step computes
 //!   (admission, KV blocks, preemption, prefill chunks) for both engines; [`engine`] runs the
@@ -23,6 +24,7 @@ pub mod detokenize;
 pub mod engine;
 pub mod error;
 pub mod gguf;
+pub mod hub;
 pub mod kv_cache;
 pub mod make_model;
 pub mod model;

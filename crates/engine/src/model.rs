@@ -24,7 +24,8 @@ use crate::rope::Rope;
 use crate::tp::{Communicator, Shard};
 
 /// Whether the CPU kernels (packed matmul, paged decode attention, fused SiLU·up) serve this
-/// device and dtype; everything else takes candle's general path.
+/// device and compute dtype; everything else takes candle's general path. On CPU the compute
+/// dtype is always f32; half-precision weights stay half in packed panels.
 fn uses_cpu_kernels(device: &Device, dtype: DType) -> bool {
     device.is_cpu() && dtype == DType::F32
 }
@@ -42,13 +43,20 @@ enum Weight {
 
 impl Weight {
     fn new(w: Tensor) -> Result<Self> {
-        if uses_cpu_kernels(w.device(), w.dtype()) {
+        if w.device().is_cpu() {
             let (n, k) = w.dims2()?;
-            let flat = w.flatten_all()?.to_vec1::<f32>()?;
-            Ok(Weight::Packed(PackedWeight::pack(&flat, n, k)))
-        } else {
-            Ok(Weight::Tensor(w))
+            let flat = w.flatten_all()?;
+            let packed = match w.dtype() {
+                DType::F32 => Some(PackedWeight::pack(&flat.to_vec1()?, n, k)),
+                DType::BF16 => Some(PackedWeight::pack_bf16(&flat.to_vec1()?, n, k)),
+                DType::F16 => Some(PackedWeight::pack_f16(&flat.to_vec1()?, n, k)),
+                _ => None,
+            };
+            if let Some(p) = packed {
+                return Ok(Weight::Packed(p));
+            }
         }
+        Ok(Weight::Tensor(w))
     }
 
     /// `x [m, in]` → `[m, out]`.
@@ -90,12 +98,25 @@ enum Embedding {
 }
 
 impl Embedding {
-    fn lookup(&self, tokens: &Tensor) -> Result<Tensor> {
+    /// Rows of `tokens`, in `dtype`.
+    fn lookup(&self, tokens: &Tensor, dtype: DType) -> Result<Tensor> {
         Ok(match self {
             Embedding::Dense(t) => t.index_select(tokens, 0)?,
             Embedding::Quantized(q) => q.embedding(tokens)?,
-        })
+        }
+        .to_dtype(dtype)?)
     }
+}
+
+/// The precisions a model is loaded in.
+#[derive(Debug, Clone, Copy)]
+pub struct Precision {
+    /// Activations, norms, biases, rotary tables and the KV cache.
+    pub compute: DType,
+    /// Weight matrices and the embedding (on CPU, packed panels of this dtype).
+    pub weights: DType,
+    /// The quantized tensors of a GGUF file stay in their formats.
+    pub keep_quantized: bool,
 }
 
 /// `y = x W^T (+ b)`.
@@ -155,7 +176,10 @@ struct Rows {
 /// Loads tensors, or this rank's slices of them, and counts the bytes it holds.
 struct Loader<'a> {
     weights: &'a Weights,
+    /// Compute dtype: norms and biases.
     dtype: DType,
+    /// Weight matrices and the embedding.
+    weight_dtype: DType,
     device: &'a Device,
     bytes: Cell<usize>,
     /// Quantized tensors stay quantized (a GGUF file loaded without a dtype, on one rank).
@@ -177,15 +201,26 @@ impl Loader<'_> {
 
     fn count(&self, t: Tensor) -> Tensor {
         self.bytes
-            .set(self.bytes.get() + t.elem_count() * self.dtype.size_in_bytes());
+            .set(self.bytes.get() + t.elem_count() * t.dtype().size_in_bytes());
         t
     }
 
+    /// A norm or bias, in the compute dtype.
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.weights.load(name, shape, self.dtype, self.device)?;
         Ok(self.count(t))
     }
 
+    /// A weight matrix, in the weight dtype.
+    fn matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self
+            .weights
+            .load(name, shape, self.weight_dtype, self.device)?;
+        Ok(self.count(t))
+    }
+
+    /// Part of a weight matrix (`matrix`) or bias, as [`Weights::load_slice`] takes it.
+    #[allow(clippy::too_many_arguments)]
     fn slice(
         &self,
         name: &str,
@@ -193,10 +228,16 @@ impl Loader<'_> {
         dim: usize,
         start: usize,
         len: usize,
+        matrix: bool,
     ) -> Result<Tensor> {
+        let dtype = if matrix {
+            self.weight_dtype
+        } else {
+            self.dtype
+        };
         let t = self
             .weights
-            .load_slice(name, shape, dim, start, len, self.dtype, self.device)?;
+            .load_slice(name, shape, dim, start, len, dtype, self.device)?;
         Ok(self.count(t))
     }
 
@@ -236,9 +277,9 @@ impl Loader<'_> {
                 .map(|p| {
                     if bias {
                         let name = p.name.replace(".weight", ".bias");
-                        self.slice(&name, &[p.rows], 0, p.start, p.len)
+                        self.slice(&name, &[p.rows], 0, p.start, p.len, false)
                     } else {
-                        self.slice(&p.name, &[p.rows, cols], 0, p.start, p.len)
+                        self.slice(&p.name, &[p.rows, cols], 0, p.start, p.len, true)
                     }
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -265,7 +306,7 @@ impl Loader<'_> {
         };
         let w = match quantized {
             Some(q) => Weight::Quantized(QMatMul::from_qtensor(q)?),
-            None => Weight::new(self.slice(name, &[rows, cols], 1, start, len)?)?,
+            None => Weight::new(self.slice(name, &[rows, cols], 1, start, len, true)?)?,
         };
         let b = if bias {
             Some(self.get(&name.replace(".weight", ".bias"), &[rows])?)
@@ -279,26 +320,28 @@ impl Loader<'_> {
 impl Llama {
     /// Loads every weight of `shard` (everything for [`Shard::SINGLE`]), checking shapes
     /// against `cfg`, the whole model's shape. `comm` joins the shards of a group.
-    /// `progress` is told after each layer. With `keep_quantized`, the quantized tensors of a
-    /// GGUF file stay in their formats (on one rank; a shard dequantizes its slices).
+    /// `progress` is told after each layer. With `precision.keep_quantized`, the quantized
+    /// tensors of a GGUF file stay in their formats (on one rank; a shard dequantizes its
+    /// slices).
     #[allow(clippy::too_many_arguments)]
     pub fn load(
         cfg: &ModelConfig,
         shard: Shard,
         comm: Option<Arc<dyn Communicator>>,
         weights: &Weights,
-        dtype: DType,
-        keep_quantized: bool,
+        precision: Precision,
         device: &Device,
         max_positions: usize,
         progress: &dyn Fn(usize, usize),
     ) -> Result<Self> {
+        let dtype = precision.compute;
         let l = Loader {
             weights,
             dtype,
+            weight_dtype: precision.weights,
             device,
             bytes: Cell::new(0),
-            quantized: keep_quantized && shard.size == 1,
+            quantized: precision.keep_quantized && shard.size == 1,
         };
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_rows, kv_rows) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
@@ -310,7 +353,7 @@ impl Llama {
         let embed_name = "model.embed_tokens.weight";
         let embed = match l.quantized(embed_name, &[cfg.vocab_size, h])? {
             Some(q) => Embedding::Quantized(Arc::new(q)),
-            None => Embedding::Dense(l.get(embed_name, &[cfg.vocab_size, h])?),
+            None => Embedding::Dense(l.matrix(embed_name, &[cfg.vocab_size, h])?),
         };
         progress(1, steps);
         let mut layers = Vec::with_capacity(cfg.num_layers);
@@ -374,7 +417,7 @@ impl Llama {
             (Embedding::Quantized(q), true) => Weight::Quantized(QMatMul::from_arc(q.clone())?),
             (_, false) => match l.quantized("lm_head.weight", &[cfg.vocab_size, h])? {
                 Some(q) => Weight::Quantized(QMatMul::from_qtensor(q)?),
-                None => Weight::new(l.get("lm_head.weight", &[cfg.vocab_size, h])?)?,
+                None => Weight::new(l.matrix("lm_head.weight", &[cfg.vocab_size, h])?)?,
             },
         };
         progress(steps, steps);
@@ -434,7 +477,7 @@ impl Llama {
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let eps = cfg.rms_norm_eps as f32;
         let (cos, sin) = self.rope.gather(&batch.positions)?;
-        let mut x = self.embed.lookup(&batch.tokens)?;
+        let mut x = self.embed.lookup(&batch.tokens, self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.input_norm, eps)?;
             let qkv = layer.qkv.forward(&h)?;

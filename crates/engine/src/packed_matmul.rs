@@ -6,8 +6,13 @@
 //! [`NR`] output columns (`[panel][k][NR]`), so every call streams the weights sequentially
 //! and a 6×16 register tile (12 FMAs per 8 loads with AVX2 + FMA, checked at run time) does the
 //! arithmetic. Panels are shared out among threads; each writes its own output columns.
+//!
+//! Panels hold f32, bf16 or f16 values ([`PanelElem`]): half-precision weights stay half
+//! precision in memory (half the bytes a step reads) and are widened to f32 in registers, so
+//! products accumulate in f32.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape};
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// Output columns per panel (two AVX vectors).
@@ -15,35 +20,133 @@ pub const NR: usize = 16;
 /// Rows of `x` per register tile.
 pub const MR: usize = 6;
 
-/// A weight matrix `[n, k]` packed into `[n / NR][k][NR]` panels (the last one zero-padded).
+/// A value a panel can hold: widened to f32 for the arithmetic.
+pub trait PanelElem: Copy + Send + Sync + 'static {
+    /// Zero, for the padding of the last panel.
+    const ZERO: Self;
+    /// The value as f32.
+    fn to_f32(self) -> f32;
+    /// Eight consecutive values widened to f32 (the caller has AVX2 and F16C).
+    ///
+    /// # Safety
+    /// `p` must be valid for eight reads.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl PanelElem for f32 {
+    const ZERO: Self = 0.0;
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl PanelElem for bf16 {
+    const ZERO: Self = bf16::ZERO;
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // bf16 is the top half of an f32: widen to 32 bits and shift into place.
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+}
+
+impl PanelElem for f16 {
+    const ZERO: Self = f16::ZERO;
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
+/// Panels in the weight's own precision.
+enum Panels {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+/// A weight matrix `[n, k]` packed into `[n / NR][k][NR]` panels (the last one zero-padded),
+/// in f32, bf16 or f16.
 pub struct PackedWeight {
-    data: Vec<f32>,
+    data: Panels,
     n: usize,
     k: usize,
+}
+
+/// `w` (row-major `[n, k]`) as panels.
+fn pack_panels<T: PanelElem>(w: &[T], n: usize, k: usize) -> Vec<T> {
+    assert_eq!(
+        w.len(),
+        n * k,
+        "packed-matmul: weight has {} values, not {n}×{k}",
+        w.len()
+    );
+    let panels = n.div_ceil(NR);
+    let mut data = vec![T::ZERO; panels * k * NR];
+    data.par_chunks_mut(k * NR)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            for j in 0..NR.min(n - p * NR) {
+                let row = &w[(p * NR + j) * k..][..k];
+                for (t, &v) in row.iter().enumerate() {
+                    panel[t * NR + j] = v;
+                }
+            }
+        });
+    data
 }
 
 impl PackedWeight {
     /// Packs `w`, row-major `[n, k]`.
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
-        assert_eq!(
-            w.len(),
-            n * k,
-            "packed-matmul: weight has {} values, not {n}×{k}",
-            w.len()
-        );
-        let panels = n.div_ceil(NR);
-        let mut data = vec![0f32; panels * k * NR];
-        data.par_chunks_mut(k * NR)
-            .enumerate()
-            .for_each(|(p, panel)| {
-                for j in 0..NR.min(n - p * NR) {
-                    let row = &w[(p * NR + j) * k..][..k];
-                    for (t, &v) in row.iter().enumerate() {
-                        panel[t * NR + j] = v;
-                    }
-                }
-            });
-        PackedWeight { data, n, k }
+        PackedWeight {
+            data: Panels::F32(pack_panels(w, n, k)),
+            n,
+            k,
+        }
+    }
+
+    /// Packs bf16 `w`, row-major `[n, k]`, keeping bf16.
+    pub fn pack_bf16(w: &[bf16], n: usize, k: usize) -> Self {
+        PackedWeight {
+            data: Panels::Bf16(pack_panels(w, n, k)),
+            n,
+            k,
+        }
+    }
+
+    /// Packs f16 `w`, row-major `[n, k]`, keeping f16.
+    pub fn pack_f16(w: &[f16], n: usize, k: usize) -> Self {
+        PackedWeight {
+            data: Panels::F16(pack_panels(w, n, k)),
+            n,
+            k,
+        }
+    }
+
+    /// The precision the panels hold.
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            Panels::F32(_) => DType::F32,
+            Panels::Bf16(_) => DType::BF16,
+            Panels::F16(_) => DType::F16,
+        }
     }
 
     /// Output width.
@@ -58,6 +161,14 @@ impl PackedWeight {
 
     /// `x [m, k] · Wᵀ` → `[m, n]` row-major.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        match &self.data {
+            Panels::F32(d) => self.matmul_panels(d, x, m),
+            Panels::Bf16(d) => self.matmul_panels(d, x, m),
+            Panels::F16(d) => self.matmul_panels(d, x, m),
+        }
+    }
+
+    fn matmul_panels<T: PanelElem>(&self, data: &[T], x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         assert!(
             x.len() >= m * k,
@@ -69,8 +180,7 @@ impl PackedWeight {
         let panels = n.div_ceil(NR);
         // Enough tasks to balance two to a few dozen threads, few enough to amortise them.
         let per_task = panels.div_ceil(rayon::current_num_threads() * 4).max(1);
-        self.data
-            .par_chunks(per_task * k * NR)
+        data.par_chunks(per_task * k * NR)
             .enumerate()
             .for_each(|(task, panels_of_task)| {
                 for (q, panel) in panels_of_task.chunks(k * NR).enumerate() {
@@ -118,10 +228,10 @@ impl SharedOut {
 ///
 /// # Safety
 /// `y` must be valid for `rows` rows of stride `ldy` and `cols` columns, written by no one else.
-unsafe fn tile(
+unsafe fn tile<T: PanelElem>(
     x: &[f32],
     k: usize,
-    panel: &[f32],
+    panel: &[T],
     y: *mut f32,
     ldy: usize,
     rows: usize,
@@ -130,15 +240,17 @@ unsafe fn tile(
     let mut acc = [[0f32; NR]; MR];
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
         {
             match rows {
-                1 => tile_avx2::<1>(x, k, panel, &mut acc),
-                2 => tile_avx2::<2>(x, k, panel, &mut acc),
-                3 => tile_avx2::<3>(x, k, panel, &mut acc),
-                4 => tile_avx2::<4>(x, k, panel, &mut acc),
-                5 => tile_avx2::<5>(x, k, panel, &mut acc),
-                _ => tile_avx2::<6>(x, k, panel, &mut acc),
+                1 => tile_avx2::<T, 1>(x, k, panel, &mut acc),
+                2 => tile_avx2::<T, 2>(x, k, panel, &mut acc),
+                3 => tile_avx2::<T, 3>(x, k, panel, &mut acc),
+                4 => tile_avx2::<T, 4>(x, k, panel, &mut acc),
+                5 => tile_avx2::<T, 5>(x, k, panel, &mut acc),
+                _ => tile_avx2::<T, 6>(x, k, panel, &mut acc),
             }
             store(&acc, y, ldy, rows, cols);
             return;
@@ -148,7 +260,7 @@ unsafe fn tile(
         for t in 0..k {
             let a = x[r * k + t];
             for (j, v) in acc.iter_mut().enumerate() {
-                *v += a * panel[t * NR + j];
+                *v += a * panel[t * NR + j].to_f32();
             }
         }
     }
@@ -164,18 +276,20 @@ unsafe fn store(acc: &[[f32; NR]; MR], y: *mut f32, ldy: usize, rows: usize, col
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2<const R: usize>(x: &[f32], k: usize, panel: &[f32], out: &mut [[f32; NR]; MR]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_avx2<T: PanelElem, const R: usize>(
+    x: &[f32],
+    k: usize,
+    panel: &[T],
+    out: &mut [[f32; NR]; MR],
+) {
     use std::arch::x86_64::*;
     debug_assert!(x.len() >= R * k && panel.len() >= k * NR);
     let (xp, wp) = (x.as_ptr(), panel.as_ptr());
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for t in 0..k {
         // SAFETY: t < k, so both panel loads and every x read stay inside the slices.
-        let (w0, w1) = (
-            _mm256_loadu_ps(wp.add(t * NR)),
-            _mm256_loadu_ps(wp.add(t * NR + 8)),
-        );
+        let (w0, w1) = (T::load8(wp.add(t * NR)), T::load8(wp.add(t * NR + 8)));
         for (r, acc) in acc.iter_mut().enumerate() {
             let a = _mm256_set1_ps(*xp.add(r * k + t));
             acc[0] = _mm256_fmadd_ps(a, w0, acc[0]);
@@ -219,6 +333,20 @@ impl CustomOp1 for PackedMatmul<'_> {
 mod tests {
     use super::*;
 
+    fn check(y: &[f32], x: &[f32], w: &[f32], (m, k, n): (usize, usize, usize), tol: f64) {
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k)
+                    .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                    .sum();
+                assert!(
+                    (y[i * n + j] as f64 - want).abs() < tol,
+                    "({m},{k},{n}) at ({i},{j})"
+                );
+            }
+        }
+    }
+
     #[test]
     fn matches_a_naive_product_for_awkward_shapes() {
         for (m, k, n) in [
@@ -237,17 +365,22 @@ mod tests {
                 .map(|i| ((i * 104729) % 89) as f32 / 89.0 - 0.5)
                 .collect();
             let y = PackedWeight::pack(&w, n, k).matmul(&x, m);
-            for i in 0..m {
-                for j in 0..n {
-                    let want: f64 = (0..k)
-                        .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
-                        .sum();
-                    assert!(
-                        (y[i * n + j] as f64 - want).abs() < 1e-4,
-                        "({m},{k},{n}) at ({i},{j})"
-                    );
-                }
-            }
+            check(&y, &x, &w, (m, k, n), 1e-4);
+            // Half-precision panels: the same product of the rounded weights, summed in f32.
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let rounded: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+            let p = PackedWeight::pack_bf16(&wb, n, k);
+            assert_eq!(p.dtype(), DType::BF16);
+            check(&p.matmul(&x, m), &x, &rounded, (m, k, n), 1e-4);
+            let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let rounded: Vec<f32> = wh.iter().map(|v| v.to_f32()).collect();
+            check(
+                &PackedWeight::pack_f16(&wh, n, k).matmul(&x, m),
+                &x,
+                &rounded,
+                (m, k, n),
+                1e-4,
+            );
         }
     }
 }

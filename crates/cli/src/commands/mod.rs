@@ -33,6 +33,14 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
     }
 }
 
+/// The local model `--model` names: the path, or the Hub id's files in the Hub cache
+/// (downloaded with a progress bar when missing; `HF_ENDPOINT`, `HF_TOKEN`, `HF_HOME`).
+pub fn resolve_model(model: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let hub = openinfer_engine::hub::HubConfig::from_env();
+    openinfer_engine::hub::resolve(model, &hub)
+        .with_context(|| format!("--model {}", model.display()))
+}
+
 /// The engine configuration the flags describe.
 pub fn engine_config(a: &EngineArgs) -> anyhow::Result<EngineConfig> {
     let dtype = match &a.dtype {

@@ -14,8 +14,9 @@ pub fn run(a: PerplexityArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&a.text)
         .with_context(|| format!("cannot read --text {}", a.text.display()))?;
     let cfg = engine_config(&a.engine)?;
-    let dir = ModelDir::open(&a.model)
-        .with_context(|| format!("cannot open the model {}", a.model.display()))?;
+    let model = super::resolve_model(&a.model)?;
+    let dir = ModelDir::open(&model)
+        .with_context(|| format!("cannot open the model {}", model.display()))?;
     let pb = openinfer_bench::progress::bar(0, "windows");
     let progress = |done: usize, total: usize| {
         pb.set_length(total as u64);

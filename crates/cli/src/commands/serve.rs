@@ -12,6 +12,7 @@ use crate::args::{EngineKind, ServeArgs};
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let model = match &a.model {
+        Some(m) if a.engine.engine == EngineKind::Model => Some(super::resolve_model(m)?),
         Some(m) => Some(m.clone()),
         None if a.engine.engine == EngineKind::Sim => None,
         None => {

@@ -15,7 +15,10 @@ use openinfer_worker::{EngineHandle, LoopConfig};
 use crate::args::{EngineArgs, EngineKind, TpBackend, WorkerArgs, WorkerLoopArgs};
 use openinfer_net::{Accept, ServerTls};
 
-pub fn run(a: WorkerArgs) -> anyhow::Result<()> {
+pub fn run(mut a: WorkerArgs) -> anyhow::Result<()> {
+    if let (Some(m), EngineKind::Model) = (&a.model, a.engine.engine) {
+        a.model = Some(super::resolve_model(m)?);
+    }
     let registry = super::etcd_config(&a.registry)?;
     // A bad address fails now, not after the model has loaded.
     process::advertised(a.advertise_addr.as_deref(), a.listen)?;
