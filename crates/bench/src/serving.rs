@@ -230,6 +230,11 @@ struct Report {
     num_requests: usize,
     input_words: usize,
     output_tokens: u32,
+    /// What was read of `--dataset` (prompts, records, skipped and dropped ones).
+    dataset: Option<String>,
+    /// Prompt lengths in tokens of the completed requests (from their usage), when prompts
+    /// come from a dataset: the synthetic word count says nothing then.
+    prompt_tokens: Option<TokenLengths>,
     priority_mix: String,
     slo: Slo,
     wall_seconds: f64,
@@ -247,6 +252,32 @@ struct Report {
     goodput_by_window: Vec<f64>,
     overall: Group,
     by_priority: BTreeMap<i32, Group>,
+}
+
+/// Token lengths of prompts: mean, median, 90th percentile and longest.
+#[derive(Serialize)]
+struct TokenLengths {
+    mean: f64,
+    p50: f64,
+    p90: f64,
+    max: f64,
+}
+
+impl TokenLengths {
+    fn of(outcomes: &[Outcome]) -> Option<Self> {
+        let v: Vec<f64> = outcomes
+            .iter()
+            .filter_map(|o| o.result.as_ref().ok())
+            .map(|d| f64::from(d.prompt_tokens))
+            .collect();
+        let s = Summary::of(&v);
+        (s.n > 0).then(|| TokenLengths {
+            mean: s.mean,
+            p50: s.p50,
+            p90: s.p90,
+            max: v.iter().copied().fold(0.0, f64::max),
+        })
+    }
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -280,9 +311,14 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         let d = d.as_secs_f64();
         slo.e2e = Some(slo.e2e.map_or(d, |e| e.min(d)));
     }
-    let dataset = match &a.dataset {
-        Some(path) => read_dataset(path).map_err(anyhow::Error::msg)?,
-        None => Vec::new(),
+    let (dataset, dataset_read) = match &a.dataset {
+        Some(path) => {
+            let d = read_dataset(path).map_err(anyhow::Error::msg)?;
+            let read = format!("{}: {}", path.display(), d.describe());
+            tracing::info!(dataset = %read, "dataset read");
+            (d.prompts, Some(read))
+        }
+        None => (Vec::new(), None),
     };
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
@@ -304,6 +340,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             let outcomes = drive(&a, load, client.clone(), &mix, &dataset).await;
             let wall = start.elapsed().as_secs_f64();
             let mut report = report(&a, load, &outcomes, wall, &slo);
+            report.dataset = dataset_read.clone();
             report.server_memory = spawned.as_ref().and_then(Spawned::memory);
             let after = spawned.as_ref().and_then(Spawned::token_work);
             report.router_tokens = before.zip(after).map(|(b, a)| TokenWork {
@@ -350,6 +387,8 @@ fn report(a: &BenchArgs, load: Load, outcomes: &[Outcome], wall: f64, slo: &Slo)
         num_requests: a.num_requests,
         input_words: a.input_len,
         output_tokens: a.output_len,
+        dataset: None,
+        prompt_tokens: a.dataset.as_ref().and_then(|_| TokenLengths::of(outcomes)),
         priority_mix: a.priority_mix.clone(),
         slo: *slo,
         wall_seconds: wall,
@@ -614,10 +653,24 @@ fn group(outcomes: &[&Outcome], wall: f64, slo: &Slo) -> Group {
 }
 
 fn print_table(r: &Report) {
-    println!(
-        "{} requests, {}, {} prompt words, {} output tokens, priorities {}, {:.2} s",
-        r.num_requests, r.mode, r.input_words, r.output_tokens, r.priority_mix, r.wall_seconds
-    );
+    match (&r.dataset, &r.prompt_tokens) {
+        (Some(d), t) => {
+            println!(
+                "{} requests, {}, priorities {}, {:.2} s; dataset {d}",
+                r.num_requests, r.mode, r.priority_mix, r.wall_seconds
+            );
+            if let Some(t) = t {
+                println!(
+                    "prompt tokens: mean {:.1}, p50 {:.0}, p90 {:.0}, max {:.0}",
+                    t.mean, t.p50, t.p90, t.max
+                );
+            }
+        }
+        (None, _) => println!(
+            "{} requests, {}, {} prompt words, {} output tokens, priorities {}, {:.2} s",
+            r.num_requests, r.mode, r.input_words, r.output_tokens, r.priority_mix, r.wall_seconds
+        ),
+    }
     println!(
         "{:<9} {:>5} {:>5} {:>5} {:>5} {:>5} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
         "group",

@@ -22,7 +22,35 @@ pub struct Prompt {
 
 #[derive(Deserialize)]
 struct ShareGptEntry {
+    #[serde(default)]
     conversations: Vec<ShareGptTurn>,
+}
+
+/// The prompts of a dataset file and what reading it left out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Dataset {
+    /// The prompts, in file order.
+    pub prompts: Vec<Prompt>,
+    /// Records read whole.
+    pub records: usize,
+    /// Records read whole but without a non-empty human turn and a reply (not usable).
+    pub skipped: usize,
+    /// Records cut off by the end of the file (ShareGPT V3's JSON as published ends
+    /// mid-record): dropped.
+    pub truncated: usize,
+}
+
+impl Dataset {
+    /// One line saying what was read and what was left out.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} prompts from {} records ({} without a human turn and a reply skipped, {} cut off at the end of the file dropped)",
+            self.prompts.len(),
+            self.records,
+            self.skipped,
+            self.truncated
+        )
+    }
 }
 
 #[derive(Deserialize)]
@@ -33,20 +61,25 @@ struct ShareGptTurn {
 
 /// Reads a dataset: JSON Lines of `{"prompt": ..., "output_len": ..., "priority": ...}`
 /// (`.jsonl`), or a ShareGPT JSON array, whose first human turn is the prompt and whose first
-/// reply's word count (a stand-in for its token count) is the output length.
-pub fn read_dataset(path: &Path) -> Result<Vec<Prompt>, String> {
+/// reply's word count (a stand-in for its token count) is the output length. A ShareGPT array
+/// cut off mid-record keeps its complete records and counts the one it drops.
+pub fn read_dataset(path: &Path) -> Result<Dataset, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let prompts = if path.extension().is_some_and(|e| e == "jsonl") {
-        parse_jsonl(&text)
+    let dataset = if path.extension().is_some_and(|e| e == "jsonl") {
+        parse_jsonl(&text).map(|prompts| Dataset {
+            records: prompts.len(),
+            prompts,
+            ..Dataset::default()
+        })
     } else {
         parse_sharegpt(&text)
     }
     .map_err(|e| format!("{}: {e}", path.display()))?;
-    if prompts.is_empty() {
+    if dataset.prompts.is_empty() {
         return Err(format!("{}: no prompts in the file", path.display()));
     }
-    Ok(prompts)
+    Ok(dataset)
 }
 
 fn parse_jsonl(text: &str) -> Result<Vec<Prompt>, String> {
@@ -66,23 +99,51 @@ fn parse_jsonl(text: &str) -> Result<Vec<Prompt>, String> {
         .collect()
 }
 
-fn parse_sharegpt(text: &str) -> Result<Vec<Prompt>, String> {
-    let entries: Vec<ShareGptEntry> = serde_json::from_str(text)
-        .map_err(|e| format!("not JSON Lines (.jsonl) nor a ShareGPT array: {e}"))?;
-    Ok(entries
-        .into_iter()
-        .filter_map(|e| {
-            let mut turns = e.conversations.into_iter();
-            let ask = turns.find(|t| t.from == "human" || t.from == "user")?;
-            let reply = turns.next()?;
-            let words = reply.value.split_whitespace().count() as u32;
-            (!ask.value.is_empty() && words > 0).then_some(Prompt {
-                prompt: ask.value,
-                output_len: Some(words),
-                priority: None,
-            })
-        })
-        .collect())
+fn parse_sharegpt(text: &str) -> Result<Dataset, String> {
+    let mut rest = text
+        .trim_start()
+        .strip_prefix('[')
+        .ok_or("not JSON Lines (.jsonl) nor a ShareGPT array (it does not start with `[`)")?;
+    let mut out = Dataset::default();
+    loop {
+        rest = rest.trim_start();
+        if rest.starts_with(']') || rest.is_empty() {
+            // `]` ends the array; nothing left means the file ended between records.
+            break;
+        }
+        let mut stream = serde_json::Deserializer::from_str(rest).into_iter::<ShareGptEntry>();
+        match stream.next() {
+            Some(Ok(entry)) => {
+                out.records += 1;
+                rest = rest[stream.byte_offset()..].trim_start();
+                rest = rest.strip_prefix(',').unwrap_or(rest);
+                match sharegpt_prompt(entry) {
+                    Some(p) => out.prompts.push(p),
+                    None => out.skipped += 1,
+                }
+            }
+            Some(Err(e)) if e.is_eof() => {
+                out.truncated += 1;
+                break;
+            }
+            Some(Err(e)) => return Err(format!("record {}: {e}", out.records + 1)),
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+/// The first human turn and the word count of the reply after it.
+fn sharegpt_prompt(e: ShareGptEntry) -> Option<Prompt> {
+    let mut turns = e.conversations.into_iter();
+    let ask = turns.find(|t| t.from == "human" || t.from == "user")?;
+    let reply = turns.next()?;
+    let words = reply.value.split_whitespace().count() as u32;
+    (!ask.value.is_empty() && words > 0).then_some(Prompt {
+        prompt: ask.value,
+        output_len: Some(words),
+        priority: None,
+    })
 }
 
 /// Parses `0:80,5:20` (priority:weight, ...) into (priority, cumulative share) pairs.
@@ -186,12 +247,37 @@ mod tests {
                                {"from": "gpt", "value": "one two three"}]},
             {"conversations": [{"from": "human", "value": "no reply"}]}
         ]"#;
-        let p = parse_sharegpt(sharegpt).unwrap();
+        let d = parse_sharegpt(sharegpt).unwrap();
+        assert_eq!((d.records, d.skipped, d.truncated), (2, 1, 0));
+        let p = &d.prompts;
         assert_eq!(p.len(), 1, "entries without a reply are skipped");
         assert_eq!(
             (p[0].prompt.as_str(), p[0].output_len),
             ("Tell me", Some(3))
         );
+    }
+
+    #[test]
+    fn a_sharegpt_file_cut_off_mid_record_keeps_its_complete_records() {
+        let whole = r#"[{"id": "a", "conversations": [{"from": "human", "value": "one"}, {"from": "gpt", "value": "x y"}]},
+            {"id": "b", "conversations": [{"from": "human", "value": "two"}, {"from": "gpt", "value": "z"}]},
+            {"id": "c", "conversations": [{"from": "human", "value": "three"}, {"from": "gpt", "value": "w v u"}]}]"#;
+        let all = parse_sharegpt(whole).unwrap();
+        assert_eq!((all.prompts.len(), all.truncated), (3, 0));
+        // Cut anywhere inside the third record: two prompts, one record dropped.
+        let third = whole.find(r#"{"id": "c""#).unwrap();
+        for cut in third + 1..whole.len() - 2 {
+            let d = parse_sharegpt(&whole[..cut]).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+            assert_eq!(d.prompts, all.prompts[..2], "cut at {cut}");
+            assert_eq!((d.records, d.truncated), (2, 1), "cut at {cut}");
+        }
+        // Cut between records: nothing dropped.
+        let d = parse_sharegpt(&whole[..third]).unwrap();
+        assert_eq!((d.records, d.truncated), (2, 0));
+        assert!(d.describe().contains("1 cut off") || d.truncated == 0);
+        // A malformed record is an error naming it, not a silent cut.
+        let bad = r#"[{"conversations": []}, {"conversations": 7}]"#;
+        assert!(parse_sharegpt(bad).unwrap_err().starts_with("record 2"));
     }
 
     #[test]

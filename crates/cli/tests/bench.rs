@@ -64,6 +64,45 @@ fn bench_reads_prompts_lengths_and_priorities_from_a_dataset() {
 }
 
 #[test]
+fn bench_reads_a_sharegpt_file_cut_off_mid_record_and_reports_prompt_tokens() {
+    let sample = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/bench/sample_sharegpt.json"),
+    )
+    .unwrap();
+    // As ShareGPT V3's JSON is published: the last record is cut off.
+    let cut = sample.rfind("\"conversations\"").unwrap() + 20;
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = dir.path().join("cut.json");
+    std::fs::write(&dataset, &sample[..cut]).unwrap();
+    let run = common::run(&[
+        "bench",
+        "--spawn",
+        "--num-requests",
+        "4",
+        "--output-len",
+        "8",
+        "--dataset",
+        dataset.to_str().unwrap(),
+    ]);
+    let json = run.json("bench.json");
+    let step = &json["steps"][0];
+    let read = step["dataset"].as_str().unwrap();
+    assert!(
+        read.contains("1 cut off at the end of the file dropped"),
+        "{read}"
+    );
+    let t = &step["prompt_tokens"];
+    let (mean, p50, max) = (
+        t["mean"].as_f64().unwrap(),
+        t["p50"].as_f64().unwrap(),
+        t["max"].as_f64().unwrap(),
+    );
+    assert!(mean > 1.0 && p50 > 1.0 && max >= p50, "{t}");
+    assert!(run.stdout.contains("prompt tokens: mean"), "{}", run.stdout);
+}
+
+#[test]
 fn bench_sweep_runs_the_standard_concurrencies_and_charts_latency_against_load() {
     let run = common::run(&[
         "bench",
