@@ -421,6 +421,9 @@ async fn a_client_that_goes_away_has_its_sequence_cancelled_on_the_worker() {
     }
 }
 
+/// Tokens each priority-0 request of [`priority_race`] generates.
+const RACE_TOKENS: u32 = 256;
+
 /// Ten priority-0 streams, then one priority-5 stream, on a worker with room for one sequence.
 /// Returns how many priority-0 requests finished before the priority-5 one, and checks that
 /// every priority-0 stream (preempted or not) produced the same tokens as a solo run.
@@ -432,7 +435,9 @@ async fn priority_race(preemption: bool) -> usize {
     )
     .await;
     let client = c.client().await;
-    let solo = stream_all(&mut client.clone(), req("same prompt", 64))
+    // Long enough that the first request is still running when the urgent one arrives (about
+    // 50 ms after it) on any machine: 256 tokens of the tiny model take about 0.2 s here.
+    let solo = stream_all(&mut client.clone(), req("same prompt", RACE_TOKENS))
         .await
         .unwrap()
         .0;
@@ -443,7 +448,7 @@ async fn priority_race(preemption: bool) -> usize {
         let mut client = client.clone();
         let done = done_tx.clone();
         tasks.push(tokio::spawn(async move {
-            let (ids, _, _, _) = stream_all(&mut client, req("same prompt", 64))
+            let (ids, _, _, _) = stream_all(&mut client, req("same prompt", RACE_TOKENS))
                 .await
                 .unwrap();
             done.send((0, i)).unwrap();
