@@ -8,7 +8,7 @@
 use std::cell::Cell;
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QStorage, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::ops::{rms_norm, softmax_last_dim};
 
@@ -64,6 +64,14 @@ impl Weight {
         Ok(match self {
             Weight::Packed(p) => x.contiguous()?.apply_op1_no_bwd(&PackedMatmul(p))?,
             Weight::Tensor(w) => x.matmul(&w.t()?)?,
+            Weight::Quantized(QMatMul::QTensor(q))
+                if x.dim(0)? >= dense_rows(q.dtype()) && x.device().is_cpu() =>
+            {
+                // Many rows (prefill): one dense product of the weights dequantized for this
+                // call beats a dot product per row and column, which is all candle has on CPU
+                // for some formats (Q4_1, Q5_x). The weights stay quantized in memory.
+                x.contiguous()?.matmul(&q.dequantize(&Device::Cpu)?.t()?)?
+            }
             Weight::Quantized(q) => q.forward(&x.contiguous()?)?,
             Weight::Split(parts) => {
                 let outs = parts
@@ -73,6 +81,17 @@ impl Weight {
                 Tensor::cat(&outs, 1)?
             }
         })
+    }
+}
+
+/// Rows of input from which a quantized matrix is dequantized for the call and multiplied
+/// densely, rather than through candle's quantized dot-product kernels: 32 for the formats
+/// those kernels vectorise on x86 (Q4_0, Q8_0, K-quants), 2 for the ones they compute one
+/// value at a time (Q4_1, Q5_0, Q5_1), where a batch of two already pays for it.
+pub fn dense_rows(format: GgmlDType) -> usize {
+    match format {
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => 2,
+        _ => 32,
     }
 }
 
