@@ -330,11 +330,12 @@ impl Loaded {
             None => Shard::SINGLE,
         };
         let local = shard.local_config(mc);
-        // A GGUF file without a dtype keeps its quantized tensors and computes in f32 (what
-        // candle's quantized kernels take); with one, it is dequantized into it. On CPU the
-        // arithmetic is f32 whatever the weights' dtype: bf16 and f16 weights stay half in
-        // packed panels and are widened in registers.
-        let keep_quantized = dir.weights.is_gguf() && cfg.dtype.is_none();
+        // A GGUF file without a dtype keeps its quantized tensors on CPU and computes in f32
+        // (what candle's quantized kernels take); with a dtype, or on a GPU (its quantized
+        // kernels are not wired here yet), it is dequantized at load. On CPU the arithmetic is
+        // f32 whatever the weights' dtype: bf16 and f16 weights stay half in packed panels
+        // and are widened in registers.
+        let keep_quantized = dir.weights.is_gguf() && cfg.dtype.is_none() && cfg.device.is_cpu();
         let dtype = cfg
             .dtype
             .unwrap_or(if cfg.device.is_cpu() || keep_quantized {
