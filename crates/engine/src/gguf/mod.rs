@@ -130,7 +130,7 @@ impl<'a> Meta<'a> {
         n.map(Some).ok_or_else(|| {
             self.err(
                 key,
-                format!("expected a non-negative integer (one for every layer), found {v:?}"),
+                format!("expected a non-negative integer (a list per layer is not supported), found {v:?}"),
             )
         })
     }
