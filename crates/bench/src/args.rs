@@ -8,7 +8,8 @@ use openinfer_core::units::parse_duration;
 
 #[derive(Debug, Args)]
 pub struct BenchEngineArgs {
-    /// Model directory; default: the --preset model, made on first use under --cache-dir.
+    /// Model: a directory, a GGUF file or a Hub id; default: the --preset model, made on first
+    /// use under --cache-dir.
     #[arg(long, env = "OPENINFER_MODEL")]
     pub model: Option<PathBuf>,
     /// Preset made and measured when no --model is given (`small` for CPU, `llama3-8b` for
@@ -50,7 +51,18 @@ pub struct BenchEngineArgs {
     /// Skip the HF transformers baseline.
     #[arg(long, env = "OPENINFER_BENCH_NO_HF")]
     pub no_hf: bool,
-    /// Threads for both engines (candle/rayon and torch).
+    /// llama.cpp's bin directory (llama-bench, llama-batched-bench), run beside the engine on
+    /// the same file when --model is a GGUF file; scripts/build-llama-cpp.sh builds it here.
+    #[arg(
+        long,
+        env = "OPENINFER_BENCH_LLAMA_CPP",
+        default_value = "target/llama.cpp/build/bin"
+    )]
+    pub llama_cpp: PathBuf,
+    /// Skip the llama.cpp peer.
+    #[arg(long, env = "OPENINFER_BENCH_NO_LLAMA_CPP")]
+    pub no_llama_cpp: bool,
+    /// Threads for every engine (candle/rayon, torch, llama.cpp).
     #[arg(long, env = "OPENINFER_BENCH_THREADS")]
     pub threads: Option<usize>,
     /// Directory for the JSON results and the SVG chart.

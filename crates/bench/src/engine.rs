@@ -1,6 +1,7 @@
 //! `openinfer bench-engine`: prefill, single-sequence decode and batched decode speed of the
-//! engine, beside HF transformers (same weights, same threads, measured in the same run) and
-//! beside the machine's ceilings (memory bandwidth for decode, matmul rate for prefill).
+//! engine, beside its peers on the same weights with the same threads, measured in the same run
+//! (HF transformers on a model directory; llama.cpp on a GGUF file), and beside the machine's
+//! ceilings (memory bandwidth for decode, matmul rate for prefill).
 
 use std::path::Path;
 
@@ -11,6 +12,8 @@ use serde::Serialize;
 
 use crate::args::BenchEngineArgs;
 use crate::chart::{grouped_bars, Group};
+use crate::llama_cpp;
+use crate::stats::median;
 
 #[derive(Serialize)]
 struct Report {
@@ -25,9 +28,12 @@ struct Report {
     repeats: usize,
     openinfer: PhaseRates,
     hf_transformers: Option<serde_json::Value>,
+    llama_cpp: Option<PhaseRates>,
     ceilings: Ceilings,
     /// Per phase: openinfer ÷ HF transformers.
     ratio_vs_hf: Option<PhaseRates>,
+    /// Per phase: openinfer ÷ llama.cpp.
+    ratio_vs_llama_cpp: Option<PhaseRates>,
     /// Per phase: openinfer ÷ the machine's ceiling.
     fraction_of_ceiling: PhaseRates,
 }
@@ -109,19 +115,27 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
         matmul_flops: bench::matmul_flops(&device, info.dtype)?,
     };
     pb.inc(1);
+    let is_gguf = model.is_file();
     let hf = if a.no_hf {
+        None
+    } else if is_gguf {
+        tracing::warn!(
+            "--model is a GGUF file: no HF transformers baseline (it takes a model directory)"
+        );
         None
     } else {
         run_hf(&a, &model, threads, info.dtype)?
     };
-    pb.inc(2);
+    pb.inc(1);
+    let llama_cpp = run_llama_cpp(&a, &model, is_gguf, threads)?;
+    pb.inc(1);
     pb.finish_and_clear();
 
-    // Cost model: each decode step reads the layer weights and lm_head once and does 2 FLOPs
-    // per weight per token; prefill does the layers for every token and lm_head once.
-    let elem = info.dtype.size_in_bytes() as f64;
+    // Cost model: each decode step reads the layer weights and lm_head once, as held in memory,
+    // and does 2 FLOPs per weight per token; prefill does the layers for every token and
+    // lm_head once.
     let (layer_w, head_w) = (mc.layer_parameters() as f64, mc.lm_head_parameters() as f64);
-    let step_bytes = (layer_w + head_w) * elem;
+    let step_bytes = info.step_weight_bytes as f64;
     let decode_floor = |batch: f64| {
         (step_bytes / ceilings.memory_bandwidth)
             .max(batch * 2.0 * (layer_w + head_w) / ceilings.matmul_flops)
@@ -134,14 +148,19 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
         batch_decode_tok_s: ours.batch_decode_tok_s
             / (a.batch as f64 / decode_floor(a.batch as f64)),
     };
-    let ratio = hf.as_ref().map(|h| {
+    let hf_rates = hf.as_ref().map(|h| {
         let get = |k: &str| h.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
         PhaseRates {
-            prefill_tok_s: ours.prefill_tok_s / get("prefill_tok_s"),
-            single_decode_tok_s: ours.single_decode_tok_s / get("single_decode_tok_s"),
-            batch_decode_tok_s: ours.batch_decode_tok_s / get("batch_decode_tok_s"),
+            prefill_tok_s: get("prefill_tok_s"),
+            single_decode_tok_s: get("single_decode_tok_s"),
+            batch_decode_tok_s: get("batch_decode_tok_s"),
         }
     });
+    let ratio_to = |peer: &PhaseRates| PhaseRates {
+        prefill_tok_s: ours.prefill_tok_s / peer.prefill_tok_s,
+        single_decode_tok_s: ours.single_decode_tok_s / peer.single_decode_tok_s,
+        batch_decode_tok_s: ours.batch_decode_tok_s / peer.batch_decode_tok_s,
+    };
     let report = Report {
         model: model.display().to_string(),
         parameters: info.num_parameters,
@@ -153,17 +172,18 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
         repeats: a.repeats,
         openinfer: ours,
         hf_transformers: hf,
+        llama_cpp,
         ceilings,
-        ratio_vs_hf: ratio,
+        ratio_vs_hf: hf_rates.as_ref().map(ratio_to),
+        ratio_vs_llama_cpp: llama_cpp.as_ref().map(ratio_to),
         fraction_of_ceiling: fraction,
     };
-    print_table(&report);
-    write_outputs(&report, &a.out)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let peers: Vec<(&str, PhaseRates)> = [("transformers", hf_rates), ("llama.cpp", llama_cpp)]
+        .into_iter()
+        .filter_map(|(name, r)| r.map(|r| (name, r)))
+        .collect();
+    print_table(&report, &peers);
+    write_outputs(&report, &peers, &a.out)
 }
 
 /// The name `scripts/bench_hf.py` takes for `dtype`.
@@ -199,15 +219,50 @@ fn run_hf(
     )
 }
 
-fn print_table(r: &Report) {
-    let hf = |k: &str| {
-        r.hf_transformers
-            .as_ref()
-            .and_then(|h| h.get(k))
-            .and_then(|v| v.as_f64())
+/// Runs llama.cpp on `model` when it is a GGUF file and the binaries are built.
+fn run_llama_cpp(
+    a: &BenchEngineArgs,
+    model: &Path,
+    is_gguf: bool,
+    threads: usize,
+) -> anyhow::Result<Option<PhaseRates>> {
+    if a.no_llama_cpp {
+        return Ok(None);
+    }
+    if !is_gguf {
+        tracing::info!("--model is not a GGUF file: no llama.cpp peer");
+        return Ok(None);
+    }
+    let Some((bench, batched)) = llama_cpp::find(&a.llama_cpp) else {
+        tracing::warn!(
+            dir = %a.llama_cpp.display(),
+            "no llama-bench / llama-batched-bench here: skipping llama.cpp (run scripts/build-llama-cpp.sh)"
+        );
+        return Ok(None);
     };
-    let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
-    let ratio = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}x"));
+    let settings = llama_cpp::Settings {
+        threads,
+        prompt_len: a.prompt_len,
+        decode_steps: a.decode_steps,
+        batch: a.batch,
+        repeats: a.repeats,
+    };
+    llama_cpp::measure(&bench, &batched, model, &settings).map(Some)
+}
+
+/// A phase's rate out of a [`PhaseRates`].
+type Rate = fn(&PhaseRates) -> f64;
+
+/// The three phases: label, and each one's rate.
+fn phases(batch: usize) -> [(String, Rate); 3] {
+    [
+        ("prefill".into(), |r| r.prefill_tok_s),
+        ("decode, 1 sequence".into(), |r| r.single_decode_tok_s),
+        (format!("decode, batch {batch}"), |r| r.batch_decode_tok_s),
+    ]
+}
+
+fn print_table(r: &Report, peers: &[(&str, PhaseRates)]) {
     println!(
         "model {} ({:.1}M parameters, {:.0} MB read per decode step), {} threads, prompt {} tokens, {} decode steps, batch {}",
         r.model,
@@ -223,79 +278,43 @@ fn print_table(r: &Report) {
         r.ceilings.memory_bandwidth / 1e9,
         r.ceilings.matmul_flops / 1e9
     );
-    println!(
-        "{:<22} {:>14} {:>16} {:>10} {:>12}",
-        "phase", "openinfer tok/s", "transformers tok/s", "ratio", "of ceiling"
-    );
-    let rows = [
-        (
-            "prefill",
-            r.openinfer.prefill_tok_s,
-            "prefill_tok_s",
-            r.ratio_vs_hf.map(|x| x.prefill_tok_s),
-            r.fraction_of_ceiling.prefill_tok_s,
-        ),
-        (
-            "decode, 1 sequence",
-            r.openinfer.single_decode_tok_s,
-            "single_decode_tok_s",
-            r.ratio_vs_hf.map(|x| x.single_decode_tok_s),
-            r.fraction_of_ceiling.single_decode_tok_s,
-        ),
-        (
-            "decode, batch",
-            r.openinfer.batch_decode_tok_s,
-            "batch_decode_tok_s",
-            r.ratio_vs_hf.map(|x| x.batch_decode_tok_s),
-            r.fraction_of_ceiling.batch_decode_tok_s,
-        ),
-    ];
-    for (name, ours, key, ratio_v, frac) in rows {
-        println!(
-            "{name:<22} {ours:>14.1} {:>16} {:>10} {:>11.0}%",
-            fmt(hf(key)),
-            ratio(ratio_v),
-            frac * 100.0
-        );
+    let mut head = format!("{:<20} {:>15}", "phase", "openinfer tok/s");
+    for (name, _) in peers {
+        head += &format!(" {:>18} {:>8}", format!("{name} tok/s"), "ratio");
+    }
+    println!("{head} {:>11}", "of ceiling");
+    for (label, rate) in phases(r.batch) {
+        let ours = rate(&r.openinfer);
+        let mut line = format!("{label:<20} {ours:>15.1}");
+        for (_, p) in peers {
+            line += &format!(" {:>18.1} {:>7.2}x", rate(p), ours / rate(p));
+        }
+        println!("{line} {:>10.0}%", rate(&r.fraction_of_ceiling) * 100.0);
     }
 }
 
-fn write_outputs(r: &Report, out: &Path) -> anyhow::Result<()> {
+fn write_outputs(r: &Report, peers: &[(&str, PhaseRates)], out: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let json = out.join("bench-engine.json");
     std::fs::write(&json, serde_json::to_string_pretty(r)?)?;
-    let hf = |k: &str| {
-        r.hf_transformers
-            .as_ref()
-            .and_then(|h| h.get(k))
-            .and_then(|v| v.as_f64())
-    };
-    let groups = vec![
-        Group {
-            label: "prefill tok/s".into(),
-            values: vec![Some(r.openinfer.prefill_tok_s), hf("prefill_tok_s")],
-        },
-        Group {
-            label: "decode tok/s (1 seq)".into(),
-            values: vec![
-                Some(r.openinfer.single_decode_tok_s),
-                hf("single_decode_tok_s"),
-            ],
-        },
-        Group {
-            label: format!("decode tok/s (batch {})", r.batch),
-            values: vec![
-                Some(r.openinfer.batch_decode_tok_s),
-                hf("batch_decode_tok_s"),
-            ],
-        },
-    ];
+    let groups = phases(r.batch)
+        .into_iter()
+        .map(|(label, rate)| Group {
+            label: format!("{label} tok/s"),
+            values: std::iter::once(Some(rate(&r.openinfer)))
+                .chain(peers.iter().map(|(_, p)| Some(rate(p))))
+                .collect(),
+        })
+        .collect::<Vec<_>>();
+    let names: Vec<&str> = std::iter::once("openinfer")
+        .chain(peers.iter().map(|(n, _)| *n))
+        .collect();
     let svg = out.join("bench-engine.svg");
     std::fs::write(
         &svg,
         grouped_bars(
             &format!("Engine speed, {} threads (higher is better)", r.threads),
-            &["openinfer", "HF transformers"],
+            &names,
             &groups,
         ),
     )?;

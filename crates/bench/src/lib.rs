@@ -1,10 +1,11 @@
 //! The benchmark harness behind `openinfer bench`, `bench-engine` and `bench-router`. Each
-//! measures against a peer in the same run (HF transformers, direct-to-worker), writes its
+//! measures against a peer in the same run (HF transformers, llama.cpp, direct-to-worker), writes its
 //! results as JSON and an SVG chart, and shows progress while it works.
 //!
 //! * [`serving`]: load against a router (fixed concurrency or gamma arrivals, synthetic or
 //!   dataset prompts, priority mix), latency percentiles, goodput; optionally HF `generate`.
-//! * [`engine`]: prefill and decode speed of the engine beside HF transformers.
+//! * [`engine`]: prefill and decode speed of the engine beside HF transformers and, on a GGUF
+//!   file, beside [`llama_cpp`].
 //! * [`router`]: what the router adds over direct-to-worker, and its memory under streams.
 //! * [`tenants`]: tenants sharing a cluster (`--tenant-mix`), fair shares beside first come,
 //!   first served.
@@ -18,6 +19,7 @@ pub mod args;
 pub mod chart;
 pub mod child;
 pub mod engine;
+pub mod llama_cpp;
 pub mod prefix;
 pub mod progress;
 pub mod python;

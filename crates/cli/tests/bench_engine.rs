@@ -29,5 +29,5 @@ fn bench_engine_writes_json_and_chart() {
     }
     assert!(json["hf_transformers"].is_null());
     let svg = run.text("bench-engine.svg");
-    assert!(svg.starts_with("<svg") && svg.contains("decode tok/s (batch 3)"));
+    assert!(svg.starts_with("<svg") && svg.contains("decode, batch 3 tok/s"));
 }

@@ -230,6 +230,9 @@ pub struct EngineInfo {
     pub num_parameters: usize,
     /// Ranks the model is split across (tensor parallelism).
     pub tp_size: usize,
+    /// Bytes of weight matrices one decode step reads on this rank, as held in memory
+    /// (quantized, half or f32): what bounds decode speed from memory bandwidth.
+    pub step_weight_bytes: u64,
 }
 
 struct Sequence {
@@ -476,6 +479,7 @@ impl Engine {
             add_bos_token: dir.tokenizer.add_bos_token,
             num_parameters: mc.num_parameters(),
             tp_size: group.as_ref().map_or(1, |g| g.size()),
+            step_weight_bytes: model.step_weight_bytes() as u64,
         };
         tracing::info!(
             model = %info.model, architecture = %info.architecture, dtype = ?dtype,

@@ -17,6 +17,7 @@
 pub mod backend;
 pub mod batch;
 pub mod bench;
+pub mod block_matmul;
 pub mod config;
 pub mod cpu_attention;
 pub mod cpu_ops;

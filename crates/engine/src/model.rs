@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::ops::{rms_norm, softmax_last_dim};
 
 use crate::batch::{AttnGroup, StepBatch};
+use crate::block_matmul::{dequantize_row, BlockFormat, BlockMatmul};
 use crate::config::ModelConfig;
 use crate::cpu_attention::DecodeAttention;
 use crate::cpu_ops::SiluMul;
@@ -59,6 +60,18 @@ impl Weight {
         Ok(Weight::Tensor(w))
     }
 
+    /// Bytes the matrix takes in memory: what one product reads.
+    fn bytes(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        match self {
+            Weight::Packed(p) => p.n() * p.k() * p.dtype().size_in_bytes(),
+            Weight::Tensor(t) => dense(t),
+            Weight::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Weight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => dense(t),
+            Weight::Split(parts) => parts.iter().map(Weight::bytes).sum(),
+        }
+    }
+
     /// `x [m, in]` → `[m, out]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
@@ -67,10 +80,28 @@ impl Weight {
             Weight::Quantized(QMatMul::QTensor(q))
                 if x.dim(0)? >= dense_rows(q.dtype()) && x.device().is_cpu() =>
             {
-                // Many rows (prefill): one dense product of the weights dequantized for this
-                // call beats a dot product per row and column, which is all candle has on CPU
-                // for some formats (Q4_1, Q5_x). The weights stay quantized in memory.
-                x.contiguous()?.matmul(&q.dequantize(&Device::Cpu)?.t()?)?
+                // Many rows (prefill): one dense product of the weights dequantized (and
+                // packed) for this call beats a dot product per row and column. The weights
+                // stay quantized in memory.
+                let (n, k) = q.shape().dims2()?;
+                match BlockFormat::of(q.dtype()) {
+                    Some(format) => {
+                        let bytes = q.data()?;
+                        let packed = PackedWeight::pack_rows(n, k, |r, row| {
+                            dequantize_row(format, &bytes, k, r, row)
+                        });
+                        x.contiguous()?.apply_op1_no_bwd(&PackedMatmul(&packed))?
+                    }
+                    None => x.contiguous()?.matmul(&q.dequantize(&Device::Cpu)?.t()?)?,
+                }
+            }
+            Weight::Quantized(QMatMul::QTensor(q)) if x.device().is_cpu() => {
+                match BlockFormat::of(q.dtype()) {
+                    Some(format) => x
+                        .contiguous()?
+                        .apply_op1_no_bwd(&BlockMatmul { format, w: q })?,
+                    None => QMatMul::QTensor(q.clone()).forward(&x.contiguous()?)?,
+                }
             }
             Weight::Quantized(q) => q.forward(&x.contiguous()?)?,
             Weight::Split(parts) => {
@@ -85,12 +116,16 @@ impl Weight {
 }
 
 /// Rows of input from which a quantized matrix is dequantized for the call and multiplied
-/// densely, rather than through candle's quantized dot-product kernels: 32 for the formats
-/// those kernels vectorise on x86 (Q4_0, Q8_0, K-quants), 2 for the ones they compute one
-/// value at a time (Q4_1, Q5_0, Q5_1), where a batch of two already pays for it.
+/// densely, rather than multiplied block by block: 32, or 2 for the formats candle computes one
+/// value at a time on x86 (Q4_1, Q5_0, Q5_1) where this CPU lacks the project's own kernels
+/// ([`BlockFormat`]).
 pub fn dense_rows(format: GgmlDType) -> usize {
     match format {
-        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => 2,
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
+            if BlockFormat::of(format).is_none() =>
+        {
+            2
+        }
         _ => 32,
     }
 }
@@ -458,6 +493,17 @@ impl Llama {
     /// Bytes of weights this rank holds (the shard, plus the replicated tensors).
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
+    }
+
+    /// Bytes of weight matrices one decode step reads: every layer's projections and the
+    /// output head, in the format they are held in (quantized blocks, half or f32).
+    pub fn step_weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| l.qkv.w.bytes() + l.o.w.bytes() + l.gate_up.w.bytes() + l.down.w.bytes())
+            .sum();
+        layers + self.lm_head.bytes()
     }
 
     /// `x W^T`, summed over the group, plus the bias: a row-parallel projection.

@@ -19,6 +19,22 @@ use rayon::prelude::*;
 pub const NR: usize = 16;
 /// Rows of `x` per register tile.
 pub const MR: usize = 6;
+/// Rows of `x` per AVX-512 register tile, which spans two panels (16 accumulators of 32).
+const MR_WIDE: usize = 8;
+
+/// True when the two-panel AVX-512 tile can run here.
+pub(crate) fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 
 /// A value a panel can hold: widened to f32 for the arithmetic.
 pub trait PanelElem: Copy + Send + Sync + 'static {
@@ -32,6 +48,12 @@ pub trait PanelElem: Copy + Send + Sync + 'static {
     /// `p` must be valid for eight reads.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Sixteen consecutive values widened to f32 (the caller has AVX-512F).
+    ///
+    /// # Safety
+    /// `p` must be valid for sixteen reads.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl PanelElem for f32 {
@@ -43,6 +65,11 @@ impl PanelElem for f32 {
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
     }
 }
 
@@ -59,6 +86,13 @@ impl PanelElem for bf16 {
         let h = _mm_loadu_si128(p as *const __m128i);
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let h = _mm256_loadu_si256(p as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+    }
 }
 
 impl PanelElem for f16 {
@@ -71,6 +105,12 @@ impl PanelElem for f16 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
     }
 }
 
@@ -117,6 +157,30 @@ impl PackedWeight {
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
         PackedWeight {
             data: Panels::F32(pack_panels(w, n, k)),
+            n,
+            k,
+        }
+    }
+
+    /// Packs the f32 matrix `[n, k]` whose row `r` `fill(r, row)` writes, a panel at a time
+    /// (in parallel, through one row of scratch per panel): for weights kept in another
+    /// format and widened for one call.
+    pub fn pack_rows(n: usize, k: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Self {
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0f32; panels * k * NR];
+        data.par_chunks_mut(k * NR)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let mut row = vec![0f32; k];
+                for j in 0..NR.min(n - p * NR) {
+                    fill(p * NR + j, &mut row);
+                    for (t, &v) in row.iter().enumerate() {
+                        panel[t * NR + j] = v;
+                    }
+                }
+            });
+        PackedWeight {
+            data: Panels::F32(data),
             n,
             k,
         }
@@ -178,32 +242,43 @@ impl PackedWeight {
         let mut y = vec![0f32; m * n];
         let out = SharedOut(y.as_mut_ptr());
         let panels = n.div_ceil(NR);
-        // Enough tasks to balance two to a few dozen threads, few enough to amortise them.
-        let per_task = panels.div_ceil(rayon::current_num_threads() * 4).max(1);
+        let wide = has_avx512();
+        // Enough tasks to balance two to a few dozen threads, few enough to amortise them;
+        // an even number of panels each where panels go in pairs.
+        let mut per_task = panels.div_ceil(rayon::current_num_threads() * 4).max(1);
+        if wide {
+            per_task += per_task % 2;
+        }
         data.par_chunks(per_task * k * NR)
             .enumerate()
             .for_each(|(task, panels_of_task)| {
-                for (q, panel) in panels_of_task.chunks(k * NR).enumerate() {
+                let count = panels_of_task.len() / (k * NR);
+                let panel = |q: usize| &panels_of_task[q * k * NR..(q + 1) * k * NR];
+                let mut q = 0;
+                while q < count {
                     let col = (task * per_task + q) * NR;
-                    let cols = NR.min(n - col);
+                    let pair = wide && q + 1 < count;
+                    let (width, step) = if pair { (2 * NR, MR_WIDE) } else { (NR, MR) };
+                    let cols = width.min(n - col);
                     let mut i = 0;
                     while i < m {
-                        let rows = MR.min(m - i);
+                        let rows = step.min(m - i);
+                        let (xs, y) = (&x[i * k..(i + rows) * k], unsafe {
+                            // SAFETY: row i and column col lie inside `y` (m × n).
+                            out.ptr().add(i * n + col)
+                        });
                         // SAFETY: rows i..i+rows and columns col..col+cols lie inside `x` and
                         // `y`, and only this task writes these columns.
                         unsafe {
-                            tile(
-                                &x[i * k..(i + rows) * k],
-                                k,
-                                panel,
-                                out.ptr().add(i * n + col),
-                                n,
-                                rows,
-                                cols,
-                            )
+                            if pair {
+                                tile_pair(xs, k, panel(q), panel(q + 1), y, n, rows, cols)
+                            } else {
+                                tile(xs, k, panel(q), y, n, rows, cols)
+                            }
                         };
                         i += rows;
                     }
+                    q += if pair { 2 } else { 1 };
                 }
             });
         y
@@ -212,14 +287,14 @@ impl PackedWeight {
 
 /// A raw pointer that tasks writing disjoint parts of one buffer may share.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+pub(crate) struct SharedOut(pub(crate) *mut f32);
 // SAFETY: every task writes a disjoint set of columns.
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
     /// The pointer (a method, so that closures capture the whole `Send` wrapper).
-    fn ptr(self) -> *mut f32 {
+    pub(crate) fn ptr(self) -> *mut f32 {
         self.0
     }
 }
@@ -299,6 +374,116 @@ unsafe fn tile_avx2<T: PanelElem, const R: usize>(
     for (r, acc) in acc.iter().enumerate() {
         _mm256_storeu_ps(out[r].as_mut_ptr(), acc[0]);
         _mm256_storeu_ps(out[r].as_mut_ptr().add(8), acc[1]);
+    }
+}
+
+/// One `rows × 2·NR` tile of `y` over two adjacent panels (only `cols` columns are stored),
+/// with AVX-512: one 16-wide vector of each panel per step of `k`, every row of `x`
+/// broadcast against both.
+///
+/// # Safety
+/// As [`tile`], and the CPU has AVX-512F ([`has_avx512`]).
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_pair<T: PanelElem>(
+    x: &[f32],
+    k: usize,
+    a: &[T],
+    b: &[T],
+    y: *mut f32,
+    ldy: usize,
+    rows: usize,
+    cols: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut acc = [[0f32; 2 * NR]; MR_WIDE];
+        match rows {
+            1 => vec_pair_avx512::<T>(x, k, a, b, &mut acc[0]),
+            2 => tile_pair_avx512::<T, 2>(x, k, a, b, &mut acc),
+            3 => tile_pair_avx512::<T, 3>(x, k, a, b, &mut acc),
+            4 => tile_pair_avx512::<T, 4>(x, k, a, b, &mut acc),
+            5 => tile_pair_avx512::<T, 5>(x, k, a, b, &mut acc),
+            6 => tile_pair_avx512::<T, 6>(x, k, a, b, &mut acc),
+            7 => tile_pair_avx512::<T, 7>(x, k, a, b, &mut acc),
+            _ => tile_pair_avx512::<T, 8>(x, k, a, b, &mut acc),
+        }
+        for (r, acc) in acc.iter().enumerate().take(rows) {
+            std::ptr::copy_nonoverlapping(acc.as_ptr(), y.add(r * ldy), cols);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, k, a, b, y, ldy, rows, cols);
+        unreachable!("tile_pair runs only where has_avx512() is true");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn tile_pair_avx512<T: PanelElem, const R: usize>(
+    x: &[f32],
+    k: usize,
+    a: &[T],
+    b: &[T],
+    out: &mut [[f32; 2 * NR]; MR_WIDE],
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(x.len() >= R * k && a.len() >= k * NR && b.len() >= k * NR);
+    let (xp, ap, bp) = (x.as_ptr(), a.as_ptr(), b.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    for t in 0..k {
+        // SAFETY: t < k, so both panel loads and every x read stay inside the slices.
+        let (w0, w1) = (T::load16(ap.add(t * NR)), T::load16(bp.add(t * NR)));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let v = _mm512_set1_ps(*xp.add(r * k + t));
+            acc[0] = _mm512_fmadd_ps(v, w0, acc[0]);
+            acc[1] = _mm512_fmadd_ps(v, w1, acc[1]);
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out[r].as_mut_ptr(), acc[0]);
+        _mm512_storeu_ps(out[r].as_mut_ptr().add(NR), acc[1]);
+    }
+}
+
+/// [`tile_pair_avx512`] for one row of `x` (decode): bound by reading the panels, so four
+/// steps of `k` at a time go into separate accumulators, which hides the FMA latency that one
+/// chain per panel would wait on.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn vec_pair_avx512<T: PanelElem>(
+    x: &[f32],
+    k: usize,
+    a: &[T],
+    b: &[T],
+    out: &mut [f32; 2 * NR],
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(x.len() >= k && a.len() >= k * NR && b.len() >= k * NR);
+    let (xp, ap, bp) = (x.as_ptr(), a.as_ptr(), b.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+    let whole = k - k % 4;
+    let mut t = 0;
+    while t < whole {
+        for (u, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: t + u < k.
+            let v = _mm512_set1_ps(*xp.add(t + u));
+            acc[0] = _mm512_fmadd_ps(v, T::load16(ap.add((t + u) * NR)), acc[0]);
+            acc[1] = _mm512_fmadd_ps(v, T::load16(bp.add((t + u) * NR)), acc[1]);
+        }
+        t += 4;
+    }
+    for t in whole..k {
+        let v = _mm512_set1_ps(*xp.add(t));
+        acc[0][0] = _mm512_fmadd_ps(v, T::load16(ap.add(t * NR)), acc[0][0]);
+        acc[0][1] = _mm512_fmadd_ps(v, T::load16(bp.add(t * NR)), acc[0][1]);
+    }
+    for (j, o) in out.chunks_exact_mut(NR).enumerate() {
+        let sum = _mm512_add_ps(
+            _mm512_add_ps(acc[0][j], acc[1][j]),
+            _mm512_add_ps(acc[2][j], acc[3][j]),
+        );
+        _mm512_storeu_ps(o.as_mut_ptr(), sum);
     }
 }
 

@@ -148,6 +148,7 @@ impl SimEngine {
             add_bos_token: true,
             num_parameters: 0,
             tp_size: 1,
+            step_weight_bytes: 0,
         };
         Ok(SimEngine {
             sched: StepScheduler::new(

@@ -373,3 +373,76 @@ fn a_real_model_keeps_its_perplexity_in_half_precision_and_8_and_4_bits() {
         "Q4_K_M kernels: perplexity {q} vs the same weights dequantized {d}"
     );
 }
+
+/// Greedy parity with transformers on the real model's weights dequantized to f32
+/// (`tests/fixtures/real-model/smollm2-q4_1.json`, from `scripts/make_real_model_expected.py`,
+/// which loads the same GGUF file with transformers' own reader and tokenizer).
+#[test]
+fn a_real_model_dequantized_gives_transformers_greedy_tokens() {
+    #[derive(serde::Deserialize)]
+    struct RealCase {
+        prompt: String,
+        prompt_ids: Vec<u32>,
+        output_ids: Vec<u32>,
+        output_logprobs: Vec<f32>,
+        margins: Vec<f32>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Reference {
+        cases: Vec<RealCase>,
+    }
+    let text = std::fs::read_to_string(fixtures().join("real-model/smollm2-q4_1.json")).unwrap();
+    let reference: Reference = serde_json::from_str(&text).unwrap();
+    let mut engine = load(
+        &real_model(),
+        EngineConfig {
+            dtype: Some(DType::F32),
+            ..cfg()
+        },
+    );
+    // A trained model has near-ties; past a step where transformers' top two logits are
+    // closer than this, the summation order may pick either, so the comparison stops there.
+    const TIE: f32 = 0.02;
+    let mut compared = 0;
+    for (i, c) in reference.cases.iter().enumerate() {
+        let ids = engine
+            .tokenizer()
+            .inner()
+            .encode(c.prompt.as_str(), false)
+            .unwrap();
+        assert_eq!(
+            ids.get_ids(),
+            c.prompt_ids,
+            "case {i}: the GGUF tokenizer's ids differ from transformers'"
+        );
+        let mut req = greedy(i as u64, &c.prompt_ids, c.output_ids.len() as u32);
+        req.logprobs = true;
+        let got = run_all(&mut engine, vec![req]);
+        let o = &got[&(i as u64)];
+        let upto = c
+            .margins
+            .iter()
+            .position(|&m| m < TIE)
+            .map_or(c.output_ids.len(), |j| j + 1);
+        assert!(upto >= 4, "case {i}: the reference ties too early to test");
+        assert_eq!(
+            o.tokens[..upto],
+            c.output_ids[..upto],
+            "case {i} ({:?}): greedy tokens differ from transformers",
+            c.prompt
+        );
+        for (j, (lp, want)) in o.logprobs[..upto]
+            .iter()
+            .zip(&c.output_logprobs)
+            .enumerate()
+        {
+            assert!(
+                (lp.logprob - want).abs() < 2e-3,
+                "case {i} token {j}: logprob {} vs transformers {want}",
+                lp.logprob
+            );
+        }
+        compared += upto;
+    }
+    assert!(compared >= 40, "only {compared} tokens compared");
+}
