@@ -223,20 +223,10 @@ fn pick_gguf<'a>(files: &[&'a str], wanted: &str) -> std::result::Result<&'a str
 
 /// The shard files a `model.safetensors.index.json` lists.
 fn shards_of(index: &Path) -> Result<Vec<String>> {
-    let v = crate::model_dir::read_optional_json(index)?.unwrap_or_default();
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| EngineError::ConfigField {
-            path: index.to_path_buf(),
-            field: "weight_map".into(),
-            message: "missing or not an object".into(),
-        })?;
-    let mut shards: Vec<String> = map
-        .values()
-        .filter_map(|f| f.as_str())
+    let mut shards: Vec<String> = crate::model_dir::weight_map(index)?
+        .into_iter()
+        .map(|(_, file)| file)
         .filter(|f| !f.contains('/') && !f.contains(".."))
-        .map(str::to_string)
         .collect();
     shards.sort();
     shards.dedup();

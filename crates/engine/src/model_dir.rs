@@ -180,6 +180,29 @@ impl Weights {
     }
 }
 
+/// The `weight_map` of a `model.safetensors.index.json`: (tensor name, shard file) pairs.
+pub(crate) fn weight_map(index_path: &Path) -> Result<Vec<(String, String)>> {
+    let index = read_optional_json(index_path)?.unwrap_or(Value::Null);
+    let map = index
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| EngineError::ConfigField {
+            path: index_path.to_path_buf(),
+            field: "weight_map".into(),
+            message: "missing or not an object of tensor name → shard file".into(),
+        })?;
+    map.iter()
+        .map(|(name, file)| {
+            let file = file.as_str().ok_or_else(|| EngineError::ConfigField {
+                path: index_path.to_path_buf(),
+                field: format!("weight_map.{name}"),
+                message: "expected a file name".into(),
+            })?;
+            Ok((name.clone(), file.to_string()))
+        })
+        .collect()
+}
+
 /// Memory-mapped safetensors files and which file holds which tensor.
 pub struct Safetensors {
     files: Vec<(PathBuf, MmapedSafetensors)>,
@@ -194,24 +217,7 @@ impl Safetensors {
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
         let (origin, shard_of): (PathBuf, Vec<(String, String)>) = if index_path.exists() {
-            let index = read_optional_json(&index_path)?.unwrap_or(Value::Null);
-            let map = index
-                .get("weight_map")
-                .and_then(Value::as_object)
-                .ok_or_else(|| EngineError::ConfigField {
-                    path: index_path.clone(),
-                    field: "weight_map".into(),
-                    message: "missing or not an object of tensor name → shard file".into(),
-                })?;
-            let mut pairs = Vec::with_capacity(map.len());
-            for (name, file) in map {
-                let file = file.as_str().ok_or_else(|| EngineError::ConfigField {
-                    path: index_path.clone(),
-                    field: format!("weight_map.{name}"),
-                    message: "expected a file name".into(),
-                })?;
-                pairs.push((name.clone(), file.to_string()));
-            }
+            let pairs = weight_map(&index_path)?;
             (index_path, pairs)
         } else if single.exists() {
             (single, Vec::new())

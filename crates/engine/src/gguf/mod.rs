@@ -11,6 +11,7 @@
 mod tokenizer;
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -52,22 +53,26 @@ impl GgufFile {
             path: path.to_path_buf(),
             message,
         };
-        let mut reader = BufReader::new(File::open(path).map_err(|e| EngineError::io(path, e))?);
-        let content = Content::read(&mut reader)
+        let reader = RefCell::new(BufReader::new(
+            File::open(path).map_err(|e| EngineError::io(path, e))?,
+        ));
+        let content = Content::read(&mut *reader.borrow_mut())
             .map_err(|e| ferr(format!("not a readable GGUF file: {e}")))?;
         let meta = Meta {
             path,
             content: &content,
+            reader: &reader,
         };
         let config = meta.config()?;
         let tokenizer = tokenizer::from_gguf(&meta, &config)?;
-        let permute_qk = matches!(meta.arch()?.as_str(), "llama" | "mistral");
+        let permute_qk = matches!(meta.arch()?.as_str(), "llama" | "mistral")
+            .then_some((config.num_heads, config.num_kv_heads));
         Ok(GgufFile {
             config,
             tokenizer,
             weights: GgufWeights {
                 path: path.to_path_buf(),
-                reader: Mutex::new(reader),
+                reader: Mutex::new(reader.into_inner()),
                 content,
                 permute_qk,
             },
@@ -79,6 +84,8 @@ impl GgufFile {
 pub(crate) struct Meta<'a> {
     path: &'a Path,
     content: &'a Content,
+    /// The file's reader, for the few tensors the configuration is read from.
+    reader: &'a RefCell<BufReader<File>>,
 }
 
 impl<'a> Meta<'a> {
@@ -344,11 +351,9 @@ impl<'a> Meta<'a> {
 
     /// A small tensor read whole and dequantized (metadata-like tensors).
     fn dense(&self, name: &str) -> Result<Tensor> {
-        let mut reader =
-            BufReader::new(File::open(self.path).map_err(|e| EngineError::io(self.path, e))?);
         let q = self
             .content
-            .tensor(&mut reader, name, &Device::Cpu)
+            .tensor(&mut *self.reader.borrow_mut(), name, &Device::Cpu)
             .map_err(|e| self.err(name, e.to_string()))?;
         Ok(q.dequantize(&Device::Cpu)?)
     }
@@ -359,8 +364,9 @@ pub struct GgufWeights {
     path: PathBuf,
     reader: Mutex<BufReader<File>>,
     content: Content,
-    /// Query and key rows are interleaved per head (llama.cpp's `llama` layout).
-    permute_qk: bool,
+    /// Query and key rows are interleaved per head (llama.cpp's `llama` layout): the query
+    /// and key head counts to undo it with.
+    permute_qk: Option<(usize, usize)>,
 }
 
 /// The GGUF name of a Hugging Face tensor name, as llama.cpp's converter maps them.
@@ -439,31 +445,19 @@ impl GgufWeights {
             info.read(&mut *reader, self.content.tensor_data_offset, &Device::Cpu)
                 .map_err(|e| self.werr(name, format!("`{g}`: {e}")))?
         };
-        let heads_of = |module: &str, key: &str| -> Option<usize> {
-            (self.permute_qk && g.ends_with(&format!("{module}.weight")))
-                .then(|| self.meta_heads(key))
-                .flatten()
-        };
-        match heads_of("attn_q", "attention.head_count")
-            .or_else(|| heads_of("attn_k", "attention.head_count_kv"))
-        {
+        let heads = self.permute_qk.and_then(|(q_heads, kv_heads)| {
+            if g.ends_with("attn_q.weight") {
+                Some(q_heads)
+            } else if g.ends_with("attn_k.weight") {
+                Some(kv_heads)
+            } else {
+                None
+            }
+        });
+        match heads {
             Some(heads) => unpermute_rows(&q, heads).map_err(|e| self.werr(name, e.to_string())),
             None => Ok(q),
         }
-    }
-
-    fn meta_heads(&self, key: &str) -> Option<usize> {
-        let arch = match self.content.metadata.get("general.architecture") {
-            Some(Value::String(s)) => s.clone(),
-            _ => return None,
-        };
-        let full = format!("{arch}.{key}");
-        let v = self.content.metadata.get(&full).or_else(|| {
-            self.content
-                .metadata
-                .get(&format!("{arch}.attention.head_count"))
-        })?;
-        v.to_u32().ok().map(|n| n as usize)
     }
 
     /// True when tensor `name` is stored in a quantized format (not f32, f16 or bf16).

@@ -55,13 +55,9 @@ const END_OF_TURN: [&str; 9] = [
 const TYPE_CONTROL: u32 = 3;
 const TYPE_USER_DEFINED: u32 = 4;
 
-fn tok_err(meta: &Meta, key: &str, message: impl Into<String>) -> EngineError {
-    meta.err(key, message)
-}
-
 fn wrap<'a, E: std::fmt::Display>(meta: &'a Meta, key: &str) -> impl Fn(E) -> EngineError + 'a {
     let key = key.to_string();
-    move |e| tok_err(meta, &key, e.to_string())
+    move |e| meta.err(&key, e.to_string())
 }
 
 /// The tokenizer, special tokens and chat template of a GGUF file.
@@ -69,10 +65,9 @@ pub(crate) fn from_gguf(meta: &Meta, config: &ModelConfig) -> Result<Tokenizer> 
     let kind = meta.string("tokenizer.ggml.model")?;
     let tokens = meta
         .strings("tokenizer.ggml.tokens")?
-        .ok_or_else(|| tok_err(meta, "tokenizer.ggml.tokens", "missing"))?;
+        .ok_or_else(|| meta.err("tokenizer.ggml.tokens", "missing"))?;
     if tokens.len() > config.vocab_size {
-        return Err(tok_err(
-            meta,
+        return Err(meta.err(
             "tokenizer.ggml.tokens",
             format!(
                 "{} tokens for an embedding of {} rows",
@@ -84,8 +79,7 @@ pub(crate) fn from_gguf(meta: &Meta, config: &ModelConfig) -> Result<Tokenizer> 
     let types: Vec<u32> = match meta.numbers("tokenizer.ggml.token_type")? {
         Some(t) if t.len() == tokens.len() => t.into_iter().map(|x| x as u32).collect(),
         Some(t) => {
-            return Err(tok_err(
-                meta,
+            return Err(meta.err(
                 "tokenizer.ggml.token_type",
                 format!("{} types for {} tokens", t.len(), tokens.len()),
             ))
@@ -100,8 +94,7 @@ pub(crate) fn from_gguf(meta: &Meta, config: &ModelConfig) -> Result<Tokenizer> 
     let token_id = |key: &str| -> Result<Option<u32>> {
         let id = meta.u64_opt(key)?;
         match id {
-            Some(id) if id as usize >= tokens.len() => Err(tok_err(
-                meta,
+            Some(id) if id as usize >= tokens.len() => Err(meta.err(
                 key,
                 format!(
                     "token {id} is outside the vocabulary ({} tokens)",
@@ -122,7 +115,7 @@ pub(crate) fn from_gguf(meta: &Meta, config: &ModelConfig) -> Result<Tokenizer> 
                 meta,
                 &meta
                     .strings("tokenizer.ggml.merges")?
-                    .ok_or_else(|| tok_err(meta, "tokenizer.ggml.merges", "missing"))?,
+                    .ok_or_else(|| meta.err("tokenizer.ggml.merges", "missing"))?,
             )?;
             let bpe = BPE::builder()
                 .vocab_and_merges(vocab, merges)
@@ -141,11 +134,9 @@ pub(crate) fn from_gguf(meta: &Meta, config: &ModelConfig) -> Result<Tokenizer> 
         "llama" => {
             let scores = meta
                 .numbers("tokenizer.ggml.scores")?
-                .ok_or_else(|| tok_err(meta, "tokenizer.ggml.scores", "missing"))?;
+                .ok_or_else(|| meta.err("tokenizer.ggml.scores", "missing"))?;
             if scores.len() != tokens.len() {
-                return Err(tok_err(
-                    meta,
-                    "tokenizer.ggml.scores",
+                return Err(meta.err("tokenizer.ggml.scores",
                     format!("{} scores for {} tokens", scores.len(), tokens.len()),
                 ));
             }
@@ -183,9 +174,7 @@ pub(crate) fn from_gguf(meta: &Meta, config: &ModelConfig) -> Result<Tokenizer> 
             t
         }
         other => {
-            return Err(tok_err(
-                meta,
-                "tokenizer.ggml.model",
+            return Err(meta.err("tokenizer.ggml.model",
                 format!("`{other}` is not supported; supported: gpt2 (byte-level BPE) and llama (SentencePiece)"),
             ))
         }
@@ -201,8 +190,7 @@ pub(crate) fn from_gguf(meta: &Meta, config: &ModelConfig) -> Result<Tokenizer> 
         .bool_opt("tokenizer.ggml.add_bos_token")?
         .unwrap_or(kind == "llama");
     if add_bos_token && bos.is_none() {
-        return Err(tok_err(
-            meta,
+        return Err(meta.err(
             "tokenizer.ggml.bos_token_id",
             "missing, but add_bos_token is true",
         ));
@@ -241,8 +229,7 @@ fn parse_merges(meta: &Meta, merges: &[&str]) -> Result<Merges> {
             m.split_once(' ')
                 .map(|(a, b)| (a.to_string(), b.to_string()))
                 .ok_or_else(|| {
-                    tok_err(
-                        meta,
+                    meta.err(
                         "tokenizer.ggml.merges",
                         format!("`{m}` is not two tokens separated by a space"),
                     )
@@ -279,9 +266,7 @@ fn byte_level_pre(
             .into(),
         ),
         other => {
-            return Err(tok_err(
-                meta,
-                "tokenizer.ggml.pre",
+            return Err(meta.err("tokenizer.ggml.pre",
                 format!("pre-tokenizer `{other}` is not supported; supported: default (GPT-2), llama-bpe (Llama 3), qwen2, smollm"),
             ))
         }
