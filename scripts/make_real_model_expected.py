@@ -23,6 +23,8 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from make_fixtures import greedy  # the fixtures' greedy decode, eos ignored
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = Path(
     os.environ.get(
@@ -38,21 +40,6 @@ PROMPTS = [
     "Water boils at a temperature of",
     "Once upon a time, in a small village by the sea, there lived an old fisherman who",
 ]
-
-
-@torch.inference_mode()
-def greedy(model, prompt_ids: list[int], n: int):
-    ids = list(prompt_ids)
-    out_ids, out_lp, margins = [], [], []
-    for _ in range(n):
-        logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].float()
-        top = torch.topk(logits, 2)
-        tok = int(top.indices[0])
-        margins.append(float(top.values[0] - top.values[1]))
-        out_lp.append(float(torch.log_softmax(logits, dim=-1)[tok]))
-        out_ids.append(tok)
-        ids.append(tok)  # eos is ignored on purpose
-    return out_ids, out_lp, margins
 
 
 def main() -> None:
