@@ -47,6 +47,8 @@ pub struct AttnGroup {
     pub ctx_slots_host: Vec<u32>,
     /// Context length (cached + new) of each sequence.
     pub ctx_lens: Vec<u32>,
+    /// New tokens (rows) of each sequence.
+    pub q_lens: Vec<u32>,
 }
 
 /// All inputs of one forward pass.
@@ -156,9 +158,11 @@ fn build_group(
     let mut unpad_index = Vec::with_capacity(len);
     let mut row = 0u32;
     let mut ctx_lens = Vec::with_capacity(batch);
+    let mut q_lens = Vec::with_capacity(batch);
     for (b, c) in chunks.iter().enumerate() {
         let ctx = c.start_pos + c.tokens.len();
         ctx_lens.push(ctx as u32);
+        q_lens.push(c.tokens.len() as u32);
         ctx_slots.extend((0..max_ctx).map(|p| {
             if p < ctx {
                 slot_of(c.block_table, block_size, p)
@@ -198,6 +202,7 @@ fn build_group(
         ctx_slots: Tensor::from_slice(&ctx_slots, batch * max_ctx, device)?,
         ctx_slots_host: ctx_slots,
         ctx_lens,
+        q_lens,
         mask: Tensor::from_vec(mask, (batch, 1, 1, max_q, max_ctx), device)?
             .to_dtype(DType::F32)?,
     })

@@ -190,18 +190,13 @@ impl CustomOp1 for BlockMatmul<'_> {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(x) = s else {
-            candle_core::bail!("block-matmul: f32 input only")
-        };
-        let Some((start, end)) = l.contiguous_offsets() else {
-            candle_core::bail!("block-matmul: contiguous input only")
-        };
+        let x = crate::cpu_ops::f32_input(self.name(), s, l)?;
         let (m, k) = l.shape().dims2()?;
         let (n, wk) = self.w.shape().dims2()?;
         if k != wk || k % self.format.block_weights() != 0 {
             candle_core::bail!("block-matmul: input width {k}, weight [{n}, {wk}]")
         }
-        let y = matmul(self.format, &self.w.data()?, n, k, &x[start..end], m);
+        let y = matmul(self.format, &self.w.data()?, n, k, x, m);
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 }

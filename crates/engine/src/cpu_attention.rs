@@ -1,16 +1,28 @@
-//! Paged decode attention on CPU: one query token per sequence, keys and values read straight
-//! from the cache slots (no gather, no padding), each KV head serving its query heads (GQA),
-//! in parallel over (sequence, KV head).
+//! Paged attention on CPU, for decodes and prefill chunks alike: each sequence's new tokens
+//! (one for a decode, a chunk for a prefill) attend causally to its context, keys and values
+//! read straight from the cache slots (no gather, no padding, no mask tensor), each KV head
+//! serving its query heads (GQA). Scores are never stored whole: key blocks are folded into a
+//! running softmax (as flash attention does), so memory stays flat with the context.
 //!
-//! The tensor path in `model.rs` does the same with general ops and is used for prefill chunks
-//! and on GPUs; on CPU its many small ops cost far more than the arithmetic.
+//! Work is split over (sequence, KV head, tile of queries), in parallel. The inner loops are
+//! written to vectorize, and are compiled for AVX-512 and AVX2 beside the baseline, chosen at
+//! run time. The tensor path in `model.rs` does the same with general ops and serves GPUs.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 use rayon::prelude::*;
 
-/// The op: inputs are `q [batch, heads * head_dim]`, and the layer's K and V caches
-/// `[slots, kv_heads * head_dim]`; the output is `[batch, heads * head_dim]`.
-pub struct DecodeAttention<'a> {
+use crate::cpu_ops::f32_input;
+use crate::packed_matmul::SharedOut;
+
+/// Keys folded into the running softmax at once.
+const KEY_BLOCK: usize = 64;
+/// Query rows (query tokens × query heads of one KV head) of one task, about.
+const TILE_ROWS: usize = 16;
+
+/// The op: inputs are `q [rows, heads * head_dim]` (each sequence's new tokens, sequences in
+/// order), and the layer's K and V caches `[slots, kv_heads * head_dim]`; the output is
+/// `[rows, heads * head_dim]`.
+pub struct PagedAttention<'a> {
     /// Query heads.
     pub num_heads: usize,
     /// KV heads.
@@ -19,17 +31,31 @@ pub struct DecodeAttention<'a> {
     pub head_dim: usize,
     /// Slots of every sequence's context, `max_ctx` per sequence (padding beyond its length).
     pub ctx_slots: &'a [u32],
-    /// Context length of each sequence (cached + the new token).
+    /// Context length of each sequence (cached + new tokens).
     pub ctx_lens: &'a [u32],
+    /// New tokens of each sequence (its rows of `q`); the last `q_lens[b]` positions of its
+    /// context.
+    pub q_lens: &'a [u32],
     /// Stride of `ctx_slots` per sequence.
     pub max_ctx: usize,
-    /// Sliding window: only the last `window` positions are attended.
+    /// Sliding window: a query attends only the last `window` positions up to its own.
     pub window: Option<usize>,
 }
 
-impl CustomOp3 for DecodeAttention<'_> {
+/// One task: `queries` new tokens of sequence `seq` from its `first` one, for KV head `kv`.
+#[derive(Debug, Clone, Copy)]
+struct Task {
+    seq: usize,
+    kv: usize,
+    first: usize,
+    queries: usize,
+    /// Row of the sequence's first new token in `q`.
+    row: usize,
+}
+
+impl CustomOp3 for PagedAttention<'_> {
     fn name(&self) -> &'static str {
-        "paged-decode-attention"
+        "paged-attention"
     }
 
     fn cpu_fwd(
@@ -41,61 +67,475 @@ impl CustomOp3 for DecodeAttention<'_> {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (s1, s2, s3) else {
-            candle_core::bail!("paged-decode-attention: f32 only")
-        };
-        let (Some((qs, qe)), Some((ks, ke)), Some((vs, ve))) = (
-            l1.contiguous_offsets(),
-            l2.contiguous_offsets(),
-            l3.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("paged-decode-attention: contiguous inputs only")
-        };
-        let (q, k, v) = (&q[qs..qe], &k[ks..ke], &v[vs..ve]);
-        let (batch, width) = l1.shape().dims2()?;
+        let q = f32_input(self.name(), s1, l1)?;
+        let k = f32_input(self.name(), s2, l2)?;
+        let v = f32_input(self.name(), s3, l3)?;
+        let (rows, width) = l1.shape().dims2()?;
         let (hd, nh, nkv) = (self.head_dim, self.num_heads, self.num_kv_heads);
-        let row = nkv * hd;
-        if width != nh * hd || l2.shape().dims2()?.1 != row || self.ctx_lens.len() != batch {
-            candle_core::bail!("paged-decode-attention: inconsistent shapes")
+        let kv_row = nkv * hd;
+        let batch = self.ctx_lens.len();
+        let consistent = width == nh * hd
+            && nkv > 0
+            && nh % nkv == 0
+            && l2.shape().dims2()?.1 == kv_row
+            && l3.shape().dims2()?.1 == kv_row
+            && self.q_lens.len() == batch
+            && self.ctx_slots.len() == batch * self.max_ctx
+            && self.q_lens.iter().map(|&n| n as usize).sum::<usize>() == rows
+            && self
+                .q_lens
+                .iter()
+                .zip(self.ctx_lens)
+                .all(|(&n, &c)| n >= 1 && n <= c && c as usize <= self.max_ctx);
+        if !consistent {
+            candle_core::bail!("paged-attention: inconsistent shapes")
+        }
+        let slots = k.len() / kv_row;
+        if self.ctx_slots.iter().any(|&s| s as usize >= slots) || v.len() != k.len() {
+            candle_core::bail!("paged-attention: a context slot lies outside the cache")
+        }
+        if k.len() > i32::MAX as usize {
+            candle_core::bail!(
+                "paged-attention: a layer's KV cache holds over 2^31 values; give this CPU \
+                 worker a smaller --kv-cache-memory"
+            )
         }
         let rep = nh / nkv;
+        let most = (TILE_ROWS / rep).max(1);
+        let mut tasks = Vec::new();
+        let mut row = 0;
+        for (seq, &n) in self.q_lens.iter().enumerate() {
+            let n = n as usize;
+            // Tiles of equal size: each task streams the whole context, so a short last
+            // tile would cost nearly a full one.
+            let tile = n.div_ceil(n.div_ceil(most));
+            for first in (0..n).step_by(tile) {
+                for kv in 0..nkv {
+                    let queries = tile.min(n - first);
+                    tasks.push(Task {
+                        seq,
+                        kv,
+                        first,
+                        queries,
+                        row,
+                    });
+                }
+            }
+            row += n;
+        }
+        let mut out = vec![0f32; rows * nh * hd];
+        let shared = SharedOut(out.as_mut_ptr());
+        let caches = Caches { q, k, v, kv_row };
+        tasks
+            .par_iter()
+            .for_each_init(Scratch::default, |scratch, &t| {
+                // SAFETY: tasks write disjoint (row, head) blocks of `out`, which outlives them.
+                unsafe { self.run(t, &caches, scratch, shared) }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((rows, nh * hd))))
+    }
+}
+
+/// The inputs a task reads.
+struct Caches<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    kv_row: usize,
+}
+
+/// A task's working memory, reused across the tasks of one thread.
+#[derive(Default)]
+struct Scratch {
+    /// The task's query rows, scaled by `1/√head_dim`, `[rows, head_dim]`.
+    queries: Vec<f32>,
+    /// Where the current key block's rows start in the cache, in values.
+    offsets: Vec<u32>,
+    /// Running output `[rows, head_dim]`.
+    acc: Vec<f32>,
+    /// Scores, then weights, of the current key block `[rows, KEY_BLOCK]`.
+    scores: Vec<f32>,
+    /// Running maximum and sum of each row.
+    max: Vec<f32>,
+    sum: Vec<f32>,
+}
+
+impl PagedAttention<'_> {
+    /// Runs one task with the widest vector instructions this CPU has.
+    ///
+    /// # Safety
+    /// `out` must hold `[rows, heads * head_dim]`, and no other task may write `t`'s block.
+    unsafe fn run(&self, t: Task, c: &Caches, s: &mut Scratch, out: SharedOut) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return self.run_avx512(t, c, s, out);
+            }
+        }
+        self.task::<Portable>(t, c, s, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn run_avx512(&self, t: Task, c: &Caches, s: &mut Scratch, out: SharedOut) {
+        self.task::<Avx512>(t, c, s, out)
+    }
+
+    /// Online softmax over the key blocks a task's queries see: each block's keys and
+    /// values are read once for all the task's rows.
+    #[inline(always)]
+    unsafe fn task<V: Simd>(&self, t: Task, c: &Caches, s: &mut Scratch, out: SharedOut) {
+        let (hd, nh) = (self.head_dim, self.num_heads);
+        let rep = nh / self.num_kv_heads;
+        let rows = t.queries * rep;
+        let ctx = self.ctx_lens[t.seq] as usize;
+        // Position of the sequence's first new token.
+        let start = ctx - self.q_lens[t.seq] as usize;
+        let slots = &self.ctx_slots[t.seq * self.max_ctx..][..ctx];
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut out = vec![0f32; batch * nh * hd];
-        // One task per (sequence, KV head): its `rep` query heads are contiguous in `out`.
-        out.par_chunks_mut(rep * hd)
-            .enumerate()
-            .for_each(|(task, o)| {
-                let (b, g) = (task / nkv, task % nkv);
-                let len = self.ctx_lens[b] as usize;
-                let start = self.window.map_or(0, |w| len.saturating_sub(w));
-                let slots = &self.ctx_slots[b * self.max_ctx + start..b * self.max_ctx + len];
-                let mut scores = vec![0f32; slots.len()];
-                for r in 0..rep {
-                    let h = g * rep + r;
-                    let qh = &q[(b * nh + h) * hd..][..hd];
-                    let mut max = f32::NEG_INFINITY;
-                    for (s, &slot) in scores.iter_mut().zip(slots) {
-                        let kh = &k[slot as usize * row + g * hd..][..hd];
-                        *s = qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f32>() * scale;
-                        max = max.max(*s);
-                    }
-                    let mut sum = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    let oh = &mut o[r * hd..(r + 1) * hd];
-                    oh.fill(0.0);
-                    for (&p, &slot) in scores.iter().zip(slots) {
-                        let vh = &v[slot as usize * row + g * hd..][..hd];
-                        let p = p / sum;
-                        for (acc, x) in oh.iter_mut().zip(vh) {
-                            *acc += p * x;
+        let lowest = |pos: usize| self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        // Row r is query token `first + r / rep`, head `kv * rep + r % rep`.
+        let query = |r: usize| {
+            let h = t.kv * rep + r % rep;
+            &c.q[(t.row + t.first + r / rep) * nh * hd + h * hd..][..hd]
+        };
+        s.queries.clear();
+        for r in 0..rows {
+            s.queries.extend(query(r).iter().map(|x| x * scale));
+        }
+        s.acc.clear();
+        s.acc.resize(rows * hd, 0.0);
+        s.scores.clear();
+        s.scores.resize(rows * KEY_BLOCK, 0.0);
+        s.max.clear();
+        s.max.resize(rows, f32::NEG_INFINITY);
+        s.sum.clear();
+        s.sum.resize(rows, 0.0);
+        let first_pos = start + t.first;
+        let last_pos = first_pos + t.queries - 1;
+        let mut block = lowest(first_pos);
+        while block <= last_pos {
+            let n = KEY_BLOCK.min(last_pos + 1 - block);
+            s.offsets.clear();
+            s.offsets.extend(
+                slots[block..block + n]
+                    .iter()
+                    .map(|&slot| slot * c.kv_row as u32 + (t.kv * hd) as u32),
+            );
+            V::scores(&s.queries, hd, c.k, &s.offsets, &mut s.scores);
+            for r in 0..rows {
+                let pos = first_pos + r / rep;
+                // Keys this row sees in the block: [lo, hi); the others weigh 0.
+                let lo = lowest(pos).max(block) - block;
+                let hi = (pos + 1).min(block + n).saturating_sub(block);
+                let sc = &mut s.scores[r * KEY_BLOCK..][..n];
+                if lo >= hi {
+                    sc.fill(0.0);
+                    continue;
+                }
+                sc[..lo].fill(f32::NEG_INFINITY);
+                sc[hi..].fill(f32::NEG_INFINITY);
+                let block_max = sc[lo..hi].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let new_max = s.max[r].max(block_max);
+                let rescale = exp(s.max[r] - new_max);
+                s.sum[r] = s.sum[r] * rescale + V::exp_sum(sc, new_max);
+                s.max[r] = new_max;
+                if rescale != 1.0 {
+                    V::scale(&mut s.acc[r * hd..][..hd], rescale);
+                }
+            }
+            V::weighted_sum(&s.scores, hd, c.v, &s.offsets, &mut s.acc);
+            block += n;
+        }
+        for r in 0..rows {
+            let h = t.kv * rep + r % rep;
+            let dst = out
+                .ptr()
+                .add((t.row + t.first + r / rep) * nh * hd + h * hd);
+            // Every row sees at least its own position, so its sum is positive.
+            let inv = 1.0 / s.sum[r];
+            for (d, a) in s.acc[r * hd..][..hd].iter().enumerate() {
+                *dst.add(d) = a * inv;
+            }
+        }
+    }
+}
+
+/// The vector work of a task, per instruction set. Callers run the methods only where the
+/// set is available. Rows are `[rows, head_dim]`; `scores` and weights are `[rows,
+/// KEY_BLOCK]`; `offsets` says where each key's (or value's) head starts in its cache.
+trait Simd {
+    /// `scores[r][j] = queries[r] · keys[j]`, for every row and key.
+    unsafe fn scores(queries: &[f32], hd: usize, k: &[f32], offsets: &[u32], scores: &mut [f32]);
+    /// `acc[r] += Σ_j weights[r][j] · values[j]`, for every row.
+    unsafe fn weighted_sum(weights: &[f32], hd: usize, v: &[f32], offsets: &[u32], acc: &mut [f32]);
+    /// `x *= s`.
+    unsafe fn scale(x: &mut [f32], s: f32);
+    /// `x[i] = exp(x[i] - shift)`; returns their sum.
+    unsafe fn exp_sum(x: &mut [f32], shift: f32) -> f32;
+}
+
+/// Plain loops, for CPUs without AVX-512.
+struct Portable;
+
+impl Simd for Portable {
+    unsafe fn scores(queries: &[f32], hd: usize, k: &[f32], offsets: &[u32], scores: &mut [f32]) {
+        for (r, q) in queries.chunks_exact(hd).enumerate() {
+            for (j, &o) in offsets.iter().enumerate() {
+                let key = &k[o as usize..][..hd];
+                scores[r * KEY_BLOCK + j] = q.iter().zip(key).map(|(a, b)| a * b).sum();
+            }
+        }
+    }
+
+    unsafe fn weighted_sum(
+        weights: &[f32],
+        hd: usize,
+        v: &[f32],
+        offsets: &[u32],
+        acc: &mut [f32],
+    ) {
+        for (r, a) in acc.chunks_exact_mut(hd).enumerate() {
+            for (j, &o) in offsets.iter().enumerate() {
+                let p = weights[r * KEY_BLOCK + j];
+                for (x, &y) in a.iter_mut().zip(&v[o as usize..][..hd]) {
+                    *x += p * y;
+                }
+            }
+        }
+    }
+
+    unsafe fn scale(x: &mut [f32], s: f32) {
+        x.iter_mut().for_each(|v| *v *= s);
+    }
+
+    unsafe fn exp_sum(x: &mut [f32], shift: f32) -> f32 {
+        x.iter_mut()
+            .map(|v| {
+                *v = exp(*v - shift);
+                *v
+            })
+            .sum()
+    }
+}
+
+/// AVX-512: sixteen lanes, the tail of a row under a lane mask.
+#[cfg(target_arch = "x86_64")]
+struct Avx512;
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Avx512, Simd, EXP_C, EXP_FLOOR, KEY_BLOCK, LN2_HI, LN2_LO, ROUND};
+
+    /// Columns of a weighted sum held in registers: four vectors.
+    const COLS: usize = 64;
+
+    /// Lanes `i..len` of a 16-lane step, as a mask.
+    #[inline(always)]
+    fn lanes(i: usize, len: usize) -> __mmask16 {
+        let left = len.saturating_sub(i);
+        if left >= 16 {
+            0xffff
+        } else {
+            (1u16 << left) - 1
+        }
+    }
+
+    /// Lane `i` of the result is the sum of `v[i]`'s lanes: pairs of vectors interleaved and
+    /// added, halving their count four times.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sums16(v: &[__m512; 16]) -> __m512 {
+        // Each 128-bit chunk of s[i] holds partial sums of v[2i], v[2i+1], v[2i], v[2i+1].
+        let s: [__m512; 8] = std::array::from_fn(|i| {
+            let (a, b) = (v[2 * i], v[2 * i + 1]);
+            _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b))
+        });
+        // Each 128-bit chunk of t[i] holds partial sums of v[4i..4i+4].
+        let t: [__m512; 4] = std::array::from_fn(|i| {
+            let (a, b) = (_mm512_castps_pd(s[2 * i]), _mm512_castps_pd(s[2 * i + 1]));
+            _mm512_add_ps(
+                _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)),
+            )
+        });
+        // Chunks 0 and 1 of u[i] hold halves of v[8i..8i+4], chunks 2 and 3 of v[8i+4..8i+8].
+        let fold = |a: __m512, b: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+            )
+        };
+        let u = [fold(t[0], t[1]), fold(t[2], t[3])];
+        fold(u[0], u[1])
+    }
+
+    /// `exp(x)` in every lane (see [`super::exp`]).
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn exp16(x: __m512) -> __m512 {
+        let floor = _mm512_set1_ps(EXP_FLOOR);
+        let c = _mm512_max_ps(x, floor);
+        let n = _mm512_sub_ps(
+            _mm512_fmadd_ps(
+                c,
+                _mm512_set1_ps(std::f32::consts::LOG2_E),
+                _mm512_set1_ps(ROUND),
+            ),
+            _mm512_set1_ps(ROUND),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), c);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+        let mut p = _mm512_set1_ps(EXP_C[7]);
+        for &k in EXP_C[..7].iter().rev() {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(k));
+        }
+        let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvtps_epi32(n),
+            _mm512_set1_epi32(127),
+        ));
+        let y = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+        _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, floor), y)
+    }
+
+    impl Simd for Avx512 {
+        /// A row against sixteen keys at a time: sixteen sums of products kept in
+        /// registers, then added across lanes together ([`sums16`]).
+        #[inline]
+        #[target_feature(enable = "avx512f,fma")]
+        unsafe fn scores(
+            queries: &[f32],
+            hd: usize,
+            k: &[f32],
+            offsets: &[u32],
+            scores: &mut [f32],
+        ) {
+            for (r, q) in queries.chunks_exact(hd).enumerate() {
+                for j0 in (0..offsets.len()).step_by(16) {
+                    let keys = &offsets[j0..offsets.len().min(j0 + 16)];
+                    // Always sixteen keys (a short block repeats its first; those lanes are
+                    // not stored), so that the loop unrolls and the sums stay in registers.
+                    let at: [usize; 16] =
+                        std::array::from_fn(|i| *keys.get(i).unwrap_or(&keys[0]) as usize);
+                    let mut acc = [_mm512_setzero_ps(); 16];
+                    for c0 in (0..hd).step_by(16) {
+                        let m = lanes(c0, hd);
+                        let qv = _mm512_maskz_loadu_ps(m, q.as_ptr().add(c0));
+                        for i in 0..16 {
+                            let kv = _mm512_maskz_loadu_ps(m, k.as_ptr().add(at[i] + c0));
+                            acc[i] = _mm512_fmadd_ps(qv, kv, acc[i]);
                         }
                     }
+                    let dst = scores.as_mut_ptr().add(r * KEY_BLOCK + j0);
+                    _mm512_mask_storeu_ps(dst, lanes(0, keys.len()), sums16(&acc));
                 }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((batch, nh * hd))))
+            }
+        }
+
+        /// A row's sum, `COLS` columns at a time, stays in registers across the block's
+        /// values.
+        #[inline]
+        #[target_feature(enable = "avx512f,fma")]
+        unsafe fn weighted_sum(
+            weights: &[f32],
+            hd: usize,
+            v: &[f32],
+            offsets: &[u32],
+            acc: &mut [f32],
+        ) {
+            let rows = acc.len() / hd;
+            for r in 0..rows {
+                let w = &weights[r * KEY_BLOCK..][..offsets.len()];
+                for c0 in (0..hd).step_by(COLS) {
+                    let masks: [__mmask16; 4] = std::array::from_fn(|i| lanes(c0 + 16 * i, hd));
+                    let dst = acc.as_mut_ptr().add(r * hd + c0);
+                    let mut a: [__m512; 4] =
+                        std::array::from_fn(|i| _mm512_maskz_loadu_ps(masks[i], dst.add(16 * i)));
+                    for (&p, &o) in w.iter().zip(offsets) {
+                        if p == 0.0 {
+                            continue;
+                        }
+                        let p = _mm512_set1_ps(p);
+                        let src = v.as_ptr().add(o as usize + c0);
+                        for i in 0..4 {
+                            let x = _mm512_maskz_loadu_ps(masks[i], src.add(16 * i));
+                            a[i] = _mm512_fmadd_ps(p, x, a[i]);
+                        }
+                    }
+                    for i in 0..4 {
+                        _mm512_mask_storeu_ps(dst.add(16 * i), masks[i], a[i]);
+                    }
+                }
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f,fma")]
+        unsafe fn scale(x: &mut [f32], s: f32) {
+            let s = _mm512_set1_ps(s);
+            for i in (0..x.len()).step_by(16) {
+                let m = lanes(i, x.len());
+                let dst = x.as_mut_ptr().add(i);
+                _mm512_mask_storeu_ps(dst, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, dst)));
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f,fma")]
+        unsafe fn exp_sum(x: &mut [f32], shift: f32) -> f32 {
+            let shift = _mm512_set1_ps(shift);
+            let mut sum = _mm512_setzero_ps();
+            for i in (0..x.len()).step_by(16) {
+                let m = lanes(i, x.len());
+                let dst = x.as_mut_ptr().add(i);
+                let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, dst), shift));
+                _mm512_mask_storeu_ps(dst, m, e);
+                sum = _mm512_mask_add_ps(sum, m, sum, e);
+            }
+            _mm512_reduce_add_ps(sum)
+        }
+    }
+}
+
+/// Round-to-nearest with the 1.5·2^23 trick (no call, vectorizes).
+const ROUND: f32 = 12_582_912.0;
+/// `ln 2` in two parts (Cody and Waite), so that `x - n·ln 2` stays exact.
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+/// At or below this, `exp` gives 0 (e^-87 is near f32's smallest normal).
+const EXP_FLOOR: f32 = -87.0;
+/// 1/k! for k = 0..=7: enough for `|r| ≤ ln 2 / 2` in f32.
+const EXP_C: [f32; 8] = [
+    1.0,
+    1.0,
+    0.5,
+    0.166_666_67,
+    0.041_666_668,
+    0.008_333_334,
+    0.001_388_888_9,
+    0.000_198_412_7,
+];
+
+/// `e^x` for the x ≤ 0 that softmax passes (relative error about 1e-7; 0 at or below -87,
+/// and for -inf), without branches or calls: `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`, `2^n`
+/// built in the exponent bits and `e^r` from its Taylor series. The AVX-512 path computes
+/// the same in sixteen lanes.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    let clamped = x.max(EXP_FLOOR);
+    let n = (clamped * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = (clamped - n * LN2_HI) - n * LN2_LO;
+    let mut p = EXP_C[7];
+    for &c in EXP_C[..7].iter().rev() {
+        p = p * r + c;
+    }
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x <= EXP_FLOOR {
+        0.0
+    } else {
+        p * scale
     }
 }
 
@@ -119,57 +559,191 @@ mod tests {
             .collect()
     }
 
+    /// The AVX-512 operations against the plain loops, on widths, rows and key counts with
+    /// and without a tail.
+    #[cfg(target_arch = "x86_64")]
     #[test]
-    fn matches_naive_attention_with_gqa_padding_and_window() {
-        let (nh, nkv, hd, slots) = (4, 2, 8, 40);
-        let val = |i: usize| ((i * 2654435761) % 1000) as f32 / 500.0 - 1.0;
-        let k: Vec<f32> = (0..slots * nkv * hd).map(val).collect();
-        let v: Vec<f32> = (0..slots * nkv * hd).map(|i| val(i + 7)).collect();
-        let q: Vec<f32> = (0..2 * nh * hd).map(|i| val(i + 13)).collect();
-        // Two sequences: 5 and 9 positions, scattered slots, padded to 9.
-        let ctx_slots: Vec<u32> = vec![3, 17, 4, 30, 11, 0, 0, 0, 0, 1, 2, 5, 6, 7, 20, 21, 22, 39];
-        let ctx_lens = vec![5u32, 9];
-        for window in [None, Some(3)] {
-            let op = DecodeAttention {
-                num_heads: nh,
-                num_kv_heads: nkv,
-                head_dim: hd,
-                ctx_slots: &ctx_slots,
-                ctx_lens: &ctx_lens,
-                max_ctx: 9,
-                window,
-            };
-            let d = Device::Cpu;
-            let out = Tensor::from_slice(&q, (2, nh * hd), &d)
-                .unwrap()
-                .apply_op3_no_bwd(
-                    &Tensor::from_slice(&k, (slots, nkv * hd), &d).unwrap(),
-                    &Tensor::from_slice(&v, (slots, nkv * hd), &d).unwrap(),
-                    &op,
-                )
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
-            for b in 0..2 {
-                let len = ctx_lens[b] as usize;
-                let start = window.map_or(0, |w| len.saturating_sub(w));
-                let used = &ctx_slots[b * 9 + start..b * 9 + len];
-                for h in 0..nh {
-                    let g = h / (nh / nkv);
-                    let row =
-                        |t: &[f32], s: u32| t[s as usize * nkv * hd + g * hd..][..hd].to_vec();
-                    let ks: Vec<Vec<f32>> = used.iter().map(|&s| row(&k, s)).collect();
-                    let vs: Vec<Vec<f32>> = used.iter().map(|&s| row(&v, s)).collect();
-                    let want = naive(
-                        &q[(b * nh + h) * hd..][..hd],
-                        &ks.iter().map(Vec::as_slice).collect::<Vec<_>>(),
-                        &vs.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+    fn avx512_operations_match_the_plain_loops() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let val = |i: usize| ((i * 2654435761) % 1000) as f32 / 100.0 - 5.0;
+        for (hd, rows, keys) in [(64, 3, 64), (20, 11, 17), (80, 9, 1), (128, 1, 33)] {
+            let row = 3 * hd;
+            let cache: Vec<f32> = (0..100 * row).map(val).collect();
+            let offsets: Vec<u32> = (0..keys)
+                .map(|j| ((j * 37) % 100 * row + hd) as u32)
+                .collect();
+            let queries: Vec<f32> = (0..rows * hd).map(|i| val(i + 3) / 10.0).collect();
+            let what = format!("head {hd}, {rows} rows, {keys} keys");
+            // SAFETY: the CPU has AVX-512 (checked above).
+            unsafe {
+                let (mut a, mut b) = (vec![0f32; rows * KEY_BLOCK], vec![0f32; rows * KEY_BLOCK]);
+                Avx512::scores(&queries, hd, &cache, &offsets, &mut a);
+                Portable::scores(&queries, hd, &cache, &offsets, &mut b);
+                for (x, y) in a.iter().zip(&b) {
+                    assert!((x - y).abs() <= 1e-4 * y.abs().max(1.0), "scores, {what}");
+                }
+                let (mut x, mut y) = (queries.clone(), queries.clone());
+                Avx512::weighted_sum(&b, hd, &cache, &offsets, &mut x);
+                Portable::weighted_sum(&b, hd, &cache, &offsets, &mut y);
+                for (p, q) in x.iter().zip(&y) {
+                    assert!(
+                        (p - q).abs() <= 1e-3 * q.abs().max(1.0),
+                        "weighted sum, {what}"
                     );
-                    for (a, w) in out[b][h * hd..(h + 1) * hd].iter().zip(&want) {
-                        assert!((a - w).abs() < 1e-5, "window {window:?} seq {b} head {h}");
-                    }
+                }
+                Avx512::scale(&mut x, 3.0);
+                Portable::scale(&mut y, 3.0);
+                for (p, q) in x.iter().zip(&y) {
+                    assert!((p - q).abs() <= 1e-3 * q.abs().max(1.0), "scale, {what}");
+                }
+                let mut x: Vec<f32> = (0..keys).map(|i| val(i) - 5.0).collect();
+                x[0] = f32::NEG_INFINITY;
+                let mut y = x.clone();
+                let (s, want) = (Avx512::exp_sum(&mut x, 2.0), Portable::exp_sum(&mut y, 2.0));
+                assert!(
+                    (s - want).abs() <= 1e-5 * want.max(1e-30),
+                    "exp sum, {what}"
+                );
+                for (p, q) in x.iter().zip(&y) {
+                    assert!(
+                        (p - q).abs() <= 1e-6 * q.max(1e-30),
+                        "exp, {what}: {p} vs {q}"
+                    );
                 }
             }
         }
+    }
+
+    #[test]
+    fn exp_matches_the_standard_library_where_softmax_calls_it() {
+        let mut worst = 0f32;
+        for i in 0..=200_000 {
+            let x = -90.0 * i as f32 / 200_000.0;
+            let (got, want) = (exp(x), x.exp());
+            if x > -87.0 {
+                worst = worst.max(((got - want) / want).abs());
+            } else {
+                assert!(got.abs() < 1e-37, "exp({x}) = {got}");
+            }
+        }
+        assert!(worst < 1e-6, "relative error {worst}");
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+    }
+
+    /// Three sequences in one call (a decode, a prefill chunk after a cached prefix, a whole
+    /// prompt), scattered slots, GQA, head widths that are and are not a multiple of the
+    /// vector width, contexts longer than a key block, with and without a sliding window.
+    #[test]
+    fn matches_naive_causal_attention_for_decodes_and_prefill_chunks() {
+        let val = |i: usize| ((i * 2654435761) % 1000) as f32 / 500.0 - 1.0;
+        for (nh, nkv, hd) in [(4, 2, 8), (6, 2, 20), (3, 3, 64)] {
+            let slots = 400;
+            let k: Vec<f32> = (0..slots * nkv * hd).map(val).collect();
+            let v: Vec<f32> = (0..slots * nkv * hd).map(|i| val(i + 7)).collect();
+            // (context, new tokens) of each sequence.
+            let seqs = [(150usize, 1usize), (140, 37), (70, 70)];
+            let max_ctx = 150;
+            let rows: usize = seqs.iter().map(|s| s.1).sum();
+            let q: Vec<f32> = (0..rows * nh * hd).map(|i| val(i + 13)).collect();
+            // A permutation of the slots, so that no context is contiguous.
+            let perm = |i: usize| ((i * 7919 + 3) % slots) as u32;
+            let mut ctx_slots = vec![0u32; seqs.len() * max_ctx];
+            for (b, &(ctx, _)) in seqs.iter().enumerate() {
+                for p in 0..ctx {
+                    ctx_slots[b * max_ctx + p] = perm(b * 130 + p);
+                }
+            }
+            let ctx_lens: Vec<u32> = seqs.iter().map(|s| s.0 as u32).collect();
+            let q_lens: Vec<u32> = seqs.iter().map(|s| s.1 as u32).collect();
+            for window in [None, Some(3), Some(100)] {
+                let op = PagedAttention {
+                    num_heads: nh,
+                    num_kv_heads: nkv,
+                    head_dim: hd,
+                    ctx_slots: &ctx_slots,
+                    ctx_lens: &ctx_lens,
+                    q_lens: &q_lens,
+                    max_ctx,
+                    window,
+                };
+                let d = Device::Cpu;
+                let out = Tensor::from_slice(&q, (rows, nh * hd), &d)
+                    .unwrap()
+                    .apply_op3_no_bwd(
+                        &Tensor::from_slice(&k, (slots, nkv * hd), &d).unwrap(),
+                        &Tensor::from_slice(&v, (slots, nkv * hd), &d).unwrap(),
+                        &op,
+                    )
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
+                let mut row = 0;
+                for (b, &(ctx, new)) in seqs.iter().enumerate() {
+                    for i in 0..new {
+                        let pos = ctx - new + i;
+                        let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                        let used = &ctx_slots[b * max_ctx + lo..b * max_ctx + pos + 1];
+                        for h in 0..nh {
+                            let g = h / (nh / nkv);
+                            let at = |t: &[f32], s: u32| {
+                                t[s as usize * nkv * hd + g * hd..][..hd].to_vec()
+                            };
+                            let ks: Vec<Vec<f32>> = used.iter().map(|&s| at(&k, s)).collect();
+                            let vs: Vec<Vec<f32>> = used.iter().map(|&s| at(&v, s)).collect();
+                            let want = naive(
+                                &q[(row + i) * nh * hd + h * hd..][..hd],
+                                &ks.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+                                &vs.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+                            );
+                            let got = &out[row + i][h * hd..(h + 1) * hd];
+                            for (a, w) in got.iter().zip(&want) {
+                                assert!(
+                                    (a - w).abs() < 1e-5,
+                                    "{nh}/{nkv}x{hd} window {window:?} seq {b} token {i} \
+                                     head {h}: {a} vs {w}"
+                                );
+                            }
+                        }
+                    }
+                    row += new;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn inconsistent_lengths_and_slots_outside_the_cache_are_refused() {
+        let d = Device::Cpu;
+        let q = Tensor::zeros((2, 8), candle_core::DType::F32, &d).unwrap();
+        let kv = Tensor::zeros((4, 8), candle_core::DType::F32, &d).unwrap();
+        let run = |slots: &[u32], ctx: &[u32], new: &[u32]| {
+            let op = PagedAttention {
+                num_heads: 2,
+                num_kv_heads: 2,
+                head_dim: 4,
+                ctx_slots: slots,
+                ctx_lens: ctx,
+                q_lens: new,
+                max_ctx: 2,
+                window: None,
+            };
+            q.apply_op3_no_bwd(&kv, &kv, &op).map(|_| ())
+        };
+        assert!(run(&[0, 1], &[2], &[2]).is_ok());
+        assert!(
+            run(&[0, 1], &[2], &[1]).is_err(),
+            "rows do not match q_lens"
+        );
+        assert!(
+            run(&[0, 1], &[1], &[2]).is_err(),
+            "more new tokens than context"
+        );
+        assert!(
+            run(&[0, 9], &[2], &[2]).is_err(),
+            "slot 9 is outside the cache"
+        );
     }
 }

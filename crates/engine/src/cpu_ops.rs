@@ -4,6 +4,21 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
+/// The values of a CPU kernel's input: f32 and contiguous, or an error naming `op`.
+pub(crate) fn f32_input<'a>(
+    op: &str,
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(x) = s else {
+        candle_core::bail!("{op}: f32 input only")
+    };
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: contiguous input only")
+    };
+    Ok(&x[start..end])
+}
+
 /// `silu(gate) * up` over the fused `[m, 2 * inter]` output of the gate/up projection
 /// (gate in the first half of each row), giving `[m, inter]`. f32 on CPU.
 pub struct SiluMul;
@@ -14,18 +29,12 @@ impl CustomOp1 for SiluMul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(x) = s else {
-            candle_core::bail!("silu-mul: f32 only")
-        };
-        let Some((start, end)) = l.contiguous_offsets() else {
-            candle_core::bail!("silu-mul: contiguous input only")
-        };
+        let x = f32_input(self.name(), s, l)?;
         let (m, width) = l.shape().dims2()?;
         if width % 2 != 0 {
             candle_core::bail!("silu-mul: odd width {width}")
         }
         let inter = width / 2;
-        let x = &x[start..end];
         let mut out = vec![0f32; m * inter];
         out.par_chunks_mut(inter)
             .zip(x.par_chunks(width))

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use candle_core::{DType, Device};
 use openinfer_core::{FinishReason, SamplingParams, SequenceId, StoppingParams};
@@ -21,6 +22,7 @@ use crate::kv_cache::{bytes_per_block, BlockAllocator, KvCache};
 use crate::model::{argmax_rows, Llama, Precision};
 use crate::model_dir::ModelDir;
 use crate::sampling::{self, SampleContext, TokenLogprob};
+use crate::step_budget::StepTimeBudget;
 use crate::step_scheduler::{Limits, Plan, Planned, Scheduled, StepScheduler};
 use crate::tokenizer::Tokenizer;
 use crate::tp::plan::StepPlan;
@@ -43,6 +45,9 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// Token budget of one step (decode tokens plus prefill chunks).
     pub max_batch_tokens: usize,
+    /// The most a step that carries running decodes may take: prefill chunks beside them
+    /// are sized to it ([`StepTimeBudget`]).
+    pub step_time_budget: StepTimeBudget,
     /// Most sequences waiting for KV blocks on this engine.
     pub max_waiting: usize,
     /// Longest sequence accepted; `None` uses the model's `max_position_embeddings`.
@@ -61,6 +66,7 @@ impl Default for EngineConfig {
             kv_cache_bytes: 512 << 20,
             max_running: 64,
             max_batch_tokens: 512,
+            step_time_budget: StepTimeBudget::default(),
             max_waiting: 256,
             max_model_len: None,
             prefix_cache: true,
@@ -495,6 +501,7 @@ impl Engine {
                     max_running: cfg.max_running,
                     max_waiting: cfg.max_waiting,
                     max_batch_tokens: cfg.max_batch_tokens,
+                    step_time_budget: cfg.step_time_budget,
                 },
             ),
             tokenizer: dir.tokenizer,
@@ -685,6 +692,7 @@ impl Engine {
 
     /// Runs the forward pass for `plan` and samples the sequences whose input is complete.
     fn run(&mut self, plan: &[Planned]) -> Result<Vec<TokenOutput>> {
+        let started = Instant::now();
         let running = self.sched.running();
         let index: HashMap<SequenceId, usize> = running
             .iter()
@@ -723,7 +731,7 @@ impl Engine {
             g.broadcast(&StepPlan::of(&chunks).encode())?;
         }
         let logits = self.model.forward(&batch, &self.kv)?;
-        self.sched.advance(plan);
+        self.sched.advance(plan, started.elapsed());
         if sampled.is_empty() {
             return Ok(Vec::new());
         }

@@ -36,6 +36,7 @@ pub mod reference;
 pub mod rope;
 pub mod sampling;
 pub mod sim;
+pub mod step_budget;
 mod step_scheduler;
 pub mod tokenizer;
 pub mod tp;
@@ -49,6 +50,7 @@ pub use engine::{
 pub use error::{EngineError, Result};
 pub use model_dir::ModelDir;
 pub use sim::{SimConfig, SimEngine};
+pub use step_budget::StepTimeBudget;
 pub use tokenizer::{ChatFacts, Tokenizer};
 
 /// Parses a dtype name as used on the command line and in `config.json`.

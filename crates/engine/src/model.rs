@@ -15,7 +15,7 @@ use candle_nn::ops::{rms_norm, softmax_last_dim};
 use crate::batch::{AttnGroup, StepBatch};
 use crate::block_matmul::{dequantize_row, BlockFormat, BlockMatmul};
 use crate::config::ModelConfig;
-use crate::cpu_attention::DecodeAttention;
+use crate::cpu_attention::PagedAttention;
 use crate::cpu_ops::SiluMul;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
@@ -24,7 +24,7 @@ use crate::packed_matmul::{PackedMatmul, PackedWeight};
 use crate::rope::Rope;
 use crate::tp::{Communicator, Shard};
 
-/// Whether the CPU kernels (packed matmul, paged decode attention, fused SiLU·up) serve this
+/// Whether the CPU kernels (packed matmul, paged attention, fused SiLU·up) serve this
 /// device and compute dtype; everything else takes candle's general path. On CPU the compute
 /// dtype is always f32; half-precision weights stay half in packed panels.
 fn uses_cpu_kernels(device: &Device, dtype: DType) -> bool {
@@ -77,30 +77,24 @@ impl Weight {
         Ok(match self {
             Weight::Packed(p) => x.contiguous()?.apply_op1_no_bwd(&PackedMatmul(p))?,
             Weight::Tensor(w) => x.matmul(&w.t()?)?,
-            Weight::Quantized(QMatMul::QTensor(q))
-                if x.dim(0)? >= dense_rows(q.dtype()) && x.device().is_cpu() =>
-            {
+            Weight::Quantized(QMatMul::QTensor(q)) if x.device().is_cpu() => {
+                let x = x.contiguous()?;
+                let (n, k) = q.shape().dims2()?;
                 // Many rows (prefill): one dense product of the weights dequantized (and
                 // packed) for this call beats a dot product per row and column. The weights
                 // stay quantized in memory.
-                let (n, k) = q.shape().dims2()?;
-                match BlockFormat::of(q.dtype()) {
-                    Some(format) => {
+                let dense = x.dim(0)? >= dense_rows(q.dtype());
+                match (BlockFormat::of(q.dtype()), dense) {
+                    (Some(format), true) => {
                         let bytes = q.data()?;
                         let packed = PackedWeight::pack_rows(n, k, |r, row| {
                             dequantize_row(format, &bytes, k, r, row)
                         });
-                        x.contiguous()?.apply_op1_no_bwd(&PackedMatmul(&packed))?
+                        x.apply_op1_no_bwd(&PackedMatmul(&packed))?
                     }
-                    None => x.contiguous()?.matmul(&q.dequantize(&Device::Cpu)?.t()?)?,
-                }
-            }
-            Weight::Quantized(QMatMul::QTensor(q)) if x.device().is_cpu() => {
-                match BlockFormat::of(q.dtype()) {
-                    Some(format) => x
-                        .contiguous()?
-                        .apply_op1_no_bwd(&BlockMatmul { format, w: q })?,
-                    None => QMatMul::QTensor(q.clone()).forward(&x.contiguous()?)?,
+                    (Some(format), false) => x.apply_op1_no_bwd(&BlockMatmul { format, w: q })?,
+                    (None, true) => x.matmul(&q.dequantize(&Device::Cpu)?.t()?)?,
+                    (None, false) => QMatMul::QTensor(q.clone()).forward(&x)?,
                 }
             }
             Weight::Quantized(q) => q.forward(&x.contiguous()?)?,
@@ -600,14 +594,15 @@ impl Llama {
         let rep = nh / nkv;
         let (b, mq, mc) = (g.batch, g.max_q, g.max_ctx);
         let q = q.narrow(0, g.start, g.len)?;
-        if g.max_q == 1 && uses_cpu_kernels(&self.device, self.dtype) {
+        if uses_cpu_kernels(&self.device, self.dtype) {
             let (k, v) = kv.layer(layer);
-            let op = DecodeAttention {
+            let op = PagedAttention {
                 num_heads: nh,
                 num_kv_heads: nkv,
                 head_dim: hd,
                 ctx_slots: &g.ctx_slots_host,
                 ctx_lens: &g.ctx_lens,
+                q_lens: &g.q_lens,
                 max_ctx: g.max_ctx,
                 window: cfg.sliding_window,
             };

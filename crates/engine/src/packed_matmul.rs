@@ -137,13 +137,24 @@ fn pack_panels<T: PanelElem>(w: &[T], n: usize, k: usize) -> Vec<T> {
         "packed-matmul: weight has {} values, not {n}×{k}",
         w.len()
     );
+    pack_panels_with(n, k, |r, row| row.copy_from_slice(&w[r * k..][..k]))
+}
+
+/// Panels of the `[n, k]` matrix whose row `r` `fill(r, row)` writes, a panel at a time (in
+/// parallel, through one row of scratch per panel).
+fn pack_panels_with<T: PanelElem>(
+    n: usize,
+    k: usize,
+    fill: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
     let panels = n.div_ceil(NR);
     let mut data = vec![T::ZERO; panels * k * NR];
     data.par_chunks_mut(k * NR)
         .enumerate()
         .for_each(|(p, panel)| {
+            let mut row = vec![T::ZERO; k];
             for j in 0..NR.min(n - p * NR) {
-                let row = &w[(p * NR + j) * k..][..k];
+                fill(p * NR + j, &mut row);
                 for (t, &v) in row.iter().enumerate() {
                     panel[t * NR + j] = v;
                 }
@@ -162,25 +173,11 @@ impl PackedWeight {
         }
     }
 
-    /// Packs the f32 matrix `[n, k]` whose row `r` `fill(r, row)` writes, a panel at a time
-    /// (in parallel, through one row of scratch per panel): for weights kept in another
-    /// format and widened for one call.
+    /// Packs the f32 matrix `[n, k]` whose row `r` `fill(r, row)` writes: for weights kept in
+    /// another format and widened for one call.
     pub fn pack_rows(n: usize, k: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Self {
-        let panels = n.div_ceil(NR);
-        let mut data = vec![0f32; panels * k * NR];
-        data.par_chunks_mut(k * NR)
-            .enumerate()
-            .for_each(|(p, panel)| {
-                let mut row = vec![0f32; k];
-                for j in 0..NR.min(n - p * NR) {
-                    fill(p * NR + j, &mut row);
-                    for (t, &v) in row.iter().enumerate() {
-                        panel[t * NR + j] = v;
-                    }
-                }
-            });
         PackedWeight {
-            data: Panels::F32(data),
+            data: Panels::F32(pack_panels_with(n, k, fill)),
             n,
             k,
         }
@@ -496,12 +493,7 @@ impl CustomOp1 for PackedMatmul<'_> {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(x) = s else {
-            candle_core::bail!("packed-matmul: f32 only")
-        };
-        let Some((start, end)) = l.contiguous_offsets() else {
-            candle_core::bail!("packed-matmul: contiguous input only")
-        };
+        let x = crate::cpu_ops::f32_input(self.name(), s, l)?;
         let (m, k) = l.shape().dims2()?;
         if k != self.0.k {
             candle_core::bail!(
@@ -509,7 +501,7 @@ impl CustomOp1 for PackedMatmul<'_> {
                 self.0.k
             )
         }
-        let y = self.0.matmul(&x[start..end], m);
+        let y = self.0.matmul(x, m);
         Ok((CpuStorage::F32(y), Shape::from((m, self.0.n))))
     }
 }

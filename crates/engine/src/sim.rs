@@ -157,6 +157,8 @@ impl SimEngine {
                     max_running: cfg.max_running,
                     max_waiting: cfg.max_waiting,
                     max_batch_tokens: cfg.max_batch_tokens,
+                    // Its step time does not depend on what a step carries.
+                    step_time_budget: crate::StepTimeBudget::Off,
                 },
             ),
             cfg,
@@ -254,7 +256,7 @@ impl Backend for SimEngine {
         if !work.is_empty() {
             // The "forward pass".
             self.pace();
-            self.sched.advance(&work);
+            self.sched.advance(&work, self.cfg.step_time);
         }
         let max_model_len = self.cfg.max_model_len;
         let mut ended = Vec::new();

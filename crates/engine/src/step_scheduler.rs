@@ -8,8 +8,8 @@
 //!   and KV blocks allow (keeping 1% of the blocks spare once anything runs, so that running
 //!   decodes can grow), gives every decode its next slot (preempting the lowest-priority,
 //!   newest sequence when none is free), and fills the rest of the token budget with prefill
-//!   chunks.
-//! * [`StepScheduler::advance`] records what the forward computed.
+//!   chunks, sized beside running decodes to the step-time budget ([`crate::step_budget`]).
+//! * [`StepScheduler::advance`] records what the forward computed, and how long it took.
 //! * [`StepScheduler::remove`] takes a sequence out (finished, cancelled, preempted, failed)
 //!   and frees its blocks.
 //!
@@ -17,12 +17,14 @@
 //! [`SimEngine`]: crate::SimEngine
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Duration;
 
 use openinfer_core::SequenceId;
 
 use crate::engine::Capacity;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{block_key, BlockAllocator, BlockKey};
+use crate::step_budget::{ChunkSizer, StepTimeBudget};
 use openinfer_core::prefix::prompt_keys;
 
 /// What the scheduler needs to know of a sequence.
@@ -71,6 +73,8 @@ pub(crate) struct Limits {
     pub max_waiting: usize,
     /// Token budget of one step (decode tokens plus prefill chunks).
     pub max_batch_tokens: usize,
+    /// The most a step with running decodes may take; prefill chunks are sized to it.
+    pub step_time_budget: StepTimeBudget,
 }
 
 /// One sequence's share of a step: `len` tokens from its `computed`.
@@ -99,6 +103,7 @@ pub(crate) struct StepScheduler<S> {
     ids: HashSet<SequenceId>,
     arrivals: u64,
     steps: u64,
+    sizer: ChunkSizer,
 }
 
 impl<S: Scheduled> StepScheduler<S> {
@@ -112,6 +117,7 @@ impl<S: Scheduled> StepScheduler<S> {
             ids: HashSet::new(),
             arrivals: 0,
             steps: 0,
+            sizer: ChunkSizer::new(limits.step_time_budget),
         }
     }
 
@@ -237,16 +243,22 @@ impl<S: Scheduled> StepScheduler<S> {
             }
         }
         let mut budget = self.limits.max_batch_tokens.saturating_sub(work.len());
+        let mut secs = self.sizer.prefill_secs(work.len());
+        let decodes = work.len();
         for slot in &self.running {
             let remaining = slot.seq.tokens() - slot.computed;
             if remaining <= 1 {
                 continue;
             }
-            let len = remaining.min(budget);
-            if len == 0 {
+            // The first chunk gets at least the floor, even past the budget.
+            let spent = work.len() > decodes && secs.is_some_and(|u| u <= 0.0);
+            let fits = self.sizer.tokens_within(secs, slot.computed, budget);
+            let len = remaining.min(fits);
+            if len == 0 || spent {
                 break;
             }
             budget -= len;
+            secs = secs.map(|u| u - self.sizer.cost(slot.computed, len));
             work.push(Planned {
                 id: slot.seq.id(),
                 len,
@@ -314,10 +326,25 @@ impl<S: Scheduled> StepScheduler<S> {
         })
     }
 
-    /// Records that the forward computed `work`, registers the blocks it filled in the
-    /// prefix cache, and counts the step.
-    pub fn advance(&mut self, work: &[Planned]) {
+    /// Records that the forward computed `work` in `elapsed`, registers the blocks it filled
+    /// in the prefix cache, and counts the step.
+    pub fn advance(&mut self, work: &[Planned], elapsed: Duration) {
+        let decodes = work.iter().filter(|p| p.len == 1).count();
         let len: HashMap<SequenceId, usize> = work.iter().map(|p| (p.id, p.len)).collect();
+        let chunks: Vec<(usize, usize)> = self
+            .running
+            .iter()
+            .filter_map(|s| Some((s.computed, *len.get(&s.seq.id())?)))
+            .filter(|&(_, n)| n > 1)
+            .collect();
+        let prefill: usize = chunks.iter().map(|c| c.1).sum();
+        tracing::trace!(
+            decodes,
+            prefill,
+            elapsed_ms = elapsed.as_secs_f64() * 1e3,
+            "step"
+        );
+        self.sizer.observe(decodes, &chunks, elapsed);
         let bs = self.alloc.block_size();
         for slot in &mut self.running {
             slot.computed += len.get(&slot.seq.id()).copied().unwrap_or(0);
@@ -379,6 +406,7 @@ mod tests {
                 max_running,
                 max_waiting: 2,
                 max_batch_tokens,
+                step_time_budget: StepTimeBudget::Off,
             },
         )
     }
@@ -386,11 +414,64 @@ mod tests {
     /// Runs a plan as a forward would: computes it, and every sequence whose input is then
     /// complete gets its next token.
     fn forward(s: &mut StepScheduler<Seq>, work: &[Planned]) {
-        s.advance(work);
+        forward_in(s, work, Duration::ZERO);
+    }
+
+    /// [`forward`], taking `elapsed`.
+    fn forward_in(s: &mut StepScheduler<Seq>, work: &[Planned], elapsed: Duration) {
+        s.advance(work, elapsed);
         for slot in s.running_mut() {
             if slot.computed == slot.seq.tokens {
                 slot.seq.tokens += 1;
             }
+        }
+    }
+
+    #[test]
+    fn beside_running_decodes_prefill_chunks_keep_to_the_step_time_budget() {
+        for (budget, chunk) in [
+            (StepTimeBudget::Relative(2.0), 40),
+            (StepTimeBudget::Off, 63),
+        ] {
+            let mut s = StepScheduler::new(
+                BlockAllocator::new(64, 4),
+                Limits {
+                    max_running: 4,
+                    max_waiting: 4,
+                    max_batch_tokens: 64,
+                    step_time_budget: budget,
+                },
+            );
+            let ms = |x: f64| Duration::from_secs_f64(x / 1000.0);
+            s.add(seq(1, 4)).unwrap();
+            let work = s.plan().work;
+            assert_eq!(
+                work,
+                [Planned {
+                    id: SequenceId(1),
+                    len: 4
+                }]
+            );
+            // A quarter of a millisecond per prefill token; a decode step takes 10 ms.
+            forward_in(&mut s, &work, ms(1.0));
+            let work = s.plan().work;
+            forward_in(&mut s, &work, ms(10.0));
+            s.add(seq(2, 100)).unwrap();
+            let work = s.plan().work;
+            assert_eq!(
+                work,
+                [
+                    Planned {
+                        id: SequenceId(1),
+                        len: 1
+                    },
+                    Planned {
+                        id: SequenceId(2),
+                        len: chunk
+                    }
+                ],
+                "{budget}: twice a decode step leaves 10 ms, 40 tokens"
+            );
         }
     }
 

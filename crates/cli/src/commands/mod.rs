@@ -56,6 +56,7 @@ pub fn engine_config(a: &EngineArgs) -> anyhow::Result<EngineConfig> {
         kv_cache_bytes: a.kv_cache_memory.0 as usize,
         max_running: a.max_running,
         max_batch_tokens: a.max_batch_tokens,
+        step_time_budget: a.step_time_budget,
         max_waiting: a.max_waiting,
         max_model_len: a.max_model_len,
         prefix_cache: a.prefix_cache,
