@@ -120,8 +120,8 @@ pub struct EngineArgs {
     pub max_batch_tokens: usize,
     /// The most an engine step that carries running decodes may take: prefill chunks beside
     /// them are sized to fit, from measured step times, so that long prompts do not stall
-    /// every running sequence. `2x` (a multiple above 1 of a step of the decodes alone), a
-    /// duration such as `80ms`, or `off` (chunks fill --max-batch-tokens).
+    /// every running sequence. `2x` (a multiple above 1 of the decode-only step a typical
+    /// token waits for), a duration such as `80ms`, or `off` (chunks fill --max-batch-tokens).
     #[arg(long, env = "OPENINFER_STEP_TIME_BUDGET", default_value_t = engine_defaults().step_time_budget)]
     pub step_time_budget: openinfer_engine::StepTimeBudget,
     /// Most sequences waiting for KV blocks inside the worker.

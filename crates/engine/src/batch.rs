@@ -4,8 +4,10 @@
 //!
 //! Sequences with one new token (decode) form one group; sequences with several (prefill
 //! chunks) form another, so a long prefill chunk does not pad every decode to its length.
+//! The padded layout (masks, pad/unpad indices) is built only for the general attention path;
+//! the CPU's paged attention reads the block tables directly.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::error::Result;
 
@@ -22,7 +24,29 @@ pub struct SeqChunk<'a> {
     pub want_logits: bool,
 }
 
-/// Sequences attended together, padded to the longest query and context.
+/// Which attention path a step's groups are laid out for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnLayout {
+    /// The CPU's paged attention: slots, context and query lengths only.
+    Paged,
+    /// The general tensor path: also the padded layout ([`DenseLayout`]).
+    Dense,
+}
+
+/// A group padded to its longest query and context, for the general attention path.
+pub struct DenseLayout {
+    /// `[batch * max_q]` rows of the group to place in the padded layout (`None` when
+    /// `max_q == 1`, where the rows already are that layout).
+    pub pad_index: Option<Tensor>,
+    /// `[len]` rows of the padded layout that hold real tokens.
+    pub unpad_index: Option<Tensor>,
+    /// `[batch * max_ctx]` KV slots of every context position (padding reads slot 0).
+    pub ctx_slots: Tensor,
+    /// `[batch, 1, 1, max_q, max_ctx]` additive f32 mask (0 or -inf).
+    pub mask: Tensor,
+}
+
+/// Sequences attended together.
 pub struct AttnGroup {
     /// First row of the group in the flattened token list.
     pub start: usize,
@@ -34,21 +58,14 @@ pub struct AttnGroup {
     pub max_q: usize,
     /// Longest context (cached + new) in the group.
     pub max_ctx: usize,
-    /// `[batch * max_q]` rows of the group to place in the padded layout (`None` when
-    /// `max_q == 1`, where the rows already are that layout).
-    pub pad_index: Option<Tensor>,
-    /// `[len]` rows of the padded layout that hold real tokens.
-    pub unpad_index: Option<Tensor>,
     /// `[batch * max_ctx]` KV slots of every context position (padding reads slot 0).
-    pub ctx_slots: Tensor,
-    /// `[batch, 1, 1, max_q, max_ctx]` additive f32 mask (0 or -inf).
-    pub mask: Tensor,
-    /// `ctx_slots` on the host, for CPU kernels that read the cache directly.
-    pub ctx_slots_host: Vec<u32>,
+    pub ctx_slots: Vec<u32>,
     /// Context length (cached + new) of each sequence.
     pub ctx_lens: Vec<u32>,
     /// New tokens (rows) of each sequence.
     pub q_lens: Vec<u32>,
+    /// The padded layout, for [`AttnLayout::Dense`] only.
+    pub dense: Option<DenseLayout>,
 }
 
 /// All inputs of one forward pass.
@@ -68,13 +85,14 @@ pub struct StepBatch {
 }
 
 impl StepBatch {
-    /// Lays out `chunks`. `kv_row` is `kv_heads * head_dim`; `sliding_window` limits how far
-    /// back a query may attend.
+    /// Lays out `chunks` for `layout`. `kv_row` is `kv_heads * head_dim`; `sliding_window`
+    /// limits how far back a query may attend.
     pub fn build(
         chunks: &[SeqChunk<'_>],
         block_size: usize,
         kv_row: usize,
         sliding_window: Option<usize>,
+        layout: AttnLayout,
         device: &Device,
     ) -> Result<Self> {
         // Decode chunks first, then prefill chunks; both keep their given order.
@@ -117,7 +135,10 @@ impl StepBatch {
                 continue;
             }
             let group: Vec<&SeqChunk> = members.iter().map(|&i| &chunks[i]).collect();
-            let g = build_group(&group, start, block_size, sliding_window, device)?;
+            let mut g = build_group(&group, start, block_size);
+            if layout == AttnLayout::Dense {
+                g.dense = Some(dense_layout(&g, &group, sliding_window, device)?);
+            }
             start += g.len;
             groups.push(g);
         }
@@ -136,13 +157,7 @@ fn slot_of(table: &[u32], block_size: usize, pos: usize) -> u32 {
     table[pos / block_size] * block_size as u32 + (pos % block_size) as u32
 }
 
-fn build_group(
-    chunks: &[&SeqChunk<'_>],
-    start: usize,
-    block_size: usize,
-    window: Option<usize>,
-    device: &Device,
-) -> Result<AttnGroup> {
+fn build_group(chunks: &[&SeqChunk<'_>], start: usize, block_size: usize) -> AttnGroup {
     let batch = chunks.len();
     let max_q = chunks.iter().map(|c| c.tokens.len()).max().unwrap_or(1);
     let max_ctx = chunks
@@ -150,19 +165,9 @@ fn build_group(
         .map(|c| c.start_pos + c.tokens.len())
         .max()
         .unwrap_or(1);
-    let len: usize = chunks.iter().map(|c| c.tokens.len()).sum();
-
     let mut ctx_slots = Vec::with_capacity(batch * max_ctx);
-    let mut mask = vec![f32::NEG_INFINITY; batch * max_q * max_ctx];
-    let mut pad_index = Vec::with_capacity(batch * max_q);
-    let mut unpad_index = Vec::with_capacity(len);
-    let mut row = 0u32;
-    let mut ctx_lens = Vec::with_capacity(batch);
-    let mut q_lens = Vec::with_capacity(batch);
-    for (b, c) in chunks.iter().enumerate() {
+    for c in chunks {
         let ctx = c.start_pos + c.tokens.len();
-        ctx_lens.push(ctx as u32);
-        q_lens.push(c.tokens.len() as u32);
         ctx_slots.extend((0..max_ctx).map(|p| {
             if p < ctx {
                 slot_of(c.block_table, block_size, p)
@@ -170,6 +175,35 @@ fn build_group(
                 0
             }
         }));
+    }
+    AttnGroup {
+        start,
+        len: chunks.iter().map(|c| c.tokens.len()).sum(),
+        batch,
+        max_q,
+        max_ctx,
+        ctx_slots,
+        ctx_lens: chunks
+            .iter()
+            .map(|c| (c.start_pos + c.tokens.len()) as u32)
+            .collect(),
+        q_lens: chunks.iter().map(|c| c.tokens.len() as u32).collect(),
+        dense: None,
+    }
+}
+
+fn dense_layout(
+    g: &AttnGroup,
+    chunks: &[&SeqChunk<'_>],
+    window: Option<usize>,
+    device: &Device,
+) -> Result<DenseLayout> {
+    let (batch, max_q, max_ctx) = (g.batch, g.max_q, g.max_ctx);
+    let mut mask = vec![f32::NEG_INFINITY; batch * max_q * max_ctx];
+    let mut pad_index = Vec::with_capacity(batch * max_q);
+    let mut unpad_index = Vec::with_capacity(g.len);
+    let mut row = 0u32;
+    for (b, c) in chunks.iter().enumerate() {
         for qi in 0..max_q {
             let m = &mut mask[(b * max_q + qi) * max_ctx..][..max_ctx];
             if qi < c.tokens.len() {
@@ -187,23 +221,14 @@ fn build_group(
         row += c.tokens.len() as u32;
     }
     let padded = max_q > 1;
-    Ok(AttnGroup {
-        start,
-        len,
-        batch,
-        max_q,
-        max_ctx,
+    Ok(DenseLayout {
         pad_index: padded
             .then(|| Tensor::from_vec(pad_index, batch * max_q, device))
             .transpose()?,
         unpad_index: padded
-            .then(|| Tensor::from_vec(unpad_index, len, device))
+            .then(|| Tensor::from_vec(unpad_index, g.len, device))
             .transpose()?,
-        ctx_slots: Tensor::from_slice(&ctx_slots, batch * max_ctx, device)?,
-        ctx_slots_host: ctx_slots,
-        ctx_lens,
-        q_lens,
-        mask: Tensor::from_vec(mask, (batch, 1, 1, max_q, max_ctx), device)?
-            .to_dtype(DType::F32)?,
+        ctx_slots: Tensor::from_slice(&g.ctx_slots, batch * max_ctx, device)?,
+        mask: Tensor::from_vec(mask, (batch, 1, 1, max_q, max_ctx), device)?,
     })
 }

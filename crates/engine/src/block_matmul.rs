@@ -13,14 +13,16 @@
 //!
 //! A register tile covers up to four rows of `x` and four rows of `W`: each block is widened
 //! once per tile and used for every row of `x` in it. Rows of `W` are shared out among threads.
-//! Used for products of few rows (decode); many rows (prefill) dequantize the matrix instead
-//! ([`crate::model::dense_rows`]).
+//! From [`BlockFormat::widen_rows`] rows of `x` on (a batch of decodes, a prefill chunk),
+//! widening every block once per four rows costs more than widening the matrix once: the
+//! product then widens the rows of `W` a pair of panels at a time into cache and runs the
+//! packed f32 tiles over them ([`widened_matmul`]).
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
-use crate::packed_matmul::{has_avx512, SharedOut};
+use crate::packed_matmul::{has_avx512, widened_matmul, SharedOut};
 
 /// Weights per block.
 const QK: usize = 32;
@@ -74,6 +76,21 @@ impl BlockFormat {
         }
     }
 
+    /// Rows of `x` from which [`matmul`] widens the matrix once for the call rather than
+    /// each block once a tile: where the two cost the same on an AVX-512 server core, 2
+    /// threads (`cargo run --release -p openinfer-engine --example widen_crossover`). Formats
+    /// that are costly to widen gain more from widening once.
+    pub fn widen_rows(self) -> usize {
+        match self {
+            Self::Q8_0 => 32,
+            Self::Q4_0 => 24,
+            Self::Q4_1 => 20,
+            Self::Q5_0 | Self::Q5_1 => 14,
+            Self::Q4K => 12,
+            Self::Q5K | Self::Q6K => 8,
+        }
+    }
+
     /// Weights per block: 32, or 256 for the K-quants' super-blocks.
     pub fn block_weights(self) -> usize {
         match self {
@@ -100,11 +117,36 @@ macro_rules! dispatch {
 }
 
 /// `x [m, k]` (row-major f32) times the transpose of `w`, `n` rows of `k` weights in `format`
-/// (`w` holds `n · k / 32` blocks, row after row) → `[m, n]` row-major.
+/// (`w` holds `n · k / 32` blocks, row after row) → `[m, n]` row-major: [`tiled`] below
+/// [`BlockFormat::widen_rows`] rows, [`widened`] from there.
 ///
 /// # Panics
-/// When `k` is not a multiple of 32 or the slices are shorter than the shapes say.
+/// When `k` is not a multiple of the format's block or the slices are shorter than the shapes
+/// say.
 pub fn matmul(format: BlockFormat, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    if m >= format.widen_rows() {
+        widened(format, w, n, k, x, m)
+    } else {
+        tiled(format, w, n, k, x, m)
+    }
+}
+
+/// [`matmul`] with the matrix widened once, a pair of panels at a time, and multiplied by the
+/// packed f32 tiles ([`widened_matmul`]).
+pub fn widened(format: BlockFormat, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    checked_row_bytes(format, w, n, k, x, m);
+    widened_matmul(n, k, |r, row| dequantize_row(format, w, k, r, row), x, m)
+}
+
+/// Bytes per row of `w`, checking the shapes.
+fn checked_row_bytes(
+    format: BlockFormat,
+    w: &[u8],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+) -> usize {
     let per_block = format.block_weights();
     assert!(
         k.is_multiple_of(per_block),
@@ -115,6 +157,12 @@ pub fn matmul(format: BlockFormat, w: &[u8], n: usize, k: usize, x: &[f32], m: u
         w.len() >= n * row_bytes && x.len() >= m * k,
         "block-matmul: short input"
     );
+    row_bytes
+}
+
+/// [`matmul`] with each block widened in registers once per tile of four rows of `x`.
+pub fn tiled(format: BlockFormat, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    let row_bytes = checked_row_bytes(format, w, n, k, x, m);
     let mut y = vec![0f32; m * n];
     let out = SharedOut(y.as_mut_ptr());
     let groups = n.div_ceil(TILE);
@@ -215,38 +263,47 @@ impl Tile<'_> {
     unsafe fn run(&self, format: BlockFormat, rows: usize, cols: usize, y: *mut f32, ldy: usize) {
         #[cfg(target_arch = "x86_64")]
         {
-            let mut acc = [[0f32; TILE]; TILE];
             macro_rules! go {
                 ($f:ident) => {
-                    match (rows, cols) {
-                        (1, 1) => self.avx512::<$f, 1, 1>(&mut acc),
-                        (1, 2) => self.avx512::<$f, 1, 2>(&mut acc),
-                        (1, 3) => self.avx512::<$f, 1, 3>(&mut acc),
-                        (1, _) => self.avx512::<$f, 1, 4>(&mut acc),
-                        (2, 1) => self.avx512::<$f, 2, 1>(&mut acc),
-                        (2, 2) => self.avx512::<$f, 2, 2>(&mut acc),
-                        (2, 3) => self.avx512::<$f, 2, 3>(&mut acc),
-                        (2, _) => self.avx512::<$f, 2, 4>(&mut acc),
-                        (3, 1) => self.avx512::<$f, 3, 1>(&mut acc),
-                        (3, 2) => self.avx512::<$f, 3, 2>(&mut acc),
-                        (3, 3) => self.avx512::<$f, 3, 3>(&mut acc),
-                        (3, _) => self.avx512::<$f, 3, 4>(&mut acc),
-                        (_, 1) => self.avx512::<$f, 4, 1>(&mut acc),
-                        (_, 2) => self.avx512::<$f, 4, 2>(&mut acc),
-                        (_, 3) => self.avx512::<$f, 4, 3>(&mut acc),
-                        (_, _) => self.avx512::<$f, 4, 4>(&mut acc),
-                    }
+                    self.run_as::<$f>(rows, cols, y, ldy)
                 };
             }
             dispatch!(format, go);
-            for (r, acc) in acc.iter().enumerate().take(rows) {
-                std::ptr::copy_nonoverlapping(acc.as_ptr(), y.add(r * ldy), cols);
-            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
             let _ = (format, rows, cols, y, ldy);
             unreachable!("block-matmul runs only where BlockFormat::of found AVX-512");
+        }
+    }
+
+    /// [`Tile::run`] for the weights as `F` lays them out.
+    ///
+    /// # Safety
+    /// As [`Tile::run`].
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn run_as<F: Widen>(&self, rows: usize, cols: usize, y: *mut f32, ldy: usize) {
+        let mut acc = [[0f32; TILE]; TILE];
+        match (rows, cols) {
+            (1, 1) => self.avx512::<F, 1, 1>(&mut acc),
+            (1, 2) => self.avx512::<F, 1, 2>(&mut acc),
+            (1, 3) => self.avx512::<F, 1, 3>(&mut acc),
+            (1, _) => self.avx512::<F, 1, 4>(&mut acc),
+            (2, 1) => self.avx512::<F, 2, 1>(&mut acc),
+            (2, 2) => self.avx512::<F, 2, 2>(&mut acc),
+            (2, 3) => self.avx512::<F, 2, 3>(&mut acc),
+            (2, _) => self.avx512::<F, 2, 4>(&mut acc),
+            (3, 1) => self.avx512::<F, 3, 1>(&mut acc),
+            (3, 2) => self.avx512::<F, 3, 2>(&mut acc),
+            (3, 3) => self.avx512::<F, 3, 3>(&mut acc),
+            (3, _) => self.avx512::<F, 3, 4>(&mut acc),
+            (_, 1) => self.avx512::<F, 4, 1>(&mut acc),
+            (_, 2) => self.avx512::<F, 4, 2>(&mut acc),
+            (_, 3) => self.avx512::<F, 4, 3>(&mut acc),
+            (_, _) => self.avx512::<F, 4, 4>(&mut acc),
+        }
+        for (r, acc) in acc.iter().enumerate().take(rows) {
+            std::ptr::copy_nonoverlapping(acc.as_ptr(), y.add(r * ldy), cols);
         }
     }
 
@@ -569,6 +626,7 @@ mod tests {
                 (3, 2 * b, 9),
                 (5, b, 16),
                 (9, 5 * b, 7),
+                (21, 2 * b, 70),
             ] {
                 let w: Vec<f32> = (0..n * k)
                     .map(|i| ((i * 104729) % 89) as f32 / 89.0 - 0.3)
@@ -594,12 +652,16 @@ mod tests {
                     dequantize_row(format, &bytes, k, r, &mut row);
                     assert_eq!(row, rows[r * k..(r + 1) * k], "{dtype:?} row {r}");
                 }
-                let got = matmul(format, &bytes, n, k, &x, m);
-                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (a - b).abs() < 1e-3 * (1.0 + b.abs()),
-                        "{dtype:?} ({m},{k},{n}) at {i}: {a} vs {b}"
-                    );
+                for (how, got) in [
+                    ("tiled", tiled(format, &bytes, n, k, &x, m)),
+                    ("widened", widened(format, &bytes, n, k, &x, m)),
+                ] {
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() < 1e-3 * (1.0 + b.abs()),
+                            "{dtype:?} {how} ({m},{k},{n}) at {i}: {a} vs {b}"
+                        );
+                    }
                 }
             }
         }

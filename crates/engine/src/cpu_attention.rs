@@ -126,13 +126,27 @@ impl CustomOp3 for PagedAttention<'_> {
         let mut out = vec![0f32; rows * nh * hd];
         let shared = SharedOut(out.as_mut_ptr());
         let caches = Caches { q, k, v, kv_row };
+        let avx512 = has_avx512();
         tasks
             .par_iter()
             .for_each_init(Scratch::default, |scratch, &t| {
-                // SAFETY: tasks write disjoint (row, head) blocks of `out`, which outlives them.
-                unsafe { self.run(t, &caches, scratch, shared) }
+                // SAFETY: tasks write disjoint (row, head) blocks of `out`, which outlives them;
+                // `avx512` was read off this CPU.
+                unsafe { self.run(avx512, t, &caches, scratch, shared) }
             });
         Ok((CpuStorage::F32(out), Shape::from((rows, nh * hd))))
+    }
+}
+
+/// Whether this CPU runs the AVX-512 tasks.
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -161,14 +175,15 @@ struct Scratch {
 }
 
 impl PagedAttention<'_> {
-    /// Runs one task with the widest vector instructions this CPU has.
+    /// Runs one task, with AVX-512 when `avx512` says this CPU has it.
     ///
     /// # Safety
-    /// `out` must hold `[rows, heads * head_dim]`, and no other task may write `t`'s block.
-    unsafe fn run(&self, t: Task, c: &Caches, s: &mut Scratch, out: SharedOut) {
+    /// `out` must hold `[rows, heads * head_dim]`, no other task may write `t`'s block, and
+    /// `avx512` must come from [`has_avx512`].
+    unsafe fn run(&self, avx512: bool, t: Task, c: &Caches, s: &mut Scratch, out: SharedOut) {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if avx512 {
                 return self.run_avx512(t, c, s, out);
             }
         }

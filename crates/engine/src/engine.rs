@@ -14,7 +14,7 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use openinfer_core::{FinishReason, SamplingParams, SequenceId, StoppingParams};
 
-use crate::batch::{SeqChunk, StepBatch};
+use crate::batch::SeqChunk;
 use crate::config::ModelConfig;
 use crate::detokenize::{Detokenizer, StopMatcher};
 use crate::error::{EngineError, Result};
@@ -713,14 +713,7 @@ impl Engine {
                 }
             })
             .collect();
-        let mc = self.model.config();
-        let batch = StepBatch::build(
-            &chunks,
-            self.sched.block_size(),
-            mc.num_kv_heads * mc.head_dim,
-            mc.sliding_window,
-            self.model.device(),
-        )?;
+        let batch = self.model.step_batch(&chunks, self.sched.block_size())?;
         let sampled: Vec<usize> = plan
             .iter()
             .zip(&rows)

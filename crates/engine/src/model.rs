@@ -12,8 +12,8 @@ use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::ops::{rms_norm, softmax_last_dim};
 
-use crate::batch::{AttnGroup, StepBatch};
-use crate::block_matmul::{dequantize_row, BlockFormat, BlockMatmul};
+use crate::batch::{AttnGroup, AttnLayout, SeqChunk, StepBatch};
+use crate::block_matmul::{BlockFormat, BlockMatmul};
 use crate::config::ModelConfig;
 use crate::cpu_attention::PagedAttention;
 use crate::cpu_ops::SiluMul;
@@ -79,22 +79,15 @@ impl Weight {
             Weight::Tensor(w) => x.matmul(&w.t()?)?,
             Weight::Quantized(QMatMul::QTensor(q)) if x.device().is_cpu() => {
                 let x = x.contiguous()?;
-                let (n, k) = q.shape().dims2()?;
-                // Many rows (prefill): one dense product of the weights dequantized (and
-                // packed) for this call beats a dot product per row and column. The weights
-                // stay quantized in memory.
-                let dense = x.dim(0)? >= dense_rows(q.dtype());
-                match (BlockFormat::of(q.dtype()), dense) {
-                    (Some(format), true) => {
-                        let bytes = q.data()?;
-                        let packed = PackedWeight::pack_rows(n, k, |r, row| {
-                            dequantize_row(format, &bytes, k, r, row)
-                        });
-                        x.apply_op1_no_bwd(&PackedMatmul(&packed))?
+                match BlockFormat::of(q.dtype()) {
+                    Some(format) => x.apply_op1_no_bwd(&BlockMatmul { format, w: q })?,
+                    // Many rows (prefill) without the project's kernels: one dense product of
+                    // the weights dequantized for this call beats candle's dot product per row
+                    // and column. The weights stay quantized in memory.
+                    None if x.dim(0)? >= dense_rows(q.dtype()) => {
+                        x.matmul(&q.dequantize(&Device::Cpu)?.t()?)?
                     }
-                    (Some(format), false) => x.apply_op1_no_bwd(&BlockMatmul { format, w: q })?,
-                    (None, true) => x.matmul(&q.dequantize(&Device::Cpu)?.t()?)?,
-                    (None, false) => QMatMul::QTensor(q.clone()).forward(&x)?,
+                    None => QMatMul::QTensor(q.clone()).forward(&x)?,
                 }
             }
             Weight::Quantized(q) => q.forward(&x.contiguous()?)?,
@@ -109,17 +102,13 @@ impl Weight {
     }
 }
 
-/// Rows of input from which a quantized matrix is dequantized for the call and multiplied
-/// densely, rather than multiplied block by block: 32, or 2 for the formats candle computes one
-/// value at a time on x86 (Q4_1, Q5_0, Q5_1) where this CPU lacks the project's own kernels
-/// ([`BlockFormat`]).
+/// Rows of input from which a quantized matrix the project's kernels do not serve
+/// ([`BlockFormat`]: other formats, or a CPU without AVX-512) is dequantized for the call and
+/// multiplied densely rather than by candle block by block: 32, or 2 for the formats candle
+/// computes one value at a time on x86 (Q4_1, Q5_0, Q5_1).
 pub fn dense_rows(format: GgmlDType) -> usize {
     match format {
-        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
-            if BlockFormat::of(format).is_none() =>
-        {
-            2
-        }
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => 2,
         _ => 32,
     }
 }
@@ -528,6 +517,24 @@ impl Llama {
         &self.device
     }
 
+    /// Lays out one step's `chunks` for this model's attention path (paged on CPU, padded
+    /// elsewhere).
+    pub fn step_batch(&self, chunks: &[SeqChunk<'_>], block_size: usize) -> Result<StepBatch> {
+        let layout = if uses_cpu_kernels(&self.device, self.dtype) {
+            AttnLayout::Paged
+        } else {
+            AttnLayout::Dense
+        };
+        StepBatch::build(
+            chunks,
+            block_size,
+            self.cfg.num_kv_heads * self.cfg.head_dim,
+            self.cfg.sliding_window,
+            layout,
+            &self.device,
+        )
+    }
+
     /// Runs one step. Writes the new tokens' K/V into `kv` and returns f32 logits
     /// `[logit_rows, vocab]`.
     pub fn forward(&self, batch: &StepBatch, kv: &KvCache) -> Result<Tensor> {
@@ -594,13 +601,13 @@ impl Llama {
         let rep = nh / nkv;
         let (b, mq, mc) = (g.batch, g.max_q, g.max_ctx);
         let q = q.narrow(0, g.start, g.len)?;
-        if uses_cpu_kernels(&self.device, self.dtype) {
+        let Some(dense) = &g.dense else {
             let (k, v) = kv.layer(layer);
             let op = PagedAttention {
                 num_heads: nh,
                 num_kv_heads: nkv,
                 head_dim: hd,
-                ctx_slots: &g.ctx_slots_host,
+                ctx_slots: &g.ctx_slots,
                 ctx_lens: &g.ctx_lens,
                 q_lens: &g.q_lens,
                 max_ctx: g.max_ctx,
@@ -610,8 +617,8 @@ impl Llama {
                 .reshape((g.len, nh * hd))?
                 .contiguous()?
                 .apply_op3_no_bwd(k, v, &op)?);
-        }
-        let q = match &g.pad_index {
+        };
+        let q = match &dense.pad_index {
             Some(ix) => q.index_select(ix, 0)?,
             None => q,
         };
@@ -622,14 +629,14 @@ impl Llama {
             .permute((0, 2, 3, 1, 4))?
             .contiguous()?
             .reshape((b, nkv, rep * mq, hd))?;
-        let (k, v) = kv.gather(layer, &g.ctx_slots)?;
+        let (k, v) = kv.gather(layer, &dense.ctx_slots)?;
         let k = k.reshape((b, mc, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let v = v.reshape((b, mc, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?
             .to_dtype(DType::F32)?
             .reshape((b, nkv, rep, mq, mc))?
-            .broadcast_add(&g.mask)?;
+            .broadcast_add(&dense.mask)?;
         let probs =
             softmax_last_dim(&scores)?
                 .to_dtype(self.dtype)?
@@ -640,7 +647,7 @@ impl Llama {
             .permute((0, 3, 1, 2, 4))?
             .contiguous()?
             .reshape((b * mq, nh * hd))?;
-        Ok(match &g.unpad_index {
+        Ok(match &dense.unpad_index {
             Some(ix) => out.index_select(ix, 0)?,
             None => out,
         })

@@ -137,25 +137,13 @@ fn pack_panels<T: PanelElem>(w: &[T], n: usize, k: usize) -> Vec<T> {
         "packed-matmul: weight has {} values, not {n}×{k}",
         w.len()
     );
-    pack_panels_with(n, k, |r, row| row.copy_from_slice(&w[r * k..][..k]))
-}
-
-/// Panels of the `[n, k]` matrix whose row `r` `fill(r, row)` writes, a panel at a time (in
-/// parallel, through one row of scratch per panel).
-fn pack_panels_with<T: PanelElem>(
-    n: usize,
-    k: usize,
-    fill: impl Fn(usize, &mut [T]) + Sync,
-) -> Vec<T> {
     let panels = n.div_ceil(NR);
     let mut data = vec![T::ZERO; panels * k * NR];
     data.par_chunks_mut(k * NR)
         .enumerate()
         .for_each(|(p, panel)| {
-            let mut row = vec![T::ZERO; k];
             for j in 0..NR.min(n - p * NR) {
-                fill(p * NR + j, &mut row);
-                for (t, &v) in row.iter().enumerate() {
+                for (t, &v) in w[(p * NR + j) * k..][..k].iter().enumerate() {
                     panel[t * NR + j] = v;
                 }
             }
@@ -168,16 +156,6 @@ impl PackedWeight {
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
         PackedWeight {
             data: Panels::F32(pack_panels(w, n, k)),
-            n,
-            k,
-        }
-    }
-
-    /// Packs the f32 matrix `[n, k]` whose row `r` `fill(r, row)` writes: for weights kept in
-    /// another format and widened for one call.
-    pub fn pack_rows(n: usize, k: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Self {
-        PackedWeight {
-            data: Panels::F32(pack_panels_with(n, k, fill)),
             n,
             k,
         }
@@ -230,56 +208,209 @@ impl PackedWeight {
     }
 
     fn matmul_panels<T: PanelElem>(&self, data: &[T], x: &[f32], m: usize) -> Vec<f32> {
-        let (n, k) = (self.n, self.k);
-        assert!(
-            x.len() >= m * k,
-            "packed-matmul: x has {} values, not {m}×{k}",
-            x.len()
-        );
-        let mut y = vec![0f32; m * n];
-        let out = SharedOut(y.as_mut_ptr());
-        let panels = n.div_ceil(NR);
-        let wide = has_avx512();
-        // Enough tasks to balance two to a few dozen threads, few enough to amortise them;
-        // an even number of panels each where panels go in pairs.
-        let mut per_task = panels.div_ceil(rayon::current_num_threads() * 4).max(1);
-        if wide {
-            per_task += per_task % 2;
-        }
-        data.par_chunks(per_task * k * NR)
-            .enumerate()
-            .for_each(|(task, panels_of_task)| {
-                let count = panels_of_task.len() / (k * NR);
-                let panel = |q: usize| &panels_of_task[q * k * NR..(q + 1) * k * NR];
-                let mut q = 0;
-                while q < count {
-                    let col = (task * per_task + q) * NR;
-                    let pair = wide && q + 1 < count;
-                    let (width, step) = if pair { (2 * NR, MR_WIDE) } else { (NR, MR) };
-                    let cols = width.min(n - col);
-                    let mut i = 0;
-                    while i < m {
-                        let rows = step.min(m - i);
-                        let (xs, y) = (&x[i * k..(i + rows) * k], unsafe {
-                            // SAFETY: row i and column col lie inside `y` (m × n).
-                            out.ptr().add(i * n + col)
-                        });
-                        // SAFETY: rows i..i+rows and columns col..col+cols lie inside `x` and
-                        // `y`, and only this task writes these columns.
-                        unsafe {
-                            if pair {
-                                tile_pair(xs, k, panel(q), panel(q + 1), y, n, rows, cols)
-                            } else {
-                                tile(xs, k, panel(q), y, n, rows, cols)
-                            }
-                        };
-                        i += rows;
-                    }
-                    q += if pair { 2 } else { 1 };
-                }
-            });
-        y
+        product(&Stored { data, k: self.k }, self.n, self.k, x, m)
     }
+}
+
+/// `x [m, k] · Wᵀ` → `[m, n]` row-major, for the f32 matrix `W` `[n, k]` whose row `r`
+/// `fill(r, row)` writes: for weights kept in another format. Each task widens the rows of
+/// one or two panels into a scratch panel, which stays in cache while every row of `x` passes
+/// over it, so the matrix is widened once a call and never written out whole.
+pub fn widened_matmul(
+    n: usize,
+    k: usize,
+    fill: impl Fn(usize, &mut [f32]) + Sync,
+    x: &[f32],
+    m: usize,
+) -> Vec<f32> {
+    product(&Widened { fill, n, k }, n, k, x, m)
+}
+
+/// Where a product's panels come from.
+trait PanelSource: Sync {
+    type Elem: PanelElem;
+    /// Panels `first..first + count` (`count · k · NR` values), widened into `scratch` when
+    /// they are not stored as panels.
+    fn panels<'a>(
+        &'a self,
+        first: usize,
+        count: usize,
+        scratch: &'a mut Scratch,
+    ) -> &'a [Self::Elem];
+}
+
+/// A task's working memory for [`Widened`] panels.
+#[derive(Default)]
+struct Scratch {
+    /// The panels handed out.
+    panels: Vec<f32>,
+    /// One panel's rows, row-major `[NR, k]`.
+    rows: Vec<f32>,
+}
+
+/// `rows` (row-major `[NR, k]`) as one panel `[k][NR]`.
+fn rows_to_panel(rows: &[f32], k: usize, panel: &mut [f32]) {
+    assert!(rows.len() >= NR * k && panel.len() >= k * NR);
+    let mut t = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx512() {
+            while t + NR <= k {
+                // SAFETY: AVX-512F is present; columns t..t+16 of every row lie inside `rows`,
+                // and rows t..t+16 of the panel inside `panel`.
+                unsafe {
+                    transpose16_avx512(rows.as_ptr().add(t), k, panel.as_mut_ptr().add(t * NR))
+                };
+                t += NR;
+            }
+        }
+    }
+    for t in t..k {
+        for j in 0..NR {
+            panel[t * NR + j] = rows[j * k + t];
+        }
+    }
+}
+
+/// The 16×16 block at `src` (rows `stride` apart) transposed into `dst` (rows 16 apart).
+///
+/// # Safety
+/// AVX-512F is present; `src` is valid for 16 reads on each of 16 rows, `dst` for 256 writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16_avx512(src: *const f32, stride: usize, dst: *mut f32) {
+    use std::arch::x86_64::*;
+    let mut r = [_mm512_setzero_ps(); 16];
+    for (i, r) in r.iter_mut().enumerate() {
+        *r = _mm512_loadu_ps(src.add(i * stride));
+    }
+    // Pairs of rows interleaved, then pairs of pairs, then 128-bit lanes twice: after the
+    // last step vector i holds column i.
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for i in 0..4 {
+        let (a, b, c, d) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
+        r[4 * i] = _mm512_shuffle_ps::<0x44>(a, c);
+        r[4 * i + 1] = _mm512_shuffle_ps::<0xEE>(a, c);
+        r[4 * i + 2] = _mm512_shuffle_ps::<0x44>(b, d);
+        r[4 * i + 3] = _mm512_shuffle_ps::<0xEE>(b, d);
+    }
+    for h in 0..2 {
+        for i in 0..4 {
+            t[8 * h + i] = _mm512_shuffle_f32x4::<0x88>(r[8 * h + i], r[8 * h + i + 4]);
+            t[8 * h + i + 4] = _mm512_shuffle_f32x4::<0xDD>(r[8 * h + i], r[8 * h + i + 4]);
+        }
+    }
+    for i in 0..8 {
+        r[i] = _mm512_shuffle_f32x4::<0x88>(t[i], t[i + 8]);
+        r[i + 8] = _mm512_shuffle_f32x4::<0xDD>(t[i], t[i + 8]);
+    }
+    for (i, r) in r.iter().enumerate() {
+        _mm512_storeu_ps(dst.add(i * 16), *r);
+    }
+}
+
+/// Panels packed at load.
+struct Stored<'a, T> {
+    data: &'a [T],
+    k: usize,
+}
+
+impl<T: PanelElem> PanelSource for Stored<'_, T> {
+    type Elem = T;
+    fn panels<'a>(&'a self, first: usize, count: usize, _: &'a mut Scratch) -> &'a [T] {
+        &self.data[first * self.k * NR..(first + count) * self.k * NR]
+    }
+}
+
+/// Panels widened from rows for the call.
+struct Widened<F> {
+    fill: F,
+    n: usize,
+    k: usize,
+}
+
+impl<F: Fn(usize, &mut [f32]) + Sync> PanelSource for Widened<F> {
+    type Elem = f32;
+    fn panels<'a>(&'a self, first: usize, count: usize, s: &'a mut Scratch) -> &'a [f32] {
+        let k = self.k;
+        s.panels.resize(count * k * NR, 0.0);
+        s.rows.resize(NR * k, 0.0);
+        for (p, panel) in s.panels.chunks_exact_mut(k * NR).enumerate() {
+            let base = (first + p) * NR;
+            let real = NR.min(self.n.saturating_sub(base));
+            for (j, row) in s.rows.chunks_exact_mut(k).enumerate() {
+                if j < real {
+                    (self.fill)(base + j, row);
+                } else {
+                    row.fill(0.0);
+                }
+            }
+            rows_to_panel(&s.rows, k, panel);
+        }
+        &s.panels
+    }
+}
+
+/// The product of `x` `[m, k]` with the `[n, k]` matrix `src` holds as panels.
+fn product<S: PanelSource>(src: &S, n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    assert!(
+        x.len() >= m * k,
+        "packed-matmul: x has {} values, not {m}×{k}",
+        x.len()
+    );
+    let mut y = vec![0f32; m * n];
+    let out = SharedOut(y.as_mut_ptr());
+    let panels = n.div_ceil(NR);
+    let wide = has_avx512();
+    // Enough tasks to balance two to a few dozen threads, few enough to amortise them;
+    // an even number of panels each where panels go in pairs.
+    let mut per_task = panels.div_ceil(rayon::current_num_threads() * 4).max(1);
+    if wide {
+        per_task += per_task % 2;
+    }
+    (0..panels.div_ceil(per_task))
+        .into_par_iter()
+        .for_each_init(Scratch::default, |scratch, task| {
+            let first = task * per_task;
+            let count = per_task.min(panels - first);
+            let mut q = 0;
+            while q < count {
+                let col = (first + q) * NR;
+                let pair = wide && q + 1 < count;
+                let (width, step, held) = if pair {
+                    (2 * NR, MR_WIDE, 2)
+                } else {
+                    (NR, MR, 1)
+                };
+                let cols = width.min(n - col);
+                let data = src.panels(first + q, held, scratch);
+                let panel = |h: usize| &data[h * k * NR..(h + 1) * k * NR];
+                let mut i = 0;
+                while i < m {
+                    let rows = step.min(m - i);
+                    let (xs, y) = (&x[i * k..(i + rows) * k], unsafe {
+                        // SAFETY: row i and column col lie inside `y` (m × n).
+                        out.ptr().add(i * n + col)
+                    });
+                    // SAFETY: rows i..i+rows and columns col..col+cols lie inside `x` and `y`,
+                    // and only this task writes these columns.
+                    unsafe {
+                        if pair {
+                            tile_pair(xs, k, panel(0), panel(1), y, n, rows, cols)
+                        } else {
+                            tile(xs, k, panel(0), y, n, rows, cols)
+                        }
+                    };
+                    i += rows;
+                }
+                q += held;
+            }
+        });
+    y
 }
 
 /// A raw pointer that tasks writing disjoint parts of one buffer may share.
@@ -521,6 +652,34 @@ mod tests {
                     "({m},{k},{n}) at ({i},{j})"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn rows_become_a_panel() {
+        for k in [16, 40, 7, 96] {
+            let rows: Vec<f32> = (0..NR * k).map(|i| i as f32).collect();
+            let mut panel = vec![0f32; k * NR];
+            rows_to_panel(&rows, k, &mut panel);
+            for t in 0..k {
+                for j in 0..NR {
+                    assert_eq!(panel[t * NR + j], rows[j * k + t], "k {k}, ({t}, {j})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn widened_rows_give_the_packed_product() {
+        for (m, k, n) in [(1, 64, 3), (9, 96, 70), (20, 40, 33)] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 104729) % 89) as f32 / 89.0 - 0.5)
+                .collect();
+            let y = widened_matmul(n, k, |r, row| row.copy_from_slice(&w[r * k..][..k]), &x, m);
+            check(&y, &x, &w, (m, k, n), 1e-4);
         }
     }
 

@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Tensor, D};
 
-use crate::batch::{SeqChunk, StepBatch};
+use crate::batch::SeqChunk;
 use crate::engine::{EngineConfig, Loaded};
 use crate::error::{EngineError, Result};
 use crate::model_dir::ModelDir;
@@ -70,7 +70,6 @@ pub fn perplexity(
         )));
     }
     let model = &loaded.model;
-    let mc = model.config();
     let blocks: Vec<u32> = (0..context.div_ceil(cfg.block_size) as u32).collect();
     let first = context / 2;
     let bos = tok.bos_token_id.filter(|_| tok.add_bos_token);
@@ -87,13 +86,7 @@ pub fn perplexity(
             block_table: &blocks,
             want_logits: true,
         };
-        let mut batch = StepBatch::build(
-            &[chunk],
-            cfg.block_size,
-            mc.num_kv_heads * mc.head_dim,
-            mc.sliding_window,
-            &device,
-        )?;
+        let mut batch = model.step_batch(&[chunk], cfg.block_size)?;
         // Every row of the second half, not only the last.
         let rows: Vec<u32> = (first as u32..context as u32 - 1).collect();
         batch.logit_rows = Tensor::new(rows.as_slice(), &device)?;

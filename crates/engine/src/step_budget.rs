@@ -1,12 +1,21 @@
 //! How many prefill tokens a step may carry beside running decodes. A step that prefills a
 //! long chunk stalls every decode in it: each of those sequences waits the whole step for
 //! its next token. So when decodes run, prefill chunks are sized to a step-time budget, from
-//! what recent steps cost: the time of a step of decodes alone, and the time each prefill
-//! token added. A prefill token's price grows with the context it attends to, so a chunk is
-//! priced `a·tokens + b·positions` (positions: the context positions its tokens attend, in
-//! thousands), `a` and `b` fitted by least squares over recent steps, older ones weighing
-//! less. With no decode running nobody waits, and a step takes the whole
-//! `max_batch_tokens`.
+//! what recent steps cost.
+//!
+//! * **The decode step** a relative budget multiplies is the one a typical token waits for:
+//!   the mean time of recent steps of decodes alone, each weighted by its decodes. A step of
+//!   one decode beside a prompt may then take as long as the budget allows a full batch's,
+//!   which is what keeps inter-token latency within that multiple of its median.
+//! * **What the decodes of this step cost** is fitted to the decode-only steps as
+//!   `e0 + e1·decodes`; the prefill gets the rest of the budget.
+//! * **A prefill token's price** grows with the context it attends to, so a chunk is priced
+//!   `a·tokens + b·positions` (positions: the context positions its tokens attend, in
+//!   thousands), `a` and `b` fitted by least squares to what prefill added to recent steps
+//!   beside decodes.
+//!
+//! Older steps weigh less in every estimate. With no decode running nobody waits, and a step
+//! takes the whole `max_batch_tokens`.
 //!
 //! Pure state: the engine reports each step's work and wall time; nothing here reads a clock.
 
@@ -76,9 +85,7 @@ impl fmt::Display for StepTimeBudget {
 /// make progress. Small: deep in a long prompt a token's attention alone can cost several
 /// decode tokens.
 const MIN_CHUNK: usize = 4;
-/// Weight of the newest step in the decode-step average.
-const ALPHA: f64 = 0.25;
-/// How much each older step weighs in the price fit, against the one after it.
+/// How much each older step weighs in the estimates, against the one after it.
 const FORGET: f64 = 0.95;
 
 /// A chunk's size, as its price sees it: tokens, and context positions attended (thousands).
@@ -87,12 +94,64 @@ fn features(start: usize, len: usize) -> [f64; 2] {
     [n, n * (s + (n + 1.0) / 2.0) / 1000.0]
 }
 
+/// Decayed sums over the steps of decodes alone: their count, decodes (`d`), `d²`, seconds
+/// (`t`) and `d·t`.
+#[derive(Debug, Clone, Default)]
+struct DecodeSteps {
+    n: f64,
+    d: f64,
+    dd: f64,
+    t: f64,
+    dt: f64,
+}
+
+impl DecodeSteps {
+    fn observe(&mut self, decodes: usize, secs: f64) {
+        let d = decodes as f64;
+        for (sum, x) in [
+            (&mut self.n, 1.0),
+            (&mut self.d, d),
+            (&mut self.dd, d * d),
+            (&mut self.t, secs),
+            (&mut self.dt, d * secs),
+        ] {
+            *sum = FORGET * *sum + x;
+        }
+    }
+
+    /// The step a typical token waits for: seconds weighted by decodes.
+    fn per_token_step(&self) -> Option<f64> {
+        (self.d > 0.0).then(|| self.dt / self.d)
+    }
+
+    /// Seconds of a step of `decodes` decodes alone: `e0 + e1·decodes` by least squares, both
+    /// non-negative; the mean step while every step ran alike.
+    fn secs(&self, decodes: usize) -> Option<f64> {
+        if self.n <= 0.0 {
+            return None;
+        }
+        let mean = self.t / self.n;
+        let det = self.n * self.dd - self.d * self.d;
+        if det <= 1e-9 * self.n * self.dd {
+            return Some(mean);
+        }
+        let e1 = (self.n * self.dt - self.d * self.t) / det;
+        let e0 = (self.t - e1 * self.d) / self.n;
+        let d = decodes as f64;
+        Some(match (e0 >= 0.0, e1 >= 0.0) {
+            (true, true) => e0 + e1 * d,
+            (_, false) => mean,
+            (false, true) => d * self.dt / self.dd,
+        })
+    }
+}
+
 /// The running estimates and the budget (see the module documentation).
 #[derive(Debug, Clone)]
 pub(crate) struct ChunkSizer {
     budget: StepTimeBudget,
-    /// Seconds of a step of decodes alone (moving average).
-    decode_secs: Option<f64>,
+    /// Steps of decodes alone.
+    decode: DecodeSteps,
     /// Seconds a token, and a thousand positions, add to a step: fitted, or guessed from a
     /// step of prefill alone until steps beside decodes are seen.
     price: Option<[f64; 2]>,
@@ -106,7 +165,7 @@ impl ChunkSizer {
     pub fn new(budget: StepTimeBudget) -> Self {
         ChunkSizer {
             budget,
-            decode_secs: None,
+            decode: DecodeSteps::default(),
             price: None,
             xx: [[0.0; 2]; 2],
             xy: [0.0; 2],
@@ -118,11 +177,11 @@ impl ChunkSizer {
         if decodes == 0 || self.price.is_none() {
             return None;
         }
-        let decode = self.decode_secs?;
+        let own = self.decode.secs(decodes)?;
         match self.budget {
             StepTimeBudget::Off => None,
-            StepTimeBudget::Relative(r) => Some((r - 1.0) * decode),
-            StepTimeBudget::Absolute(d) => Some((d.as_secs_f64() - decode).max(0.0)),
+            StepTimeBudget::Relative(r) => Some((r * self.decode.per_token_step()? - own).max(0.0)),
+            StepTimeBudget::Absolute(d) => Some((d.as_secs_f64() - own).max(0.0)),
         }
     }
 
@@ -158,8 +217,7 @@ impl ChunkSizer {
         let secs = elapsed.as_secs_f64();
         if chunks.is_empty() {
             if decodes > 0 {
-                let d = self.decode_secs.map_or(secs, |d| d + ALPHA * (secs - d));
-                self.decode_secs = Some(d);
+                self.decode.observe(decodes, secs);
             }
             return;
         }
@@ -172,7 +230,7 @@ impl ChunkSizer {
         // The price is fitted on steps that carry decodes too, the steps it is for: a step of
         // prefill alone runs many rows at once, at a lower cost per row. Such a step only
         // gives a first guess.
-        let decode = match (decodes, self.decode_secs) {
+        let decode = match (decodes, self.decode.secs(decodes)) {
             (0, _) => {
                 if self.price.is_none() {
                     self.price = Some([secs / x[0], 0.0]);
@@ -303,6 +361,26 @@ mod tests {
         assert!(tokens(&s, 4, 512) < 512);
         assert_eq!(tokens(&s, 0, 512), 512, "no decode: no limit");
         assert_eq!(tokens(&s, 4, 8), 8, "never above the token budget");
+    }
+
+    #[test]
+    fn a_step_of_few_decodes_may_take_what_a_full_batch_may() {
+        // Decode steps cost 7 ms + 3 ms a decode; steps of one and of eight decodes alternate,
+        // so a typical token waits about (10 + 8 · 31) / 9 ≈ 28.7 ms (recent steps weigh more).
+        let mut s = ChunkSizer::new(StepTimeBudget::Relative(2.0));
+        s.observe(0, &[(0, 100)], Duration::from_millis(100));
+        for _ in 0..30 {
+            s.observe(1, &[], Duration::from_millis(10));
+            s.observe(8, &[], Duration::from_millis(31));
+        }
+        let typical = (0.010 + 8.0 * 0.031) / 9.0;
+        for (decodes, own) in [(1, 0.010), (8, 0.031), (4, 0.019)] {
+            let secs = s.prefill_secs(decodes).unwrap();
+            assert!(
+                (secs + own - 2.0 * typical).abs() < 1e-3,
+                "{decodes} decodes: {own} s of decodes and {secs} s of prefill"
+            );
+        }
     }
 
     #[test]

@@ -243,8 +243,8 @@ impl<S: Scheduled> StepScheduler<S> {
             }
         }
         let mut budget = self.limits.max_batch_tokens.saturating_sub(work.len());
-        let mut secs = self.sizer.prefill_secs(work.len());
         let decodes = work.len();
+        let mut secs = self.sizer.prefill_secs(decodes);
         for slot in &self.running {
             let remaining = slot.seq.tokens() - slot.computed;
             if remaining <= 1 {
@@ -400,13 +400,23 @@ mod tests {
     }
 
     fn sched(blocks: usize, max_running: usize, max_batch_tokens: usize) -> StepScheduler<Seq> {
+        sched_within(blocks, max_running, max_batch_tokens, StepTimeBudget::Off)
+    }
+
+    /// [`sched`] with a step-time budget.
+    fn sched_within(
+        blocks: usize,
+        max_running: usize,
+        max_batch_tokens: usize,
+        step_time_budget: StepTimeBudget,
+    ) -> StepScheduler<Seq> {
         StepScheduler::new(
             BlockAllocator::new(blocks, 4),
             Limits {
                 max_running,
                 max_waiting: 2,
                 max_batch_tokens,
-                step_time_budget: StepTimeBudget::Off,
+                step_time_budget,
             },
         )
     }
@@ -433,15 +443,7 @@ mod tests {
             (StepTimeBudget::Relative(2.0), 40),
             (StepTimeBudget::Off, 63),
         ] {
-            let mut s = StepScheduler::new(
-                BlockAllocator::new(64, 4),
-                Limits {
-                    max_running: 4,
-                    max_waiting: 4,
-                    max_batch_tokens: 64,
-                    step_time_budget: budget,
-                },
-            );
+            let mut s = sched_within(64, 4, 64, budget);
             let ms = |x: f64| Duration::from_secs_f64(x / 1000.0);
             s.add(seq(1, 4)).unwrap();
             let work = s.plan().work;

@@ -244,9 +244,9 @@ fn every_quantized_format_runs_on_its_quantized_data() {
     let text = std::fs::read_to_string(fixtures().join("text/prose.txt")).unwrap();
     let model = ModelDir::open(&path).unwrap();
     assert!(model.config.tie_word_embeddings);
-    // Windows of 16 tokens run every product through candle's quantized kernels (fewer rows
-    // than `dense_rows` for the vectorised formats); windows of 64 dequantize per call.
-    for (context, windows) in [(16, 12), (64, 4)] {
+    // Windows of 6 tokens run every product through the block tiles (fewer rows than any
+    // format's `widen_rows`); windows of 64 widen the matrices once per call.
+    for (context, windows) in [(6, 32), (64, 4)] {
         let run = |dtype| {
             let cfg = EngineConfig { dtype, ..cfg() };
             perplexity(&model, &cfg, &text, context, Some(windows), &|_, _| {})

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use super::plan::StepPlan;
 use super::Communicator;
-use crate::batch::StepBatch;
 use crate::engine::{EngineConfig, Loaded};
 use crate::error::{EngineError, Result};
 use crate::model_dir::ModelDir;
@@ -46,7 +45,6 @@ impl Follower {
     /// Runs steps until rank 0 stops the group (`Ok`) or the group breaks (`Err`).
     pub fn run(&self) -> Result<()> {
         let model = &self.loaded.model;
-        let mc = model.config();
         loop {
             let plan = StepPlan::decode(&self.comm.broadcast(&[])?)?;
             let chunks = match plan {
@@ -58,13 +56,7 @@ impl Follower {
                 StepPlan::Step(chunks) => chunks,
             };
             let chunks: Vec<_> = chunks.iter().map(|c| c.as_chunk()).collect();
-            let batch = StepBatch::build(
-                &chunks,
-                self.block_size,
-                mc.num_kv_heads * mc.head_dim,
-                mc.sliding_window,
-                model.device(),
-            )?;
+            let batch = model.step_batch(&chunks, self.block_size)?;
             model.forward(&batch, &self.loaded.kv)?;
         }
     }
