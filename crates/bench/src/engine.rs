@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use openinfer_engine::bench::{self, Ceilings, PhaseRates};
-use openinfer_engine::{parse_device, parse_dtype, DType, Engine, EngineConfig};
+use openinfer_engine::{parse_device, parse_dtype, DType, Engine, EngineConfig, StepTimeBudget};
 use serde::Serialize;
 
 use crate::args::BenchEngineArgs;
@@ -63,6 +63,10 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
         dtype,
         max_batch_tokens: a.prompt_len.max(a.batch),
         max_running: a.batch.max(1),
+        // The phases time the engine's kernels: a batch's prompts prefill whole before its
+        // timed decode steps (as llama.cpp's benchmarks do), not in chunks sized beside the
+        // decodes of the sequences that started first.
+        step_time_budget: StepTimeBudget::Off,
         kv_cache_bytes: if device.is_cpu() { 1 << 30 } else { 4 << 30 },
         ..Default::default()
     };

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use openinfer_core::SequenceId;
 
 use crate::engine::{Engine, SequenceRequest};
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 
 /// Tokens per second of each phase.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -75,9 +75,11 @@ pub fn decode_tokens_and_seconds(
     let ids: Vec<SequenceId> = (0..batch as u64)
         .map(|b| SequenceId(salt * 1000 + b))
         .collect();
+    // Room for however many steps the batch mates' prefill takes, plus the timed steps: a
+    // sequence that finished early would leave the timed steps short of a batch.
+    let room = engine.info().max_model_len.saturating_sub(prompt_len);
+    let max_new = room.max(steps + batch + 1) as u32;
     for id in &ids {
-        // Room for the prefill steps of the batch mates plus the timed steps.
-        let max_new = (steps + batch + 1) as u32;
         engine.add(request(id.0, prompt(prompt_len, vocab, id.0), max_new))?;
     }
     // Prefill (untimed) until every sequence of the batch has its first token.
@@ -88,7 +90,15 @@ pub fn decode_tokens_and_seconds(
     let t = Instant::now();
     let mut tokens = 0;
     for _ in 0..steps {
-        tokens += engine.step()?.tokens.len();
+        let n = engine.step()?.tokens.len();
+        if n != batch {
+            return Err(EngineError::Config(format!(
+                "a timed decode step gave {n} tokens for a batch of {batch} (a sequence \
+                 finished or was preempted); use fewer --decode-steps, a shorter \
+                 --prompt-len or a smaller --batch"
+            )));
+        }
+        tokens += n;
     }
     let secs = t.elapsed().as_secs_f64();
     for id in ids {
