@@ -4,9 +4,14 @@
 //! serving its query heads (GQA). Scores are never stored whole: key blocks are folded into a
 //! running softmax (as flash attention does), so memory stays flat with the context.
 //!
-//! Work is split over (sequence, KV head, tile of queries), in parallel. The inner loops are
-//! written to vectorize, and are compiled for AVX-512 and AVX2 beside the baseline, chosen at
-//! run time. The tensor path in `model.rs` does the same with general ops and serves GPUs.
+//! Work is split over (sequence, KV head, tile of queries) and, where that leaves too few
+//! tasks to keep every thread busy (one long decode, a short chunk deep in a long prompt),
+//! over ranges of the context too: each range's partial softmax (its running maximum, sum
+//! and weighted values) is merged after (split-K, as flash-decoding does). The inner loops
+//! take up to four rows at once, so that each key and value loaded serves every row and
+//! the sums of products run in independent registers. They are written for AVX-512, with
+//! plain loops beside them for other CPUs, chosen at run time. The tensor path in `model.rs`
+//! does the same with general ops and serves GPUs.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 use rayon::prelude::*;
@@ -16,8 +21,13 @@ use crate::packed_matmul::SharedOut;
 
 /// Keys folded into the running softmax at once.
 const KEY_BLOCK: usize = 64;
-/// Query rows (query tokens × query heads of one KV head) of one task, about.
-const TILE_ROWS: usize = 16;
+/// Query rows (query tokens × query heads of one KV head) of one task, about: every row of
+/// a task reads the keys and values the task loads.
+const TILE_ROWS: usize = 32;
+/// Tasks wanted per thread, so that tasks of unequal length even out.
+const TASKS_PER_THREAD: usize = 4;
+/// Keys of a context range below which a task's context is not split further.
+const MIN_RANGE_KEYS: usize = 4 * KEY_BLOCK;
 
 /// The op: inputs are `q [rows, heads * head_dim]` (each sequence's new tokens, sequences in
 /// order), and the layer's K and V caches `[slots, kv_heads * head_dim]`; the output is
@@ -42,8 +52,9 @@ pub struct PagedAttention<'a> {
     pub window: Option<usize>,
 }
 
-/// One task: `queries` new tokens of sequence `seq` from its `first` one, for KV head `kv`.
-#[derive(Debug, Clone, Copy)]
+/// One task: `queries` new tokens of sequence `seq` from its `first` one, for KV head `kv`,
+/// over the context positions `keys`.
+#[derive(Debug, Clone)]
 struct Task {
     seq: usize,
     kv: usize,
@@ -51,6 +62,19 @@ struct Task {
     queries: usize,
     /// Row of the sequence's first new token in `q`.
     row: usize,
+    /// Context positions this task folds in: all its queries see, or a range of them.
+    keys: std::ops::Range<usize>,
+    /// Where its partial result goes when its context is split: the first of its
+    /// `queries × rep` rows in the partials, whose sums are merged after.
+    partial: Option<usize>,
+}
+
+/// The tasks of one (sequence, KV head, tile of queries) whose context was split, and where
+/// their partials lie.
+struct Split {
+    task: Task,
+    /// First row in the partials of each part, in context order.
+    parts: Vec<usize>,
 }
 
 impl CustomOp3 for PagedAttention<'_> {
@@ -100,42 +124,157 @@ impl CustomOp3 for PagedAttention<'_> {
                  worker a smaller --kv-cache-memory"
             )
         }
+        let (tasks, splits, partial_rows) = self.plan(rayon::current_num_threads());
+        let mut out = vec![0f32; rows * nh * hd];
+        // Per partial row: its weighted values (head_dim), then its maximum and its sum.
+        let mut partials = vec![0f32; partial_rows * (hd + 2)];
+        let shared = SharedOut(out.as_mut_ptr());
+        let shared_partials = SharedOut(partials.as_mut_ptr());
+        let caches = Caches { q, k, v, kv_row };
+        let avx512 = has_avx512();
+        tasks
+            .par_iter()
+            .for_each_init(Scratch::default, |scratch, t| {
+                // SAFETY: tasks write disjoint (row, head) blocks of `out`, or disjoint rows of
+                // the partials, both of which outlive them; `avx512` was read off this CPU.
+                unsafe {
+                    self.run(
+                        avx512,
+                        t,
+                        &caches,
+                        scratch,
+                        Dest {
+                            out: shared,
+                            partials: shared_partials,
+                        },
+                    )
+                }
+            });
+        splits.par_iter().for_each(|split| {
+            // SAFETY: each split writes its own (row, head) block of `out`.
+            unsafe { self.merge(split, &partials, shared) }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((rows, nh * hd))))
+    }
+}
+
+impl PagedAttention<'_> {
+    /// The first context position a query at `pos` sees.
+    fn lowest(&self, pos: usize) -> usize {
+        self.window.map_or(0, |w| (pos + 1).saturating_sub(w))
+    }
+
+    /// The step's tasks for `threads` threads, the splits among them, and how many partial
+    /// rows those need. A tile's context is split into ranges when the tasks would
+    /// otherwise be too few or too uneven for the threads: each range holds about the
+    /// context a thread's share of tasks should read, and at least [`MIN_RANGE_KEYS`].
+    fn plan(&self, threads: usize) -> (Vec<Task>, Vec<Split>, usize) {
+        let (nh, nkv) = (self.num_heads, self.num_kv_heads);
         let rep = nh / nkv;
         let most = (TILE_ROWS / rep).max(1);
-        let mut tasks = Vec::new();
+        let mut tiles = Vec::new();
         let mut row = 0;
         for (seq, &n) in self.q_lens.iter().enumerate() {
             let n = n as usize;
+            let start = self.ctx_lens[seq] as usize - n;
             // Tiles of equal size: each task streams the whole context, so a short last
             // tile would cost nearly a full one.
             let tile = n.div_ceil(n.div_ceil(most));
             for first in (0..n).step_by(tile) {
+                let queries = tile.min(n - first);
+                let keys = self.lowest(start + first)..start + first + queries;
                 for kv in 0..nkv {
-                    let queries = tile.min(n - first);
-                    tasks.push(Task {
+                    tiles.push(Task {
                         seq,
                         kv,
                         first,
                         queries,
                         row,
+                        keys: keys.clone(),
+                        partial: None,
                     });
                 }
             }
             row += n;
         }
-        let mut out = vec![0f32; rows * nh * hd];
-        let shared = SharedOut(out.as_mut_ptr());
-        let caches = Caches { q, k, v, kv_row };
-        let avx512 = has_avx512();
-        tasks
-            .par_iter()
-            .for_each_init(Scratch::default, |scratch, &t| {
-                // SAFETY: tasks write disjoint (row, head) blocks of `out`, which outlives them;
-                // `avx512` was read off this CPU.
-                unsafe { self.run(avx512, t, &caches, scratch, shared) }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((rows, nh * hd))))
+        let reads: usize = tiles.iter().map(|t| t.keys.len()).sum();
+        let range = reads
+            .div_ceil(TASKS_PER_THREAD * threads.max(1))
+            .max(MIN_RANGE_KEYS)
+            .next_multiple_of(KEY_BLOCK);
+        let (mut tasks, mut splits, mut partial_rows) = (Vec::new(), Vec::new(), 0);
+        for tile in tiles {
+            let parts = tile.keys.len().div_ceil(range);
+            if parts <= 1 {
+                tasks.push(tile);
+                continue;
+            }
+            // Ranges of equal length, so that no part is a sliver.
+            let len = tile.keys.len().div_ceil(parts);
+            let mut split = Split {
+                task: tile.clone(),
+                parts: Vec::new(),
+            };
+            for lo in tile.keys.clone().step_by(len) {
+                split.parts.push(partial_rows);
+                tasks.push(Task {
+                    keys: lo..(lo + len).min(tile.keys.end),
+                    partial: Some(partial_rows),
+                    ..tile.clone()
+                });
+                partial_rows += tile.queries * rep;
+            }
+            splits.push(split);
+        }
+        (tasks, splits, partial_rows)
     }
+
+    /// Writes a split tile's output: its parts' sums, each rescaled to the largest maximum.
+    ///
+    /// # Safety
+    /// `out` must hold `[rows, heads * head_dim]` and no other task may write this tile's
+    /// block.
+    unsafe fn merge(&self, split: &Split, partials: &[f32], out: SharedOut) {
+        let (hd, nh) = (self.head_dim, self.num_heads);
+        let rep = nh / self.num_kv_heads;
+        let t = &split.task;
+        let mut acc = vec![0f32; hd];
+        for r in 0..t.queries * rep {
+            let part = |p: usize| &partials[(p + r) * (hd + 2)..][..hd + 2];
+            let max = split
+                .parts
+                .iter()
+                .map(|&p| part(p)[hd])
+                .fold(f32::NEG_INFINITY, f32::max);
+            acc.fill(0.0);
+            let mut sum = 0.0;
+            for &p in &split.parts {
+                let x = part(p);
+                // A part none of whose keys this row sees has a maximum of -inf: weight 0.
+                let w = exp(x[hd] - max);
+                sum += w * x[hd + 1];
+                for (a, &y) in acc.iter_mut().zip(&x[..hd]) {
+                    *a += w * y;
+                }
+            }
+            let h = t.kv * rep + r % rep;
+            let dst = out
+                .ptr()
+                .add((t.row + t.first + r / rep) * nh * hd + h * hd);
+            // Every row sees its own position in some part, so its sum is positive.
+            let inv = 1.0 / sum;
+            for (d, a) in acc.iter().enumerate() {
+                *dst.add(d) = a * inv;
+            }
+        }
+    }
+}
+
+/// Where a task writes: the output, or the partials when its context is split.
+#[derive(Clone, Copy)]
+struct Dest {
+    out: SharedOut,
+    partials: SharedOut,
 }
 
 /// Whether this CPU runs the AVX-512 tasks.
@@ -180,7 +319,7 @@ impl PagedAttention<'_> {
     /// # Safety
     /// `out` must hold `[rows, heads * head_dim]`, no other task may write `t`'s block, and
     /// `avx512` must come from [`has_avx512`].
-    unsafe fn run(&self, avx512: bool, t: Task, c: &Caches, s: &mut Scratch, out: SharedOut) {
+    unsafe fn run(&self, avx512: bool, t: &Task, c: &Caches, s: &mut Scratch, out: Dest) {
         #[cfg(target_arch = "x86_64")]
         {
             if avx512 {
@@ -192,14 +331,14 @@ impl PagedAttention<'_> {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,fma")]
-    unsafe fn run_avx512(&self, t: Task, c: &Caches, s: &mut Scratch, out: SharedOut) {
+    unsafe fn run_avx512(&self, t: &Task, c: &Caches, s: &mut Scratch, out: Dest) {
         self.task::<Avx512>(t, c, s, out)
     }
 
-    /// Online softmax over the key blocks a task's queries see: each block's keys and
+    /// Online softmax over the key blocks of a task's context range: each block's keys and
     /// values are read once for all the task's rows.
     #[inline(always)]
-    unsafe fn task<V: Simd>(&self, t: Task, c: &Caches, s: &mut Scratch, out: SharedOut) {
+    unsafe fn task<V: Simd>(&self, t: &Task, c: &Caches, s: &mut Scratch, out: Dest) {
         let (hd, nh) = (self.head_dim, self.num_heads);
         let rep = nh / self.num_kv_heads;
         let rows = t.queries * rep;
@@ -208,7 +347,7 @@ impl PagedAttention<'_> {
         let start = ctx - self.q_lens[t.seq] as usize;
         let slots = &self.ctx_slots[t.seq * self.max_ctx..][..ctx];
         let scale = 1.0 / (hd as f32).sqrt();
-        let lowest = |pos: usize| self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let lowest = |pos: usize| self.lowest(pos);
         // Row r is query token `first + r / rep`, head `kv * rep + r % rep`.
         let query = |r: usize| {
             let h = t.kv * rep + r % rep;
@@ -227,10 +366,9 @@ impl PagedAttention<'_> {
         s.sum.clear();
         s.sum.resize(rows, 0.0);
         let first_pos = start + t.first;
-        let last_pos = first_pos + t.queries - 1;
-        let mut block = lowest(first_pos);
-        while block <= last_pos {
-            let n = KEY_BLOCK.min(last_pos + 1 - block);
+        let mut block = t.keys.start;
+        while block < t.keys.end {
+            let n = KEY_BLOCK.min(t.keys.end - block);
             s.offsets.clear();
             s.offsets.extend(
                 slots[block..block + n]
@@ -262,9 +400,19 @@ impl PagedAttention<'_> {
             V::weighted_sum(&s.scores, hd, c.v, &s.offsets, &mut s.acc);
             block += n;
         }
+        if let Some(first) = t.partial {
+            for r in 0..rows {
+                let dst = out.partials.ptr().add((first + r) * (hd + 2));
+                std::ptr::copy_nonoverlapping(s.acc[r * hd..].as_ptr(), dst, hd);
+                *dst.add(hd) = s.max[r];
+                *dst.add(hd + 1) = s.sum[r];
+            }
+            return;
+        }
         for r in 0..rows {
             let h = t.kv * rep + r % rep;
             let dst = out
+                .out
                 .ptr()
                 .add((t.row + t.first + r / rep) * nh * hd + h * hd);
             // Every row sees at least its own position, so its sum is positive.
@@ -415,9 +563,93 @@ mod avx512 {
         _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, floor), y)
     }
 
+    /// `R` rows (1 to 4) against `16 / R` keys at a time: sixteen sums of products in
+    /// registers, each key loaded once for all the rows, then added across lanes together
+    /// ([`sums16`]). Sum `i` is row `i / (16 / R)`, key `i % (16 / R)`.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn scores_rows<const R: usize>(
+        queries: &[f32],
+        hd: usize,
+        k: &[f32],
+        offsets: &[u32],
+        scores: &mut [f32],
+    ) {
+        let per = 16 / R;
+        debug_assert!(
+            queries.len() >= R * hd && scores.len() >= (R - 1) * KEY_BLOCK + offsets.len()
+        );
+        for j0 in (0..offsets.len()).step_by(per) {
+            let keys = &offsets[j0..offsets.len().min(j0 + per)];
+            // Always `per` keys (a short step repeats its first; those lanes are not
+            // stored), so that the loops unroll and the sums stay in registers.
+            let at: [usize; 16] =
+                std::array::from_fn(|i| *keys.get(i).unwrap_or(&keys[0]) as usize);
+            let mut acc = [_mm512_setzero_ps(); 16];
+            for c0 in (0..hd).step_by(16) {
+                let m = lanes(c0, hd);
+                let q: [__m512; R] = std::array::from_fn(|r| {
+                    _mm512_maskz_loadu_ps(m, queries.as_ptr().add(r * hd + c0))
+                });
+                for j in 0..per {
+                    let kv = _mm512_maskz_loadu_ps(m, k.as_ptr().add(at[j] + c0));
+                    for r in 0..R {
+                        acc[r * per + j] = _mm512_fmadd_ps(q[r], kv, acc[r * per + j]);
+                    }
+                }
+            }
+            let sums = sums16(&acc);
+            for r in 0..R {
+                // Lanes r·per.. of `sums` land on this row's scores from key j0.
+                let dst = scores
+                    .as_mut_ptr()
+                    .wrapping_add(r * KEY_BLOCK + j0)
+                    .wrapping_sub(r * per);
+                let mask = lanes(0, keys.len()) << (r * per);
+                _mm512_mask_storeu_ps(dst, mask, sums);
+            }
+        }
+    }
+
+    /// `R` rows (1 to 4) of `acc += weights · values`, 64 columns at a time: each value
+    /// loaded once for all the rows, `4·R` sums in registers, independent of one another.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn weighted_sum_rows<const R: usize>(
+        weights: &[f32],
+        hd: usize,
+        v: &[f32],
+        offsets: &[u32],
+        acc: &mut [f32],
+    ) {
+        debug_assert!(acc.len() >= R * hd && weights.len() >= (R - 1) * KEY_BLOCK + offsets.len());
+        for c0 in (0..hd).step_by(COLS) {
+            let masks: [__mmask16; 4] = std::array::from_fn(|i| lanes(c0 + 16 * i, hd));
+            let dst = acc.as_mut_ptr().add(c0);
+            let mut a: [[__m512; 4]; R] = std::array::from_fn(|r| {
+                std::array::from_fn(|i| _mm512_maskz_loadu_ps(masks[i], dst.add(r * hd + 16 * i)))
+            });
+            for (j, &o) in offsets.iter().enumerate() {
+                let src = v.as_ptr().add(o as usize + c0);
+                let x: [__m512; 4] =
+                    std::array::from_fn(|i| _mm512_maskz_loadu_ps(masks[i], src.add(16 * i)));
+                for (r, a) in a.iter_mut().enumerate() {
+                    let p = _mm512_set1_ps(*weights.get_unchecked(r * KEY_BLOCK + j));
+                    for (a, &x) in a.iter_mut().zip(&x) {
+                        *a = _mm512_fmadd_ps(p, x, *a);
+                    }
+                }
+            }
+            for (r, a) in a.iter().enumerate() {
+                for (i, &a) in a.iter().enumerate() {
+                    _mm512_mask_storeu_ps(dst.add(r * hd + 16 * i), masks[i], a);
+                }
+            }
+        }
+    }
+
     impl Simd for Avx512 {
-        /// A row against sixteen keys at a time: sixteen sums of products kept in
-        /// registers, then added across lanes together ([`sums16`]).
+        /// Up to four rows at once ([`scores_rows`]).
         #[inline]
         #[target_feature(enable = "avx512f,fma")]
         unsafe fn scores(
@@ -427,30 +659,22 @@ mod avx512 {
             offsets: &[u32],
             scores: &mut [f32],
         ) {
-            for (r, q) in queries.chunks_exact(hd).enumerate() {
-                for j0 in (0..offsets.len()).step_by(16) {
-                    let keys = &offsets[j0..offsets.len().min(j0 + 16)];
-                    // Always sixteen keys (a short block repeats its first; those lanes are
-                    // not stored), so that the loop unrolls and the sums stay in registers.
-                    let at: [usize; 16] =
-                        std::array::from_fn(|i| *keys.get(i).unwrap_or(&keys[0]) as usize);
-                    let mut acc = [_mm512_setzero_ps(); 16];
-                    for c0 in (0..hd).step_by(16) {
-                        let m = lanes(c0, hd);
-                        let qv = _mm512_maskz_loadu_ps(m, q.as_ptr().add(c0));
-                        for i in 0..16 {
-                            let kv = _mm512_maskz_loadu_ps(m, k.as_ptr().add(at[i] + c0));
-                            acc[i] = _mm512_fmadd_ps(qv, kv, acc[i]);
-                        }
-                    }
-                    let dst = scores.as_mut_ptr().add(r * KEY_BLOCK + j0);
-                    _mm512_mask_storeu_ps(dst, lanes(0, keys.len()), sums16(&acc));
+            let rows = queries.len() / hd;
+            let mut r = 0;
+            while r < rows {
+                let q = &queries[r * hd..];
+                let dst = &mut scores[r * KEY_BLOCK..];
+                match rows - r {
+                    1 => scores_rows::<1>(q, hd, k, offsets, dst),
+                    2 => scores_rows::<2>(q, hd, k, offsets, dst),
+                    3 => scores_rows::<3>(q, hd, k, offsets, dst),
+                    _ => scores_rows::<4>(q, hd, k, offsets, dst),
                 }
+                r += 4;
             }
         }
 
-        /// A row's sum, `COLS` columns at a time, stays in registers across the block's
-        /// values.
+        /// Up to four rows at once ([`weighted_sum_rows`]).
         #[inline]
         #[target_feature(enable = "avx512f,fma")]
         unsafe fn weighted_sum(
@@ -461,28 +685,17 @@ mod avx512 {
             acc: &mut [f32],
         ) {
             let rows = acc.len() / hd;
-            for r in 0..rows {
-                let w = &weights[r * KEY_BLOCK..][..offsets.len()];
-                for c0 in (0..hd).step_by(COLS) {
-                    let masks: [__mmask16; 4] = std::array::from_fn(|i| lanes(c0 + 16 * i, hd));
-                    let dst = acc.as_mut_ptr().add(r * hd + c0);
-                    let mut a: [__m512; 4] =
-                        std::array::from_fn(|i| _mm512_maskz_loadu_ps(masks[i], dst.add(16 * i)));
-                    for (&p, &o) in w.iter().zip(offsets) {
-                        if p == 0.0 {
-                            continue;
-                        }
-                        let p = _mm512_set1_ps(p);
-                        let src = v.as_ptr().add(o as usize + c0);
-                        for i in 0..4 {
-                            let x = _mm512_maskz_loadu_ps(masks[i], src.add(16 * i));
-                            a[i] = _mm512_fmadd_ps(p, x, a[i]);
-                        }
-                    }
-                    for i in 0..4 {
-                        _mm512_mask_storeu_ps(dst.add(16 * i), masks[i], a[i]);
-                    }
+            let mut r = 0;
+            while r < rows {
+                let w = &weights[r * KEY_BLOCK..];
+                let a = &mut acc[r * hd..];
+                match rows - r {
+                    1 => weighted_sum_rows::<1>(w, hd, v, offsets, a),
+                    2 => weighted_sum_rows::<2>(w, hd, v, offsets, a),
+                    3 => weighted_sum_rows::<3>(w, hd, v, offsets, a),
+                    _ => weighted_sum_rows::<4>(w, hd, v, offsets, a),
                 }
+                r += 4;
             }
         }
 
@@ -583,7 +796,13 @@ mod tests {
             return;
         }
         let val = |i: usize| ((i * 2654435761) % 1000) as f32 / 100.0 - 5.0;
-        for (hd, rows, keys) in [(64, 3, 64), (20, 11, 17), (80, 9, 1), (128, 1, 33)] {
+        for (hd, rows, keys) in [
+            (64, 3, 64),
+            (20, 11, 17),
+            (80, 9, 1),
+            (128, 1, 33),
+            (32, 6, 40),
+        ] {
             let row = 3 * hd;
             let cache: Vec<f32> = (0..100 * row).map(val).collect();
             let offsets: Vec<u32> = (0..keys)
@@ -648,19 +867,31 @@ mod tests {
         assert_eq!(exp(0.0), 1.0);
     }
 
-    /// Three sequences in one call (a decode, a prefill chunk after a cached prefix, a whole
-    /// prompt), scattered slots, GQA, head widths that are and are not a multiple of the
-    /// vector width, contexts longer than a key block, with and without a sliding window.
+    /// Five sequences in one call (decodes and prefill chunks after a cached prefix, short
+    /// and long enough to be split into context ranges, and a whole prompt), scattered slots,
+    /// GQA, head widths that are and are not a multiple of the vector width, contexts longer
+    /// than a key block, with and without a sliding window, on one thread (no ranges) and
+    /// on sixteen (the long contexts split).
     #[test]
     fn matches_naive_causal_attention_for_decodes_and_prefill_chunks() {
+        for threads in [1, 16] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(naive_attention_matches);
+        }
+    }
+
+    fn naive_attention_matches() {
         let val = |i: usize| ((i * 2654435761) % 1000) as f32 / 500.0 - 1.0;
         for (nh, nkv, hd) in [(4, 2, 8), (6, 2, 20), (3, 3, 64)] {
-            let slots = 400;
+            let slots = 1900;
             let k: Vec<f32> = (0..slots * nkv * hd).map(val).collect();
             let v: Vec<f32> = (0..slots * nkv * hd).map(|i| val(i + 7)).collect();
             // (context, new tokens) of each sequence.
-            let seqs = [(150usize, 1usize), (140, 37), (70, 70)];
-            let max_ctx = 150;
+            let seqs = [(150usize, 1usize), (140, 37), (70, 70), (700, 1), (650, 9)];
+            let max_ctx = 700;
             let rows: usize = seqs.iter().map(|s| s.1).sum();
             let q: Vec<f32> = (0..rows * nh * hd).map(|i| val(i + 13)).collect();
             // A permutation of the slots, so that no context is contiguous.
@@ -668,7 +899,7 @@ mod tests {
             let mut ctx_slots = vec![0u32; seqs.len() * max_ctx];
             for (b, &(ctx, _)) in seqs.iter().enumerate() {
                 for p in 0..ctx {
-                    ctx_slots[b * max_ctx + p] = perm(b * 130 + p);
+                    ctx_slots[b * max_ctx + p] = perm(b * 380 + p);
                 }
             }
             let ctx_lens: Vec<u32> = seqs.iter().map(|s| s.0 as u32).collect();
@@ -727,6 +958,56 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Few tasks over long contexts are split into ranges that cover each tile's context
+    /// once, in order; many tasks, or short contexts, are not.
+    #[test]
+    fn long_contexts_are_split_into_ranges_that_cover_them_once() {
+        let ctx_lens = [3000u32, 3000, 40];
+        let q_lens = [1u32, 10, 40];
+        let op = PagedAttention {
+            num_heads: 9,
+            num_kv_heads: 3,
+            head_dim: 64,
+            ctx_slots: &[],
+            ctx_lens: &ctx_lens,
+            q_lens: &q_lens,
+            max_ctx: 3000,
+            window: None,
+        };
+        let (tasks, splits, partial_rows) = op.plan(2);
+        assert!(tasks.len() >= 2 * 4, "{} tasks for 2 threads", tasks.len());
+        assert!(
+            splits.iter().all(|s| s.task.seq < 2),
+            "the short prompt is not split"
+        );
+        assert_eq!(splits.len(), 6, "both long sequences, each KV head");
+        let mut rows = 0;
+        for split in &splits {
+            let parts: Vec<&Task> = tasks
+                .iter()
+                .filter(|t| t.partial.is_some_and(|p| split.parts.contains(&p)))
+                .collect();
+            assert_eq!(parts.len(), split.parts.len());
+            assert_eq!(parts[0].keys.start, split.task.keys.start);
+            assert_eq!(parts.last().unwrap().keys.end, split.task.keys.end);
+            assert!(parts.windows(2).all(|w| w[0].keys.end == w[1].keys.start));
+            assert!(parts.iter().all(|t| t.keys.len() >= MIN_RANGE_KEYS / 2));
+            rows += parts.len() * split.task.queries * 3;
+        }
+        assert_eq!(rows, partial_rows);
+        assert!(op.plan(1).1.is_empty(), "one thread has tasks enough");
+        let busy = [40u32; 64];
+        let many = PagedAttention {
+            ctx_lens: &busy,
+            q_lens: &[1; 64],
+            ..op
+        };
+        assert!(
+            many.plan(2).1.is_empty(),
+            "64 short decodes are enough tasks"
+        );
     }
 
     #[test]

@@ -537,7 +537,23 @@ impl Llama {
 
     /// Runs one step. Writes the new tokens' K/V into `kv` and returns f32 logits
     /// `[logit_rows, vocab]`.
+    ///
+    /// A whole model on CPU runs the step on a thread of rayon's pool: its many parallel
+    /// products (several per layer) then start on the thread that asks for them, with the
+    /// other threads stealing work, instead of waking the pool and putting this thread to
+    /// sleep for each one (which cost about a third of a single decode's time on 2 cores).
+    /// A shard of a tensor-parallel group does not: it blocks in collectives, and ranks that
+    /// share a process would hold every thread of the pool waiting for one another.
     pub fn forward(&self, batch: &StepBatch, kv: &KvCache) -> Result<Tensor> {
+        if self.comm.is_none() && self.device.is_cpu() {
+            rayon::scope(|_| self.forward_here(batch, kv))
+        } else {
+            self.forward_here(batch, kv)
+        }
+    }
+
+    /// [`Llama::forward`] on the calling thread.
+    fn forward_here(&self, batch: &StepBatch, kv: &KvCache) -> Result<Tensor> {
         let cfg = &self.cfg;
         let t = batch.num_tokens;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
