@@ -237,6 +237,10 @@ trait PanelSource: Sync {
         count: usize,
         scratch: &'a mut Scratch,
     ) -> &'a [Self::Elem];
+    /// Where panel `first` lies in memory when it is stored (to prefetch it), else null.
+    fn stored(&self, _first: usize) -> *const Self::Elem {
+        std::ptr::null()
+    }
 }
 
 /// A task's working memory for [`Widened`] panels.
@@ -324,6 +328,9 @@ impl<T: PanelElem> PanelSource for Stored<'_, T> {
     fn panels<'a>(&'a self, first: usize, count: usize, _: &'a mut Scratch) -> &'a [T] {
         &self.data[first * self.k * NR..(first + count) * self.k * NR]
     }
+    fn stored(&self, first: usize) -> *const T {
+        self.data[first * self.k * NR..].as_ptr()
+    }
 }
 
 /// Panels widened from rows for the call.
@@ -389,9 +396,23 @@ fn product<S: PanelSource>(src: &S, n: usize, k: usize, x: &[f32], m: usize) -> 
                 let cols = width.min(n - col);
                 let data = src.panels(first + q, held, scratch);
                 let panel = |h: usize| &data[h * k * NR..(h + 1) * k * NR];
+                // The task's next pair of stored panels, fetched during the last tile of rows
+                // of this one: that tile reads this pair from cache, so the memory would
+                // otherwise idle while it computes (batched decode reads every weight once
+                // per step and has only a tile or two of rows).
+                let next = if pair && q + 3 < count {
+                    src.stored(first + q + 2)
+                } else {
+                    std::ptr::null()
+                };
                 let mut i = 0;
                 while i < m {
                     let rows = step.min(m - i);
+                    let ahead = if i + rows == m {
+                        next
+                    } else {
+                        std::ptr::null()
+                    };
                     let (xs, y) = (&x[i * k..(i + rows) * k], unsafe {
                         // SAFETY: row i and column col lie inside `y` (m × n).
                         out.ptr().add(i * n + col)
@@ -400,7 +421,7 @@ fn product<S: PanelSource>(src: &S, n: usize, k: usize, x: &[f32], m: usize) -> 
                     // and only this task writes these columns.
                     unsafe {
                         if pair {
-                            tile_pair(xs, k, panel(0), panel(1), y, n, rows, cols)
+                            tile_pair(xs, k, panel(0), panel(1), ahead, y, n, rows, cols)
                         } else {
                             tile(xs, k, panel(0), y, n, rows, cols)
                         }
@@ -507,7 +528,8 @@ unsafe fn tile_avx2<T: PanelElem, const R: usize>(
 
 /// One `rows × 2·NR` tile of `y` over two adjacent panels (only `cols` columns are stored),
 /// with AVX-512: one 16-wide vector of each panel per step of `k`, every row of `x`
-/// broadcast against both.
+/// broadcast against both. Unless `ahead` is null, the two panels from there are prefetched
+/// into the second-level cache along the way.
 ///
 /// # Safety
 /// As [`tile`], and the CPU has AVX-512F ([`has_avx512`]).
@@ -517,6 +539,7 @@ unsafe fn tile_pair<T: PanelElem>(
     k: usize,
     a: &[T],
     b: &[T],
+    ahead: *const T,
     y: *mut f32,
     ldy: usize,
     rows: usize,
@@ -525,15 +548,24 @@ unsafe fn tile_pair<T: PanelElem>(
     #[cfg(target_arch = "x86_64")]
     {
         let mut acc = [[0f32; 2 * NR]; MR_WIDE];
-        match rows {
-            1 => vec_pair_avx512::<T>(x, k, a, b, &mut acc[0]),
-            2 => tile_pair_avx512::<T, 2>(x, k, a, b, &mut acc),
-            3 => tile_pair_avx512::<T, 3>(x, k, a, b, &mut acc),
-            4 => tile_pair_avx512::<T, 4>(x, k, a, b, &mut acc),
-            5 => tile_pair_avx512::<T, 5>(x, k, a, b, &mut acc),
-            6 => tile_pair_avx512::<T, 6>(x, k, a, b, &mut acc),
-            7 => tile_pair_avx512::<T, 7>(x, k, a, b, &mut acc),
-            _ => tile_pair_avx512::<T, 8>(x, k, a, b, &mut acc),
+        macro_rules! go {
+            ($pf:expr) => {
+                match rows {
+                    1 => vec_pair_avx512::<T>(x, k, a, b, &mut acc[0]),
+                    2 => tile_pair_avx512::<T, 2, $pf>(x, k, a, b, ahead, &mut acc),
+                    3 => tile_pair_avx512::<T, 3, $pf>(x, k, a, b, ahead, &mut acc),
+                    4 => tile_pair_avx512::<T, 4, $pf>(x, k, a, b, ahead, &mut acc),
+                    5 => tile_pair_avx512::<T, 5, $pf>(x, k, a, b, ahead, &mut acc),
+                    6 => tile_pair_avx512::<T, 6, $pf>(x, k, a, b, ahead, &mut acc),
+                    7 => tile_pair_avx512::<T, 7, $pf>(x, k, a, b, ahead, &mut acc),
+                    _ => tile_pair_avx512::<T, 8, $pf>(x, k, a, b, ahead, &mut acc),
+                }
+            };
+        }
+        if ahead.is_null() {
+            go!(false)
+        } else {
+            go!(true)
         }
         for (r, acc) in acc.iter().enumerate().take(rows) {
             std::ptr::copy_nonoverlapping(acc.as_ptr(), y.add(r * ldy), cols);
@@ -548,11 +580,12 @@ unsafe fn tile_pair<T: PanelElem>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn tile_pair_avx512<T: PanelElem, const R: usize>(
+unsafe fn tile_pair_avx512<T: PanelElem, const R: usize, const PREFETCH: bool>(
     x: &[f32],
     k: usize,
     a: &[T],
     b: &[T],
+    ahead: *const T,
     out: &mut [[f32; 2 * NR]; MR_WIDE],
 ) {
     use std::arch::x86_64::*;
@@ -560,6 +593,12 @@ unsafe fn tile_pair_avx512<T: PanelElem, const R: usize>(
     let (xp, ap, bp) = (x.as_ptr(), a.as_ptr(), b.as_ptr());
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     for t in 0..k {
+        if PREFETCH {
+            // A hint: it reads nothing, so an address past the weights would do no harm.
+            for p in [ahead.wrapping_add(t * NR), ahead.wrapping_add((k + t) * NR)] {
+                _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
+            }
+        }
         // SAFETY: t < k, so both panel loads and every x read stay inside the slices.
         let (w0, w1) = (T::load16(ap.add(t * NR)), T::load16(bp.add(t * NR)));
         for (r, acc) in acc.iter_mut().enumerate() {
