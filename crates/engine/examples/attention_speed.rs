@@ -23,7 +23,8 @@ fn main() -> candle_core::Result<()> {
         _ => (9, 3, 64),
     };
     // (name, [(context, new tokens)] of each sequence).
-    let cases: [(&str, Vec<(usize, usize)>); 5] = [
+    let cases: [(&str, Vec<(usize, usize)>); 6] = [
+        ("16 decodes at 160", vec![(160, 1); 16]),
         ("8 decodes at 512", vec![(512, 1); 8]),
         ("8 decodes at 2048", vec![(2048, 1); 8]),
         ("1 decode at 3000", vec![(3000, 1)]),
