@@ -257,15 +257,27 @@ impl PagedAttention<'_> {
                     *a += w * y;
                 }
             }
-            let h = t.kv * rep + r % rep;
-            let dst = out
-                .ptr()
-                .add((t.row + t.first + r / rep) * nh * hd + h * hd);
             // Every row sees its own position in some part, so its sum is positive.
-            let inv = 1.0 / sum;
-            for (d, a) in acc.iter().enumerate() {
-                *dst.add(d) = a * inv;
-            }
+            self.write_row(t, r, &acc, sum, out);
+        }
+    }
+
+    /// Writes row `r` of task `t` (query token `first + r / rep`, head `kv * rep + r % rep`)
+    /// into `out`: its weighted values over their softmax sum.
+    ///
+    /// # Safety
+    /// `out` must hold `[rows, heads * head_dim]` and no other task may write that row's
+    /// head; `sum` must be positive.
+    unsafe fn write_row(&self, t: &Task, r: usize, acc: &[f32], sum: f32, out: SharedOut) {
+        let (hd, nh) = (self.head_dim, self.num_heads);
+        let rep = nh / self.num_kv_heads;
+        let h = t.kv * rep + r % rep;
+        let dst = out
+            .ptr()
+            .add((t.row + t.first + r / rep) * nh * hd + h * hd);
+        let inv = 1.0 / sum;
+        for (d, a) in acc[..hd].iter().enumerate() {
+            *dst.add(d) = a * inv;
         }
     }
 }
@@ -347,7 +359,6 @@ impl PagedAttention<'_> {
         let start = ctx - self.q_lens[t.seq] as usize;
         let slots = &self.ctx_slots[t.seq * self.max_ctx..][..ctx];
         let scale = 1.0 / (hd as f32).sqrt();
-        let lowest = |pos: usize| self.lowest(pos);
         // Row r is query token `first + r / rep`, head `kv * rep + r % rep`.
         let query = |r: usize| {
             let h = t.kv * rep + r % rep;
@@ -379,7 +390,7 @@ impl PagedAttention<'_> {
             for r in 0..rows {
                 let pos = first_pos + r / rep;
                 // Keys this row sees in the block: [lo, hi); the others weigh 0.
-                let lo = lowest(pos).max(block) - block;
+                let lo = self.lowest(pos).max(block) - block;
                 let hi = (pos + 1).min(block + n).saturating_sub(block);
                 let sc = &mut s.scores[r * KEY_BLOCK..][..n];
                 if lo >= hi {
@@ -410,16 +421,8 @@ impl PagedAttention<'_> {
             return;
         }
         for r in 0..rows {
-            let h = t.kv * rep + r % rep;
-            let dst = out
-                .out
-                .ptr()
-                .add((t.row + t.first + r / rep) * nh * hd + h * hd);
             // Every row sees at least its own position, so its sum is positive.
-            let inv = 1.0 / s.sum[r];
-            for (d, a) in s.acc[r * hd..][..hd].iter().enumerate() {
-                *dst.add(d) = a * inv;
-            }
+            self.write_row(t, r, &s.acc[r * hd..], s.sum[r], out.out);
         }
     }
 }
