@@ -74,6 +74,8 @@ pub struct StepBatch {
     pub tokens: Tensor,
     /// `[tokens]` positions.
     pub positions: Tensor,
+    /// The KV slot of each token.
+    pub slots: Vec<u32>,
     /// `[tokens, kv_row]` slot of each token, repeated along the row (for `scatter_set`).
     pub slot_index: Tensor,
     /// Attention groups, covering the token list in order.
@@ -146,6 +148,7 @@ impl StepBatch {
             tokens: Tensor::from_vec(tokens, num_tokens, device)?,
             positions: Tensor::from_vec(positions, num_tokens, device)?,
             slot_index: Tensor::from_vec(slot_index, (num_tokens, kv_row), device)?,
+            slots,
             logit_rows: Tensor::from_vec(logit_rows.clone(), logit_rows.len(), device)?,
             groups,
             num_tokens,

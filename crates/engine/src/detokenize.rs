@@ -47,7 +47,14 @@ impl Detokenizer {
         if self.read_offset == self.ids.len() {
             return Ok(String::new());
         }
-        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let mut prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        if prefix.ends_with('\u{FFFD}') {
+            // The context ends inside a character (only text already sent or shown ends so):
+            // bytes of the new tokens might complete it, which would rewrite text that is
+            // not this delta's. The new tokens are decoded on their own instead.
+            self.prefix_offset = self.read_offset;
+            prefix.clear();
+        }
         let full = tok.decode(&self.ids[self.prefix_offset..])?;
         let complete =
             full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix);

@@ -3,7 +3,8 @@
 //!
 //! [`BlockAllocator`] is the bookkeeping (used by the scheduler); [`KvCache`] holds the tensors.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Tensor};
 
 use crate::error::{EngineError, Result};
 
@@ -297,11 +298,29 @@ impl KvCache {
         Ok(KvCache { k, v })
     }
 
-    /// Writes the new tokens' keys and values (`[tokens, row]`) of `layer` into their slots.
-    /// `slot_index` is `[tokens, row]` (each row repeats the token's slot).
-    pub fn write(&self, layer: usize, k: &Tensor, v: &Tensor, slot_index: &Tensor) -> Result<()> {
-        self.k[layer].scatter_set(slot_index, &k.contiguous()?, 0)?;
-        self.v[layer].scatter_set(slot_index, &v.contiguous()?, 0)?;
+    /// Writes the new tokens' keys and values (`[tokens, row]`) of `layer` into their slots:
+    /// token `i` into `slots[i]`. `slot_index` says the same as `[tokens, row]` (each row
+    /// repeats the token's slot), for `scatter_set` on devices other than the CPU.
+    pub fn write(
+        &self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        slots: &[u32],
+        slot_index: &Tensor,
+    ) -> Result<()> {
+        for (cache, new) in [(&self.k[layer], k), (&self.v[layer], v)] {
+            if cache.device().is_cpu() {
+                // Rows may be strided (a view into the fused q/k/v output), not elements.
+                let new = match new.stride() {
+                    [_, 1] => new.clone(),
+                    _ => new.contiguous()?,
+                };
+                cache.inplace_op2(&new, &SlotWrite { slots })?;
+            } else {
+                cache.scatter_set(slot_index, &new.contiguous()?, 0)?;
+            }
+        }
         Ok(())
     }
 
@@ -316,6 +335,78 @@ impl KvCache {
             self.k[layer].index_select(slots, 0)?,
             self.v[layer].index_select(slots, 0)?,
         ))
+    }
+}
+
+/// Copies row `i` of a `[tokens, row]` tensor (rows may be strided) into row `slots[i]` of a
+/// contiguous `[slots, row]` cache tensor, on CPU.
+struct SlotWrite<'a> {
+    slots: &'a [u32],
+}
+
+impl InplaceOp2 for SlotWrite<'_> {
+    fn name(&self) -> &'static str {
+        "kv-slot-write"
+    }
+
+    fn cpu_fwd(
+        &self,
+        cache: &mut CpuStorage,
+        cl: &Layout,
+        new: &CpuStorage,
+        nl: &Layout,
+    ) -> candle_core::Result<()> {
+        let (capacity, row) = cl.shape().dims2()?;
+        let (tokens, new_row) = nl.shape().dims2()?;
+        let Some((start, _)) = cl.contiguous_offsets() else {
+            candle_core::bail!("kv-slot-write: the cache tensor is not contiguous")
+        };
+        if new_row != row || tokens != self.slots.len() || nl.stride()[1] != 1 {
+            candle_core::bail!(
+                "kv-slot-write: {tokens} rows of {new_row} for {} slots of {row}",
+                self.slots.len()
+            )
+        }
+        if let Some(bad) = self.slots.iter().find(|&&s| s as usize >= capacity) {
+            candle_core::bail!("kv-slot-write: slot {bad} outside a cache of {capacity}")
+        }
+        let plan = Rows {
+            slots: self.slots,
+            row,
+            cache_start: start,
+            new_start: nl.start_offset(),
+            new_stride: nl.stride()[0],
+        };
+        match (cache, new) {
+            (CpuStorage::F32(c), CpuStorage::F32(n)) => plan.copy(c, n),
+            (CpuStorage::BF16(c), CpuStorage::BF16(n)) => plan.copy(c, n),
+            (CpuStorage::F16(c), CpuStorage::F16(n)) => plan.copy(c, n),
+            (c, n) => candle_core::bail!(
+                "kv-slot-write: {:?} values into a {:?} cache",
+                n.dtype(),
+                c.dtype()
+            ),
+        }
+        Ok(())
+    }
+}
+
+/// Where [`SlotWrite`] copies from and to.
+struct Rows<'a> {
+    slots: &'a [u32],
+    row: usize,
+    cache_start: usize,
+    new_start: usize,
+    new_stride: usize,
+}
+
+impl Rows<'_> {
+    fn copy<T: Copy>(&self, cache: &mut [T], new: &[T]) {
+        for (i, &slot) in self.slots.iter().enumerate() {
+            let from = self.new_start + i * self.new_stride;
+            let to = self.cache_start + slot as usize * self.row;
+            cache[to..to + self.row].copy_from_slice(&new[from..from + self.row]);
+        }
     }
 }
 

@@ -24,6 +24,7 @@ pub mod cpu_ops;
 pub mod detokenize;
 pub mod engine;
 pub mod error;
+pub(crate) mod fast_exp;
 pub mod gguf;
 pub mod hub;
 pub mod kv_cache;

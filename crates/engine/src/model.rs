@@ -16,7 +16,7 @@ use crate::batch::{AttnGroup, AttnLayout, SeqChunk, StepBatch};
 use crate::block_matmul::{BlockFormat, BlockMatmul};
 use crate::config::ModelConfig;
 use crate::cpu_attention::PagedAttention;
-use crate::cpu_ops::SiluMul;
+use crate::cpu_ops::{add_rms_norm, SiluMul};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::model_dir::Weights;
@@ -560,8 +560,11 @@ impl Llama {
         let eps = cfg.rms_norm_eps as f32;
         let (cos, sin) = self.rope.gather(&batch.positions)?;
         let mut x = self.embed.lookup(&batch.tokens, self.dtype)?;
+        // Each residual sum is normed in the same pass (by the next norm: the next layer's
+        // input norm or, after the last, the final norm).
+        let first_norm = self.layers.first().map_or(&self.norm, |l| &l.input_norm);
+        let mut h = rms_norm(&x, first_norm, eps)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.input_norm, eps)?;
             let qkv = layer.qkv.forward(&h)?;
             let q = qkv.narrow(1, 0, nh * hd)?.reshape((1, t, nh, hd))?;
             let k = qkv.narrow(1, nh * hd, nkv * hd)?.reshape((1, t, nkv, hd))?;
@@ -575,7 +578,7 @@ impl Llama {
             };
             let q = self.rope.apply(&q, &cos, &sin)?.reshape((t, nh, hd))?;
             let k = self.rope.apply(&k, &cos, &sin)?.reshape((t, nkv * hd))?;
-            kv.write(i, &k, &v, &batch.slot_index)?;
+            kv.write(i, &k, &v, &batch.slots, &batch.slot_index)?;
             let attn = batch
                 .groups
                 .iter()
@@ -585,8 +588,8 @@ impl Llama {
                 Ok([one]) => one,
                 Err(groups) => Tensor::cat(&groups, 0)?,
             };
-            x = (x + self.reduced(&layer.o, &attn)?)?;
-            let h = rms_norm(&x, &layer.post_norm, eps)?;
+            let o = self.reduced(&layer.o, &attn)?;
+            (x, h) = add_rms_norm(&x, &o, &layer.post_norm, eps)?;
             let gu = layer.gate_up.forward(&h)?;
             let inter = cfg.intermediate_size;
             let act = if uses_cpu_kernels(&self.device, self.dtype) {
@@ -594,7 +597,9 @@ impl Llama {
             } else {
                 (gu.narrow(1, 0, inter)?.silu()? * gu.narrow(1, inter, inter)?)?
             };
-            x = (x + self.reduced(&layer.down, &act)?)?;
+            let d = self.reduced(&layer.down, &act)?;
+            let next_norm = self.layers.get(i + 1).map_or(&self.norm, |l| &l.input_norm);
+            (x, h) = add_rms_norm(&x, &d, next_norm, eps)?;
         }
         if batch.logit_rows.dim(0)? == 0 {
             // Only prefill chunks that do not finish their prompt: nothing to sample.
@@ -604,8 +609,7 @@ impl Llama {
                 &self.device,
             )?);
         }
-        let x = x.index_select(&batch.logit_rows, 0)?;
-        let x = rms_norm(&x, &self.norm, eps)?;
+        let x = h.index_select(&batch.logit_rows, 0)?;
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 

@@ -369,8 +369,9 @@ fn product<S: PanelSource>(src: &S, n: usize, k: usize, x: &[f32], m: usize) -> 
         "packed-matmul: x has {} values, not {m}×{k}",
         x.len()
     );
-    let mut y = vec![0f32; m * n];
-    let out = SharedOut(y.as_mut_ptr());
+    // Every value is written below (each task its columns of every row), so never zeroed.
+    let mut y = Vec::with_capacity(m * n);
+    let out = SharedOut(y.spare_capacity_mut().as_mut_ptr() as *mut f32);
     let panels = n.div_ceil(NR);
     let wide = has_avx512();
     // Enough tasks to balance two to a few dozen threads, few enough to amortise them;
@@ -431,6 +432,8 @@ fn product<S: PanelSource>(src: &S, n: usize, k: usize, x: &[f32], m: usize) -> 
                 q += held;
             }
         });
+    // SAFETY: the tasks wrote all m × n values.
+    unsafe { y.set_len(m * n) };
     y
 }
 

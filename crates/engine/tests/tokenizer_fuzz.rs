@@ -69,3 +69,15 @@ proptest! {
         }
     }
 }
+
+/// The case proptest found: a context that ends inside a character (a lone lead byte), then
+/// a continuation byte. The deltas are the new token's own text, not a rewrite of the
+/// context's.
+#[test]
+fn a_context_ending_inside_a_character_leaves_the_new_tokens_their_own_text() {
+    let tok = tokenizer();
+    let mut detok = Detokenizer::new(&[197]);
+    let mut text = detok.push(tok, 131).unwrap();
+    text.push_str(&detok.flush(tok).unwrap());
+    assert_eq!(text, tok.decode(&[131]).unwrap());
+}
