@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU figures of issue 6, on a GPU host with the binary from scripts/build-cuda.sh (no
 # Rust toolchain needed there) and a Python with torch + transformers:
-#   1. parity: the committed HF references on `cuda`, in f32 (every token) and bf16 (a
-#      log-probability tolerance), with `openinfer parity`;
+#   1. parity: the committed HF references on `cuda`, in f32 (every token) and bf16
+#      (teacher-forced: log-probability bound and top-token agreement at every step), with
+#      `openinfer parity`;
 #   2. decode speed of the `llama3-8b` preset in bf16 at batch 1 and 32, beside HF
 #      transformers on the same GPU in the same run and beside the copy-bandwidth limit,
 #      with `openinfer bench-engine`.

@@ -10,7 +10,8 @@
 //! * [`sampling`] and [`detokenize`] turn logits into tokens and text.
 //! * [`backend`] is what a worker drives: the [`Engine`] or the model-free [`sim`] engine.
 //! * [`reference`] reads the committed HF transformers reference outputs; [`perplexity`]
-//!   scores a text the way llama.cpp's `llama-perplexity` does.
+//!   scores a text the way llama.cpp's `llama-perplexity` does, with [`scoring`]'s
+//!   teacher-forced next-token scores.
 //! * [`tp`] splits a model across ranks (tensor parallelism) and holds their collectives.
 //! * [`make_model`] writes random-weight model directories for demos, tests and benchmarks.
 
@@ -36,6 +37,7 @@ pub mod perplexity;
 pub mod reference;
 pub mod rope;
 pub mod sampling;
+pub mod scoring;
 pub mod sim;
 pub mod step_budget;
 mod step_scheduler;

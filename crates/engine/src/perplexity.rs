@@ -4,9 +4,6 @@
 //! a context before it. Numbers are comparable across formats of one model (f32, bf16, Q8_0,
 //! Q4_K, ...) and with llama.cpp's at the same context.
 
-use candle_core::{DType, Tensor, D};
-
-use crate::batch::SeqChunk;
 use crate::engine::{EngineConfig, Loaded};
 use crate::error::{EngineError, Result};
 use crate::model_dir::ModelDir;
@@ -69,33 +66,17 @@ pub fn perplexity(
             loaded.max_model_len
         )));
     }
-    let model = &loaded.model;
-    let blocks: Vec<u32> = (0..context.div_ceil(cfg.block_size) as u32).collect();
     let first = context / 2;
     let bos = tok.bos_token_id.filter(|_| tok.add_bos_token);
-    let device = model.device().clone();
     let mut nll: Vec<f64> = Vec::with_capacity(windows * (context - 1 - first));
     for w in 0..windows {
         let mut window = ids[w * context..(w + 1) * context].to_vec();
         if let Some(b) = bos {
             window[0] = b;
         }
-        let chunk = SeqChunk {
-            tokens: &window,
-            start_pos: 0,
-            block_table: &blocks,
-            want_logits: true,
-        };
-        let mut batch = model.step_batch(&[chunk], cfg.block_size)?;
         // Every row of the second half, not only the last.
-        let rows: Vec<u32> = (first as u32..context as u32 - 1).collect();
-        batch.logit_rows = Tensor::new(rows.as_slice(), &device)?;
-        let logits = model.forward(&batch, &loaded.kv)?.to_dtype(DType::F32)?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let next: Vec<u32> = window[first + 1..].to_vec();
-        let next = Tensor::new(next.as_slice(), &device)?.unsqueeze(1)?;
-        let picked = logp.gather(&next, 1)?.squeeze(1)?.to_vec1::<f32>()?;
-        nll.extend(picked.iter().map(|&l| -f64::from(l)));
+        let scores = crate::scoring::score(&loaded, cfg.block_size, &window, first)?;
+        nll.extend(scores.iter().map(|s| -f64::from(s.logprob)));
         progress(w + 1, windows);
     }
     let n = nll.len() as f64;
