@@ -5,6 +5,7 @@
 # ship no driver library, so a link-time stub of libcuda.so.1 is made from the symbols cudarc
 # binds; the GPU host's driver provides the real one at run time.
 #
+# Clippy runs first over the whole workspace with the feature on (`-D warnings`).
 # Output: target/cuda/release/openinfer (stripped). On the GPU host, NCCL and cuBLAS must be
 # on LD_LIBRARY_PATH (its Python environment has them; see docs/tensor-parallel.md).
 # Usage: scripts/build-cuda.sh            (CUDA_COMPUTE_CAP=80 ... for another GPU)
@@ -48,6 +49,9 @@ fi
 export CUDA_HOME="$CUDA" CUDA_PATH="$CUDA" NVCC="$CUDA/bin/nvcc" PATH="$CUDA/bin:$PATH"
 export LIBRARY_PATH="$CUDA/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export CARGO_TARGET_DIR=target/cuda
-cargo build --release -p openinfer-cli --features cuda
+# Warning-free with the feature on (the CPU-only CI never compiles the CUDA code).
+cargo clippy --release --workspace --all-targets --locked \
+    --features openinfer-cli/cuda,openinfer-worker/cuda,openinfer-engine/cuda -- -D warnings
+cargo build --release -p openinfer-cli --features cuda --locked
 strip target/cuda/release/openinfer
 ls -la target/cuda/release/openinfer

@@ -253,6 +253,11 @@ pub struct TpArgs {
     /// How long a rank waits for the others to show up.
     #[arg(long, env = "OPENINFER_TP_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
     pub tp_timeout: Duration,
+    /// With --tp-backend nccl: how long one all-reduce may take on the GPUs before the group's
+    /// NCCL communicator is aborted (a dead or stuck rank would leave the others waiting for
+    /// ever); the group then stops, as it does when a CPU-ring peer's connection closes.
+    #[arg(long, env = "OPENINFER_TP_COLLECTIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub tp_collective_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -51,6 +51,9 @@ pub struct GroupConfig {
     pub peers: Vec<SocketAddr>,
     /// How long ranks wait for each other.
     pub timeout: Duration,
+    /// How long one collective that the host cannot interrupt (NCCL's) may take before its
+    /// communicator is aborted.
+    pub collective_timeout: Duration,
     /// The group's name in etcd.
     pub group_id: Option<String>,
     /// etcd, where ranks meet.
@@ -191,6 +194,8 @@ fn backend(t: &GroupConfig) -> TpBackend {
 /// Joins rank `rank`'s group and returns its communicator.
 pub fn join(t: &GroupConfig, rank: usize) -> Result<Arc<dyn Communicator>, GroupError> {
     let (size, timeout) = (t.tp, t.timeout);
+    #[cfg(feature = "cuda")]
+    let collective_timeout = t.collective_timeout;
     let backend = backend(t);
     let connect = move |listener: TcpListener, addrs: Vec<SocketAddr>| {
         tracing::info!(
@@ -206,7 +211,13 @@ pub fn join(t: &GroupConfig, rank: usize) -> Result<Arc<dyn Communicator>, Group
         let comm: Arc<dyn Communicator> = match backend {
             TpBackend::Cpu => Arc::new(comm),
             #[cfg(feature = "cuda")]
-            TpBackend::Nccl => Arc::new(openinfer_engine::tp::nccl::NcclCommunicator::new(comm)?),
+            TpBackend::Nccl => Arc::new(openinfer_engine::tp::nccl::NcclCommunicator::new(
+                comm,
+                openinfer_engine::tp::nccl::NcclDeadlines {
+                    init: timeout,
+                    collective: collective_timeout,
+                },
+            )?),
             #[cfg(not(feature = "cuda"))]
             TpBackend::Nccl => refuse!("the nccl backend needs a CUDA build"),
         };
@@ -492,6 +503,7 @@ mod tests {
             node_rank: 0,
             peers: Vec::new(),
             timeout: Duration::from_secs(1),
+            collective_timeout: Duration::from_secs(1),
             group_id: None,
             registry: None,
             device: "cpu".into(),

@@ -104,6 +104,7 @@ fn group_config(a: &WorkerArgs, registry: Option<openinfer_registry::EtcdConfig>
         node_rank: t.tp_node_rank,
         peers: t.tp_peers.clone(),
         timeout: t.tp_timeout,
+        collective_timeout: t.tp_collective_timeout,
         group_id: a.group_id.clone(),
         registry,
         device: a.engine.device.clone(),

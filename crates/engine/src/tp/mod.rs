@@ -10,12 +10,15 @@
 //!   `nccl::NcclCommunicator` (CUDA builds) sums on the GPUs through NCCL.
 //! * [`plan::StepPlan`] is what rank 0 broadcasts; [`follower::Follower`] runs the forward
 //!   on the other ranks.
+//! * [`watchdog::Watchdog`] holds collectives the host cannot interrupt (NCCL's) to a
+//!   deadline, and aborts their communicator when one passes.
 
 pub mod cpu;
 pub mod follower;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod plan;
+pub mod watchdog;
 
 use candle_core::{DType, Device, Tensor};
 
