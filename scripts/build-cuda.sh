@@ -54,4 +54,8 @@ cargo clippy --release --workspace --all-targets --locked \
     --features openinfer-cli/cuda,openinfer-worker/cuda,openinfer-engine/cuda -- -D warnings
 cargo build --release -p openinfer-cli --features cuda --locked
 strip target/cuda/release/openinfer
+# It loads and starts (the driver stub stands in for libcuda.so.1; no device is touched).
+mkdir -p target/cuda-stub
+ln -sf "$STUB" target/cuda-stub/libcuda.so.1
+LD_LIBRARY_PATH="target/cuda-stub:$CUDA/lib:$NCCL/lib" target/cuda/release/openinfer --version
 ls -la target/cuda/release/openinfer
