@@ -118,7 +118,7 @@ macro_rules! dispatch {
 
 /// `x [m, k]` (row-major f32) times the transpose of `w`, `n` rows of `k` weights in `format`
 /// (`w` holds `n · k / 32` blocks, row after row) → `[m, n]` row-major: [`tiled`] below
-/// [`BlockFormat::widen_rows`] rows, [`widened`] from there.
+/// [`BlockFormat::widen_rows`] rows (Q8_0 from 2 rows: int8 on VNNI), [`widened`] from there.
 ///
 /// # Panics
 /// When `k` is not a multiple of the format's block or the slices are shorter than the shapes
@@ -126,10 +126,18 @@ macro_rules! dispatch {
 pub fn matmul(format: BlockFormat, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     if m >= format.widen_rows() {
         widened(format, w, n, k, x, m)
+    } else if format == BlockFormat::Q8_0 && m >= INT8_ROWS && crate::int8_matmul::available() {
+        checked_row_bytes(format, w, n, k, x, m);
+        crate::int8_matmul::q8_0(w, n, k, x, m)
     } else {
         tiled(format, w, n, k, x, m)
     }
 }
+
+/// Rows of `x` from which a Q8_0 product below [`BlockFormat::widen_rows`] quantizes them
+/// and multiplies in int8 ([`crate::int8_matmul`]): a batch of decodes. One row (a single
+/// decode, bound by reading the weights) keeps f32 activations.
+const INT8_ROWS: usize = 2;
 
 /// [`matmul`] with the matrix widened once, a pair of panels at a time, and multiplied by the
 /// packed f32 tiles ([`widened_matmul`]).

@@ -28,6 +28,7 @@ pub mod error;
 pub(crate) mod fast_exp;
 pub mod gguf;
 pub mod hub;
+pub mod int8_matmul;
 pub mod kv_cache;
 pub mod make_model;
 pub mod model;
