@@ -118,7 +118,7 @@ macro_rules! dispatch {
 
 /// `x [m, k]` (row-major f32) times the transpose of `w`, `n` rows of `k` weights in `format`
 /// (`w` holds `n · k / 32` blocks, row after row) → `[m, n]` row-major: [`tiled`] below
-/// [`BlockFormat::widen_rows`] rows (Q8_0 from 2 rows: int8 on VNNI), [`widened`] from there.
+/// [`BlockFormat::widen_rows`] rows (Q8_0 from 12 rows: int8 on VNNI), [`widened`] from there.
 ///
 /// # Panics
 /// When `k` is not a multiple of the format's block or the slices are shorter than the shapes
@@ -135,9 +135,11 @@ pub fn matmul(format: BlockFormat, w: &[u8], n: usize, k: usize, x: &[f32], m: u
 }
 
 /// Rows of `x` from which a Q8_0 product below [`BlockFormat::widen_rows`] quantizes them
-/// and multiplies in int8 ([`crate::int8_matmul`]): a batch of decodes. One row (a single
-/// decode, bound by reading the weights) keeps f32 activations.
-const INT8_ROWS: usize = 2;
+/// and multiplies in int8 ([`crate::int8_matmul`]): a batch of decodes. Below, the int8
+/// path's repacking is not reliably paid back: its speed-up over the f32 paths ranged
+/// 0.55–2.6× at 2–8 rows across runs and shapes, 0.9–2.4× at 16 (`examples/int8_speed`, 2
+/// threads), and f32 activations lose nothing.
+const INT8_ROWS: usize = 12;
 
 /// [`matmul`] with the matrix widened once, a pair of panels at a time, and multiplied by the
 /// packed f32 tiles ([`widened_matmul`]).

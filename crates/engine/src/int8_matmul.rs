@@ -26,6 +26,8 @@ const BLOCK_BYTES: usize = 2 + QK;
 const PANEL: usize = 16;
 /// Rows of `x` per register tile.
 const ROWS: usize = 8;
+/// How many blocks ahead [`repack`] prefetches each row of a panel.
+const PREFETCH_BLOCKS: usize = 8;
 
 /// True when this CPU has the instructions (AVX-512 F, BW and VNNI).
 pub fn available() -> bool {
@@ -187,6 +189,11 @@ unsafe fn repack(
     let flip = _mm512_set1_epi8(-128);
     for b in 0..blocks {
         let block = w.as_ptr().add(b * BLOCK_BYTES);
+        // Gathers do not train the hardware prefetchers: fetch each row's stream ahead.
+        let ahead = block.wrapping_add(PREFETCH_BLOCKS * BLOCK_BYTES);
+        for c in 0..cols {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(c * row_bytes) as *const i8);
+        }
         // The scale is the block's first two bytes (the gather reads four: still inside it).
         let d = _mm512_mask_i32gather_epi32::<1>(
             _mm512_setzero_si512(),
@@ -374,8 +381,8 @@ mod tests {
         }
     }
 
-    /// `block_matmul::matmul` takes this path for Q8_0 from two rows up to its widening
-    /// threshold, and keeps f32 activations for one row (a lone decode).
+    /// `block_matmul::matmul` takes this path for Q8_0 from twelve rows up to its widening
+    /// threshold, and keeps f32 activations below (a lone decode, a few).
     #[test]
     fn q8_0_batches_below_the_widening_threshold_take_this_path() {
         use crate::block_matmul::{matmul, tiled, BlockFormat};
@@ -389,9 +396,9 @@ mod tests {
             .data()
             .unwrap()
             .to_vec();
-        for m in [1, 2, 9, format.widen_rows() - 1] {
+        for m in [1, 11, 12, 16, format.widen_rows() - 1] {
             let x: Vec<f32> = (0..m * k).map(|i| (i % 17) as f32 * 0.1 - 0.8).collect();
-            let want = if m == 1 {
+            let want = if m < 12 {
                 tiled(format, &bytes, n, k, &x, m)
             } else {
                 q8_0(&bytes, n, k, &x, m)
