@@ -183,6 +183,10 @@ fn add_rms_norm_row(x: &[f32], r: &[f32], w: &[f32], eps: f32, s: &mut [Out], n:
     add_rms_norm_row_portable(x, r, w, eps, s, n)
 }
 
+/// [`add_rms_norm_row_portable`] compiled for AVX-512 (its loops vectorize to 16 lanes).
+///
+/// # Safety
+/// The CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn add_rms_norm_row_avx512(
@@ -199,6 +203,8 @@ unsafe fn add_rms_norm_row_avx512(
 /// Lanes of the partial sums in [`add_rms_norm_row`].
 const LANES: usize = 16;
 
+/// [`add_rms_norm_row`] in plain loops: the sum of squares in [`LANES`] partial sums, then
+/// each sum and its norm written once.
 #[inline(always)]
 fn add_rms_norm_row_portable(
     x: &[f32],

@@ -387,7 +387,6 @@ impl InplaceOp2 for SlotWrite<'_> {
                 c.dtype()
             ),
         }
-        Ok(())
     }
 }
 
@@ -401,12 +400,21 @@ struct Rows<'a> {
 }
 
 impl Rows<'_> {
-    fn copy<T: Copy>(&self, cache: &mut [T], new: &[T]) {
+    /// The copy; an error at the first row that lies outside either buffer (which layouts
+    /// that passed [`SlotWrite`]'s checks do not make), instead of a panic.
+    fn copy<T: Copy>(&self, cache: &mut [T], new: &[T]) -> candle_core::Result<()> {
         for (i, &slot) in self.slots.iter().enumerate() {
             let from = self.new_start + i * self.new_stride;
             let to = self.cache_start + slot as usize * self.row;
-            cache[to..to + self.row].copy_from_slice(&new[from..from + self.row]);
+            match (
+                cache.get_mut(to..to + self.row),
+                new.get(from..from + self.row),
+            ) {
+                (Some(dst), Some(src)) => dst.copy_from_slice(src),
+                _ => candle_core::bail!("kv-slot-write: row {i} lies outside its buffer"),
+            }
         }
+        Ok(())
     }
 }
 

@@ -106,7 +106,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .unwrap_or(f32::NAN)
 }
 
-/// The verdict on one case: `None` when it passed, else why not.
+/// How the cases of one dtype are judged (see the module's docs).
 struct Judge {
     exact: bool,
     tolerance: f32,
@@ -114,6 +114,8 @@ struct Judge {
 }
 
 impl Judge {
+    /// One case's result: what `generated` (and, in half precision, the teacher-forced
+    /// scores `forced`) show against the reference `c`, and why it failed if it did.
     fn verdict(&self, c: &Case, generated: &Generated, forced: Option<&[NextToken]>) -> CaseResult {
         let n = c.expected.len();
         let matched = generated
@@ -147,10 +149,10 @@ impl Judge {
                 "the reference has {} log-probabilities for {n} tokens; regenerate it with scripts/make_fixtures.py",
                 c.logprobs.len()
             ))
-        } else if diff.is_nan() {
-            Some("the engine gave no log-probability for some step".to_string())
         } else if self.exact && (matched != n || generated.tokens.len() != n) {
             Some(format!("{matched} of {n} greedy tokens match"))
+        } else if diff.is_nan() {
+            Some("the engine gave no log-probability for some step".to_string())
         } else if diff > self.tolerance {
             Some(format!("|Δ logprob| {diff:.5} > {}", self.tolerance))
         } else if !self.exact && agreement < self.min_agreement {
