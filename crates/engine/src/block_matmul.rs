@@ -127,7 +127,7 @@ pub fn matmul(format: BlockFormat, w: &[u8], n: usize, k: usize, x: &[f32], m: u
     if m >= format.widen_rows() {
         widened(format, w, n, k, x, m)
     } else if format == BlockFormat::Q8_0 && m >= INT8_ROWS && crate::int8_matmul::available() {
-        checked_row_bytes(format, w, n, k, x, m);
+        // It checks the shapes itself.
         crate::int8_matmul::q8_0(w, n, k, x, m)
     } else {
         tiled(format, w, n, k, x, m)

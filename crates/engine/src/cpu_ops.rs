@@ -131,18 +131,10 @@ fn add_rms_norm_cpu(
     let (xs, xl) = x.storage_and_layout();
     let (rs, rl) = r.storage_and_layout();
     let (ws, wl) = w.storage_and_layout();
-    let slice = |s: &Storage, l: &Layout| -> Option<*const [f32]> {
-        let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (s, l.contiguous_offsets()) else {
-            return None;
-        };
-        Some(&v[a..b] as *const [f32])
-    };
-    let (Some(xv), Some(rv), Some(wv)) = (slice(&xs, xl), slice(&rs, rl), slice(&ws, wl)) else {
+    let (Some(xv), Some(rv), Some(wv)) = (cpu_f32(&xs, xl), cpu_f32(&rs, rl), cpu_f32(&ws, wl))
+    else {
         return Ok(None);
     };
-    // SAFETY: the pointers come from slices borrowed through the read guards above, which
-    // live to the end of this function.
-    let (xv, rv, wv) = unsafe { (&*xv, &*rv, &*wv) };
     // Written whole below, so never zeroed first.
     let (mut sum, mut norm) = (
         Vec::with_capacity(rows * hidden),
@@ -164,6 +156,14 @@ fn add_rms_norm_cpu(
         Tensor::from_vec(sum, (rows, hidden), device)?,
         Tensor::from_vec(norm, (rows, hidden), device)?,
     )))
+}
+
+/// The values of a contiguous f32 CPU tensor ([`f32_input`]); `None` for any other.
+fn cpu_f32<'a>(s: &'a Storage, l: &Layout) -> Option<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => f32_input("add-rms-norm", c, l).ok(),
+        _ => None,
+    }
 }
 
 /// Rows of [`add_rms_norm`] a parallel task takes at least (a row is a few hundred
