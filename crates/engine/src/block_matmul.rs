@@ -13,15 +13,18 @@
 //!
 //! A register tile covers up to four rows of `x` and four rows of `W`: each block is widened
 //! once per tile and used for every row of `x` in it. Rows of `W` are shared out among threads.
-//! From [`BlockFormat::widen_rows`] rows of `x` on (a batch of decodes, a prefill chunk),
-//! widening every block once per four rows costs more than widening the matrix once: the
-//! product then widens the rows of `W` a pair of panels at a time into cache and runs the
-//! packed f32 tiles over them ([`widened_matmul`]).
+//! From [`crate::int8_matmul::FROM_ROWS`] rows of `x` on (a batch of decodes, a prefill chunk),
+//! CPUs with AVX-512 VNNI quantize `x` to 8 bits and multiply as integers, as llama.cpp does
+//! ([`crate::int8_matmul`]). Elsewhere, from [`BlockFormat::widen_rows`] rows on, widening
+//! every block once per four rows costs more than widening the matrix once: the product then
+//! widens the rows of `W` a pair of panels at a time into cache and runs the packed f32 tiles
+//! over them ([`widened_matmul`]).
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
+use crate::int8_matmul;
 use crate::packed_matmul::{has_avx512, widened_matmul, SharedOut};
 
 /// Weights per block.
@@ -63,7 +66,7 @@ impl BlockFormat {
     }
 
     /// Bytes per block (the layouts of ggml's `block_q*`).
-    fn block_bytes(self) -> usize {
+    pub fn block_bytes(self) -> usize {
         match self {
             Self::Q4_0 => 2 + 16,
             Self::Q4_1 => 2 + 2 + 16,
@@ -115,31 +118,27 @@ macro_rules! dispatch {
         }
     };
 }
+pub(crate) use dispatch;
 
 /// `x [m, k]` (row-major f32) times the transpose of `w`, `n` rows of `k` weights in `format`
-/// (`w` holds `n · k / 32` blocks, row after row) → `[m, n]` row-major: [`tiled`] below
-/// [`BlockFormat::widen_rows`] rows (Q8_0 from 12 rows: int8 on VNNI), [`widened`] from there.
+/// (`w` holds `n · k / 32` blocks, row after row) → `[m, n]` row-major: from
+/// [`int8_matmul::FROM_ROWS`] rows (a batch of decodes, a prefill chunk) in int8 where the
+/// CPU has VNNI ([`int8_matmul`]); otherwise [`tiled`] below [`BlockFormat::widen_rows`] rows
+/// and [`widened`] from there.
 ///
 /// # Panics
 /// When `k` is not a multiple of the format's block or the slices are shorter than the shapes
 /// say.
 pub fn matmul(format: BlockFormat, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
-    if m >= format.widen_rows() {
-        widened(format, w, n, k, x, m)
-    } else if format == BlockFormat::Q8_0 && m >= INT8_ROWS && crate::int8_matmul::available() {
+    if m >= int8_matmul::FROM_ROWS && int8_matmul::available() {
         // It checks the shapes itself.
-        crate::int8_matmul::q8_0(w, n, k, x, m)
+        int8_matmul::matmul(format, w, n, k, x, m)
+    } else if m >= format.widen_rows() {
+        widened(format, w, n, k, x, m)
     } else {
         tiled(format, w, n, k, x, m)
     }
 }
-
-/// Rows of `x` from which a Q8_0 product below [`BlockFormat::widen_rows`] quantizes them
-/// and multiplies in int8 ([`crate::int8_matmul`]): a batch of decodes. Below, the int8
-/// path's repacking is not reliably paid back: its speed-up over the f32 paths ranged
-/// 0.55–2.6× at 2–8 rows across runs and shapes, 0.9–2.4× at 16 (`examples/int8_speed`, 2
-/// threads), and f32 activations lose nothing.
-const INT8_ROWS: usize = 12;
 
 /// [`matmul`] with the matrix widened once, a pair of panels at a time, and multiplied by the
 /// packed f32 tiles ([`widened_matmul`]).

@@ -378,14 +378,26 @@ impl PagedAttention<'_> {
         s.sum.clear();
         s.sum.resize(rows, 0.0);
         let first_pos = start + t.first;
+        let head = |slot: u32| slot as usize * c.kv_row + t.kv * hd;
+        // Each key's head is a few cache lines, a row of the cache apart from the next: too
+        // short a stream for the hardware prefetchers. Ask for a block's keys and values
+        // (all at once, so that the loads overlap) one block ahead.
+        let fetch = |keys: std::ops::Range<usize>| {
+            for &slot in &slots[keys] {
+                prefetch(&c.k[head(slot)..][..hd]);
+                prefetch(&c.v[head(slot)..][..hd]);
+            }
+        };
+        fetch(t.keys.start..t.keys.end.min(t.keys.start + KEY_BLOCK));
         let mut block = t.keys.start;
         while block < t.keys.end {
             let n = KEY_BLOCK.min(t.keys.end - block);
+            fetch(block + n..t.keys.end.min(block + n + KEY_BLOCK));
             s.offsets.clear();
             s.offsets.extend(
                 slots[block..block + n]
                     .iter()
-                    .map(|&slot| slot * c.kv_row as u32 + (t.kv * hd) as u32),
+                    .map(|&slot| head(slot) as u32),
             );
             V::scores(&s.queries, hd, c.k, &s.offsets, &mut s.scores);
             for r in 0..rows {
@@ -426,6 +438,22 @@ impl PagedAttention<'_> {
             self.write_row(t, r, &s.acc[r * hd..], s.sum[r], out.out);
         }
     }
+}
+
+/// Asks for the cache lines of `x` ahead of their use.
+#[inline(always)]
+fn prefetch(x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in (0..x.len()).step_by(16) {
+        // SAFETY: a prefetch of an address inside `x`; it never faults.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                x.as_ptr().add(line) as *const i8,
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
 }
 
 /// The vector work of a task, per instruction set. Callers run the methods only where the

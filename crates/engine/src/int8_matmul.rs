@@ -1,14 +1,18 @@
-//! `y = x · Wᵀ` for Q8_0 weights with the activations quantized to 8 bits too, multiplied as
-//! integers with AVX-512 VNNI (`vpdpbusd`: 64 byte products summed into 16 lanes per
-//! instruction, where an f32 FMA does 16 products).
+//! `y = x · Wᵀ` for weights in llama.cpp's block formats with the activations quantized to 8
+//! bits too, multiplied as integers with AVX-512 VNNI (`vpdpbusd`: 64 byte products summed
+//! into 16 lanes per instruction, where an f32 FMA does 16 products).
 //!
 //! This is llama.cpp's arithmetic for its quantized formats (activations in Q8_0 blocks of 32,
 //! one f32 scale each), used here where it pays: a batch of decodes, a few rows of `x`, whose
-//! products on widened weights are bound by the multiply-adds. Each task repacks a panel of 16
-//! rows of `W` at a time into cache, the 16 rows' bytes interleaved four at a time
-//! (`[block][group of 4][row][4]`, made unsigned by adding 128), so that one 64-byte load
-//! serves 16 outputs; then every row of `x` runs over it. Per block, the integer sums are
-//! corrected for the 128 (`128 · Σ x_q`), converted once and scaled by both blocks' scales.
+//! products on widened weights are bound by the multiply-adds.
+//!
+//! Every format's weights are, run by run (32 weights; 16 for Q6_K, whose scales come per 16),
+//! `w = s · u + o` with `u` an unsigned byte: Q8_0's signed values plus 128, the 4-, 5- or
+//! 6-bit values of the others as they are, `o` their offset or minimum. So one kernel serves
+//! them all: per run, `Σ x·w = dₓ · (s · Σ uᵢ·qᵢ + o · Σ qᵢ)` with the activations `dₓ · qᵢ`.
+//! Each task unpacks a panel of 16 rows of `W` at a time into cache ([`Unpack`]), then
+//! interleaves the 16 rows' bytes four at a time (`[block][group of 4][row][4]`), so that one
+//! 64-byte load serves 16 outputs; then every row of `x` runs over it.
 //!
 //! The only rounding beyond the weights' is the activations' (to 1/254 of each block's largest
 //! magnitude); the result is not the product with the dequantized matrix to f32 precision, as
@@ -16,25 +20,32 @@
 
 use rayon::prelude::*;
 
+use crate::block_matmul::BlockFormat;
 use crate::packed_matmul::SharedOut;
 
-/// Values per Q8_0 block.
+/// Values per activation block (Q8_0's).
 const QK: usize = 32;
-/// Bytes per Q8_0 block: an f16 scale and 32 signed bytes.
-const BLOCK_BYTES: usize = 2 + QK;
 /// Rows of `W` (outputs) per panel: one 16-lane vector of sums.
 const PANEL: usize = 16;
 /// Rows of `x` per register tile.
 const ROWS: usize = 8;
-/// How many blocks ahead [`repack`] prefetches each row of a panel.
-const PREFETCH_BLOCKS: usize = 8;
 
-/// True when this CPU has the instructions (AVX-512 F, BW and VNNI).
+/// Rows of `x` from which [`crate::block_matmul::matmul`] takes this path: a batch of
+/// decodes, a prefill chunk. Below, a step is bound by reading the weights, which the f32
+/// paths do in one stream where this one reads 16 rows at a time: on SmolLM2-135M Q8_0, 2
+/// threads, decode at batch 4 ran at 226–227 tok/s with f32 activations against 191–197
+/// with int8, at batch 8 at 245–265 against 283–305 (`openinfer bench-engine --batch 4`, `8`).
+/// From 8 rows it is faster in every format and at every size measured, prefill included
+/// (2.3–3× the widened f32 panels at 128 rows: `examples/int8_speed`).
+pub const FROM_ROWS: usize = 8;
+
+/// True when this CPU has the instructions (AVX-512 F, BW, VL and VNNI, and F16C).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512vnni")
             && std::arch::is_x86_feature_detected!("f16c")
     }
@@ -44,45 +55,47 @@ pub fn available() -> bool {
     }
 }
 
-/// The activations in Q8_0 blocks: values, each block's scale, and `128 · Σ` of its values
-/// (the correction for the weights' unsigned bias).
+/// The activations in Q8_0 blocks: values, each block's scale, and the sum of the values of
+/// each run of `run` (the term the weights' offsets multiply).
 pub struct QuantizedRows {
     q: Vec<i8>,
     scale: Vec<f32>,
-    bias: Vec<i32>,
+    sum: Vec<f32>,
     k: usize,
+    run: usize,
 }
 
 impl QuantizedRows {
     /// `x` (`[m, k]`, `k` a multiple of 32) quantized block by block: scale = largest
-    /// magnitude / 127, values rounded to nearest.
-    pub fn new(x: &[f32], m: usize, k: usize) -> Self {
+    /// magnitude / 127, values rounded to nearest (even); sums kept per `run` values (16 or
+    /// 32).
+    ///
+    /// # Panics
+    /// When [`available`] is false, or the shapes do not fit.
+    pub fn new(x: &[f32], m: usize, k: usize, run: usize) -> Self {
         assert!(
-            k.is_multiple_of(QK) && x.len() >= m * k,
+            available() && k.is_multiple_of(QK) && x.len() >= m * k && (run == 16 || run == QK),
             "int8-matmul: bad activations"
         );
-        let blocks = m * k / QK;
         let mut q = vec![0i8; m * k];
-        let mut scale = vec![0f32; blocks];
-        let mut bias = vec![0i32; blocks];
-        for (((x, q), s), c) in x[..m * k]
+        let mut scale = vec![0f32; m * k / QK];
+        let mut sum = vec![0f32; m * k / run];
+        for (((x, q), s), sums) in x[..m * k]
             .chunks_exact(QK)
             .zip(q.chunks_exact_mut(QK))
             .zip(&mut scale)
-            .zip(&mut bias)
+            .zip(sum.chunks_exact_mut(QK / run))
         {
-            let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, &v) in q.iter_mut().zip(x) {
-                *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
-                sum += i32::from(*q);
-            }
-            *s = d;
-            *c = 128 * sum;
+            // SAFETY: `available()` held; each chunk holds a block.
+            unsafe { quantize_block(x, q, s, sums) };
         }
-        QuantizedRows { q, scale, bias, k }
+        QuantizedRows {
+            q,
+            scale,
+            sum,
+            k,
+            run,
+        }
     }
 
     /// Value `t` of row `r`, as the activations' rounding left it.
@@ -91,17 +104,66 @@ impl QuantizedRows {
     }
 }
 
-/// `x [m, k]` times the transpose of the Q8_0 matrix `w` (`n` rows of `k / 32` blocks) →
-/// `[m, n]`, with `x` quantized to Q8_0 first ([`QuantizedRows`]).
+/// One block of 32 activations into `q`, its scale into `scale` and the sums of its runs
+/// (one or two) into `sums`.
+///
+/// # Safety
+/// AVX-512 F and BW are present; `x` and `q` hold 32 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_block(x: &[f32], q: &mut [i8], scale: &mut f32, sums: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(x.len() >= QK && q.len() >= QK);
+    let (a, b) = (
+        _mm512_loadu_ps(x.as_ptr()),
+        _mm512_loadu_ps(x.as_ptr().add(16)),
+    );
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    let d = amax / 127.0;
+    let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    // Rounded to nearest even (the default rounding); |x / d| <= 127, so no clamping.
+    let (qa, qb) = (
+        _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)),
+        _mm512_cvtps_epi32(_mm512_mul_ps(b, inv)),
+    );
+    _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtsepi32_epi8(qa));
+    _mm_storeu_si128(
+        q.as_mut_ptr().add(16) as *mut __m128i,
+        _mm512_cvtsepi32_epi8(qb),
+    );
+    *scale = d;
+    match sums {
+        [both] => *both = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)) as f32,
+        [first, second] => {
+            *first = _mm512_reduce_add_epi32(qa) as f32;
+            *second = _mm512_reduce_add_epi32(qb) as f32;
+        }
+        _ => unreachable!("a block holds one or two runs"),
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn quantize_block(_: &[f32], _: &mut [i8], _: &mut f32, _: &mut [f32]) {
+    unreachable!("int8-matmul runs only where available() is true")
+}
+
+/// `x [m, k]` times the transpose of `w` (`n` rows of `k` weights in `format`, as in
+/// [`crate::block_matmul::matmul`]) → `[m, n]`, with `x` quantized to Q8_0 first
+/// ([`QuantizedRows`]).
 ///
 /// # Panics
 /// When [`available`] is false, or the shapes do not fit the slices.
-pub fn q8_0(w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+pub fn matmul(format: BlockFormat, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     assert!(available(), "int8-matmul needs AVX-512 VNNI");
-    let row_bytes = k / QK * BLOCK_BYTES;
-    assert!(w.len() >= n * row_bytes, "int8-matmul: short weights");
-    let xq = QuantizedRows::new(x, m, k);
-    let blocks = k / QK;
+    let per_block = format.block_weights();
+    let row_bytes = k / per_block * format.block_bytes();
+    assert!(
+        k.is_multiple_of(per_block) && w.len() >= n * row_bytes && x.len() >= m * k,
+        "int8-matmul: k = {k} is not a multiple of {per_block}, or short input"
+    );
+    let run = run_of(format);
+    let xq = QuantizedRows::new(x, m, k, run);
+    let runs = k / run;
     // Every value is written below (each task its columns of every row), so never zeroed.
     let mut y = Vec::with_capacity(m * n);
     let out = SharedOut(y.spare_capacity_mut().as_mut_ptr() as *mut f32);
@@ -110,40 +172,20 @@ pub fn q8_0(w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     (0..panels.div_ceil(per_task))
         .into_par_iter()
         .for_each_init(
-            || (vec![0u8; blocks * QK * PANEL], vec![0f32; blocks * PANEL]),
-            |(packed, scales), task| {
+            || Panel::new(k, runs),
+            |panel, task| {
                 for p in task * per_task..((task + 1) * per_task).min(panels) {
                     let col = p * PANEL;
                     let cols = PANEL.min(n - col);
-                    // SAFETY: `available()` held; rows col..col+cols of `w` hold `blocks`
-                    // blocks each; the buffers hold a panel.
-                    unsafe {
-                        repack(
-                            &w[col * row_bytes..],
-                            row_bytes,
-                            cols,
-                            blocks,
-                            packed,
-                            scales,
-                        )
-                    };
+                    // SAFETY: `available()` held; rows col..col + cols of `w` hold a row's
+                    // blocks each (checked above).
+                    unsafe { panel.fill(format, &w[col * row_bytes..], row_bytes, cols) };
                     let mut i = 0;
                     while i < m {
                         let rows = ROWS.min(m - i);
                         // SAFETY: as above; rows i..i+rows and columns col..col+cols lie in
                         // `y` (m × n), and only this task writes these columns.
-                        unsafe {
-                            tile(
-                                &xq,
-                                i,
-                                rows,
-                                packed,
-                                scales,
-                                out.ptr().add(i * n + col),
-                                n,
-                                cols,
-                            )
-                        };
+                        unsafe { tile(&xq, i, rows, panel, out.ptr().add(i * n + col), n, cols) };
                         i += rows;
                     }
                 }
@@ -154,28 +196,91 @@ pub fn q8_0(w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     y
 }
 
-/// Rows `0..cols` of `w` (`row_bytes` apart, `blocks` Q8_0 blocks each) into `packed`
-/// (`[block][group][row][4]`, bytes + 128) and their scales into `scales` (`[block][row]`);
-/// rows past `cols` are zero-scaled.
+/// Weights per scale in `format`: 16 for Q6_K, 32 for the others.
+fn run_of(format: BlockFormat) -> usize {
+    match format {
+        BlockFormat::Q6K => 16,
+        _ => QK,
+    }
+}
+
+/// One task's panel of 16 rows of `W`, interleaved for the kernel: `packed`
+/// (`[group][row][4]`: group `g` holds weights `4g..4g + 4` of every row), `scales` and
+/// `offsets` (`[run][row]`). Rows past a partial panel's end are zero, so their (unstored)
+/// outputs are zero.
+struct Panel {
+    packed: Vec<u8>,
+    scales: Vec<f32>,
+    offsets: Vec<f32>,
+}
+
+impl Panel {
+    fn new(k: usize, runs: usize) -> Self {
+        Panel {
+            packed: vec![0; PANEL * k],
+            scales: vec![0.0; PANEL * runs],
+            offsets: vec![0.0; PANEL * runs],
+        }
+    }
+
+    /// Rows `0..cols` of `w` (`row_bytes` apart) in `format`, 16 rows at a time ([`Gather`]).
+    ///
+    /// # Safety
+    /// [`available`] is true.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn fill(&mut self, format: BlockFormat, w: &[u8], row_bytes: usize, cols: usize) {
+        macro_rules! go {
+            ($f:ident) => {
+                gather_panel::<$f>(self, w, row_bytes, cols)
+            };
+        }
+        crate::block_matmul::dispatch!(format, go);
+    }
+}
+
+/// How a block format is unpacked, 16 rows at a time: each field of a block gathered from
+/// every row of the panel at once (one lane a row), straight into the interleaved form.
+#[cfg(target_arch = "x86_64")]
+trait Gather {
+    /// Bytes per block.
+    const BYTES: usize;
+    /// Weights per block.
+    const WEIGHTS: usize;
+    /// Weights per run (one scale and offset): 32, or 16 for Q6_K.
+    const RUN: usize = QK;
+    /// The block at `base` of each row (`rows`: their byte offsets from `base`; `mask`: the
+    /// rows that exist): its groups of four weights into `groups` (64 bytes a group), its
+    /// runs' scales and offsets into `scales` and `offsets` (16 lanes a run).
+    unsafe fn gather(
+        base: *const u8,
+        rows: __m512i,
+        mask: __mmask16,
+        groups: *mut u8,
+        scales: *mut f32,
+        offsets: *mut f32,
+    );
+}
+
+/// How far ahead of the block being gathered each row's stream is prefetched, in bytes.
+const PREFETCH_BYTES: usize = 256;
+
+/// [`Panel::fill`] for one format.
 ///
 /// # Safety
-/// AVX-512 F and BW are present; `w` holds `cols` rows.
+/// As [`Panel::fill`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,f16c")]
-unsafe fn repack(
-    w: &[u8],
-    row_bytes: usize,
-    cols: usize,
-    blocks: usize,
-    packed: &mut [u8],
-    scales: &mut [f32],
-) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn gather_panel<F: Gather>(p: &mut Panel, w: &[u8], row_bytes: usize, cols: usize) {
     use std::arch::x86_64::*;
+    let blocks = row_bytes / F::BYTES;
+    let runs = blocks * F::WEIGHTS / F::RUN;
     assert!(
-        cols <= PANEL
-            && w.len() >= (cols - 1) * row_bytes + blocks * BLOCK_BYTES
-            && packed.len() >= blocks * QK * PANEL
-            && scales.len() >= blocks * PANEL
+        (1..=PANEL).contains(&cols)
+            && row_bytes == blocks * F::BYTES
+            && w.len() >= cols * row_bytes
+            && p.packed.len() >= blocks * F::WEIGHTS * PANEL
+            && p.scales.len() >= runs * PANEL
+            && p.offsets.len() >= runs * PANEL
     );
     let rows = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -186,41 +291,380 @@ unsafe fn repack(
     } else {
         (1 << cols) - 1
     };
-    let flip = _mm512_set1_epi8(-128);
+    let ahead = PREFETCH_BYTES.div_ceil(F::BYTES) * F::BYTES;
     for b in 0..blocks {
-        let block = w.as_ptr().add(b * BLOCK_BYTES);
+        let base = w.as_ptr().add(b * F::BYTES);
         // Gathers do not train the hardware prefetchers: fetch each row's stream ahead.
-        let ahead = block.wrapping_add(PREFETCH_BLOCKS * BLOCK_BYTES);
         for c in 0..cols {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(c * row_bytes) as *const i8);
+            let next = base.wrapping_add(ahead + c * row_bytes);
+            for line in (0..F::BYTES).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line) as *const i8);
+            }
         }
-        // The scale is the block's first two bytes (the gather reads four: still inside it).
-        let d = _mm512_mask_i32gather_epi32::<1>(
-            _mm512_setzero_si512(),
-            mask,
+        let run = b * F::WEIGHTS / F::RUN;
+        F::gather(
+            base,
             rows,
-            block as *const i32,
+            mask,
+            p.packed.as_mut_ptr().add(b * F::WEIGHTS * PANEL),
+            p.scales.as_mut_ptr().add(run * PANEL),
+            p.offsets.as_mut_ptr().add(run * PANEL),
         );
-        _mm512_storeu_ps(
-            scales.as_mut_ptr().add(b * PANEL),
-            _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d)),
-        );
-        for g in 0..QK / 4 {
-            let q = _mm512_mask_i32gather_epi32::<1>(
-                _mm512_setzero_si512(),
-                mask,
-                rows,
-                block.add(2 + 4 * g) as *const i32,
-            );
-            _mm512_storeu_si512(
-                packed.as_mut_ptr().add((b * QK / 4 + g) * 64) as *mut _,
-                _mm512_xor_si512(q, flip),
-            );
+    }
+}
+
+/// The four bytes at `base + at` of every row.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn gather4(base: *const u8, at: usize, rows: __m512i, mask: __mmask16) -> __m512i {
+    use std::arch::x86_64::*;
+    _mm512_mask_i32gather_epi32::<1>(
+        _mm512_setzero_si512(),
+        mask,
+        rows,
+        base.add(at) as *const i32,
+    )
+}
+
+/// The low (`high` false) or high f16 of each lane, widened.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn f16_lanes(v: __m512i, high: bool) -> __m512 {
+    use std::arch::x86_64::*;
+    let v = if high { _mm512_srli_epi32(v, 16) } else { v };
+    _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v))
+}
+
+/// Stores group `g` (64 bytes) at `groups`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn put_group(groups: *mut u8, g: usize, v: __m512i) {
+    std::arch::x86_64::_mm512_storeu_si512(groups.add(64 * g) as *mut _, v)
+}
+
+/// Stores run `r`'s scales and offsets.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn put_run(scales: *mut f32, offsets: *mut f32, r: usize, s: __m512, o: __m512) {
+    use std::arch::x86_64::*;
+    _mm512_storeu_ps(scales.add(PANEL * r), s);
+    _mm512_storeu_ps(offsets.add(PANEL * r), o);
+}
+
+/// The low (`high` false) or high nibble of each byte.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn nibbles(v: __m512i, high: bool) -> __m512i {
+    use std::arch::x86_64::*;
+    let v = if high { _mm512_srli_epi32(v, 4) } else { v };
+    _mm512_and_si512(v, _mm512_set1_epi8(0xF))
+}
+
+/// Bits `shift..shift + width` of each byte, moved to bit 4 up (the bits above a nibble).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn high_bits(v: __m512i, shift: usize, width: u8) -> __m512i {
+    use std::arch::x86_64::*;
+    let bits = _mm512_and_si512(
+        _mm512_srl_epi32(v, _mm_cvtsi32_si128(shift as i32)),
+        _mm512_set1_epi8(((1u16 << width) - 1) as i8),
+    );
+    _mm512_slli_epi32(bits, 4)
+}
+
+/// A 32-weight block's 16 bytes of nibbles at `base + at` as its eight groups (low
+/// nibbles: groups 0–3, high: 4–7), with the fifth bits added where `qh` (a row's 32 high
+/// bits, bit `j` for weight `j`) is given.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn nibble_groups(
+    base: *const u8,
+    at: usize,
+    qh: Option<__m512i>,
+    rows: __m512i,
+    mask: __mmask16,
+    groups: *mut u8,
+) {
+    use std::arch::x86_64::*;
+    // Four bits of `qh` (weights 4g..4g + 4) spread to bit 4 of each of a lane's bytes.
+    let spread = _mm512_setr_epi32(
+        0,
+        0x10,
+        0x1000,
+        0x1010,
+        0x10_0000,
+        0x10_0010,
+        0x10_1000,
+        0x10_1010,
+        0x1000_0000,
+        0x1000_0010,
+        0x1000_1000,
+        0x1000_1010,
+        0x1010_0000,
+        0x1010_0010,
+        0x1010_1000,
+        0x1010_1010,
+    );
+    for j in 0..4 {
+        let v = gather4(base, at + 4 * j, rows, mask);
+        for (g, high) in [(j, false), (j + 4, true)] {
+            let mut q = nibbles(v, high);
+            if let Some(qh) = qh {
+                let bits = _mm512_and_si512(
+                    _mm512_srl_epi32(qh, _mm_cvtsi32_si128(4 * g as i32)),
+                    _mm512_set1_epi32(0xF),
+                );
+                q = _mm512_or_si512(q, _mm512_permutexvar_epi32(bits, spread));
+            }
+            put_group(groups, g, q);
         }
     }
 }
 
-/// Rows `first..first + rows` of `x` over one repacked panel: `cols` outputs of each row.
+/// Scale and minimum (six bits each, as f32 lanes) of run `r` (0–7) of a Q4_K or Q5_K
+/// super-block, from its 12 bytes of scales gathered as `sc` (ggml's `get_scale_min_k4`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn scale_min_k4(sc: [__m512i; 3], r: usize) -> (__m512, __m512) {
+    use std::arch::x86_64::*;
+    // Byte i of the twelve, in the low 8 bits of each lane.
+    let byte = |i: usize| _mm512_srl_epi32(sc[i / 4], _mm_cvtsi32_si128(8 * (i % 4) as i32));
+    let bits = |v: __m512i, m: i32| _mm512_and_si512(v, _mm512_set1_epi32(m));
+    let (d, m) = if r < 4 {
+        (bits(byte(r), 63), bits(byte(r + 4), 63))
+    } else {
+        let top = |v: __m512i| _mm512_slli_epi32(bits(_mm512_srli_epi32(v, 6), 3), 4);
+        (
+            _mm512_or_si512(bits(byte(r + 4), 0xF), top(byte(r - 4))),
+            _mm512_or_si512(bits(_mm512_srli_epi32(byte(r + 4), 4), 0xF), top(byte(r))),
+        )
+    };
+    (_mm512_cvtepi32_ps(d), _mm512_cvtepi32_ps(m))
+}
+
+/// Declares how a format is gathered.
+macro_rules! gather {
+    ($name:ident, $bytes:expr, $weights:expr, $run:expr,
+     |$base:ident, $rows:ident, $mask:ident, $groups:ident, $scales:ident, $offsets:ident| $body:block) => {
+        #[cfg(target_arch = "x86_64")]
+        struct $name;
+        #[cfg(target_arch = "x86_64")]
+        impl Gather for $name {
+            const BYTES: usize = $bytes;
+            const WEIGHTS: usize = $weights;
+            const RUN: usize = $run;
+            #[inline(always)]
+            #[allow(unused_imports)]
+            unsafe fn gather(
+                $base: *const u8,
+                $rows: __m512i,
+                $mask: __mmask16,
+                $groups: *mut u8,
+                $scales: *mut f32,
+                $offsets: *mut f32,
+            ) {
+                use std::arch::x86_64::*;
+                $body
+            }
+        }
+    };
+}
+
+// block_q4_0: d, qs[16]; w = d·(q − 8).
+gather!(Q4_0, 18, 32, 32, |base,
+                           rows,
+                           mask,
+                           groups,
+                           scales,
+                           offsets| {
+    let d = f16_lanes(gather4(base, 0, rows, mask), false);
+    nibble_groups(base, 2, None, rows, mask, groups);
+    put_run(
+        scales,
+        offsets,
+        0,
+        d,
+        _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
+    );
+});
+// block_q4_1: d, m, qs[16]; w = d·q + m.
+gather!(Q4_1, 20, 32, 32, |base,
+                           rows,
+                           mask,
+                           groups,
+                           scales,
+                           offsets| {
+    let head = gather4(base, 0, rows, mask);
+    nibble_groups(base, 4, None, rows, mask, groups);
+    put_run(
+        scales,
+        offsets,
+        0,
+        f16_lanes(head, false),
+        f16_lanes(head, true),
+    );
+});
+// block_q5_0: d, qh, qs[16]; w = d·(q − 16).
+gather!(Q5_0, 22, 32, 32, |base,
+                           rows,
+                           mask,
+                           groups,
+                           scales,
+                           offsets| {
+    let d = f16_lanes(gather4(base, 0, rows, mask), false);
+    let qh = gather4(base, 2, rows, mask);
+    nibble_groups(base, 6, Some(qh), rows, mask, groups);
+    put_run(
+        scales,
+        offsets,
+        0,
+        d,
+        _mm512_mul_ps(d, _mm512_set1_ps(-16.0)),
+    );
+});
+// block_q5_1: d, m, qh, qs[16]; w = d·q + m.
+gather!(Q5_1, 24, 32, 32, |base,
+                           rows,
+                           mask,
+                           groups,
+                           scales,
+                           offsets| {
+    let head = gather4(base, 0, rows, mask);
+    let qh = gather4(base, 4, rows, mask);
+    nibble_groups(base, 8, Some(qh), rows, mask, groups);
+    put_run(
+        scales,
+        offsets,
+        0,
+        f16_lanes(head, false),
+        f16_lanes(head, true),
+    );
+});
+// block_q8_0: d, qs[32] signed; w = d·((q + 128) − 128).
+gather!(Q8_0, 34, 32, 32, |base,
+                           rows,
+                           mask,
+                           groups,
+                           scales,
+                           offsets| {
+    let d = f16_lanes(gather4(base, 0, rows, mask), false);
+    for g in 0..8 {
+        let q = gather4(base, 2 + 4 * g, rows, mask);
+        put_group(groups, g, _mm512_xor_si512(q, _mm512_set1_epi8(-128)));
+    }
+    put_run(
+        scales,
+        offsets,
+        0,
+        d,
+        _mm512_mul_ps(d, _mm512_set1_ps(-128.0)),
+    );
+});
+// block_q4_K: d, dmin, scales[12], qs[128]; run r: d·sc_r·q − dmin·m_r, runs 2i and 2i + 1
+// the low and high nibbles of bytes 32i..32i + 32 of qs.
+gather!(Q4K, 144, 256, 32, |base,
+                            rows,
+                            mask,
+                            groups,
+                            scales,
+                            offsets| {
+    k_quant(base, 16, None, rows, mask, groups, scales, offsets);
+});
+// block_q5_K: d, dmin, scales[12], qh[32] (bit r of byte l: run r's weight l), qs[128].
+gather!(Q5K, 176, 256, 32, |base,
+                            rows,
+                            mask,
+                            groups,
+                            scales,
+                            offsets| {
+    k_quant(base, 48, Some(16), rows, mask, groups, scales, offsets);
+});
+// block_q6_K: ql[128], qh[64], scales[16] (signed, one per 16 weights), d; w = d·sc·(q − 32).
+// Run 4h + g (32 weights) takes the low (g < 2) or high nibbles of ql[64h + 32(g % 2)..] and
+// bits 2g..2g + 2 of qh[32h..].
+gather!(Q6K, 210, 256, 16, |base,
+                            rows,
+                            mask,
+                            groups,
+                            scales,
+                            offsets| {
+    // d is the block's last two bytes: read the four that end there.
+    let d = f16_lanes(gather4(base, 206, rows, mask), true);
+    for i in 0..4 {
+        let sc = gather4(base, 192 + 4 * i, rows, mask);
+        for t in 0..4 {
+            // Byte t of the lane, sign-extended.
+            let shifted = _mm512_sll_epi32(sc, _mm_cvtsi32_si128(24 - 8 * t as i32));
+            let s = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srai_epi32(shifted, 24)));
+            put_run(
+                scales,
+                offsets,
+                4 * i + t,
+                s,
+                _mm512_mul_ps(s, _mm512_set1_ps(-32.0)),
+            );
+        }
+    }
+    for h in 0..2 {
+        for j in 0..8 {
+            let ql = [
+                gather4(base, 64 * h + 4 * j, rows, mask),
+                gather4(base, 64 * h + 32 + 4 * j, rows, mask),
+            ];
+            let qh = gather4(base, 128 + 32 * h + 4 * j, rows, mask);
+            for g in 0..4 {
+                let q = _mm512_or_si512(nibbles(ql[g % 2], g >= 2), high_bits(qh, 2 * g, 2));
+                put_group(groups, 8 * (4 * h + g) + j, q);
+            }
+        }
+    }
+});
+
+/// Q4_K (`qh` none) and Q5_K (`qh` the offset of its fifth bits): d, dmin, the scales, and
+/// the nibbles at `qs`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn k_quant(
+    base: *const u8,
+    qs: usize,
+    qh: Option<usize>,
+    rows: __m512i,
+    mask: __mmask16,
+    groups: *mut u8,
+    scales: *mut f32,
+    offsets: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let head = gather4(base, 0, rows, mask);
+    let (d, dmin) = (f16_lanes(head, false), f16_lanes(head, true));
+    let sc = [4, 8, 12].map(|at| gather4(base, at, rows, mask));
+    for r in 0..8 {
+        let (s, m) = scale_min_k4(sc, r);
+        put_run(
+            scales,
+            offsets,
+            r,
+            _mm512_mul_ps(d, s),
+            _mm512_mul_ps(dmin, _mm512_sub_ps(_mm512_setzero_ps(), m)),
+        );
+    }
+    for j in 0..8 {
+        let fifth = qh.map(|at| gather4(base, at + 4 * j, rows, mask));
+        for i in 0..4 {
+            let v = gather4(base, qs + 32 * i + 4 * j, rows, mask);
+            for (r, high) in [(2 * i, false), (2 * i + 1, true)] {
+                let mut q = nibbles(v, high);
+                if let Some(h) = fifth {
+                    q = _mm512_or_si512(q, high_bits(h, r, 1));
+                }
+                put_group(groups, 8 * r + j, q);
+            }
+        }
+    }
+}
+
+/// Rows `first..first + rows` of `x` over one interleaved panel: `cols` outputs of each row.
 ///
 /// # Safety
 /// AVX-512 F, BW and VNNI are present; `y` is valid for `rows` rows of stride `ldy` and
@@ -231,22 +675,30 @@ unsafe fn tile(
     x: &QuantizedRows,
     first: usize,
     rows: usize,
-    packed: &[u8],
-    scales: &[f32],
+    panel: &Panel,
     y: *mut f32,
     ldy: usize,
     cols: usize,
 ) {
     let mut out = [[0f32; PANEL]; ROWS];
-    match rows {
-        1 => tile_rows::<1>(x, first, packed, scales, &mut out),
-        2 => tile_rows::<2>(x, first, packed, scales, &mut out),
-        3 => tile_rows::<3>(x, first, packed, scales, &mut out),
-        4 => tile_rows::<4>(x, first, packed, scales, &mut out),
-        5 => tile_rows::<5>(x, first, packed, scales, &mut out),
-        6 => tile_rows::<6>(x, first, packed, scales, &mut out),
-        7 => tile_rows::<7>(x, first, packed, scales, &mut out),
-        _ => tile_rows::<8>(x, first, packed, scales, &mut out),
+    macro_rules! go {
+        ($run:literal) => {
+            match rows {
+                1 => tile_rows::<1, $run>(x, first, panel, &mut out),
+                2 => tile_rows::<2, $run>(x, first, panel, &mut out),
+                3 => tile_rows::<3, $run>(x, first, panel, &mut out),
+                4 => tile_rows::<4, $run>(x, first, panel, &mut out),
+                5 => tile_rows::<5, $run>(x, first, panel, &mut out),
+                6 => tile_rows::<6, $run>(x, first, panel, &mut out),
+                7 => tile_rows::<7, $run>(x, first, panel, &mut out),
+                _ => tile_rows::<8, $run>(x, first, panel, &mut out),
+            }
+        };
+    }
+    if x.run == 16 {
+        go!(16)
+    } else {
+        go!(32)
     }
     for (r, o) in out.iter().enumerate().take(rows) {
         std::ptr::copy_nonoverlapping(o.as_ptr(), y.add(r * ldy), cols);
@@ -255,40 +707,50 @@ unsafe fn tile(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile_rows<const R: usize>(
+unsafe fn tile_rows<const R: usize, const RUN: usize>(
     x: &QuantizedRows,
     first: usize,
-    packed: &[u8],
-    scales: &[f32],
+    panel: &Panel,
     out: &mut [[f32; PANEL]; ROWS],
 ) {
     use std::arch::x86_64::*;
     let k = x.k;
-    let blocks = k / QK;
-    debug_assert!(
+    let (blocks, runs) = (k / QK, k / RUN);
+    assert!(
         x.q.len() >= (first + R) * k
-            && packed.len() >= blocks * QK * PANEL
-            && scales.len() >= blocks * PANEL
+            && x.sum.len() >= (first + R) * runs
+            && x.scale.len() >= (first + R) * blocks
+            && panel.packed.len() >= k * PANEL
+            && panel.scales.len() >= runs * PANEL
+            && panel.offsets.len() >= runs * PANEL
+            && x.run == RUN
     );
-    let (qp, pp) = (x.q.as_ptr().add(first * k), packed.as_ptr());
+    let (qp, pp) = (x.q.as_ptr().add(first * k), panel.packed.as_ptr());
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..blocks {
-        let mut sums = [_mm512_setzero_si512(); R];
-        for g in 0..QK / 4 {
-            // SAFETY: group g of block b lies inside the panel, and bytes b·32 + 4g .. + 4 of
-            // each row inside `x`.
-            let wv = _mm512_loadu_si512(pp.add((b * QK / 4 + g) * 64) as *const _);
-            for (r, s) in sums.iter_mut().enumerate() {
-                let four = std::ptr::read_unaligned(qp.add(r * k + b * QK + 4 * g) as *const i32);
-                *s = _mm512_dpbusd_epi32(*s, wv, _mm512_set1_epi32(four));
+        let mut t = [_mm512_setzero_ps(); R];
+        for h in 0..QK / RUN {
+            let run = b * (QK / RUN) + h;
+            let mut sums = [_mm512_setzero_si512(); R];
+            for g in run * RUN / 4..(run + 1) * RUN / 4 {
+                // SAFETY: group g lies inside the panel, and bytes 4g .. 4g + 4 of each row
+                // inside `x`.
+                let wv = _mm512_loadu_si512(pp.add(g * 64) as *const _);
+                for (r, s) in sums.iter_mut().enumerate() {
+                    let four = std::ptr::read_unaligned(qp.add(r * k + 4 * g) as *const i32);
+                    *s = _mm512_dpbusd_epi32(*s, wv, _mm512_set1_epi32(four));
+                }
+            }
+            let ws = _mm512_loadu_ps(panel.scales.as_ptr().add(run * PANEL));
+            let wo = _mm512_loadu_ps(panel.offsets.as_ptr().add(run * PANEL));
+            for (r, (t, s)) in t.iter_mut().zip(&sums).enumerate() {
+                let sum = _mm512_set1_ps(*x.sum.get_unchecked((first + r) * runs + run));
+                *t = _mm512_fmadd_ps(ws, _mm512_cvtepi32_ps(*s), _mm512_fmadd_ps(wo, sum, *t));
             }
         }
-        let ws = _mm512_loadu_ps(scales.as_ptr().add(b * PANEL));
-        for (r, (a, s)) in acc.iter_mut().zip(&sums).enumerate() {
-            let at = (first + r) * blocks + b;
-            let exact = _mm512_sub_epi32(*s, _mm512_set1_epi32(x.bias[at]));
-            let scale = _mm512_mul_ps(ws, _mm512_set1_ps(x.scale[at]));
-            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scale, *a);
+        for (r, (a, t)) in acc.iter_mut().zip(&t).enumerate() {
+            let d = _mm512_set1_ps(*x.scale.get_unchecked((first + r) * blocks + b));
+            *a = _mm512_fmadd_ps(*t, d, *a);
         }
     }
     for (o, a) in out.iter_mut().zip(&acc) {
@@ -297,24 +759,20 @@ unsafe fn tile_rows<const R: usize>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn repack(_: &[u8], _: usize, _: usize, _: usize, _: &mut [u8], _: &mut [f32]) {
-    unreachable!("int8-matmul runs only where available() is true")
+impl Panel {
+    unsafe fn fill(&mut self, _: BlockFormat, _: &[u8], _: usize, _: usize) {
+        unreachable!("int8-matmul runs only where available() is true")
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile(
-    _: &QuantizedRows,
-    _: usize,
-    _: usize,
-    _: &[u8],
-    _: &[f32],
-    _: *mut f32,
-    _: usize,
-    _: usize,
-) {
+unsafe fn tile(_: &QuantizedRows, _: usize, _: usize, _: &Panel, _: *mut f32, _: usize, _: usize) {
     unreachable!("int8-matmul runs only where available() is true")
 }
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::{__m512, __m512i, __mmask16};
 
 #[cfg(test)]
 mod tests {
@@ -322,95 +780,120 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
-    /// Against f64 sums of the dequantized weights and the activations as quantized (the
-    /// same arithmetic: only summation order differs), and against the f32 product (what
-    /// quantizing the activations costs), for odd shapes: a partial panel, row tiles of 8
-    /// and a remainder.
+    const FORMATS: [GgmlDType; 8] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ];
+
+    /// For every format, against f64 sums of the dequantized weights and the activations as
+    /// quantized (the same arithmetic: only summation order differs), and against the f32
+    /// product (what quantizing the activations costs), for odd shapes: a partial panel, row
+    /// tiles of 8 and a remainder, several panels per task.
     #[test]
     fn matches_the_product_of_the_quantized_activations() {
         if !available() {
             return;
         }
-        for (m, k, n) in [
-            (2, 32, 1),
-            (3, 96, 37),
-            (8, 64, 16),
-            (11, 160, 70),
-            (16, 576, 33),
-        ] {
-            let w: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 104729) % 89) as f32 / 89.0 - 0.3)
-                .collect();
-            let x: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
-                .collect();
-            let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
-            let q = QTensor::quantize(&wt, GgmlDType::Q8_0).unwrap();
-            let dense: Vec<f32> = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let got = q8_0(&q.data().unwrap(), n, k, &x, m);
-            let xq = QuantizedRows::new(&x, m, k);
-            for r in 0..m {
-                for c in 0..n {
-                    let row = &dense[c * k..(c + 1) * k];
-                    let exact: f64 = (0..k)
-                        .map(|t| f64::from(xq.value(r, t)) * f64::from(row[t]))
-                        .sum();
-                    let f32_product: f64 = (0..k)
-                        .map(|t| f64::from(x[r * k + t]) * f64::from(row[t]))
-                        .sum();
-                    let norm: f64 = (0..k)
-                        .map(|t| f64::from(x[r * k + t]).abs() * f64::from(row[t]).abs())
-                        .sum();
-                    let g = f64::from(got[r * n + c]);
-                    assert!(
-                        (g - exact).abs() <= 1e-5 * (1.0 + norm),
-                        "({m},{k},{n}) [{r},{c}]: {g} vs {exact}"
-                    );
-                    assert!(
-                        (g - f32_product).abs() <= 0.01 * norm,
-                        "({m},{k},{n}) [{r},{c}]: {g} vs the f32 product {f32_product}"
-                    );
+        for dtype in FORMATS {
+            let format = BlockFormat::of(dtype).unwrap();
+            let b = format.block_weights();
+            for (m, k, n) in [
+                (2, b, 1),
+                (3, 3 * b, 37),
+                (8, 2 * b, 16),
+                (11, 5 * b, 70),
+                (16, 18 * QK / b * b + b, 33),
+            ] {
+                let w: Vec<f32> = (0..n * k)
+                    .map(|i| ((i * 104729) % 89) as f32 / 89.0 - 0.3)
+                    .collect();
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+                    .collect();
+                let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+                let q = QTensor::quantize(&wt, dtype).unwrap();
+                let dense: Vec<f32> = q
+                    .dequantize(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let got = matmul(format, &q.data().unwrap(), n, k, &x, m);
+                let xq = QuantizedRows::new(&x, m, k, run_of(format));
+                for r in 0..m {
+                    for c in 0..n {
+                        let row = &dense[c * k..(c + 1) * k];
+                        let exact: f64 = (0..k)
+                            .map(|t| f64::from(xq.value(r, t)) * f64::from(row[t]))
+                            .sum();
+                        let f32_product: f64 = (0..k)
+                            .map(|t| f64::from(x[r * k + t]) * f64::from(row[t]))
+                            .sum();
+                        let norm: f64 = (0..k)
+                            .map(|t| f64::from(x[r * k + t]).abs() * f64::from(row[t]).abs())
+                            .sum();
+                        let g = f64::from(got[r * n + c]);
+                        assert!(
+                            (g - exact).abs() <= 1e-5 * (1.0 + norm),
+                            "{dtype:?} ({m},{k},{n}) [{r},{c}]: {g} vs {exact}"
+                        );
+                        assert!(
+                            (g - f32_product).abs() <= 0.01 * norm,
+                            "{dtype:?} ({m},{k},{n}) [{r},{c}]: {g} vs the f32 product {f32_product}"
+                        );
+                    }
                 }
             }
         }
     }
 
-    /// `block_matmul::matmul` takes this path for Q8_0 from twelve rows up to its widening
-    /// threshold, and keeps f32 activations below (a lone decode, a few).
+    /// `block_matmul::matmul` takes this path from [`FROM_ROWS`] up for every format, and
+    /// keeps f32 activations below (a lone decode, a few).
     #[test]
-    fn q8_0_batches_below_the_widening_threshold_take_this_path() {
-        use crate::block_matmul::{matmul, tiled, BlockFormat};
-        let (Some(format), true) = (BlockFormat::of(GgmlDType::Q8_0), available()) else {
+    fn batches_and_prefill_take_this_path() {
+        use crate::block_matmul::{matmul as block, tiled};
+        if !available() {
             return;
-        };
-        let (n, k) = (40, 64);
-        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
-        let bytes = QTensor::quantize(&w, GgmlDType::Q8_0)
-            .unwrap()
-            .data()
-            .unwrap()
-            .to_vec();
-        for m in [1, 11, 12, 16, format.widen_rows() - 1] {
-            let x: Vec<f32> = (0..m * k).map(|i| (i % 17) as f32 * 0.1 - 0.8).collect();
-            let want = if m < 12 {
-                tiled(format, &bytes, n, k, &x, m)
-            } else {
-                q8_0(&bytes, n, k, &x, m)
-            };
-            assert_eq!(matmul(format, &bytes, n, k, &x, m), want, "{m} rows");
+        }
+        for dtype in FORMATS {
+            let format = BlockFormat::of(dtype).unwrap();
+            let (n, k) = (40, format.block_weights() * 2);
+            let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+            let bytes = QTensor::quantize(&w, dtype)
+                .unwrap()
+                .data()
+                .unwrap()
+                .to_vec();
+            for m in [1, FROM_ROWS - 1, FROM_ROWS, 16, 100] {
+                let x: Vec<f32> = (0..m * k).map(|i| (i % 17) as f32 * 0.1 - 0.8).collect();
+                let want = if m >= FROM_ROWS {
+                    matmul(format, &bytes, n, k, &x, m)
+                } else {
+                    tiled(format, &bytes, n, k, &x, m)
+                };
+                assert_eq!(
+                    block(format, &bytes, n, k, &x, m),
+                    want,
+                    "{dtype:?}, {m} rows"
+                );
+            }
         }
     }
 
     #[test]
     fn quantized_activations_keep_each_block_to_its_largest_value() {
+        if !available() {
+            return;
+        }
         let x: Vec<f32> = (0..64).map(|i| (i as f32 - 20.0) * 0.1).collect();
-        let q = QuantizedRows::new(&x, 1, 64);
+        let q = QuantizedRows::new(&x, 1, 64, 16);
         for (t, &v) in x.iter().enumerate() {
             let d = q.scale[t / QK];
             assert!(
@@ -419,7 +902,14 @@ mod tests {
                 q.value(0, t)
             );
         }
-        let zeros = QuantizedRows::new(&[0.0; 32], 1, 32);
-        assert_eq!((zeros.value(0, 5), zeros.bias[0]), (0.0, 0));
+        for (j, &sum) in q.sum.iter().enumerate() {
+            let want: i32 = q.q[16 * j..16 * (j + 1)]
+                .iter()
+                .map(|&v| i32::from(v))
+                .sum();
+            assert_eq!(sum, want as f32, "run {j}");
+        }
+        let zeros = QuantizedRows::new(&[0.0; 32], 1, 32, 32);
+        assert_eq!((zeros.value(0, 5), zeros.sum[0]), (0.0, 0.0));
     }
 }

@@ -244,8 +244,10 @@ fn every_quantized_format_runs_on_its_quantized_data() {
     let text = std::fs::read_to_string(fixtures().join("text/prose.txt")).unwrap();
     let model = ModelDir::open(&path).unwrap();
     assert!(model.config.tie_word_embeddings);
-    // Windows of 6 tokens run every product through the block tiles (fewer rows than any
-    // format's `widen_rows`); windows of 64 widen the matrices once per call.
+    // Windows of 6 tokens run every product through the block tiles with f32 activations
+    // (fewer rows than `int8_matmul::FROM_ROWS` and any format's `widen_rows`); windows of 64
+    // quantize the activations to 8 bits on CPUs with AVX-512 VNNI, and widen the matrices
+    // once per call on the others.
     for (context, windows) in [(6, 32), (64, 4)] {
         let run = |dtype| {
             let cfg = EngineConfig { dtype, ..cfg() };
