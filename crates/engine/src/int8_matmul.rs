@@ -223,7 +223,7 @@ impl Panel {
         }
     }
 
-    /// Rows `0..cols` of `w` (`row_bytes` apart) in `format`, 16 rows at a time ([`Gather`]).
+    /// Rows `0..cols` of `w` (`row_bytes` apart) in `format`, 16 rows at a time ([`Unpack`]).
     ///
     /// # Safety
     /// [`available`] is true.
@@ -231,46 +231,44 @@ impl Panel {
     unsafe fn fill(&mut self, format: BlockFormat, w: &[u8], row_bytes: usize, cols: usize) {
         macro_rules! go {
             ($f:ident) => {
-                gather_panel::<$f>(self, w, row_bytes, cols)
+                unpack_panel::<$f>(self, w, row_bytes, cols)
             };
         }
         crate::block_matmul::dispatch!(format, go);
     }
 }
 
-/// How a block format is unpacked, 16 rows at a time: each field of a block gathered from
-/// every row of the panel at once (one lane a row), straight into the interleaved form.
+/// How a block format is unpacked into the interleaved form, 16 rows at a time: each run's
+/// bytes read row by row and transposed in registers ([`transpose_groups`]), the scales and
+/// offsets gathered from every row at once (one lane a row).
 #[cfg(target_arch = "x86_64")]
-trait Gather {
+trait Unpack {
     /// Bytes per block.
     const BYTES: usize;
     /// Weights per block.
     const WEIGHTS: usize;
-    /// Weights per run (one scale and offset): 32, or 16 for Q6_K.
+    /// Weights per scale and offset: 32, or 16 for Q6_K.
     const RUN: usize = QK;
-    /// The block at `base` of each row (`rows`: their byte offsets from `base`; `mask`: the
-    /// rows that exist): its groups of four weights into `groups` (64 bytes a group), its
-    /// runs' scales and offsets into `scales` and `offsets` (16 lanes a run).
-    unsafe fn gather(
+    /// Weights `32s..32s + 32` of the block at `p` as unsigned bytes `u` (`w = s · u + o`).
+    unsafe fn bytes(p: *const u8, s: usize) -> __m256i;
+    /// The scales and offsets of the block at `base` of each row (`rows`: their byte offsets
+    /// from `base`; `mask`: the rows that exist) into `scales` and `offsets`, 16 lanes a run.
+    unsafe fn scales(
         base: *const u8,
         rows: __m512i,
         mask: __mmask16,
-        groups: *mut u8,
         scales: *mut f32,
         offsets: *mut f32,
     );
 }
-
-/// How far ahead of the block being gathered each row's stream is prefetched, in bytes.
-const PREFETCH_BYTES: usize = 256;
 
 /// [`Panel::fill`] for one format.
 ///
 /// # Safety
 /// As [`Panel::fill`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-unsafe fn gather_panel<F: Gather>(p: &mut Panel, w: &[u8], row_bytes: usize, cols: usize) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+unsafe fn unpack_panel<F: Unpack>(p: &mut Panel, w: &[u8], row_bytes: usize, cols: usize) {
     use std::arch::x86_64::*;
     let blocks = row_bytes / F::BYTES;
     let runs = blocks * F::WEIGHTS / F::RUN;
@@ -291,25 +289,76 @@ unsafe fn gather_panel<F: Gather>(p: &mut Panel, w: &[u8], row_bytes: usize, col
     } else {
         (1 << cols) - 1
     };
-    let ahead = PREFETCH_BYTES.div_ceil(F::BYTES) * F::BYTES;
+    // The next panel's rows (the next 16 · row_bytes bytes), a share of their lines a block,
+    // so that they arrive while this panel is unpacked and multiplied: read across sixteen
+    // rows a block at a time, the bytes do not form the streams the hardware prefetchers
+    // follow.
+    let next = w.as_ptr().wrapping_add(PANEL * row_bytes);
+    let lines = (PANEL * row_bytes).div_ceil(64);
     for b in 0..blocks {
         let base = w.as_ptr().add(b * F::BYTES);
-        // Gathers do not train the hardware prefetchers: fetch each row's stream ahead.
-        for c in 0..cols {
-            let next = base.wrapping_add(ahead + c * row_bytes);
-            for line in (0..F::BYTES).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line) as *const i8);
-            }
+        for line in b * lines / blocks..(b + 1) * lines / blocks {
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * line) as *const i8);
         }
         let run = b * F::WEIGHTS / F::RUN;
-        F::gather(
+        F::scales(
             base,
             rows,
             mask,
-            p.packed.as_mut_ptr().add(b * F::WEIGHTS * PANEL),
             p.scales.as_mut_ptr().add(run * PANEL),
             p.offsets.as_mut_ptr().add(run * PANEL),
         );
+        for s in 0..F::WEIGHTS / QK {
+            let bytes: [__m256i; PANEL] = std::array::from_fn(|c| {
+                if c < cols {
+                    F::bytes(base.add(c * row_bytes), s)
+                } else {
+                    _mm256_setzero_si256()
+                }
+            });
+            let groups = p.packed.as_mut_ptr().add((b * F::WEIGHTS + s * QK) * PANEL);
+            transpose_groups(&bytes, groups);
+        }
+    }
+}
+
+/// Sixteen rows of 32 bytes (eight groups of four each) into eight 64-byte lines at
+/// `groups`: line `g` holds group `g` of every row, row `c` in lane `c`. An 8 × 8 transpose
+/// of 32-bit lanes in each 256-bit half (rows 0–7 and 8–15), halves then recombined.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn transpose_groups(rows: &[__m256i; PANEL], groups: *mut u8) {
+    use std::arch::x86_64::*;
+    let z: [__m512i; 8] = std::array::from_fn(|i| {
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(rows[i]), rows[i + 8])
+    });
+    // t[2i] and t[2i + 1]: rows 2i and 2i + 1 interleaved (groups 0, 1, 4, 5 and 2, 3, 6, 7).
+    let t: [__m512i; 8] = std::array::from_fn(|i| {
+        let (a, b) = (z[i & !1], z[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_epi32(a, b)
+        } else {
+            _mm512_unpackhi_epi32(a, b)
+        }
+    });
+    // u[j]: groups j and j + 4 of rows 0–3 (u[0..4]) or 4–7 (u[4..8]) of each half.
+    let u: [__m512i; 8] = std::array::from_fn(|j| {
+        let quad = j / 4 * 4;
+        let (a, b) = (t[quad + (j % 4) / 2], t[quad + 2 + (j % 4) / 2]);
+        if j % 2 == 0 {
+            _mm512_unpacklo_epi64(a, b)
+        } else {
+            _mm512_unpackhi_epi64(a, b)
+        }
+    });
+    // Group g < 4: the low 128 bits of each half of u[g] (rows 0–3, 8–11) and of u[g + 4]
+    // (rows 4–7, 12–15); group g + 4 the high 128 bits.
+    let low = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+    let high = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    for g in 0..4 {
+        let (a, b) = (u[g], u[g + 4]);
+        put_group(groups, g, _mm512_permutex2var_epi64(a, low, b));
+        put_group(groups, g + 4, _mm512_permutex2var_epi64(a, high, b));
     }
 }
 
@@ -351,74 +400,41 @@ unsafe fn put_run(scales: *mut f32, offsets: *mut f32, r: usize, s: __m512, o: _
     _mm512_storeu_ps(offsets.add(PANEL * r), o);
 }
 
-/// The low (`high` false) or high nibble of each byte.
+/// Scales `d` and offsets `k · d` of a one-run block.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn nibbles(v: __m512i, high: bool) -> __m512i {
+unsafe fn put_scaled(scales: *mut f32, offsets: *mut f32, d: __m512, k: f32) {
     use std::arch::x86_64::*;
-    let v = if high { _mm512_srli_epi32(v, 4) } else { v };
-    _mm512_and_si512(v, _mm512_set1_epi8(0xF))
+    put_run(scales, offsets, 0, d, _mm512_mul_ps(d, _mm512_set1_ps(k)));
 }
 
-/// Bits `shift..shift + width` of each byte, moved to bit 4 up (the bits above a nibble).
+/// The 32 four-bit values of the 16 bytes at `p`: low nibbles (weights 0–15), then high.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn high_bits(v: __m512i, shift: usize, width: u8) -> __m512i {
+unsafe fn nibbles32(p: *const u8) -> __m256i {
     use std::arch::x86_64::*;
-    let bits = _mm512_and_si512(
-        _mm512_srl_epi32(v, _mm_cvtsi32_si128(shift as i32)),
-        _mm512_set1_epi8(((1u16 << width) - 1) as i8),
-    );
-    _mm512_slli_epi32(bits, 4)
+    let q = _mm_loadu_si128(p as *const __m128i);
+    let m = _mm_set1_epi8(0xF);
+    _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m))
 }
 
-/// A 32-weight block's 16 bytes of nibbles at `base + at` as its eight groups (low
-/// nibbles: groups 0–3, high: 4–7), with the fifth bits added where `qh` (a row's 32 high
-/// bits, bit `j` for weight `j`) is given.
+/// `v` with 16 added to the bytes whose bit is set in the 32 bits at `p` (the fifth bits).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn nibble_groups(
-    base: *const u8,
-    at: usize,
-    qh: Option<__m512i>,
-    rows: __m512i,
-    mask: __mmask16,
-    groups: *mut u8,
-) {
+unsafe fn with_fifth_bits(v: __m256i, p: *const u8) -> __m256i {
     use std::arch::x86_64::*;
-    // Four bits of `qh` (weights 4g..4g + 4) spread to bit 4 of each of a lane's bytes.
-    let spread = _mm512_setr_epi32(
-        0,
-        0x10,
-        0x1000,
-        0x1010,
-        0x10_0000,
-        0x10_0010,
-        0x10_1000,
-        0x10_1010,
-        0x1000_0000,
-        0x1000_0010,
-        0x1000_1000,
-        0x1000_1010,
-        0x1010_0000,
-        0x1010_0010,
-        0x1010_1000,
-        0x1010_1010,
-    );
-    for j in 0..4 {
-        let v = gather4(base, at + 4 * j, rows, mask);
-        for (g, high) in [(j, false), (j + 4, true)] {
-            let mut q = nibbles(v, high);
-            if let Some(qh) = qh {
-                let bits = _mm512_and_si512(
-                    _mm512_srl_epi32(qh, _mm_cvtsi32_si128(4 * g as i32)),
-                    _mm512_set1_epi32(0xF),
-                );
-                q = _mm512_or_si512(q, _mm512_permutexvar_epi32(bits, spread));
-            }
-            put_group(groups, g, q);
-        }
-    }
+    let qh = u32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)]);
+    _mm256_mask_add_epi8(v, qh, v, _mm256_set1_epi8(16))
+}
+
+/// The low (`high` false) or high nibbles of the 32 bytes at `p`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn nibbles_at(p: *const u8, high: bool) -> __m256i {
+    use std::arch::x86_64::*;
+    let q = _mm256_loadu_si256(p as *const __m256i);
+    let q = if high { _mm256_srli_epi16(q, 4) } else { q };
+    _mm256_and_si256(q, _mm256_set1_epi8(0xF))
 }
 
 /// Scale and minimum (six bits each, as f32 lanes) of run `r` (0–7) of a Q4_K or Q5_K
@@ -442,196 +458,14 @@ unsafe fn scale_min_k4(sc: [__m512i; 3], r: usize) -> (__m512, __m512) {
     (_mm512_cvtepi32_ps(d), _mm512_cvtepi32_ps(m))
 }
 
-/// Declares how a format is gathered.
-macro_rules! gather {
-    ($name:ident, $bytes:expr, $weights:expr, $run:expr,
-     |$base:ident, $rows:ident, $mask:ident, $groups:ident, $scales:ident, $offsets:ident| $body:block) => {
-        #[cfg(target_arch = "x86_64")]
-        struct $name;
-        #[cfg(target_arch = "x86_64")]
-        impl Gather for $name {
-            const BYTES: usize = $bytes;
-            const WEIGHTS: usize = $weights;
-            const RUN: usize = $run;
-            #[inline(always)]
-            #[allow(unused_imports)]
-            unsafe fn gather(
-                $base: *const u8,
-                $rows: __m512i,
-                $mask: __mmask16,
-                $groups: *mut u8,
-                $scales: *mut f32,
-                $offsets: *mut f32,
-            ) {
-                use std::arch::x86_64::*;
-                $body
-            }
-        }
-    };
-}
-
-// block_q4_0: d, qs[16]; w = d·(q − 8).
-gather!(Q4_0, 18, 32, 32, |base,
-                           rows,
-                           mask,
-                           groups,
-                           scales,
-                           offsets| {
-    let d = f16_lanes(gather4(base, 0, rows, mask), false);
-    nibble_groups(base, 2, None, rows, mask, groups);
-    put_run(
-        scales,
-        offsets,
-        0,
-        d,
-        _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
-    );
-});
-// block_q4_1: d, m, qs[16]; w = d·q + m.
-gather!(Q4_1, 20, 32, 32, |base,
-                           rows,
-                           mask,
-                           groups,
-                           scales,
-                           offsets| {
-    let head = gather4(base, 0, rows, mask);
-    nibble_groups(base, 4, None, rows, mask, groups);
-    put_run(
-        scales,
-        offsets,
-        0,
-        f16_lanes(head, false),
-        f16_lanes(head, true),
-    );
-});
-// block_q5_0: d, qh, qs[16]; w = d·(q − 16).
-gather!(Q5_0, 22, 32, 32, |base,
-                           rows,
-                           mask,
-                           groups,
-                           scales,
-                           offsets| {
-    let d = f16_lanes(gather4(base, 0, rows, mask), false);
-    let qh = gather4(base, 2, rows, mask);
-    nibble_groups(base, 6, Some(qh), rows, mask, groups);
-    put_run(
-        scales,
-        offsets,
-        0,
-        d,
-        _mm512_mul_ps(d, _mm512_set1_ps(-16.0)),
-    );
-});
-// block_q5_1: d, m, qh, qs[16]; w = d·q + m.
-gather!(Q5_1, 24, 32, 32, |base,
-                           rows,
-                           mask,
-                           groups,
-                           scales,
-                           offsets| {
-    let head = gather4(base, 0, rows, mask);
-    let qh = gather4(base, 4, rows, mask);
-    nibble_groups(base, 8, Some(qh), rows, mask, groups);
-    put_run(
-        scales,
-        offsets,
-        0,
-        f16_lanes(head, false),
-        f16_lanes(head, true),
-    );
-});
-// block_q8_0: d, qs[32] signed; w = d·((q + 128) − 128).
-gather!(Q8_0, 34, 32, 32, |base,
-                           rows,
-                           mask,
-                           groups,
-                           scales,
-                           offsets| {
-    let d = f16_lanes(gather4(base, 0, rows, mask), false);
-    for g in 0..8 {
-        let q = gather4(base, 2 + 4 * g, rows, mask);
-        put_group(groups, g, _mm512_xor_si512(q, _mm512_set1_epi8(-128)));
-    }
-    put_run(
-        scales,
-        offsets,
-        0,
-        d,
-        _mm512_mul_ps(d, _mm512_set1_ps(-128.0)),
-    );
-});
-// block_q4_K: d, dmin, scales[12], qs[128]; run r: d·sc_r·q − dmin·m_r, runs 2i and 2i + 1
-// the low and high nibbles of bytes 32i..32i + 32 of qs.
-gather!(Q4K, 144, 256, 32, |base,
-                            rows,
-                            mask,
-                            groups,
-                            scales,
-                            offsets| {
-    k_quant(base, 16, None, rows, mask, groups, scales, offsets);
-});
-// block_q5_K: d, dmin, scales[12], qh[32] (bit r of byte l: run r's weight l), qs[128].
-gather!(Q5K, 176, 256, 32, |base,
-                            rows,
-                            mask,
-                            groups,
-                            scales,
-                            offsets| {
-    k_quant(base, 48, Some(16), rows, mask, groups, scales, offsets);
-});
-// block_q6_K: ql[128], qh[64], scales[16] (signed, one per 16 weights), d; w = d·sc·(q − 32).
-// Run 4h + g (32 weights) takes the low (g < 2) or high nibbles of ql[64h + 32(g % 2)..] and
-// bits 2g..2g + 2 of qh[32h..].
-gather!(Q6K, 210, 256, 16, |base,
-                            rows,
-                            mask,
-                            groups,
-                            scales,
-                            offsets| {
-    // d is the block's last two bytes: read the four that end there.
-    let d = f16_lanes(gather4(base, 206, rows, mask), true);
-    for i in 0..4 {
-        let sc = gather4(base, 192 + 4 * i, rows, mask);
-        for t in 0..4 {
-            // Byte t of the lane, sign-extended.
-            let shifted = _mm512_sll_epi32(sc, _mm_cvtsi32_si128(24 - 8 * t as i32));
-            let s = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srai_epi32(shifted, 24)));
-            put_run(
-                scales,
-                offsets,
-                4 * i + t,
-                s,
-                _mm512_mul_ps(s, _mm512_set1_ps(-32.0)),
-            );
-        }
-    }
-    for h in 0..2 {
-        for j in 0..8 {
-            let ql = [
-                gather4(base, 64 * h + 4 * j, rows, mask),
-                gather4(base, 64 * h + 32 + 4 * j, rows, mask),
-            ];
-            let qh = gather4(base, 128 + 32 * h + 4 * j, rows, mask);
-            for g in 0..4 {
-                let q = _mm512_or_si512(nibbles(ql[g % 2], g >= 2), high_bits(qh, 2 * g, 2));
-                put_group(groups, 8 * (4 * h + g) + j, q);
-            }
-        }
-    }
-});
-
-/// Q4_K (`qh` none) and Q5_K (`qh` the offset of its fifth bits): d, dmin, the scales, and
-/// the nibbles at `qs`.
+/// The scales and offsets of a Q4_K or Q5_K super-block: d, dmin, then 12 bytes of six-bit
+/// scales and minimums; run `r`: `d·sc_r·q − dmin·m_r`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn k_quant(
+unsafe fn k_scales(
     base: *const u8,
-    qs: usize,
-    qh: Option<usize>,
     rows: __m512i,
     mask: __mmask16,
-    groups: *mut u8,
     scales: *mut f32,
     offsets: *mut f32,
 ) {
@@ -641,28 +475,133 @@ unsafe fn k_quant(
     let sc = [4, 8, 12].map(|at| gather4(base, at, rows, mask));
     for r in 0..8 {
         let (s, m) = scale_min_k4(sc, r);
-        put_run(
-            scales,
-            offsets,
-            r,
-            _mm512_mul_ps(d, s),
-            _mm512_mul_ps(dmin, _mm512_sub_ps(_mm512_setzero_ps(), m)),
-        );
+        let o = _mm512_mul_ps(dmin, _mm512_sub_ps(_mm512_setzero_ps(), m));
+        put_run(scales, offsets, r, _mm512_mul_ps(d, s), o);
     }
-    for j in 0..8 {
-        let fifth = qh.map(|at| gather4(base, at + 4 * j, rows, mask));
+}
+
+/// Declares how a format is unpacked.
+macro_rules! unpack {
+    ($name:ident, $bytes:expr, $weights:expr, $run:expr,
+     bytes |$p:ident, $s:ident| $bytes_body:block
+     scales |$base:ident, $rows:ident, $mask:ident, $scales:ident, $offsets:ident| $scales_body:block) => {
+        #[cfg(target_arch = "x86_64")]
+        struct $name;
+        #[cfg(target_arch = "x86_64")]
+        impl Unpack for $name {
+            const BYTES: usize = $bytes;
+            const WEIGHTS: usize = $weights;
+            const RUN: usize = $run;
+            #[inline(always)]
+            #[allow(unused_imports, unused_variables)]
+            unsafe fn bytes($p: *const u8, $s: usize) -> __m256i {
+                use std::arch::x86_64::*;
+                $bytes_body
+            }
+            #[inline(always)]
+            #[allow(unused_imports)]
+            unsafe fn scales(
+                $base: *const u8,
+                $rows: __m512i,
+                $mask: __mmask16,
+                $scales: *mut f32,
+                $offsets: *mut f32,
+            ) {
+                use std::arch::x86_64::*;
+                $scales_body
+            }
+        }
+    };
+}
+
+// block_q4_0: d, qs[16]; w = d·(q − 8).
+unpack!(Q4_0, 18, 32, 32,
+    bytes |p, s| { nibbles32(p.add(2)) }
+    scales |base, rows, mask, scales, offsets| {
+        put_scaled(scales, offsets, f16_lanes(gather4(base, 0, rows, mask), false), -8.0);
+    }
+);
+// block_q4_1: d, m, qs[16]; w = d·q + m.
+unpack!(Q4_1, 20, 32, 32,
+    bytes |p, s| { nibbles32(p.add(4)) }
+    scales |base, rows, mask, scales, offsets| {
+        let head = gather4(base, 0, rows, mask);
+        put_run(scales, offsets, 0, f16_lanes(head, false), f16_lanes(head, true));
+    }
+);
+// block_q5_0: d, qh (the fifth bits), qs[16]; w = d·(q − 16).
+unpack!(Q5_0, 22, 32, 32,
+    bytes |p, s| { with_fifth_bits(nibbles32(p.add(6)), p.add(2)) }
+    scales |base, rows, mask, scales, offsets| {
+        put_scaled(scales, offsets, f16_lanes(gather4(base, 0, rows, mask), false), -16.0);
+    }
+);
+// block_q5_1: d, m, qh, qs[16]; w = d·q + m.
+unpack!(Q5_1, 24, 32, 32,
+    bytes |p, s| { with_fifth_bits(nibbles32(p.add(8)), p.add(4)) }
+    scales |base, rows, mask, scales, offsets| {
+        let head = gather4(base, 0, rows, mask);
+        put_run(scales, offsets, 0, f16_lanes(head, false), f16_lanes(head, true));
+    }
+);
+// block_q8_0: d, qs[32] signed; w = d·((q + 128) − 128).
+unpack!(Q8_0, 34, 32, 32,
+    bytes |p, s| {
+        let q = _mm256_loadu_si256(p.add(2) as *const __m256i);
+        _mm256_xor_si256(q, _mm256_set1_epi8(-128))
+    }
+    scales |base, rows, mask, scales, offsets| {
+        put_scaled(scales, offsets, f16_lanes(gather4(base, 0, rows, mask), false), -128.0);
+    }
+);
+// block_q4_K: d, dmin, scales[12], qs[128]; runs 2i and 2i + 1 the low and high nibbles of
+// bytes 32i..32i + 32 of qs.
+unpack!(Q4K, 144, 256, 32,
+    bytes |p, s| { nibbles_at(p.add(16 + 32 * (s / 2)), s % 2 == 1) }
+    scales |base, rows, mask, scales, offsets| {
+        k_scales(base, rows, mask, scales, offsets);
+    }
+);
+// block_q5_K: d, dmin, scales[12], qh[32] (bit s of byte l: run s's weight l), qs[128].
+unpack!(Q5K, 176, 256, 32,
+    bytes |p, s| {
+        let v = nibbles_at(p.add(48 + 32 * (s / 2)), s % 2 == 1);
+        let qh = _mm256_loadu_si256(p.add(16) as *const __m256i);
+        let bit = _mm256_test_epi8_mask(qh, _mm256_set1_epi8((1u8 << s) as i8));
+        _mm256_mask_add_epi8(v, bit, v, _mm256_set1_epi8(16))
+    }
+    scales |base, rows, mask, scales, offsets| {
+        k_scales(base, rows, mask, scales, offsets);
+    }
+);
+// block_q6_K: ql[128], qh[64], scales[16] (signed, one per 16 weights), d; w = d·sc·(q − 32).
+// Run 4h + g (32 weights) takes the low (g < 2) or high nibbles of ql[64h + 32(g % 2)..] and
+// bits 2g..2g + 2 of qh[32h..].
+unpack!(Q6K, 210, 256, 16,
+    bytes |p, s| {
+        let (h, g) = (s / 4, s % 4);
+        let low = nibbles_at(p.add(64 * h + 32 * (g % 2)), g >= 2);
+        let qh = _mm256_loadu_si256(p.add(128 + 32 * h) as *const __m256i);
+        let two = _mm256_and_si256(
+            _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * g as i32)),
+            _mm256_set1_epi8(3),
+        );
+        _mm256_or_si256(low, _mm256_slli_epi16(two, 4))
+    }
+    scales |base, rows, mask, scales, offsets| {
+        // d is the block's last two bytes: read the four that end there.
+        let d = f16_lanes(gather4(base, 206, rows, mask), true);
         for i in 0..4 {
-            let v = gather4(base, qs + 32 * i + 4 * j, rows, mask);
-            for (r, high) in [(2 * i, false), (2 * i + 1, true)] {
-                let mut q = nibbles(v, high);
-                if let Some(h) = fifth {
-                    q = _mm512_or_si512(q, high_bits(h, r, 1));
-                }
-                put_group(groups, 8 * r + j, q);
+            let sc = gather4(base, 192 + 4 * i, rows, mask);
+            for t in 0..4 {
+                // Byte t of the lane, sign-extended.
+                let shifted = _mm512_sll_epi32(sc, _mm_cvtsi32_si128(24 - 8 * t as i32));
+                let s = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srai_epi32(shifted, 24)));
+                put_run(scales, offsets, 4 * i + t, s, _mm512_mul_ps(s, _mm512_set1_ps(-32.0)));
             }
         }
     }
-}
+);
 
 /// Rows `first..first + rows` of `x` over one interleaved panel: `cols` outputs of each row.
 ///
@@ -772,7 +711,7 @@ unsafe fn tile(_: &QuantizedRows, _: usize, _: usize, _: &Panel, _: *mut f32, _:
 }
 
 #[cfg(target_arch = "x86_64")]
-use std::arch::x86_64::{__m512, __m512i, __mmask16};
+use std::arch::x86_64::{__m256i, __m512, __m512i, __mmask16};
 
 #[cfg(test)]
 mod tests {
