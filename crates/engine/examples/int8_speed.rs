@@ -14,7 +14,7 @@
 
 use std::time::Instant;
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use openinfer_engine::block_matmul::{tiled, widened, BlockFormat};
 use openinfer_engine::int8_matmul;
@@ -39,16 +39,7 @@ fn main() -> candle_core::Result<()> {
     }
     let only = std::env::args().nth(1).map(|f| f.to_lowercase());
     println!("format  rows  tiled µs  widened µs  int8 µs  int8 speed-up");
-    for dtype in [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-    ] {
+    for dtype in BlockFormat::DTYPES {
         let name = format!("{dtype:?}").to_lowercase();
         if only.as_ref().is_some_and(|o| *o != name) {
             continue;

@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use openinfer_engine::block_matmul::{tiled, widened, BlockFormat};
 
@@ -29,16 +29,7 @@ fn main() -> candle_core::Result<()> {
     ];
     let widest = shapes.iter().map(|s| s.1).max().unwrap_or(hidden);
     println!("format  rows  tiled µs  widened µs  widened / tiled");
-    for dtype in [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-    ] {
+    for dtype in BlockFormat::DTYPES {
         let Some(format) = BlockFormat::of(dtype) else {
             println!("no AVX-512 on this CPU: the block kernels do not run here");
             return Ok(());

@@ -46,6 +46,18 @@ pub enum BlockFormat {
 }
 
 impl BlockFormat {
+    /// The GGUF types this module computes on, one a format.
+    pub const DTYPES: [GgmlDType; 8] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ];
+
     /// The format of `dtype`, when it is one of these and this CPU has the kernels
     /// (AVX-512F).
     pub fn of(dtype: GgmlDType) -> Option<Self> {
@@ -616,16 +628,7 @@ mod tests {
         let Some(_) = BlockFormat::of(GgmlDType::Q8_0) else {
             return; // no AVX-512 here: the kernels are not used
         };
-        for dtype in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q8_0,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-        ] {
+        for dtype in BlockFormat::DTYPES {
             let format = BlockFormat::of(dtype).unwrap();
             assert_eq!(
                 (format.block_bytes(), format.block_weights()),

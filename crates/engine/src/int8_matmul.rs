@@ -3,16 +3,17 @@
 //! into 16 lanes per instruction, where an f32 FMA does 16 products).
 //!
 //! This is llama.cpp's arithmetic for its quantized formats (activations in Q8_0 blocks of 32,
-//! one f32 scale each), used here where it pays: a batch of decodes, a few rows of `x`, whose
-//! products on widened weights are bound by the multiply-adds.
+//! one f32 scale each), used here where it pays: from [`FROM_ROWS`] rows of `x` (a batch of
+//! decodes, a prefill chunk), whose products on widened weights are bound by the
+//! multiply-adds.
 //!
 //! Every format's weights are, run by run (32 weights; 16 for Q6_K, whose scales come per 16),
 //! `w = s · u + o` with `u` an unsigned byte: Q8_0's signed values plus 128, the 4-, 5- or
 //! 6-bit values of the others as they are, `o` their offset or minimum. So one kernel serves
 //! them all: per run, `Σ x·w = dₓ · (s · Σ uᵢ·qᵢ + o · Σ qᵢ)` with the activations `dₓ · qᵢ`.
-//! Each task unpacks a panel of 16 rows of `W` at a time into cache ([`Unpack`]), then
-//! interleaves the 16 rows' bytes four at a time (`[block][group of 4][row][4]`), so that one
-//! 64-byte load serves 16 outputs; then every row of `x` runs over it.
+//! Each task unpacks a panel of 16 rows of `W` at a time into cache ([`Unpack`]), the 16 rows'
+//! bytes interleaved four at a time (`[group of 4][row][4]`), so that one 64-byte load serves
+//! 16 outputs; then every row of `x` runs over it.
 //!
 //! The only rounding beyond the weights' is the activations' (to 1/254 of each block's largest
 //! magnitude); the result is not the product with the dequantized matrix to f32 precision, as
@@ -716,19 +717,8 @@ use std::arch::x86_64::{__m256i, __m512, __m512i, __mmask16};
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
-
-    const FORMATS: [GgmlDType; 8] = [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-    ];
 
     /// For every format, against f64 sums of the dequantized weights and the activations as
     /// quantized (the same arithmetic: only summation order differs), and against the f32
@@ -739,7 +729,7 @@ mod tests {
         if !available() {
             return;
         }
-        for dtype in FORMATS {
+        for dtype in BlockFormat::DTYPES {
             let format = BlockFormat::of(dtype).unwrap();
             let b = format.block_weights();
             for (m, k, n) in [
@@ -801,7 +791,7 @@ mod tests {
         if !available() {
             return;
         }
-        for dtype in FORMATS {
+        for dtype in BlockFormat::DTYPES {
             let format = BlockFormat::of(dtype).unwrap();
             let (n, k) = (40, format.block_weights() * 2);
             let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
