@@ -618,8 +618,29 @@ widen!(Q6K, 210, 8, |p, s| {
     )
 });
 
+/// Test data shared by this module's tests and `int8_matmul`'s.
+#[cfg(test)]
+pub(crate) mod test_data {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    /// A weight matrix `[n, k]` quantized to `dtype`, and an input `[m, k]`: fixed values,
+    /// varied enough that every quantized bit matters.
+    pub(crate) fn case(dtype: GgmlDType, m: usize, k: usize, n: usize) -> (QTensor, Vec<f32>) {
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 104729) % 89) as f32 / 89.0 - 0.3)
+            .collect();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+            .collect();
+        let w = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+        (QTensor::quantize(&w, dtype).unwrap(), x)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_data::case;
     use super::*;
     use candle_core::{Device, Tensor};
 
@@ -643,14 +664,7 @@ mod tests {
                 (9, 5 * b, 7),
                 (21, 2 * b, 70),
             ] {
-                let w: Vec<f32> = (0..n * k)
-                    .map(|i| ((i * 104729) % 89) as f32 / 89.0 - 0.3)
-                    .collect();
-                let x: Vec<f32> = (0..m * k)
-                    .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
-                    .collect();
-                let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
-                let q = QTensor::quantize(&wt, dtype).unwrap();
+                let (q, x) = case(dtype, m, k, n);
                 let dense = q.dequantize(&Device::Cpu).unwrap();
                 let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
                 let want: Vec<f32> = xt

@@ -739,14 +739,7 @@ mod tests {
                 (11, 5 * b, 70),
                 (16, 18 * QK / b * b + b, 33),
             ] {
-                let w: Vec<f32> = (0..n * k)
-                    .map(|i| ((i * 104729) % 89) as f32 / 89.0 - 0.3)
-                    .collect();
-                let x: Vec<f32> = (0..m * k)
-                    .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
-                    .collect();
-                let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
-                let q = QTensor::quantize(&wt, dtype).unwrap();
+                let (q, x) = crate::block_matmul::test_data::case(dtype, m, k, n);
                 let dense: Vec<f32> = q
                     .dequantize(&Device::Cpu)
                     .unwrap()
