@@ -804,6 +804,9 @@ async fn several_models_are_served_at_once_and_an_empty_model_needs_a_default() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_worker_s_stream_resumes_on_the_other_without_a_gap_or_a_repeat() {
+    // Long enough that the stream is still running when its worker is killed
+    // (300 tokens took 0.18 s on the tiny model, close to the kill itself).
+    const LONG: u32 = 1500;
     let (_dir, model) = common::tiny_model();
     let (w1, a1) = start_worker(&model, &[]);
     let (w2, a2) = start_worker(&model, &[]);
@@ -812,13 +815,13 @@ async fn a_lost_worker_s_stream_resumes_on_the_other_without_a_gap_or_a_repeat()
     let mut client = router_client(&addr).await;
     common::wait_for_workers(&mut client, 2).await;
     let solo = client
-        .generate(req("keep going", 300))
+        .generate(req("keep going", LONG))
         .await
         .unwrap()
         .into_inner();
 
     let mut stream = client
-        .generate_stream(req("keep going", 300))
+        .generate_stream(req("keep going", LONG))
         .await
         .unwrap()
         .into_inner();
@@ -829,7 +832,8 @@ async fn a_lost_worker_s_stream_resumes_on_the_other_without_a_gap_or_a_repeat()
         ids.extend(m.token_ids);
         text.push_str(&m.text);
     }
-    // Kill whichever worker runs it.
+    // Kill whichever worker runs it, and only that one: once it is gone the
+    // router resumes the sequence on the other, which then runs it too.
     for (i, a) in [&a1, &a2].into_iter().enumerate() {
         if capacity(&mut worker_client(a).await)
             .await
@@ -837,6 +841,7 @@ async fn a_lost_worker_s_stream_resumes_on_the_other_without_a_gap_or_a_repeat()
             == 1
         {
             workers[i] = None;
+            break;
         }
     }
     assert_eq!(workers.iter().filter(|w| w.is_none()).count(), 1);
@@ -845,7 +850,7 @@ async fn a_lost_worker_s_stream_resumes_on_the_other_without_a_gap_or_a_repeat()
         text.push_str(&m.text);
         if !m.finish_reason.is_empty() {
             assert_eq!(m.finish_reason, "length");
-            assert_eq!(m.usage.unwrap().completion_tokens, 300);
+            assert_eq!(m.usage.unwrap().completion_tokens, LONG);
             break;
         }
     }
