@@ -156,6 +156,11 @@ fn bad_values_are_refused_with_a_message_that_names_the_problem() {
             "a size the binary cannot parse",
         ),
         (
+            r#"{"workers": [{"name": "a", "model": {"preset": "tiny"}, "kvCacheDtype": "f8"}]}"#,
+            "kvCacheDtype",
+            "a KV cache type the binary does not have",
+        ),
+        (
             r#"{"router": {"flags": {"queueTimeout": "60"}}}"#,
             "queueTimeout",
             "a duration without a unit",

@@ -22,6 +22,10 @@ pub struct BenchEngineArgs {
     /// Compute dtype for both engines (default: f32 on CPU, bf16 on CUDA).
     #[arg(long, env = "OPENINFER_DTYPE")]
     pub dtype: Option<String>,
+    /// What the KV cache holds, in openinfer and in llama.cpp alike (`-ctk`/`-ctv`): auto (the
+    /// compute dtype), f32, f16 or bf16. llama.cpp's own default is f16.
+    #[arg(long, env = "OPENINFER_KV_CACHE_DTYPE", default_value = "auto")]
+    pub kv_cache_dtype: String,
     /// Where generated models are kept.
     #[arg(
         long,

@@ -7,7 +7,9 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use openinfer_engine::bench::{self, Ceilings, PhaseRates};
-use openinfer_engine::{parse_device, parse_dtype, DType, Engine, EngineConfig, StepTimeBudget};
+use openinfer_engine::{
+    parse_device, parse_dtype, parse_kv_cache_dtype, DType, Engine, EngineConfig, StepTimeBudget,
+};
 use serde::Serialize;
 
 use crate::args::BenchEngineArgs;
@@ -22,6 +24,8 @@ struct Report {
     /// Bytes of weights read per decode step (layers + lm_head).
     step_weight_bytes: u64,
     threads: usize,
+    /// What the KV cache holds, in both engines.
+    kv_cache_dtype: String,
     prompt_len: usize,
     decode_steps: usize,
     batch: usize,
@@ -58,9 +62,16 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
             Some(parse_dtype(s).with_context(|| format!("--dtype {s}: use f32, bf16 or f16"))?)
         }
     };
+    let kv_cache_dtype = parse_kv_cache_dtype(&a.kv_cache_dtype).with_context(|| {
+        format!(
+            "--kv-cache-dtype {}: use auto, f32, f16 or bf16",
+            a.kv_cache_dtype
+        )
+    })?;
     let cfg = EngineConfig {
         device: device.clone(),
         dtype,
+        kv_cache_dtype,
         max_batch_tokens: a.prompt_len.max(a.batch),
         max_running: a.batch.max(1),
         // The phases time the engine's kernels: a batch's prompts prefill whole before its
@@ -131,7 +142,7 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
         run_hf(&a, &model, threads, info.dtype)?
     };
     pb.inc(1);
-    let llama_cpp = run_llama_cpp(&a, &model, is_gguf, threads)?;
+    let llama_cpp = run_llama_cpp(&a, &model, is_gguf, threads, info.kv_cache_dtype)?;
     pb.inc(1);
     pb.finish_and_clear();
 
@@ -170,6 +181,7 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
         parameters: info.num_parameters,
         step_weight_bytes: step_bytes as u64,
         threads,
+        kv_cache_dtype: format!("{:?}", info.kv_cache_dtype).to_lowercase(),
         prompt_len: a.prompt_len,
         decode_steps: a.decode_steps,
         batch: a.batch,
@@ -229,6 +241,7 @@ fn run_llama_cpp(
     model: &Path,
     is_gguf: bool,
     threads: usize,
+    kv_cache_dtype: DType,
 ) -> anyhow::Result<Option<PhaseRates>> {
     if a.no_llama_cpp {
         return Ok(None);
@@ -250,6 +263,11 @@ fn run_llama_cpp(
         decode_steps: a.decode_steps,
         batch: a.batch,
         repeats: a.repeats,
+        kv_cache_type: match kv_cache_dtype {
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            _ => "f32",
+        },
     };
     llama_cpp::measure(&bench, &batched, model, &settings).map(Some)
 }
@@ -268,11 +286,12 @@ fn phases(batch: usize) -> [(String, Rate); 3] {
 
 fn print_table(r: &Report, peers: &[(&str, PhaseRates)]) {
     println!(
-        "model {} ({:.1}M parameters, {:.0} MB read per decode step), {} threads, prompt {} tokens, {} decode steps, batch {}",
+        "model {} ({:.1}M parameters, {:.0} MB read per decode step), {} threads, {} KV cache, prompt {} tokens, {} decode steps, batch {}",
         r.model,
         r.parameters as f64 / 1e6,
         r.step_weight_bytes as f64 / 1e6,
         r.threads,
+        r.kv_cache_dtype,
         r.prompt_len,
         r.decode_steps,
         r.batch

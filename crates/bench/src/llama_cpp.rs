@@ -19,6 +19,8 @@ pub struct Settings {
     pub decode_steps: usize,
     pub batch: usize,
     pub repeats: usize,
+    /// What both caches hold, as llama.cpp names it (`-ctk` / `-ctv`): f32, f16 or bf16.
+    pub kv_cache_type: &'static str,
 }
 
 /// The llama.cpp binaries in `bin`, when both benchmarks are there.
@@ -58,6 +60,7 @@ pub fn measure(
         .arg("-m")
         .arg(model)
         .args(["-t", &threads, "-o", "json", "-r", &s.repeats.to_string()])
+        .args(bench_cache_type(s.kv_cache_type))
         .args([
             "-p",
             &s.prompt_len.to_string(),
@@ -75,6 +78,7 @@ pub fn measure(
             .arg("-m")
             .arg(model)
             .args(["-t", &threads, "-tb", &threads, "-c", &ctx.to_string()])
+            .args(["-ctk", s.kv_cache_type, "-ctv", s.kv_cache_type])
             .args([
                 "-npp",
                 &s.prompt_len.to_string(),
@@ -89,6 +93,16 @@ pub fn measure(
         single_decode_tok_s: single,
         batch_decode_tok_s: median(batch_rates),
     })
+}
+
+/// `llama-bench`'s cache-type flags for `kv` (`-ctk`/`-ctv`): none for f32, which it does not
+/// take (it keeps its f16 cache; one sequence's cache is a small part of what a step reads).
+fn bench_cache_type(kv: &str) -> Vec<&str> {
+    if kv == "f32" {
+        Vec::new()
+    } else {
+        vec!["-ctk", kv, "-ctv", kv]
+    }
 }
 
 /// Prefill (`prompt` tokens from an empty context) and decode (`steps` tokens after `prompt`)
@@ -159,6 +173,13 @@ mod tests {
     const BATCHED: &str = r#"
 {"n_kv_max": 4608, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 0, "n_gpu_layers": -1, "n_threads": 1, "n_threads_batch": 1, "pp": 8, "tg": 4, "pl": 3, "n_kv": 36, "t_pp": 0.005204, "speed_pp": 4611.836914, "t_tg": 0.000855, "speed_tg": 14035.087891, "t": 0.006059, "speed": 5941.574219}
 "#;
+
+    #[test]
+    fn llama_bench_keeps_its_own_cache_where_it_has_no_f32_one() {
+        assert!(bench_cache_type("f32").is_empty());
+        assert_eq!(bench_cache_type("f16"), ["-ctk", "f16", "-ctv", "f16"]);
+        assert_eq!(bench_cache_type("bf16"), ["-ctk", "bf16", "-ctv", "bf16"]);
+    }
 
     #[test]
     fn reads_the_rates_llama_cpp_prints() {

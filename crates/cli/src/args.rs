@@ -108,6 +108,11 @@ pub struct EngineArgs {
     /// KV cache size (K and V, all layers), e.g. 512MiB or 8GiB.
     #[arg(long, env = "OPENINFER_KV_CACHE_MEMORY", default_value_t = Size(engine_defaults().kv_cache_bytes as u64))]
     pub kv_cache_memory: Size,
+    /// What the KV cache holds: auto (the compute dtype), f32, f16 or bf16. A half type holds
+    /// twice the tokens in --kv-cache-memory and halves what attention reads, at
+    /// half-precision rounding of keys and values (llama.cpp's default is f16).
+    #[arg(long, env = "OPENINFER_KV_CACHE_DTYPE", default_value = "auto")]
+    pub kv_cache_dtype: String,
     /// Token slots per KV block.
     #[arg(long, env = "OPENINFER_BLOCK_SIZE", default_value_t = engine_defaults().block_size)]
     pub block_size: usize,

@@ -17,6 +17,8 @@ fn bench_engine_writes_json_and_chart() {
         "4",
         "--batch",
         "3",
+        "--kv-cache-dtype",
+        "f16",
         "--model",
         model.to_str().unwrap(),
     ]);
@@ -28,6 +30,8 @@ fn bench_engine_writes_json_and_chart() {
         assert!(json["fraction_of_ceiling"][phase].as_f64().unwrap() > 0.0);
     }
     assert!(json["hf_transformers"].is_null());
+    assert_eq!(json["kv_cache_dtype"], "f16", "the cache the run measured");
+    assert!(run.stdout.contains("f16 KV cache"), "{}", run.stdout);
     let svg = run.text("bench-engine.svg");
     assert!(svg.starts_with("<svg") && svg.contains("decode, batch 3 tok/s"));
 }

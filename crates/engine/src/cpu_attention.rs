@@ -13,12 +13,13 @@
 //! plain loops beside them for other CPUs, chosen at run time. The tensor path in `model.rs`
 //! does the same with general ops and serves GPUs.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 use rayon::prelude::*;
 
 use crate::cpu_ops::f32_input;
 use crate::fast_exp::exp;
-use crate::packed_matmul::SharedOut;
+use crate::packed_matmul::{PanelElem, SharedOut};
 
 /// Keys folded into the running softmax at once.
 const KEY_BLOCK: usize = 64;
@@ -93,8 +94,40 @@ impl CustomOp3 for PagedAttention<'_> {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let q = f32_input(self.name(), s1, l1)?;
-        let k = f32_input(self.name(), s2, l2)?;
-        let v = f32_input(self.name(), s3, l3)?;
+        match (s2, s3) {
+            (CpuStorage::F32(k), CpuStorage::F32(v)) => self.forward(q, l1, (k, l2), (v, l3)),
+            (CpuStorage::F16(k), CpuStorage::F16(v)) => self.forward(q, l1, (k, l2), (v, l3)),
+            (CpuStorage::BF16(k), CpuStorage::BF16(v)) => self.forward(q, l1, (k, l2), (v, l3)),
+            (k, v) => candle_core::bail!(
+                "paged-attention: a {:?} K cache and a {:?} V cache (f32, f16 or bf16, both \
+                 alike)",
+                k.dtype(),
+                v.dtype()
+            ),
+        }
+    }
+}
+
+/// The cache values of a layout: its contiguous part of the storage.
+fn cache_values<'a, E>(op: &str, (x, l): (&'a [E], &Layout)) -> candle_core::Result<&'a [E]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: contiguous KV cache only")
+    };
+    Ok(&x[start..end])
+}
+
+impl PagedAttention<'_> {
+    /// The op over K and V caches of element `E`.
+    fn forward<E: PanelElem>(
+        &self,
+        q: &[f32],
+        l1: &Layout,
+        k: (&[E], &Layout),
+        v: (&[E], &Layout),
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (l2, l3) = (k.1, v.1);
+        let k = cache_values(self.name(), k)?;
+        let v = cache_values(self.name(), v)?;
         let (rows, width) = l1.shape().dims2()?;
         let (hd, nh, nkv) = (self.head_dim, self.num_heads, self.num_kv_heads);
         let kv_row = nkv * hd;
@@ -290,11 +323,14 @@ struct Dest {
     partials: SharedOut,
 }
 
-/// Whether this CPU runs the AVX-512 tasks.
+/// Whether this CPU runs the AVX-512 tasks (masked loads of 16-bit values need BW and VL).
 fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -302,11 +338,11 @@ fn has_avx512() -> bool {
     }
 }
 
-/// The inputs a task reads.
-struct Caches<'a> {
+/// The inputs a task reads: the caches hold `E` (f32, f16 or bf16), widened as they are read.
+struct Caches<'a, E> {
     q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+    k: &'a [E],
+    v: &'a [E],
     kv_row: usize,
 }
 
@@ -332,26 +368,39 @@ impl PagedAttention<'_> {
     /// # Safety
     /// `out` must hold `[rows, heads * head_dim]`, no other task may write `t`'s block, and
     /// `avx512` must come from [`has_avx512`].
-    unsafe fn run(&self, avx512: bool, t: &Task, c: &Caches, s: &mut Scratch, out: Dest) {
+    unsafe fn run<E: PanelElem>(
+        &self,
+        avx512: bool,
+        t: &Task,
+        c: &Caches<E>,
+        s: &mut Scratch,
+        out: Dest,
+    ) {
         #[cfg(target_arch = "x86_64")]
         {
             if avx512 {
                 return self.run_avx512(t, c, s, out);
             }
         }
-        self.task::<Portable>(t, c, s, out)
+        self.task::<Portable, E>(t, c, s, out)
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn run_avx512(&self, t: &Task, c: &Caches, s: &mut Scratch, out: Dest) {
-        self.task::<Avx512>(t, c, s, out)
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    unsafe fn run_avx512<E: PanelElem>(&self, t: &Task, c: &Caches<E>, s: &mut Scratch, out: Dest) {
+        self.task::<Avx512, E>(t, c, s, out)
     }
 
     /// Online softmax over the key blocks of a task's context range: each block's keys and
     /// values are read once for all the task's rows.
     #[inline(always)]
-    unsafe fn task<V: Simd>(&self, t: &Task, c: &Caches, s: &mut Scratch, out: Dest) {
+    unsafe fn task<V: Simd, E: PanelElem>(
+        &self,
+        t: &Task,
+        c: &Caches<E>,
+        s: &mut Scratch,
+        out: Dest,
+    ) {
         let (hd, nh) = (self.head_dim, self.num_heads);
         let rep = nh / self.num_kv_heads;
         let rows = t.queries * rep;
@@ -442,9 +491,9 @@ impl PagedAttention<'_> {
 
 /// Asks for the cache lines of `x` ahead of their use.
 #[inline(always)]
-fn prefetch(x: &[f32]) {
+fn prefetch<E>(x: &[E]) {
     #[cfg(target_arch = "x86_64")]
-    for line in (0..x.len()).step_by(16) {
+    for line in (0..x.len()).step_by((64 / std::mem::size_of::<E>()).max(1)) {
         // SAFETY: a prefetch of an address inside `x`; it never faults.
         unsafe {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
@@ -461,9 +510,21 @@ fn prefetch(x: &[f32]) {
 /// KEY_BLOCK]`; `offsets` says where each key's (or value's) head starts in its cache.
 trait Simd {
     /// `scores[r][j] = queries[r] · keys[j]`, for every row and key.
-    unsafe fn scores(queries: &[f32], hd: usize, k: &[f32], offsets: &[u32], scores: &mut [f32]);
+    unsafe fn scores<E: PanelElem>(
+        queries: &[f32],
+        hd: usize,
+        k: &[E],
+        offsets: &[u32],
+        scores: &mut [f32],
+    );
     /// `acc[r] += Σ_j weights[r][j] · values[j]`, for every row.
-    unsafe fn weighted_sum(weights: &[f32], hd: usize, v: &[f32], offsets: &[u32], acc: &mut [f32]);
+    unsafe fn weighted_sum<E: PanelElem>(
+        weights: &[f32],
+        hd: usize,
+        v: &[E],
+        offsets: &[u32],
+        acc: &mut [f32],
+    );
     /// `x *= s`.
     unsafe fn scale(x: &mut [f32], s: f32);
     /// `x[i] = exp(x[i] - shift)`; returns their sum.
@@ -474,19 +535,25 @@ trait Simd {
 struct Portable;
 
 impl Simd for Portable {
-    unsafe fn scores(queries: &[f32], hd: usize, k: &[f32], offsets: &[u32], scores: &mut [f32]) {
+    unsafe fn scores<E: PanelElem>(
+        queries: &[f32],
+        hd: usize,
+        k: &[E],
+        offsets: &[u32],
+        scores: &mut [f32],
+    ) {
         for (r, q) in queries.chunks_exact(hd).enumerate() {
             for (j, &o) in offsets.iter().enumerate() {
                 let key = &k[o as usize..][..hd];
-                scores[r * KEY_BLOCK + j] = q.iter().zip(key).map(|(a, b)| a * b).sum();
+                scores[r * KEY_BLOCK + j] = q.iter().zip(key).map(|(a, b)| a * b.to_f32()).sum();
             }
         }
     }
 
-    unsafe fn weighted_sum(
+    unsafe fn weighted_sum<E: PanelElem>(
         weights: &[f32],
         hd: usize,
-        v: &[f32],
+        v: &[E],
         offsets: &[u32],
         acc: &mut [f32],
     ) {
@@ -494,7 +561,7 @@ impl Simd for Portable {
             for (j, &o) in offsets.iter().enumerate() {
                 let p = weights[r * KEY_BLOCK + j];
                 for (x, &y) in a.iter_mut().zip(&v[o as usize..][..hd]) {
-                    *x += p * y;
+                    *x += p * y.to_f32();
                 }
             }
         }
@@ -524,6 +591,7 @@ mod avx512 {
 
     use super::{Avx512, Simd, KEY_BLOCK};
     use crate::fast_exp::exp16;
+    use crate::packed_matmul::PanelElem;
 
     /// Columns of a weighted sum held in registers: four vectors.
     const COLS: usize = 64;
@@ -572,11 +640,11 @@ mod avx512 {
     /// registers, each key loaded once for all the rows, then added across lanes together
     /// ([`sums16`]). Sum `i` is row `i / (16 / R)`, key `i % (16 / R)`.
     #[inline]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn scores_rows<const R: usize>(
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    unsafe fn scores_rows<E: PanelElem, const R: usize>(
         queries: &[f32],
         hd: usize,
-        k: &[f32],
+        k: &[E],
         offsets: &[u32],
         scores: &mut [f32],
     ) {
@@ -597,7 +665,7 @@ mod avx512 {
                     _mm512_maskz_loadu_ps(m, queries.as_ptr().add(r * hd + c0))
                 });
                 for j in 0..per {
-                    let kv = _mm512_maskz_loadu_ps(m, k.as_ptr().add(at[j] + c0));
+                    let kv = E::load16_masked(k.as_ptr().add(at[j] + c0), m);
                     for r in 0..R {
                         acc[r * per + j] = _mm512_fmadd_ps(q[r], kv, acc[r * per + j]);
                     }
@@ -619,11 +687,11 @@ mod avx512 {
     /// `R` rows (1 to 4) of `acc += weights · values`, 64 columns at a time: each value
     /// loaded once for all the rows, `4·R` sums in registers, independent of one another.
     #[inline]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn weighted_sum_rows<const R: usize>(
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    unsafe fn weighted_sum_rows<E: PanelElem, const R: usize>(
         weights: &[f32],
         hd: usize,
-        v: &[f32],
+        v: &[E],
         offsets: &[u32],
         acc: &mut [f32],
     ) {
@@ -637,7 +705,7 @@ mod avx512 {
             for (j, &o) in offsets.iter().enumerate() {
                 let src = v.as_ptr().add(o as usize + c0);
                 let x: [__m512; 4] =
-                    std::array::from_fn(|i| _mm512_maskz_loadu_ps(masks[i], src.add(16 * i)));
+                    std::array::from_fn(|i| E::load16_masked(src.add(16 * i), masks[i]));
                 for (r, a) in a.iter_mut().enumerate() {
                     let p = _mm512_set1_ps(*weights.get_unchecked(r * KEY_BLOCK + j));
                     for (a, &x) in a.iter_mut().zip(&x) {
@@ -656,11 +724,11 @@ mod avx512 {
     impl Simd for Avx512 {
         /// Up to four rows at once ([`scores_rows`]).
         #[inline]
-        #[target_feature(enable = "avx512f,fma")]
-        unsafe fn scores(
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+        unsafe fn scores<E: PanelElem>(
             queries: &[f32],
             hd: usize,
-            k: &[f32],
+            k: &[E],
             offsets: &[u32],
             scores: &mut [f32],
         ) {
@@ -670,10 +738,10 @@ mod avx512 {
                 let q = &queries[r * hd..];
                 let dst = &mut scores[r * KEY_BLOCK..];
                 match rows - r {
-                    1 => scores_rows::<1>(q, hd, k, offsets, dst),
-                    2 => scores_rows::<2>(q, hd, k, offsets, dst),
-                    3 => scores_rows::<3>(q, hd, k, offsets, dst),
-                    _ => scores_rows::<4>(q, hd, k, offsets, dst),
+                    1 => scores_rows::<E, 1>(q, hd, k, offsets, dst),
+                    2 => scores_rows::<E, 2>(q, hd, k, offsets, dst),
+                    3 => scores_rows::<E, 3>(q, hd, k, offsets, dst),
+                    _ => scores_rows::<E, 4>(q, hd, k, offsets, dst),
                 }
                 r += 4;
             }
@@ -681,11 +749,11 @@ mod avx512 {
 
         /// Up to four rows at once ([`weighted_sum_rows`]).
         #[inline]
-        #[target_feature(enable = "avx512f,fma")]
-        unsafe fn weighted_sum(
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+        unsafe fn weighted_sum<E: PanelElem>(
             weights: &[f32],
             hd: usize,
-            v: &[f32],
+            v: &[E],
             offsets: &[u32],
             acc: &mut [f32],
         ) {
@@ -695,10 +763,10 @@ mod avx512 {
                 let w = &weights[r * KEY_BLOCK..];
                 let a = &mut acc[r * hd..];
                 match rows - r {
-                    1 => weighted_sum_rows::<1>(w, hd, v, offsets, a),
-                    2 => weighted_sum_rows::<2>(w, hd, v, offsets, a),
-                    3 => weighted_sum_rows::<3>(w, hd, v, offsets, a),
-                    _ => weighted_sum_rows::<4>(w, hd, v, offsets, a),
+                    1 => weighted_sum_rows::<E, 1>(w, hd, v, offsets, a),
+                    2 => weighted_sum_rows::<E, 2>(w, hd, v, offsets, a),
+                    3 => weighted_sum_rows::<E, 3>(w, hd, v, offsets, a),
+                    _ => weighted_sum_rows::<E, 4>(w, hd, v, offsets, a),
                 }
                 r += 4;
             }
@@ -735,7 +803,7 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Tensor};
+    use candle_core::{DType, Device, Tensor};
 
     /// Naive attention of one query over explicit key/value rows.
     fn naive(q: &[f32], ks: &[&[f32]], vs: &[&[f32]]) -> Vec<f32> {
@@ -775,8 +843,51 @@ mod tests {
                 .collect();
             let queries: Vec<f32> = (0..rows * hd).map(|i| val(i + 3) / 10.0).collect();
             let what = format!("head {hd}, {rows} rows, {keys} keys");
+            // Half-precision caches: the same products as their values widened to f32.
+            let halves = (
+                cache
+                    .iter()
+                    .map(|&x| half::f16::from_f32(x))
+                    .collect::<Vec<_>>(),
+                cache
+                    .iter()
+                    .map(|&x| half::bf16::from_f32(x))
+                    .collect::<Vec<_>>(),
+            );
+            let widened = [
+                halves.0.iter().map(|x| x.to_f32()).collect::<Vec<_>>(),
+                halves.1.iter().map(|x| x.to_f32()).collect::<Vec<_>>(),
+            ];
+            let weights: Vec<f32> = (0..rows * KEY_BLOCK).map(|i| val(i) / 50.0).collect();
             // SAFETY: the CPU has AVX-512 (checked above).
             unsafe {
+                for (half, wide) in [(0, &widened[0]), (1, &widened[1])] {
+                    let (mut a, mut b) =
+                        (vec![0f32; rows * KEY_BLOCK], vec![0f32; rows * KEY_BLOCK]);
+                    match half {
+                        0 => Avx512::scores(&queries, hd, &halves.0, &offsets, &mut a),
+                        _ => Avx512::scores(&queries, hd, &halves.1, &offsets, &mut a),
+                    }
+                    Portable::scores(&queries, hd, wide, &offsets, &mut b);
+                    for (x, y) in a.iter().zip(&b) {
+                        assert!(
+                            (x - y).abs() <= 1e-4 * y.abs().max(1.0),
+                            "{half}: scores, {what}"
+                        );
+                    }
+                    let (mut x, mut y) = (queries.clone(), queries.clone());
+                    match half {
+                        0 => Avx512::weighted_sum(&weights, hd, &halves.0, &offsets, &mut x),
+                        _ => Avx512::weighted_sum(&weights, hd, &halves.1, &offsets, &mut x),
+                    }
+                    Portable::weighted_sum(&weights, hd, wide, &offsets, &mut y);
+                    for (p, q) in x.iter().zip(&y) {
+                        assert!(
+                            (p - q).abs() <= 1e-3 * q.abs().max(1.0),
+                            "{half}: weighted sum, {what}"
+                        );
+                    }
+                }
                 let (mut a, mut b) = (vec![0f32; rows * KEY_BLOCK], vec![0f32; rows * KEY_BLOCK]);
                 Avx512::scores(&queries, hd, &cache, &offsets, &mut a);
                 Portable::scores(&queries, hd, &cache, &offsets, &mut b);
@@ -832,11 +943,31 @@ mod tests {
     }
 
     fn naive_attention_matches() {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            naive_attention_matches_in(dtype);
+        }
+    }
+
+    /// As above, with K and V caches of `dtype`: the same result as their values in f32.
+    fn naive_attention_matches_in(dtype: DType) {
         let val = |i: usize| ((i * 2654435761) % 1000) as f32 / 500.0 - 1.0;
+        let d = Device::Cpu;
         for (nh, nkv, hd) in [(4, 2, 8), (6, 2, 20), (3, 3, 64)] {
             let slots = 1900;
-            let k: Vec<f32> = (0..slots * nkv * hd).map(val).collect();
-            let v: Vec<f32> = (0..slots * nkv * hd).map(|i| val(i + 7)).collect();
+            let cache = |f: &dyn Fn(usize) -> f32| {
+                let t = Tensor::from_vec(
+                    (0..slots * nkv * hd).map(f).collect::<Vec<f32>>(),
+                    (slots, nkv * hd),
+                    &d,
+                )
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+                let exact = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+                (t, exact.to_vec1::<f32>().unwrap())
+            };
+            let (k_cache, k) = cache(&val);
+            let (v_cache, v) = cache(&|i| val(i + 7));
             // (context, new tokens) of each sequence.
             let seqs = [(150usize, 1usize), (140, 37), (70, 70), (700, 1), (650, 9)];
             let max_ctx = 700;
@@ -863,14 +994,9 @@ mod tests {
                     max_ctx,
                     window,
                 };
-                let d = Device::Cpu;
                 let out = Tensor::from_slice(&q, (rows, nh * hd), &d)
                     .unwrap()
-                    .apply_op3_no_bwd(
-                        &Tensor::from_slice(&k, (slots, nkv * hd), &d).unwrap(),
-                        &Tensor::from_slice(&v, (slots, nkv * hd), &d).unwrap(),
-                        &op,
-                    )
+                    .apply_op3_no_bwd(&k_cache, &v_cache, &op)
                     .unwrap()
                     .to_vec2::<f32>()
                     .unwrap();
@@ -896,8 +1022,8 @@ mod tests {
                             for (a, w) in got.iter().zip(&want) {
                                 assert!(
                                     (a - w).abs() < 1e-5,
-                                    "{nh}/{nkv}x{hd} window {window:?} seq {b} token {i} \
-                                     head {h}: {a} vs {w}"
+                                    "{dtype:?} {nh}/{nkv}x{hd} window {window:?} seq {b} token \
+                                     {i} head {h}: {a} vs {w}"
                                 );
                             }
                         }

@@ -41,6 +41,10 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Bytes of KV cache to allocate (K and V, all layers).
     pub kv_cache_bytes: usize,
+    /// What the KV cache holds; `None` holds the compute dtype. A half type holds twice the
+    /// tokens in the same memory and halves what attention reads, at half-precision
+    /// rounding of keys and values (llama.cpp's default is f16).
+    pub kv_cache_dtype: Option<DType>,
     /// Most sequences running at once.
     pub max_running: usize,
     /// Token budget of one step (decode tokens plus prefill chunks).
@@ -64,6 +68,7 @@ impl Default for EngineConfig {
             dtype: None,
             block_size: 16,
             kv_cache_bytes: 512 << 20,
+            kv_cache_dtype: None,
             max_running: 64,
             max_batch_tokens: 512,
             step_time_budget: StepTimeBudget::default(),
@@ -206,6 +211,8 @@ pub struct EngineInfo {
     pub architecture: String,
     /// Compute dtype.
     pub dtype: DType,
+    /// What the KV cache holds.
+    pub kv_cache_dtype: DType,
     /// Device description.
     pub device: String,
     /// Model vocabulary rows.
@@ -366,12 +373,18 @@ impl Loaded {
                 "block size, max running sequences and max batch tokens must be positive".into(),
             ));
         }
+        let kv_dtype = cfg.kv_cache_dtype.unwrap_or(precision.compute);
+        if !matches!(kv_dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(EngineError::Config(format!(
+                "a {kv_dtype:?} KV cache is not supported; use f32, f16 or bf16"
+            )));
+        }
         let per_block = bytes_per_block(
             local.num_layers,
             cfg.block_size,
             local.num_kv_heads,
             local.head_dim,
-            precision.compute,
+            kv_dtype,
         );
         let total_blocks = cfg.kv_cache_bytes / per_block;
         if total_blocks == 0 {
@@ -405,7 +418,7 @@ impl Loaded {
             local.num_layers,
             total_blocks * cfg.block_size,
             local.num_kv_heads * local.head_dim,
-            precision.compute,
+            kv_dtype,
             &cfg.device,
         )?;
         Ok(Loaded {
@@ -470,6 +483,7 @@ impl Engine {
             model: dir.model_id(),
             architecture: mc.architecture.hf_name().into(),
             dtype,
+            kv_cache_dtype: kv.dtype(),
             device: format!("{:?}", cfg.device.location()),
             vocab_size: mc.vocab_size,
             max_model_len,
@@ -489,7 +503,7 @@ impl Engine {
         };
         tracing::info!(
             model = %info.model, architecture = %info.architecture, dtype = ?dtype,
-            kv_blocks = total_blocks, block_size = cfg.block_size, max_model_len,
+            kv_cache_dtype = ?info.kv_cache_dtype, kv_blocks = total_blocks, block_size = cfg.block_size, max_model_len,
             "engine ready"
         );
         Ok(Engine {

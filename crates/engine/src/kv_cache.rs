@@ -310,6 +310,14 @@ impl KvCache {
         slot_index: &Tensor,
     ) -> Result<()> {
         for (cache, new) in [(&self.k[layer], k), (&self.v[layer], v)] {
+            // A cache may hold a narrower type than the model computes in (--kv-cache-dtype).
+            let converted;
+            let new = if new.dtype() == cache.dtype() {
+                new
+            } else {
+                converted = new.to_dtype(cache.dtype())?;
+                &converted
+            };
             if cache.device().is_cpu() {
                 // Rows may be strided (a view into the fused q/k/v output), not elements.
                 let new = match new.stride() {
@@ -329,12 +337,17 @@ impl KvCache {
         (&self.k[layer], &self.v[layer])
     }
 
-    /// Keys and values at `slots` (`[n]` u32): two `[n, row]` tensors.
-    pub fn gather(&self, layer: usize, slots: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// Keys and values at `slots` (`[n]` u32): two `[n, row]` tensors in `dtype`.
+    pub fn gather(&self, layer: usize, slots: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
         Ok((
-            self.k[layer].index_select(slots, 0)?,
-            self.v[layer].index_select(slots, 0)?,
+            self.k[layer].index_select(slots, 0)?.to_dtype(dtype)?,
+            self.v[layer].index_select(slots, 0)?.to_dtype(dtype)?,
         ))
+    }
+
+    /// The type the cache holds.
+    pub fn dtype(&self) -> DType {
+        self.k.first().map_or(DType::F32, Tensor::dtype)
     }
 }
 

@@ -67,6 +67,15 @@ pub fn parse_dtype(s: &str) -> Option<DType> {
     }
 }
 
+/// Parses a `--kv-cache-dtype`: `auto` (the compute dtype: `Some(None)`) or a dtype that
+/// [`parse_dtype`] reads; `None` for anything else.
+pub fn parse_kv_cache_dtype(s: &str) -> Option<Option<DType>> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Some(None);
+    }
+    parse_dtype(s).map(Some)
+}
+
 /// Parses a device name: `cpu`, `cuda` or `cuda:N`.
 pub fn parse_device(s: &str) -> Result<Device> {
     match s {

@@ -649,7 +649,7 @@ impl Llama {
             .permute((0, 2, 3, 1, 4))?
             .contiguous()?
             .reshape((b, nkv, rep * mq, hd))?;
-        let (k, v) = kv.gather(layer, &dense.ctx_slots)?;
+        let (k, v) = kv.gather(layer, &dense.ctx_slots, self.dtype)?;
         let k = k.reshape((b, mc, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let v = v.reshape((b, mc, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();

@@ -54,6 +54,16 @@ pub trait PanelElem: Copy + Send + Sync + 'static {
     /// `p` must be valid for sixteen reads.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    /// The lanes of `m` of [`load16`](Self::load16), zero elsewhere; reads only those lanes
+    /// (the caller has AVX-512F, BW and VL).
+    ///
+    /// # Safety
+    /// `p` must be valid for reads of the lanes `m` holds.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16_masked(
+        p: *const Self,
+        m: std::arch::x86_64::__mmask16,
+    ) -> std::arch::x86_64::__m512;
 }
 
 impl PanelElem for f32 {
@@ -70,6 +80,14 @@ impl PanelElem for f32 {
     #[inline(always)]
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
         std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_masked(
+        p: *const Self,
+        m: std::arch::x86_64::__mmask16,
+    ) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_maskz_loadu_ps(m, p)
     }
 }
 
@@ -93,6 +111,16 @@ impl PanelElem for bf16 {
         let h = _mm256_loadu_si256(p as *const __m256i);
         _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_masked(
+        p: *const Self,
+        m: std::arch::x86_64::__mmask16,
+    ) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let h = _mm256_maskz_loadu_epi16(m, p as *const i16);
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+    }
 }
 
 impl PanelElem for f16 {
@@ -111,6 +139,15 @@ impl PanelElem for f16 {
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
         use std::arch::x86_64::*;
         _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_masked(
+        p: *const Self,
+        m: std::arch::x86_64::__mmask16,
+    ) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p as *const i16))
     }
 }
 

@@ -133,6 +133,7 @@ impl SimEngine {
             model: cfg.model.clone(),
             architecture: "sim".into(),
             dtype: DType::F32,
+            kv_cache_dtype: DType::F32,
             device: format!("sim ({:?} per step)", cfg.step_time),
             vocab_size: cfg.vocab_size,
             max_model_len: cfg.max_model_len,

@@ -376,6 +376,54 @@ fn a_real_model_keeps_its_perplexity_in_half_precision_and_8_and_4_bits() {
     );
 }
 
+/// A half-precision KV cache (`--kv-cache-dtype`, llama.cpp's f16 default) holds twice the
+/// tokens in the same memory and leaves the real model's answer and perplexity where an f32
+/// cache puts them.
+#[test]
+fn a_real_model_keeps_its_answer_and_perplexity_with_a_half_precision_kv_cache() {
+    let path = real_model();
+    let text = std::fs::read_to_string(fixtures().join("text/prose.txt")).unwrap();
+    let model = ModelDir::open(&path).unwrap();
+    let with = |kv: Option<DType>| EngineConfig {
+        kv_cache_dtype: kv,
+        ..cfg()
+    };
+    let ppl = |kv: Option<DType>| {
+        perplexity(&model, &with(kv), &text, 128, Some(3), &|_, _| {})
+            .unwrap()
+            .perplexity
+    };
+    let f32_blocks = load(&path, with(None)).info().total_blocks;
+    let reference = ppl(None);
+    for kv in [DType::F16, DType::BF16] {
+        let mut engine = load(&path, with(Some(kv)));
+        assert_eq!(engine.info().kv_cache_dtype, kv);
+        assert_eq!(engine.info().dtype, DType::F32, "the arithmetic stays f32");
+        let blocks = engine.info().total_blocks;
+        assert!(
+            (2 * f32_blocks..=2 * f32_blocks + 1).contains(&blocks),
+            "{kv:?}: {blocks} blocks in the memory of {f32_blocks} f32 ones"
+        );
+        let prompt = engine
+            .tokenizer()
+            .encode_prompt("The capital of France is")
+            .unwrap();
+        let got = run_all(&mut engine, vec![greedy(0, &prompt, 8)]);
+        assert!(got[&0].text.contains("Paris"), "{kv:?}: {:?}", got[&0].text);
+        drop(engine);
+        let got = ppl(Some(kv));
+        assert!(
+            (got / reference - 1.0).abs() < 0.01,
+            "{kv:?} KV cache: perplexity {got} vs {reference} with an f32 cache"
+        );
+    }
+    let refused = openinfer_engine::Engine::load(&path, with(Some(DType::U8)), &|_, _| {});
+    assert!(
+        matches!(&refused, Err(e) if e.to_string().contains("use f32, f16 or bf16")),
+        "a u8 KV cache is refused with what to use"
+    );
+}
+
 /// Greedy parity with transformers on the real model's weights dequantized to f32
 /// (`tests/fixtures/real-model/smollm2-q4_1.json`, from `scripts/make_real_model_expected.py`,
 /// which loads the same GGUF file with transformers' own reader and tokenizer).

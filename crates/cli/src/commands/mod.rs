@@ -15,7 +15,9 @@ use std::sync::Arc;
 use crate::args::{Command, EngineArgs};
 use anyhow::Context;
 use openinfer_engine::tp::Communicator;
-use openinfer_engine::{parse_device, parse_dtype, Engine, EngineConfig, ModelDir};
+use openinfer_engine::{
+    parse_device, parse_dtype, parse_kv_cache_dtype, Engine, EngineConfig, ModelDir,
+};
 
 /// Runs a parsed subcommand.
 pub fn run(cmd: Command) -> anyhow::Result<()> {
@@ -49,11 +51,18 @@ pub fn engine_config(a: &EngineArgs) -> anyhow::Result<EngineConfig> {
             Some(parse_dtype(s).with_context(|| format!("--dtype {s}: use f32, bf16 or f16"))?)
         }
     };
+    let kv_cache_dtype = parse_kv_cache_dtype(&a.kv_cache_dtype).with_context(|| {
+        format!(
+            "--kv-cache-dtype {}: use auto, f32, f16 or bf16",
+            a.kv_cache_dtype
+        )
+    })?;
     Ok(EngineConfig {
         device: parse_device(&a.device)?,
         dtype,
         block_size: a.block_size,
         kv_cache_bytes: a.kv_cache_memory.0 as usize,
+        kv_cache_dtype,
         max_running: a.max_running,
         max_batch_tokens: a.max_batch_tokens,
         step_time_budget: a.step_time_budget,

@@ -140,6 +140,9 @@ spec:
         {{- with $w.kvCacheMemory }}
         - --kv-cache-memory={{ . }}
         {{- end }}
+        {{- with $w.kvCacheDtype }}
+        - --kv-cache-dtype={{ . }}
+        {{- end }}
         {{- if gt $w._tp 1 }}
         - --tp={{ $w._tp }}
         {{- end }}
