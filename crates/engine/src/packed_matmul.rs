@@ -6,6 +6,9 @@
 //! [`NR`] output columns (`[panel][k][NR]`), so every call streams the weights sequentially
 //! and a 6×16 register tile (12 FMAs per 8 loads with AVX2 + FMA, checked at run time) does the
 //! arithmetic. Panels are shared out among threads; each writes its own output columns.
+//! With AVX-512, panels go in pairs under 8-row tiles; from 9 rows of `x` up (batched decode,
+//! prefill) a pair is taken [`BLOCK_STEPS`] steps of `k` at a time, so that only the first
+//! tile of rows reads a block from memory and the others find it in the first-level cache.
 //!
 //! Panels hold f32, bf16 or f16 values ([`PanelElem`]): half-precision weights stay half
 //! precision in memory (half the bytes a step reads) and are widened to f32 in registers, so
@@ -411,6 +414,8 @@ fn product<S: PanelSource>(src: &S, n: usize, k: usize, x: &[f32], m: usize) -> 
     let out = SharedOut(y.spare_capacity_mut().as_mut_ptr() as *mut f32);
     let panels = n.div_ceil(NR);
     let wide = has_avx512();
+    // From two tiles of rows up, a pair of panels is taken a block of steps at a time.
+    let blocked = wide && m > MR_WIDE;
     // Enough tasks to balance two to a few dozen threads, few enough to amortise them;
     // an even number of panels each where panels go in pairs.
     let mut per_task = panels.div_ceil(rayon::current_num_threads() * 4).max(1);
@@ -419,56 +424,79 @@ fn product<S: PanelSource>(src: &S, n: usize, k: usize, x: &[f32], m: usize) -> 
     }
     (0..panels.div_ceil(per_task))
         .into_par_iter()
-        .for_each_init(Scratch::default, |scratch, task| {
-            let first = task * per_task;
-            let count = per_task.min(panels - first);
-            let mut q = 0;
-            while q < count {
-                let col = (first + q) * NR;
-                let pair = wide && q + 1 < count;
-                let (width, step, held) = if pair {
-                    (2 * NR, MR_WIDE, 2)
-                } else {
-                    (NR, MR, 1)
-                };
-                let cols = width.min(n - col);
-                let data = src.panels(first + q, held, scratch);
-                let panel = |h: usize| &data[h * k * NR..(h + 1) * k * NR];
-                // The task's next pair of stored panels, fetched during the last tile of rows
-                // of this one: that tile reads this pair from cache, so the memory would
-                // otherwise idle while it computes (batched decode reads every weight once
-                // per step and has only a tile or two of rows).
-                let next = if pair && q + 3 < count {
-                    src.stored(first + q + 2)
-                } else {
-                    std::ptr::null()
-                };
-                let mut i = 0;
-                while i < m {
-                    let rows = step.min(m - i);
-                    let ahead = if i + rows == m {
-                        next
+        .for_each_init(
+            || (Scratch::default(), Vec::new()),
+            |(scratch, sums), task| {
+                let first = task * per_task;
+                let count = per_task.min(panels - first);
+                let mut q = 0;
+                while q < count {
+                    let col = (first + q) * NR;
+                    let pair = wide && q + 1 < count;
+                    let (width, step, held) = if pair {
+                        (2 * NR, MR_WIDE, 2)
+                    } else {
+                        (NR, MR, 1)
+                    };
+                    let cols = width.min(n - col);
+                    let data = src.panels(first + q, held, scratch);
+                    let panel = |h: usize| &data[h * k * NR..(h + 1) * k * NR];
+                    // The task's next pair of stored panels, fetched during the last tile of rows
+                    // of this one: that tile reads this pair from cache, so the memory would
+                    // otherwise idle while it computes (batched decode reads every weight once
+                    // per step and has only a tile or two of rows).
+                    let next = if pair && q + 3 < count {
+                        src.stored(first + q + 2)
                     } else {
                         std::ptr::null()
                     };
-                    let (xs, y) = (&x[i * k..(i + rows) * k], unsafe {
-                        // SAFETY: row i and column col lie inside `y` (m × n).
-                        out.ptr().add(i * n + col)
-                    });
-                    // SAFETY: rows i..i+rows and columns col..col+cols lie inside `x` and `y`,
-                    // and only this task writes these columns.
-                    unsafe {
-                        if pair {
-                            tile_pair(xs, k, panel(0), panel(1), ahead, y, n, rows, cols)
+                    if pair && blocked {
+                        // SAFETY: rows 0..m and columns col..col+cols lie inside `x` and `y`, and
+                        // only this task writes these columns.
+                        unsafe {
+                            pair_blocked(
+                                x,
+                                k,
+                                m,
+                                panel(0),
+                                panel(1),
+                                next,
+                                sums,
+                                out.ptr().add(col),
+                                n,
+                                cols,
+                            )
+                        };
+                        q += held;
+                        continue;
+                    }
+                    let mut i = 0;
+                    while i < m {
+                        let rows = step.min(m - i);
+                        let ahead = if i + rows == m {
+                            next
                         } else {
-                            tile(xs, k, panel(0), y, n, rows, cols)
-                        }
-                    };
-                    i += rows;
+                            std::ptr::null()
+                        };
+                        let (xs, y) = (&x[i * k..(i + rows) * k], unsafe {
+                            // SAFETY: row i and column col lie inside `y` (m × n).
+                            out.ptr().add(i * n + col)
+                        });
+                        // SAFETY: rows i..i+rows and columns col..col+cols lie inside `x` and `y`,
+                        // and only this task writes these columns.
+                        unsafe {
+                            if pair {
+                                tile_pair(xs, k, panel(0), panel(1), ahead, y, n, rows, cols)
+                            } else {
+                                tile(xs, k, panel(0), y, n, rows, cols)
+                            }
+                        };
+                        i += rows;
+                    }
+                    q += held;
                 }
-                q += held;
-            }
-        });
+            },
+        );
     // SAFETY: the tasks wrote all m × n values.
     unsafe { y.set_len(m * n) };
     y
@@ -653,6 +681,156 @@ unsafe fn tile_pair_avx512<T: PanelElem, const R: usize, const PREFETCH: bool>(
     }
 }
 
+/// Steps of `k` a [`pair_blocked`] block takes: both panels' part of it (16 KB in f32) stays in
+/// the first-level cache while every tile of rows passes over it.
+const BLOCK_STEPS: usize = 128;
+
+/// `m` (more than 8) rows of `x` over a pair of panels, in blocks of [`BLOCK_STEPS`] steps of
+/// `k`: the first tile of 8 rows streams a block from memory, the others read it from the
+/// first-level cache, and the last prefetches the next block (the next pair's first one after
+/// the last, from `next` unless null), so the memory never idles for a whole pass over the
+/// panels. Each tile's running sums wait in `acc` between blocks.
+///
+/// # Safety
+/// As [`tile`], and the CPU has AVX-512F ([`has_avx512`]).
+#[allow(clippy::too_many_arguments)]
+unsafe fn pair_blocked<T: PanelElem>(
+    x: &[f32],
+    k: usize,
+    m: usize,
+    a: &[T],
+    b: &[T],
+    next: *const T,
+    acc: &mut Vec<[[f32; 2 * NR]; MR_WIDE]>,
+    y: *mut f32,
+    ldy: usize,
+    cols: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        debug_assert!(m > MR_WIDE && x.len() >= m * k);
+        let tiles = m.div_ceil(MR_WIDE);
+        acc.clear();
+        acc.resize(tiles, [[0.0; 2 * NR]; MR_WIDE]);
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        for t0 in (0..k).step_by(BLOCK_STEPS) {
+            let len = BLOCK_STEPS.min(k - t0);
+            let (pa, pb) = if t0 + BLOCK_STEPS < k {
+                (
+                    ap.add((t0 + BLOCK_STEPS) * NR),
+                    bp.add((t0 + BLOCK_STEPS) * NR),
+                )
+            } else if !next.is_null() {
+                (next, next.wrapping_add(k * NR))
+            } else {
+                (std::ptr::null(), std::ptr::null())
+            };
+            for (h, acc) in acc.iter_mut().enumerate() {
+                let rows = MR_WIDE.min(m - h * MR_WIDE);
+                let xs = x.as_ptr().add(h * MR_WIDE * k + t0);
+                let (wa, wb) = (ap.add(t0 * NR), bp.add(t0 * NR));
+                let load = t0 > 0;
+                macro_rules! go {
+                    ($pf:expr) => {
+                        match rows {
+                            1 => pair_block_avx512::<T, 1, $pf>(
+                                xs, k, len, wa, wb, pa, pb, acc, load,
+                            ),
+                            2 => pair_block_avx512::<T, 2, $pf>(
+                                xs, k, len, wa, wb, pa, pb, acc, load,
+                            ),
+                            3 => pair_block_avx512::<T, 3, $pf>(
+                                xs, k, len, wa, wb, pa, pb, acc, load,
+                            ),
+                            4 => pair_block_avx512::<T, 4, $pf>(
+                                xs, k, len, wa, wb, pa, pb, acc, load,
+                            ),
+                            5 => pair_block_avx512::<T, 5, $pf>(
+                                xs, k, len, wa, wb, pa, pb, acc, load,
+                            ),
+                            6 => pair_block_avx512::<T, 6, $pf>(
+                                xs, k, len, wa, wb, pa, pb, acc, load,
+                            ),
+                            7 => pair_block_avx512::<T, 7, $pf>(
+                                xs, k, len, wa, wb, pa, pb, acc, load,
+                            ),
+                            _ => pair_block_avx512::<T, 8, $pf>(
+                                xs, k, len, wa, wb, pa, pb, acc, load,
+                            ),
+                        }
+                    };
+                }
+                // The last tile of the block finds it in cache: it fetches the next one.
+                if h + 1 == tiles && !pa.is_null() {
+                    go!(true)
+                } else {
+                    go!(false)
+                }
+            }
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            for (r, acc) in acc
+                .iter()
+                .enumerate()
+                .take(m.saturating_sub(h * MR_WIDE).min(MR_WIDE))
+            {
+                std::ptr::copy_nonoverlapping(acc.as_ptr(), y.add((h * MR_WIDE + r) * ldy), cols);
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, k, m, a, b, next, acc, y, ldy, cols);
+        unreachable!("pair_blocked runs only where has_avx512() is true");
+    }
+}
+
+/// `len` steps of `k` from `x` (rows `ldx` apart) over two panels' rows from `a` and `b`, added
+/// to `acc` (read first when `load`), prefetching as many rows of the panels at `pa` and
+/// `pb` when `PREFETCH`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pair_block_avx512<T: PanelElem, const R: usize, const PREFETCH: bool>(
+    x: *const f32,
+    ldx: usize,
+    len: usize,
+    a: *const T,
+    b: *const T,
+    pa: *const T,
+    pb: *const T,
+    out: &mut [[f32; 2 * NR]; MR_WIDE],
+    load: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    if load {
+        for (r, acc) in acc.iter_mut().enumerate() {
+            acc[0] = _mm512_loadu_ps(out[r].as_ptr());
+            acc[1] = _mm512_loadu_ps(out[r].as_ptr().add(NR));
+        }
+    }
+    for t in 0..len {
+        if PREFETCH {
+            // A hint: it reads nothing, so an address past the weights would do no harm.
+            _mm_prefetch::<_MM_HINT_T0>(pa.wrapping_add(t * NR) as *const i8);
+            if !pb.is_null() {
+                _mm_prefetch::<_MM_HINT_T0>(pb.wrapping_add(t * NR) as *const i8);
+            }
+        }
+        let (w0, w1) = (T::load16(a.add(t * NR)), T::load16(b.add(t * NR)));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let v = _mm512_set1_ps(*x.add(r * ldx + t));
+            acc[0] = _mm512_fmadd_ps(v, w0, acc[0]);
+            acc[1] = _mm512_fmadd_ps(v, w1, acc[1]);
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out[r].as_mut_ptr(), acc[0]);
+        _mm512_storeu_ps(out[r].as_mut_ptr().add(NR), acc[1]);
+    }
+}
+
 /// [`tile_pair_avx512`] for one row of `x` (decode): bound by reading the panels, so four
 /// steps of `k` at a time go into separate accumulators, which hides the FMA latency that one
 /// chain per panel would wait on.
@@ -758,6 +936,9 @@ mod tests {
             (7, 100, 16),
             (13, 64, 33),
             (128, 40, 70),
+            // Blocks of steps with a short last one, a third tile of rows.
+            (20, 300, 70),
+            (9, 129, 64),
         ] {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
