@@ -62,12 +62,7 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
             Some(parse_dtype(s).with_context(|| format!("--dtype {s}: use f32, bf16 or f16"))?)
         }
     };
-    let kv_cache_dtype = parse_kv_cache_dtype(&a.kv_cache_dtype).with_context(|| {
-        format!(
-            "--kv-cache-dtype {}: use auto, f32, f16 or bf16",
-            a.kv_cache_dtype
-        )
-    })?;
+    let kv_cache_dtype = parse_kv_cache_dtype(&a.kv_cache_dtype)?;
     let cfg = EngineConfig {
         device: device.clone(),
         dtype,
@@ -181,7 +176,7 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
         parameters: info.num_parameters,
         step_weight_bytes: step_bytes as u64,
         threads,
-        kv_cache_dtype: format!("{:?}", info.kv_cache_dtype).to_lowercase(),
+        kv_cache_dtype: info.kv_cache_dtype.as_str().into(),
         prompt_len: a.prompt_len,
         decode_steps: a.decode_steps,
         batch: a.batch,
@@ -263,11 +258,8 @@ fn run_llama_cpp(
         decode_steps: a.decode_steps,
         batch: a.batch,
         repeats: a.repeats,
-        kv_cache_type: match kv_cache_dtype {
-            DType::F16 => "f16",
-            DType::BF16 => "bf16",
-            _ => "f32",
-        },
+        // llama.cpp names these types as candle does.
+        kv_cache_type: kv_cache_dtype.as_str(),
     };
     llama_cpp::measure(&bench, &batched, model, &settings).map(Some)
 }

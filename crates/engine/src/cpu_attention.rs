@@ -820,12 +820,54 @@ mod tests {
             .collect()
     }
 
+    /// One case of [`Simd::scores`] and [`Simd::weighted_sum`].
+    struct Products<'a> {
+        queries: &'a [f32],
+        hd: usize,
+        offsets: &'a [u32],
+        weights: &'a [f32],
+        what: &'a str,
+    }
+
+    impl Products<'_> {
+        /// The AVX-512 products over `cache` against the plain loops over its values in f32.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512 (F, BW, VL).
+        #[cfg(target_arch = "x86_64")]
+        unsafe fn check<E: PanelElem>(&self, cache: &[E]) {
+            let (q, hd, o, what) = (self.queries, self.hd, self.offsets, self.what);
+            let wide: Vec<f32> = cache.iter().map(|v| v.to_f32()).collect();
+            let rows = q.len() / hd;
+            let (mut a, mut b) = (vec![0f32; rows * KEY_BLOCK], vec![0f32; rows * KEY_BLOCK]);
+            Avx512::scores(q, hd, cache, o, &mut a);
+            Portable::scores(q, hd, &wide, o, &mut b);
+            for (x, y) in a.iter().zip(&b) {
+                assert!(
+                    (x - y).abs() <= 1e-4 * y.abs().max(1.0),
+                    "{}: scores, {what}",
+                    std::any::type_name::<E>()
+                );
+            }
+            let (mut x, mut y) = (q.to_vec(), q.to_vec());
+            Avx512::weighted_sum(self.weights, hd, cache, o, &mut x);
+            Portable::weighted_sum(self.weights, hd, &wide, o, &mut y);
+            for (p, q) in x.iter().zip(&y) {
+                assert!(
+                    (p - q).abs() <= 1e-3 * q.abs().max(1.0),
+                    "{}: weighted sum, {what}",
+                    std::any::type_name::<E>()
+                );
+            }
+        }
+    }
+
     /// The AVX-512 operations against the plain loops, on widths, rows and key counts with
-    /// and without a tail.
+    /// and without a tail, over f32, f16 and bf16 caches.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx512_operations_match_the_plain_loops() {
-        if !std::arch::is_x86_feature_detected!("avx512f") {
+        if !has_avx512() {
             return;
         }
         let val = |i: usize| ((i * 2654435761) % 1000) as f32 / 100.0 - 5.0;
@@ -843,66 +885,23 @@ mod tests {
                 .collect();
             let queries: Vec<f32> = (0..rows * hd).map(|i| val(i + 3) / 10.0).collect();
             let what = format!("head {hd}, {rows} rows, {keys} keys");
-            // Half-precision caches: the same products as their values widened to f32.
-            let halves = (
-                cache
-                    .iter()
-                    .map(|&x| half::f16::from_f32(x))
-                    .collect::<Vec<_>>(),
-                cache
-                    .iter()
-                    .map(|&x| half::bf16::from_f32(x))
-                    .collect::<Vec<_>>(),
-            );
-            let widened = [
-                halves.0.iter().map(|x| x.to_f32()).collect::<Vec<_>>(),
-                halves.1.iter().map(|x| x.to_f32()).collect::<Vec<_>>(),
-            ];
             let weights: Vec<f32> = (0..rows * KEY_BLOCK).map(|i| val(i) / 50.0).collect();
+            let products = Products {
+                queries: &queries,
+                hd,
+                offsets: &offsets,
+                weights: &weights,
+                what: &what,
+            };
+            // Half-precision caches: the same products as their values widened to f32.
+            let f16s: Vec<half::f16> = cache.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let bf16s: Vec<half::bf16> = cache.iter().map(|&x| half::bf16::from_f32(x)).collect();
             // SAFETY: the CPU has AVX-512 (checked above).
             unsafe {
-                for (half, wide) in [(0, &widened[0]), (1, &widened[1])] {
-                    let (mut a, mut b) =
-                        (vec![0f32; rows * KEY_BLOCK], vec![0f32; rows * KEY_BLOCK]);
-                    match half {
-                        0 => Avx512::scores(&queries, hd, &halves.0, &offsets, &mut a),
-                        _ => Avx512::scores(&queries, hd, &halves.1, &offsets, &mut a),
-                    }
-                    Portable::scores(&queries, hd, wide, &offsets, &mut b);
-                    for (x, y) in a.iter().zip(&b) {
-                        assert!(
-                            (x - y).abs() <= 1e-4 * y.abs().max(1.0),
-                            "{half}: scores, {what}"
-                        );
-                    }
-                    let (mut x, mut y) = (queries.clone(), queries.clone());
-                    match half {
-                        0 => Avx512::weighted_sum(&weights, hd, &halves.0, &offsets, &mut x),
-                        _ => Avx512::weighted_sum(&weights, hd, &halves.1, &offsets, &mut x),
-                    }
-                    Portable::weighted_sum(&weights, hd, wide, &offsets, &mut y);
-                    for (p, q) in x.iter().zip(&y) {
-                        assert!(
-                            (p - q).abs() <= 1e-3 * q.abs().max(1.0),
-                            "{half}: weighted sum, {what}"
-                        );
-                    }
-                }
-                let (mut a, mut b) = (vec![0f32; rows * KEY_BLOCK], vec![0f32; rows * KEY_BLOCK]);
-                Avx512::scores(&queries, hd, &cache, &offsets, &mut a);
-                Portable::scores(&queries, hd, &cache, &offsets, &mut b);
-                for (x, y) in a.iter().zip(&b) {
-                    assert!((x - y).abs() <= 1e-4 * y.abs().max(1.0), "scores, {what}");
-                }
+                products.check(&cache);
+                products.check(&f16s);
+                products.check(&bf16s);
                 let (mut x, mut y) = (queries.clone(), queries.clone());
-                Avx512::weighted_sum(&b, hd, &cache, &offsets, &mut x);
-                Portable::weighted_sum(&b, hd, &cache, &offsets, &mut y);
-                for (p, q) in x.iter().zip(&y) {
-                    assert!(
-                        (p - q).abs() <= 1e-3 * q.abs().max(1.0),
-                        "weighted sum, {what}"
-                    );
-                }
                 Avx512::scale(&mut x, 3.0);
                 Portable::scale(&mut y, 3.0);
                 for (p, q) in x.iter().zip(&y) {

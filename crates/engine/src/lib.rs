@@ -67,13 +67,15 @@ pub fn parse_dtype(s: &str) -> Option<DType> {
     }
 }
 
-/// Parses a `--kv-cache-dtype`: `auto` (the compute dtype: `Some(None)`) or a dtype that
-/// [`parse_dtype`] reads; `None` for anything else.
-pub fn parse_kv_cache_dtype(s: &str) -> Option<Option<DType>> {
+/// Parses a `--kv-cache-dtype`: `auto` (the compute dtype: `None`) or a dtype that
+/// [`parse_dtype`] reads.
+pub fn parse_kv_cache_dtype(s: &str) -> Result<Option<DType>> {
     if s.eq_ignore_ascii_case("auto") {
-        return Some(None);
+        return Ok(None);
     }
-    parse_dtype(s).map(Some)
+    parse_dtype(s).map(Some).ok_or_else(|| {
+        EngineError::Config(format!("--kv-cache-dtype {s}: use auto, f32, f16 or bf16"))
+    })
 }
 
 /// Parses a device name: `cpu`, `cuda` or `cuda:N`.
@@ -101,5 +103,23 @@ pub fn parse_device(s: &str) -> Result<Device> {
                 ))
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_cache_dtypes_parse_and_a_wrong_one_says_what_to_use() {
+        assert_eq!(parse_kv_cache_dtype("auto").unwrap(), None);
+        assert_eq!(parse_kv_cache_dtype("F16").unwrap(), Some(DType::F16));
+        assert_eq!(parse_kv_cache_dtype("bfloat16").unwrap(), Some(DType::BF16));
+        assert_eq!(parse_kv_cache_dtype("f32").unwrap(), Some(DType::F32));
+        let err = parse_kv_cache_dtype("fp8").unwrap_err().to_string();
+        assert!(
+            err.contains("--kv-cache-dtype fp8: use auto, f32, f16 or bf16"),
+            "{err}"
+        );
     }
 }

@@ -51,12 +51,7 @@ pub fn engine_config(a: &EngineArgs) -> anyhow::Result<EngineConfig> {
             Some(parse_dtype(s).with_context(|| format!("--dtype {s}: use f32, bf16 or f16"))?)
         }
     };
-    let kv_cache_dtype = parse_kv_cache_dtype(&a.kv_cache_dtype).with_context(|| {
-        format!(
-            "--kv-cache-dtype {}: use auto, f32, f16 or bf16",
-            a.kv_cache_dtype
-        )
-    })?;
+    let kv_cache_dtype = parse_kv_cache_dtype(&a.kv_cache_dtype)?;
     Ok(EngineConfig {
         device: parse_device(&a.device)?,
         dtype,
