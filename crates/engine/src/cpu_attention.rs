@@ -17,7 +17,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 use rayon::prelude::*;
 
-use crate::cpu_ops::f32_input;
+use crate::cpu_ops::{contiguous_input, f32_input};
 use crate::fast_exp::exp;
 use crate::packed_matmul::{PanelElem, SharedOut};
 
@@ -108,14 +108,6 @@ impl CustomOp3 for PagedAttention<'_> {
     }
 }
 
-/// The cache values of a layout: its contiguous part of the storage.
-fn cache_values<'a, E>(op: &str, (x, l): (&'a [E], &Layout)) -> candle_core::Result<&'a [E]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("{op}: contiguous KV cache only")
-    };
-    Ok(&x[start..end])
-}
-
 impl PagedAttention<'_> {
     /// The op over K and V caches of element `E`.
     fn forward<E: PanelElem>(
@@ -126,8 +118,8 @@ impl PagedAttention<'_> {
         v: (&[E], &Layout),
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (l2, l3) = (k.1, v.1);
-        let k = cache_values(self.name(), k)?;
-        let v = cache_values(self.name(), v)?;
+        let k = contiguous_input(self.name(), k.0, l2)?;
+        let v = contiguous_input(self.name(), v.0, l3)?;
         let (rows, width) = l1.shape().dims2()?;
         let (hd, nh, nkv) = (self.head_dim, self.num_heads, self.num_kv_heads);
         let kv_row = nkv * hd;

@@ -17,6 +17,15 @@ pub(crate) fn f32_input<'a>(
     let CpuStorage::F32(x) = s else {
         candle_core::bail!("{op}: f32 input only")
     };
+    contiguous_input(op, x, l)
+}
+
+/// The values of `x` that the contiguous layout `l` covers; an error naming `op` otherwise.
+pub(crate) fn contiguous_input<'a, E>(
+    op: &str,
+    x: &'a [E],
+    l: &Layout,
+) -> candle_core::Result<&'a [E]> {
     let Some((start, end)) = l.contiguous_offsets() else {
         candle_core::bail!("{op}: contiguous input only")
     };

@@ -615,18 +615,42 @@ unsafe fn tile_pair<T: PanelElem>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
+        use std::arch::x86_64::_MM_HINT_T1;
+        debug_assert!(x.len() >= rows * k && a.len() >= k * NR && b.len() >= k * NR);
         let mut acc = [[0f32; 2 * NR]; MR_WIDE];
+        let (xp, ap, bp, next_b) = (
+            x.as_ptr(),
+            a.as_ptr(),
+            b.as_ptr(),
+            ahead.wrapping_add(k * NR),
+        );
+        // All of `k` as one block, prefetching the two panels from `ahead` into the
+        // second-level cache.
         macro_rules! go {
             ($pf:expr) => {
                 match rows {
                     1 => vec_pair_avx512::<T>(x, k, a, b, &mut acc[0]),
-                    2 => tile_pair_avx512::<T, 2, $pf>(x, k, a, b, ahead, &mut acc),
-                    3 => tile_pair_avx512::<T, 3, $pf>(x, k, a, b, ahead, &mut acc),
-                    4 => tile_pair_avx512::<T, 4, $pf>(x, k, a, b, ahead, &mut acc),
-                    5 => tile_pair_avx512::<T, 5, $pf>(x, k, a, b, ahead, &mut acc),
-                    6 => tile_pair_avx512::<T, 6, $pf>(x, k, a, b, ahead, &mut acc),
-                    7 => tile_pair_avx512::<T, 7, $pf>(x, k, a, b, ahead, &mut acc),
-                    _ => tile_pair_avx512::<T, 8, $pf>(x, k, a, b, ahead, &mut acc),
+                    2 => pair_block_avx512::<T, 2, $pf, _MM_HINT_T1>(
+                        xp, k, k, ap, bp, ahead, next_b, &mut acc, false,
+                    ),
+                    3 => pair_block_avx512::<T, 3, $pf, _MM_HINT_T1>(
+                        xp, k, k, ap, bp, ahead, next_b, &mut acc, false,
+                    ),
+                    4 => pair_block_avx512::<T, 4, $pf, _MM_HINT_T1>(
+                        xp, k, k, ap, bp, ahead, next_b, &mut acc, false,
+                    ),
+                    5 => pair_block_avx512::<T, 5, $pf, _MM_HINT_T1>(
+                        xp, k, k, ap, bp, ahead, next_b, &mut acc, false,
+                    ),
+                    6 => pair_block_avx512::<T, 6, $pf, _MM_HINT_T1>(
+                        xp, k, k, ap, bp, ahead, next_b, &mut acc, false,
+                    ),
+                    7 => pair_block_avx512::<T, 7, $pf, _MM_HINT_T1>(
+                        xp, k, k, ap, bp, ahead, next_b, &mut acc, false,
+                    ),
+                    _ => pair_block_avx512::<T, 8, $pf, _MM_HINT_T1>(
+                        xp, k, k, ap, bp, ahead, next_b, &mut acc, false,
+                    ),
                 }
             };
         }
@@ -643,41 +667,6 @@ unsafe fn tile_pair<T: PanelElem>(
     {
         let _ = (x, k, a, b, y, ldy, rows, cols);
         unreachable!("tile_pair runs only where has_avx512() is true");
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn tile_pair_avx512<T: PanelElem, const R: usize, const PREFETCH: bool>(
-    x: &[f32],
-    k: usize,
-    a: &[T],
-    b: &[T],
-    ahead: *const T,
-    out: &mut [[f32; 2 * NR]; MR_WIDE],
-) {
-    use std::arch::x86_64::*;
-    debug_assert!(x.len() >= R * k && a.len() >= k * NR && b.len() >= k * NR);
-    let (xp, ap, bp) = (x.as_ptr(), a.as_ptr(), b.as_ptr());
-    let mut acc = [[_mm512_setzero_ps(); 2]; R];
-    for t in 0..k {
-        if PREFETCH {
-            // A hint: it reads nothing, so an address past the weights would do no harm.
-            for p in [ahead.wrapping_add(t * NR), ahead.wrapping_add((k + t) * NR)] {
-                _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
-            }
-        }
-        // SAFETY: t < k, so both panel loads and every x read stay inside the slices.
-        let (w0, w1) = (T::load16(ap.add(t * NR)), T::load16(bp.add(t * NR)));
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let v = _mm512_set1_ps(*xp.add(r * k + t));
-            acc[0] = _mm512_fmadd_ps(v, w0, acc[0]);
-            acc[1] = _mm512_fmadd_ps(v, w1, acc[1]);
-        }
-    }
-    for (r, acc) in acc.iter().enumerate() {
-        _mm512_storeu_ps(out[r].as_mut_ptr(), acc[0]);
-        _mm512_storeu_ps(out[r].as_mut_ptr().add(NR), acc[1]);
     }
 }
 
@@ -708,6 +697,7 @@ unsafe fn pair_blocked<T: PanelElem>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
+        use std::arch::x86_64::_MM_HINT_T0;
         debug_assert!(m > MR_WIDE && x.len() >= m * k);
         let tiles = m.div_ceil(MR_WIDE);
         acc.clear();
@@ -733,28 +723,28 @@ unsafe fn pair_blocked<T: PanelElem>(
                 macro_rules! go {
                     ($pf:expr) => {
                         match rows {
-                            1 => pair_block_avx512::<T, 1, $pf>(
+                            1 => pair_block_avx512::<T, 1, $pf, _MM_HINT_T0>(
                                 xs, k, len, wa, wb, pa, pb, acc, load,
                             ),
-                            2 => pair_block_avx512::<T, 2, $pf>(
+                            2 => pair_block_avx512::<T, 2, $pf, _MM_HINT_T0>(
                                 xs, k, len, wa, wb, pa, pb, acc, load,
                             ),
-                            3 => pair_block_avx512::<T, 3, $pf>(
+                            3 => pair_block_avx512::<T, 3, $pf, _MM_HINT_T0>(
                                 xs, k, len, wa, wb, pa, pb, acc, load,
                             ),
-                            4 => pair_block_avx512::<T, 4, $pf>(
+                            4 => pair_block_avx512::<T, 4, $pf, _MM_HINT_T0>(
                                 xs, k, len, wa, wb, pa, pb, acc, load,
                             ),
-                            5 => pair_block_avx512::<T, 5, $pf>(
+                            5 => pair_block_avx512::<T, 5, $pf, _MM_HINT_T0>(
                                 xs, k, len, wa, wb, pa, pb, acc, load,
                             ),
-                            6 => pair_block_avx512::<T, 6, $pf>(
+                            6 => pair_block_avx512::<T, 6, $pf, _MM_HINT_T0>(
                                 xs, k, len, wa, wb, pa, pb, acc, load,
                             ),
-                            7 => pair_block_avx512::<T, 7, $pf>(
+                            7 => pair_block_avx512::<T, 7, $pf, _MM_HINT_T0>(
                                 xs, k, len, wa, wb, pa, pb, acc, load,
                             ),
-                            _ => pair_block_avx512::<T, 8, $pf>(
+                            _ => pair_block_avx512::<T, 8, $pf, _MM_HINT_T0>(
                                 xs, k, len, wa, wb, pa, pb, acc, load,
                             ),
                         }
@@ -785,13 +775,14 @@ unsafe fn pair_blocked<T: PanelElem>(
     }
 }
 
-/// `len` steps of `k` from `x` (rows `ldx` apart) over two panels' rows from `a` and `b`, added
-/// to `acc` (read first when `load`), prefetching as many rows of the panels at `pa` and
-/// `pb` when `PREFETCH`.
+/// `len` steps of `k` from `R` rows of `x` (`ldx` apart) over two panels' rows from `a` and
+/// `b`, with AVX-512: one 16-wide vector of each panel per step, every row broadcast against
+/// both; added to `out` (read first when `load`). When `PREFETCH`, as many rows of the panels
+/// at `pa` and `pb` are prefetched with `HINT` along the way.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn pair_block_avx512<T: PanelElem, const R: usize, const PREFETCH: bool>(
+unsafe fn pair_block_avx512<T: PanelElem, const R: usize, const PREFETCH: bool, const HINT: i32>(
     x: *const f32,
     ldx: usize,
     len: usize,
@@ -813,10 +804,8 @@ unsafe fn pair_block_avx512<T: PanelElem, const R: usize, const PREFETCH: bool>(
     for t in 0..len {
         if PREFETCH {
             // A hint: it reads nothing, so an address past the weights would do no harm.
-            _mm_prefetch::<_MM_HINT_T0>(pa.wrapping_add(t * NR) as *const i8);
-            if !pb.is_null() {
-                _mm_prefetch::<_MM_HINT_T0>(pb.wrapping_add(t * NR) as *const i8);
-            }
+            _mm_prefetch::<HINT>(pa.wrapping_add(t * NR) as *const i8);
+            _mm_prefetch::<HINT>(pb.wrapping_add(t * NR) as *const i8);
         }
         let (w0, w1) = (T::load16(a.add(t * NR)), T::load16(b.add(t * NR)));
         for (r, acc) in acc.iter_mut().enumerate() {
@@ -831,7 +820,7 @@ unsafe fn pair_block_avx512<T: PanelElem, const R: usize, const PREFETCH: bool>(
     }
 }
 
-/// [`tile_pair_avx512`] for one row of `x` (decode): bound by reading the panels, so four
+/// [`pair_block_avx512`] for one row of `x` (decode): bound by reading the panels, so four
 /// steps of `k` at a time go into separate accumulators, which hides the FMA latency that one
 /// chain per panel would wait on.
 #[cfg(target_arch = "x86_64")]
