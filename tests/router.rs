@@ -421,8 +421,9 @@ async fn a_client_that_goes_away_has_its_sequence_cancelled_on_the_worker() {
     }
 }
 
-/// Tokens each priority-0 request of [`priority_race`] generates.
-const RACE_TOKENS: u32 = 256;
+/// Tokens each priority-0 request of [`priority_race`] generates: 256 took about 0.1 s in a
+/// loaded CI run, near the urgent request's arrival (about 50 ms in), which then lost the race.
+const RACE_TOKENS: u32 = 1024;
 
 /// Ten priority-0 streams, then one priority-5 stream, on a worker with room for one sequence.
 /// Returns how many priority-0 requests finished before the priority-5 one, and checks that
@@ -436,7 +437,7 @@ async fn priority_race(preemption: bool) -> usize {
     .await;
     let client = c.client().await;
     // Long enough that the first request is still running when the urgent one arrives (about
-    // 50 ms after it) on any machine: 256 tokens of the tiny model take about 0.2 s here.
+    // 50 ms after it) on any machine (see RACE_TOKENS).
     let solo = stream_all(&mut client.clone(), req("same prompt", RACE_TOKENS))
         .await
         .unwrap()
