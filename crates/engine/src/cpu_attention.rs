@@ -4,7 +4,7 @@
 //! serving its query heads (GQA). Scores are never stored whole: key blocks are folded into a
 //! running softmax (as flash attention does), so memory stays flat with the context.
 //!
-//! Work is split over (sequence, KV head, tile of queries) and, where that leaves too few
+//! Work is split over (sequence, tile of queries, KV heads) and, where that leaves too few
 //! tasks to keep every thread busy (one long decode, a short chunk deep in a long prompt),
 //! over ranges of the context too: each range's partial softmax (its running maximum, sum
 //! and weighted values) is merged after (split-K, as flash-decoding does). The inner loops
@@ -23,8 +23,11 @@ use crate::packed_matmul::{PanelElem, SharedOut};
 
 /// Keys folded into the running softmax at once.
 const KEY_BLOCK: usize = 64;
-/// Query rows (query tokens × query heads of one KV head) of one task, about: every row of
-/// a task reads the keys and values the task loads.
+/// Query rows (query tokens × query heads) of one task, about: every row of a task reads the
+/// keys and values the task loads. A tile of few queries (a decode) takes several KV heads,
+/// so that it reads whole cache rows, which lie in memory one after the other within a block
+/// of slots (one head's part of each is a few lines, a row apart, the hardware prefetchers
+/// do not follow; with a task per head a batch-16 decode spent a seventh of its time here).
 const TILE_ROWS: usize = 32;
 /// Tasks wanted per thread, so that tasks of unequal length even out.
 const TASKS_PER_THREAD: usize = 4;
@@ -54,12 +57,12 @@ pub struct PagedAttention<'a> {
     pub window: Option<usize>,
 }
 
-/// One task: `queries` new tokens of sequence `seq` from its `first` one, for KV head `kv`,
-/// over the context positions `keys`.
+/// One task: `queries` new tokens of sequence `seq` from its `first` one, for the KV heads
+/// `kvs`, over the context positions `keys`.
 #[derive(Debug, Clone)]
 struct Task {
     seq: usize,
-    kv: usize,
+    kvs: std::ops::Range<usize>,
     first: usize,
     queries: usize,
     /// Row of the sequence's first new token in `q`.
@@ -67,11 +70,19 @@ struct Task {
     /// Context positions this task folds in: all its queries see, or a range of them.
     keys: std::ops::Range<usize>,
     /// Where its partial result goes when its context is split: the first of its
-    /// `queries × rep` rows in the partials, whose sums are merged after.
+    /// [`Task::rows`] rows in the partials, whose sums are merged after.
     partial: Option<usize>,
 }
 
-/// The tasks of one (sequence, KV head, tile of queries) whose context was split, and where
+impl Task {
+    /// Its query rows for `rep` query heads per KV head: KV head by KV head (the task's
+    /// first, then the next), each its query tokens by query head.
+    fn rows(&self, rep: usize) -> usize {
+        self.kvs.len() * self.queries * rep
+    }
+}
+
+/// The tasks of one (sequence, tile of queries, KV heads) whose context was split, and where
 /// their partials lie.
 struct Split {
     task: Task,
@@ -206,13 +217,15 @@ impl PagedAttention<'_> {
             // Tiles of equal size: each task streams the whole context, so a short last
             // tile would cost nearly a full one.
             let tile = n.div_ceil(n.div_ceil(most));
+            // KV heads a tile takes: as many as its rows allow.
+            let heads = (TILE_ROWS / (tile * rep)).clamp(1, nkv);
             for first in (0..n).step_by(tile) {
                 let queries = tile.min(n - first);
                 let keys = self.lowest(start + first)..start + first + queries;
-                for kv in 0..nkv {
+                for kv in (0..nkv).step_by(heads) {
                     tiles.push(Task {
                         seq,
-                        kv,
+                        kvs: kv..(kv + heads).min(nkv),
                         first,
                         queries,
                         row,
@@ -223,15 +236,19 @@ impl PagedAttention<'_> {
             }
             row += n;
         }
-        let reads: usize = tiles.iter().map(|t| t.keys.len()).sum();
-        let range = reads
-            .div_ceil(TASKS_PER_THREAD * threads.max(1))
-            .max(MIN_RANGE_KEYS)
-            .next_multiple_of(KEY_BLOCK);
+        // Reads counted in keys of one head.
+        let reads: usize = tiles.iter().map(|t| t.keys.len() * t.kvs.len()).sum();
+        let range = reads.div_ceil(TASKS_PER_THREAD * threads.max(1));
         let (mut tasks, mut splits, mut partial_rows) = (Vec::new(), Vec::new(), 0);
         for tile in tiles {
-            let parts = tile.keys.len().div_ceil(range);
-            if parts <= 1 {
+            // Each range at least MIN_RANGE_KEYS keys, whole key blocks.
+            let keys = range
+                .div_ceil(tile.kvs.len())
+                .max(MIN_RANGE_KEYS)
+                .next_multiple_of(KEY_BLOCK);
+            let parts = tile.keys.len().div_ceil(keys);
+            // One thread has nothing to balance: a split would only add the merge.
+            if parts <= 1 || threads <= 1 {
                 tasks.push(tile);
                 continue;
             }
@@ -248,7 +265,7 @@ impl PagedAttention<'_> {
                     partial: Some(partial_rows),
                     ..tile.clone()
                 });
-                partial_rows += tile.queries * rep;
+                partial_rows += tile.rows(rep);
             }
             splits.push(split);
         }
@@ -265,7 +282,7 @@ impl PagedAttention<'_> {
         let rep = nh / self.num_kv_heads;
         let t = &split.task;
         let mut acc = vec![0f32; hd];
-        for r in 0..t.queries * rep {
+        for r in 0..t.rows(rep) {
             let part = |p: usize| &partials[(p + r) * (hd + 2)..][..hd + 2];
             let max = split
                 .parts
@@ -288,8 +305,9 @@ impl PagedAttention<'_> {
         }
     }
 
-    /// Writes row `r` of task `t` (query token `first + r / rep`, head `kv * rep + r % rep`)
-    /// into `out`: its weighted values over their softmax sum.
+    /// Writes row `r` of task `t` (KV head `kvs.start + r / (queries · rep)`; within it, query
+    /// token `first + r / rep` of the tile and query head `r % rep` of that KV head's) into
+    /// `out`: its weighted values over their softmax sum.
     ///
     /// # Safety
     /// `out` must hold `[rows, heads * head_dim]` and no other task may write that row's
@@ -297,7 +315,9 @@ impl PagedAttention<'_> {
     unsafe fn write_row(&self, t: &Task, r: usize, acc: &[f32], sum: f32, out: SharedOut) {
         let (hd, nh) = (self.head_dim, self.num_heads);
         let rep = nh / self.num_kv_heads;
-        let h = t.kv * rep + r % rep;
+        let per_kv = t.queries * rep;
+        let (kv, r) = (t.kvs.start + r / per_kv, r % per_kv);
+        let h = kv * rep + r % rep;
         let dst = out
             .ptr()
             .add((t.row + t.first + r / rep) * nh * hd + h * hd);
@@ -395,16 +415,20 @@ impl PagedAttention<'_> {
     ) {
         let (hd, nh) = (self.head_dim, self.num_heads);
         let rep = nh / self.num_kv_heads;
-        let rows = t.queries * rep;
+        // Rows of one KV head, and of the task.
+        let per_kv = t.queries * rep;
+        let rows = t.rows(rep);
         let ctx = self.ctx_lens[t.seq] as usize;
         // Position of the sequence's first new token.
         let start = ctx - self.q_lens[t.seq] as usize;
         let slots = &self.ctx_slots[t.seq * self.max_ctx..][..ctx];
         let scale = 1.0 / (hd as f32).sqrt();
-        // Row r is query token `first + r / rep`, head `kv * rep + r % rep`.
+        // Row r is KV head `kvs.start + r / per_kv` and, within it, query token
+        // `first + r % per_kv / rep` and that KV head's query head `r % rep`.
         let query = |r: usize| {
-            let h = t.kv * rep + r % rep;
-            &c.q[(t.row + t.first + r / rep) * nh * hd + h * hd..][..hd]
+            let (kv, i) = (t.kvs.start + r / per_kv, r % per_kv);
+            let h = kv * rep + i % rep;
+            &c.q[(t.row + t.first + i / rep) * nh * hd + h * hd..][..hd]
         };
         s.queries.clear();
         for r in 0..rows {
@@ -413,20 +437,23 @@ impl PagedAttention<'_> {
         s.acc.clear();
         s.acc.resize(rows * hd, 0.0);
         s.scores.clear();
-        s.scores.resize(rows * KEY_BLOCK, 0.0);
+        s.scores.resize(per_kv * KEY_BLOCK, 0.0);
         s.max.clear();
         s.max.resize(rows, f32::NEG_INFINITY);
         s.sum.clear();
         s.sum.resize(rows, 0.0);
         let first_pos = start + t.first;
-        let head = |slot: u32| slot as usize * c.kv_row + t.kv * hd;
-        // Each key's head is a few cache lines, a row of the cache apart from the next: too
-        // short a stream for the hardware prefetchers. Ask for a block's keys and values
-        // (all at once, so that the loads overlap) one block ahead.
+        // The task's heads in a cache row: values `cols` from the row's start.
+        let cols = t.kvs.start * hd..t.kvs.end * hd;
+        let row_at = |slot: u32| slot as usize * c.kv_row;
+        // A key's heads are a few cache lines, a row of the cache apart from the next key's
+        // unless their slots follow one another: too short a stream for the hardware
+        // prefetchers. Ask for a block's keys and values (all at once, so that the loads
+        // overlap) one block ahead.
         let fetch = |keys: std::ops::Range<usize>| {
             for &slot in &slots[keys] {
-                prefetch(&c.k[head(slot)..][..hd]);
-                prefetch(&c.v[head(slot)..][..hd]);
+                prefetch(&c.k[row_at(slot)..][cols.clone()]);
+                prefetch(&c.v[row_at(slot)..][cols.clone()]);
             }
         };
         fetch(t.keys.start..t.keys.end.min(t.keys.start + KEY_BLOCK));
@@ -438,31 +465,48 @@ impl PagedAttention<'_> {
             s.offsets.extend(
                 slots[block..block + n]
                     .iter()
-                    .map(|&slot| head(slot) as u32),
+                    .map(|&slot| row_at(slot) as u32),
             );
-            V::scores(&s.queries, hd, c.k, &s.offsets, &mut s.scores);
-            for r in 0..rows {
-                let pos = first_pos + r / rep;
-                // Keys this row sees in the block: [lo, hi); the others weigh 0.
-                let lo = self.lowest(pos).max(block) - block;
-                let hi = (pos + 1).min(block + n).saturating_sub(block);
-                let sc = &mut s.scores[r * KEY_BLOCK..][..n];
-                if lo >= hi {
-                    sc.fill(0.0);
-                    continue;
+            for (j, kv) in t.kvs.clone().enumerate() {
+                // This KV head's rows, against its part of each cache row.
+                let (k, v) = (&c.k[kv * hd..], &c.v[kv * hd..]);
+                let these = j * per_kv..(j + 1) * per_kv;
+                V::scores(
+                    &s.queries[these.start * hd..these.end * hd],
+                    hd,
+                    k,
+                    &s.offsets,
+                    &mut s.scores,
+                );
+                for (i, r) in these.clone().enumerate() {
+                    let pos = first_pos + i / rep;
+                    // Keys this row sees in the block: [lo, hi); the others weigh 0.
+                    let lo = self.lowest(pos).max(block) - block;
+                    let hi = (pos + 1).min(block + n).saturating_sub(block);
+                    let sc = &mut s.scores[i * KEY_BLOCK..][..n];
+                    if lo >= hi {
+                        sc.fill(0.0);
+                        continue;
+                    }
+                    sc[..lo].fill(f32::NEG_INFINITY);
+                    sc[hi..].fill(f32::NEG_INFINITY);
+                    let block_max = sc[lo..hi].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    let new_max = s.max[r].max(block_max);
+                    let rescale = exp(s.max[r] - new_max);
+                    s.sum[r] = s.sum[r] * rescale + V::exp_sum(sc, new_max);
+                    s.max[r] = new_max;
+                    if rescale != 1.0 {
+                        V::scale(&mut s.acc[r * hd..][..hd], rescale);
+                    }
                 }
-                sc[..lo].fill(f32::NEG_INFINITY);
-                sc[hi..].fill(f32::NEG_INFINITY);
-                let block_max = sc[lo..hi].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let new_max = s.max[r].max(block_max);
-                let rescale = exp(s.max[r] - new_max);
-                s.sum[r] = s.sum[r] * rescale + V::exp_sum(sc, new_max);
-                s.max[r] = new_max;
-                if rescale != 1.0 {
-                    V::scale(&mut s.acc[r * hd..][..hd], rescale);
-                }
+                V::weighted_sum(
+                    &s.scores,
+                    hd,
+                    v,
+                    &s.offsets,
+                    &mut s.acc[these.start * hd..these.end * hd],
+                );
             }
-            V::weighted_sum(&s.scores, hd, c.v, &s.offsets, &mut s.acc);
             block += n;
         }
         if let Some(first) = t.partial {
@@ -1047,7 +1091,17 @@ mod tests {
             splits.iter().all(|s| s.task.seq < 2),
             "the short prompt is not split"
         );
-        assert_eq!(splits.len(), 6, "both long sequences, each KV head");
+        assert_eq!(
+            splits.len(),
+            4,
+            "the decode's one tile of every KV head, the chunk's tile of each"
+        );
+        let decode = splits.iter().find(|s| s.task.seq == 0).unwrap();
+        assert_eq!(decode.task.kvs, 0..3);
+        assert!(splits
+            .iter()
+            .filter(|s| s.task.seq == 1)
+            .all(|s| s.task.kvs.len() == 1 && s.task.queries == 10));
         let mut rows = 0;
         for split in &splits {
             let parts: Vec<&Task> = tasks
@@ -1059,7 +1113,7 @@ mod tests {
             assert_eq!(parts.last().unwrap().keys.end, split.task.keys.end);
             assert!(parts.windows(2).all(|w| w[0].keys.end == w[1].keys.start));
             assert!(parts.iter().all(|t| t.keys.len() >= MIN_RANGE_KEYS / 2));
-            rows += parts.len() * split.task.queries * 3;
+            rows += parts.len() * split.task.rows(3);
         }
         assert_eq!(rows, partial_rows);
         assert!(op.plan(1).1.is_empty(), "one thread has tasks enough");

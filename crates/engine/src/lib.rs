@@ -27,6 +27,7 @@ pub mod engine;
 pub mod error;
 pub(crate) mod fast_exp;
 pub mod gguf;
+pub(crate) mod guided;
 pub mod hub;
 pub mod int8_matmul;
 pub mod kv_cache;

@@ -9,8 +9,9 @@ use std::cell::Cell;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor, D};
 use candle_nn::ops::{rms_norm, softmax_last_dim};
+use rayon::prelude::*;
 
 use crate::batch::{AttnGroup, AttnLayout, SeqChunk, StepBatch};
 use crate::block_matmul::{BlockFormat, BlockMatmul};
@@ -22,6 +23,7 @@ use crate::kv_cache::KvCache;
 use crate::model_dir::Weights;
 use crate::packed_matmul::{PackedMatmul, PackedWeight};
 use crate::rope::Rope;
+use crate::sampling;
 use crate::tp::{Communicator, Shard};
 
 /// Whether the CPU kernels (packed matmul, paged attention, fused SiLU·up) serve this
@@ -674,7 +676,43 @@ impl Llama {
     }
 }
 
-/// Index of the largest value in each row of `[n, vocab]` logits (device-side greedy).
+/// Index of the largest value in each row of `[n, vocab]` logits (the first on ties):
+/// greedy choice on the device. f32 logits on CPU are read in place, rows in parallel,
+/// sixteen lanes at a time ([`sampling::argmax`]): candle's reduction took one thread
+/// about 1.7 ms for 16 rows of a 49,152-token vocabulary while the pool waited.
 pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    if let (Device::Cpu, DType::F32, Ok((_, vocab @ 1..))) =
+        (logits.device(), logits.dtype(), logits.dims2())
+    {
+        let (storage, layout) = logits.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(v[a..b].par_chunks(vocab).map(sampling::argmax).collect());
+        }
+    }
     Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_rows_agrees_with_candle_in_place_and_on_strided_logits() {
+        let (rows, vocab) = (7, 1000);
+        // Values in a few hundred distinct steps: ties within rows, the first must win.
+        let v: Vec<f32> = (0..rows * vocab)
+            .map(|i| (crate::sampling::mix(3, i as u64) % 400) as f32 / 8.0 - 25.0)
+            .collect();
+        let logits = Tensor::from_vec(v, (rows, vocab), &Device::Cpu).unwrap();
+        let want = logits.argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap();
+        assert_eq!(argmax_rows(&logits).unwrap(), want);
+        // Rows 2..5 of the same storage, and a transposed view (not contiguous: candle's).
+        let part = logits.narrow(0, 2, 3).unwrap();
+        assert_eq!(argmax_rows(&part).unwrap(), want[2..5]);
+        let t = logits.t().unwrap();
+        let want_t = t.argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap();
+        assert_eq!(argmax_rows(&t).unwrap(), want_t);
+    }
 }

@@ -6,7 +6,7 @@
 //! [`NR`] output columns (`[panel][k][NR]`), so every call streams the weights sequentially
 //! and a 6×16 register tile (12 FMAs per 8 loads with AVX2 + FMA, checked at run time) does the
 //! arithmetic. Panels are shared out among threads; each writes its own output columns.
-//! With AVX-512, panels go in pairs under 8-row tiles; from 9 rows of `x` up (batched decode,
+//! With AVX-512, panels go in pairs under 14-row tiles; from 15 rows of `x` up (batched decode,
 //! prefill) a pair is taken [`BLOCK_STEPS`] steps of `k` at a time, so that only the first
 //! tile of rows reads a block from memory and the others find it in the first-level cache.
 //!
@@ -22,8 +22,31 @@ use rayon::prelude::*;
 pub const NR: usize = 16;
 /// Rows of `x` per register tile.
 pub const MR: usize = 6;
-/// Rows of `x` per AVX-512 register tile, which spans two panels (16 accumulators of 32).
-const MR_WIDE: usize = 8;
+/// Most rows of `x` per AVX-512 register tile, which spans two panels: 28 accumulators, a
+/// vector of each panel and a broadcast row value fill the 32 registers. Up to 14 rows take
+/// one pass over the weights (with 8 a tile, 12 rows took two, about 7 % slower); more are cut
+/// into tiles of equal height ([`pair_blocked`]).
+const MR_WIDE: usize = 14;
+
+/// `$body` with the const `$r` set to `$rows` (1 to [`MR_WIDE`]; more is [`MR_WIDE`]): one
+/// monomorphized kernel per tile height.
+macro_rules! by_rows {
+    ($rows:expr, $r:ident => $body:expr) => {
+        by_rows!(@arms $rows, $r, $body, 1 2 3 4 5 6 7 8 9 10 11 12 13)
+    };
+    (@arms $rows:expr, $r:ident, $body:expr, $($n:literal)*) => {
+        match $rows {
+            $($n => {
+                const $r: usize = $n;
+                $body
+            })*
+            _ => {
+                const $r: usize = MR_WIDE;
+                $body
+            }
+        }
+    };
+}
 
 /// True when the two-panel AVX-512 tile can run here.
 pub(crate) fn has_avx512() -> bool {
@@ -416,87 +439,84 @@ fn product<S: PanelSource>(src: &S, n: usize, k: usize, x: &[f32], m: usize) -> 
     let wide = has_avx512();
     // From two tiles of rows up, a pair of panels is taken a block of steps at a time.
     let blocked = wide && m > MR_WIDE;
-    // Enough tasks to balance two to a few dozen threads, few enough to amortise them;
-    // an even number of panels each where panels go in pairs.
-    let mut per_task = panels.div_ceil(rayon::current_num_threads() * 4).max(1);
-    if wide {
-        per_task += per_task % 2;
-    }
-    (0..panels.div_ceil(per_task))
-        .into_par_iter()
-        .for_each_init(
-            || (Scratch::default(), Vec::new()),
-            |(scratch, sums), task| {
-                let first = task * per_task;
-                let count = per_task.min(panels - first);
-                let mut q = 0;
-                while q < count {
-                    let col = (first + q) * NR;
-                    let pair = wide && q + 1 < count;
-                    let (width, step, held) = if pair {
-                        (2 * NR, MR_WIDE, 2)
-                    } else {
-                        (NR, MR, 1)
+    // Ranges of panels shrinking as the product ends, so the threads finish together; pairs
+    // where the AVX-512 tile takes two, and at least [`MIN_TASK_PANELS`] (a range prefetches
+    // its next pair along the way).
+    crate::guided::for_each_range(
+        panels,
+        MIN_TASK_PANELS,
+        if wide { 2 } else { 1 },
+        || (Scratch::default(), Vec::new()),
+        |(scratch, sums), range| {
+            let (first, count) = (range.start, range.len());
+            let mut q = 0;
+            while q < count {
+                let col = (first + q) * NR;
+                let pair = wide && q + 1 < count;
+                let (width, step, held) = if pair {
+                    (2 * NR, MR_WIDE, 2)
+                } else {
+                    (NR, MR, 1)
+                };
+                let cols = width.min(n - col);
+                let data = src.panels(first + q, held, scratch);
+                let panel = |h: usize| &data[h * k * NR..(h + 1) * k * NR];
+                // The task's next pair of stored panels, fetched during the last tile of rows
+                // of this one: that tile reads this pair from cache, so the memory would
+                // otherwise idle while it computes (batched decode reads every weight once
+                // per step and has only a tile or two of rows).
+                let next = if pair && q + 3 < count {
+                    src.stored(first + q + 2)
+                } else {
+                    std::ptr::null()
+                };
+                if pair && blocked {
+                    // SAFETY: rows 0..m and columns col..col+cols lie inside `x` and `y`, and
+                    // only this task writes these columns.
+                    unsafe {
+                        pair_blocked(
+                            x,
+                            k,
+                            m,
+                            panel(0),
+                            panel(1),
+                            next,
+                            sums,
+                            out.ptr().add(col),
+                            n,
+                            cols,
+                        )
                     };
-                    let cols = width.min(n - col);
-                    let data = src.panels(first + q, held, scratch);
-                    let panel = |h: usize| &data[h * k * NR..(h + 1) * k * NR];
-                    // The task's next pair of stored panels, fetched during the last tile of rows
-                    // of this one: that tile reads this pair from cache, so the memory would
-                    // otherwise idle while it computes (batched decode reads every weight once
-                    // per step and has only a tile or two of rows).
-                    let next = if pair && q + 3 < count {
-                        src.stored(first + q + 2)
+                    q += held;
+                    continue;
+                }
+                let mut i = 0;
+                while i < m {
+                    let rows = step.min(m - i);
+                    let ahead = if i + rows == m {
+                        next
                     } else {
                         std::ptr::null()
                     };
-                    if pair && blocked {
-                        // SAFETY: rows 0..m and columns col..col+cols lie inside `x` and `y`, and
-                        // only this task writes these columns.
-                        unsafe {
-                            pair_blocked(
-                                x,
-                                k,
-                                m,
-                                panel(0),
-                                panel(1),
-                                next,
-                                sums,
-                                out.ptr().add(col),
-                                n,
-                                cols,
-                            )
-                        };
-                        q += held;
-                        continue;
-                    }
-                    let mut i = 0;
-                    while i < m {
-                        let rows = step.min(m - i);
-                        let ahead = if i + rows == m {
-                            next
+                    let (xs, y) = (&x[i * k..(i + rows) * k], unsafe {
+                        // SAFETY: row i and column col lie inside `y` (m × n).
+                        out.ptr().add(i * n + col)
+                    });
+                    // SAFETY: rows i..i+rows and columns col..col+cols lie inside `x` and `y`,
+                    // and only this task writes these columns.
+                    unsafe {
+                        if pair {
+                            tile_pair(xs, k, panel(0), panel(1), ahead, y, n, rows, cols)
                         } else {
-                            std::ptr::null()
-                        };
-                        let (xs, y) = (&x[i * k..(i + rows) * k], unsafe {
-                            // SAFETY: row i and column col lie inside `y` (m × n).
-                            out.ptr().add(i * n + col)
-                        });
-                        // SAFETY: rows i..i+rows and columns col..col+cols lie inside `x` and `y`,
-                        // and only this task writes these columns.
-                        unsafe {
-                            if pair {
-                                tile_pair(xs, k, panel(0), panel(1), ahead, y, n, rows, cols)
-                            } else {
-                                tile(xs, k, panel(0), y, n, rows, cols)
-                            }
-                        };
-                        i += rows;
-                    }
-                    q += held;
+                            tile(xs, k, panel(0), y, n, rows, cols)
+                        }
+                    };
+                    i += rows;
                 }
-            },
-        );
+                q += held;
+            }
+        },
+    );
     // SAFETY: the tasks wrote all m × n values.
     unsafe { y.set_len(m * n) };
     y
@@ -617,6 +637,12 @@ unsafe fn tile_pair<T: PanelElem>(
     {
         use std::arch::x86_64::_MM_HINT_T1;
         debug_assert!(x.len() >= rows * k && a.len() >= k * NR && b.len() >= k * NR);
+        if rows == 1 {
+            let mut one = [0f32; 2 * NR];
+            vec_pair_avx512::<T>(x, k, a, b, &mut one);
+            store_row(&one, y, cols);
+            return;
+        }
         let mut acc = [[0f32; 2 * NR]; MR_WIDE];
         let (xp, ap, bp, next_b) = (
             x.as_ptr(),
@@ -628,30 +654,9 @@ unsafe fn tile_pair<T: PanelElem>(
         // second-level cache.
         macro_rules! go {
             ($pf:expr) => {
-                match rows {
-                    1 => vec_pair_avx512::<T>(x, k, a, b, &mut acc[0]),
-                    2 => pair_block_avx512::<T, 2, $pf, _MM_HINT_T1>(
-                        xp, k, k, ap, bp, ahead, next_b, &mut acc, false,
-                    ),
-                    3 => pair_block_avx512::<T, 3, $pf, _MM_HINT_T1>(
-                        xp, k, k, ap, bp, ahead, next_b, &mut acc, false,
-                    ),
-                    4 => pair_block_avx512::<T, 4, $pf, _MM_HINT_T1>(
-                        xp, k, k, ap, bp, ahead, next_b, &mut acc, false,
-                    ),
-                    5 => pair_block_avx512::<T, 5, $pf, _MM_HINT_T1>(
-                        xp, k, k, ap, bp, ahead, next_b, &mut acc, false,
-                    ),
-                    6 => pair_block_avx512::<T, 6, $pf, _MM_HINT_T1>(
-                        xp, k, k, ap, bp, ahead, next_b, &mut acc, false,
-                    ),
-                    7 => pair_block_avx512::<T, 7, $pf, _MM_HINT_T1>(
-                        xp, k, k, ap, bp, ahead, next_b, &mut acc, false,
-                    ),
-                    _ => pair_block_avx512::<T, 8, $pf, _MM_HINT_T1>(
-                        xp, k, k, ap, bp, ahead, next_b, &mut acc, false,
-                    ),
-                }
+                by_rows!(rows, R => pair_block_avx512::<T, R, $pf, _MM_HINT_T1>(
+                    xp, k, k, ap, bp, ahead, next_b, &mut acc, false,
+                ))
             };
         }
         if ahead.is_null() {
@@ -660,7 +665,7 @@ unsafe fn tile_pair<T: PanelElem>(
             go!(true)
         }
         for (r, acc) in acc.iter().enumerate().take(rows) {
-            std::ptr::copy_nonoverlapping(acc.as_ptr(), y.add(r * ldy), cols);
+            store_row(acc, y.add(r * ldy), cols);
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -670,12 +675,29 @@ unsafe fn tile_pair<T: PanelElem>(
     }
 }
 
+/// The first `cols` of a row of a two-panel tile's sums, stored at `y`: a copy of constant
+/// length where the pair is whole, so that it compiles to two vector moves, not a call.
+///
+/// # Safety
+/// `y` is valid for `cols` (at most `2 · NR`) writes.
+#[inline(always)]
+unsafe fn store_row(acc: &[f32; 2 * NR], y: *mut f32, cols: usize) {
+    if cols == 2 * NR {
+        std::ptr::copy_nonoverlapping(acc.as_ptr(), y, 2 * NR);
+    } else {
+        std::ptr::copy_nonoverlapping(acc.as_ptr(), y, cols);
+    }
+}
+
+/// The fewest panels a thread takes at a time (but the last range).
+const MIN_TASK_PANELS: usize = 4;
+
 /// Steps of `k` a [`pair_blocked`] block takes: both panels' part of it (16 KB in f32) stays in
 /// the first-level cache while every tile of rows passes over it.
 const BLOCK_STEPS: usize = 128;
 
-/// `m` (more than 8) rows of `x` over a pair of panels, in blocks of [`BLOCK_STEPS`] steps of
-/// `k`: the first tile of 8 rows streams a block from memory, the others read it from the
+/// `m` (more than [`MR_WIDE`]) rows of `x` over a pair of panels, in blocks of [`BLOCK_STEPS`] steps of
+/// `k`: the first tile of rows streams a block from memory, the others read it from the
 /// first-level cache, and the last prefetches the next block (the next pair's first one after
 /// the last, from `next` unless null), so the memory never idles for a whole pass over the
 /// panels. Each tile's running sums wait in `acc` between blocks.
@@ -699,9 +721,15 @@ unsafe fn pair_blocked<T: PanelElem>(
     {
         use std::arch::x86_64::_MM_HINT_T0;
         debug_assert!(m > MR_WIDE && x.len() >= m * k);
+        // Tiles of equal height (16 rows: two of 8): a short last tile would pass over the
+        // block from cache for little arithmetic, and its prefetches of the next block would
+        // bunch up (14 + 2 was slower than 8 + 8).
         let tiles = m.div_ceil(MR_WIDE);
-        acc.clear();
-        acc.resize(tiles, [[0.0; 2 * NR]; MR_WIDE]);
+        let height = m.div_ceil(tiles);
+        // The first block writes every tile's sums without reading them: no need to zero.
+        if acc.len() < tiles {
+            acc.resize(tiles, [[0.0; 2 * NR]; MR_WIDE]);
+        }
         let (ap, bp) = (a.as_ptr(), b.as_ptr());
         for t0 in (0..k).step_by(BLOCK_STEPS) {
             let len = BLOCK_STEPS.min(k - t0);
@@ -716,38 +744,15 @@ unsafe fn pair_blocked<T: PanelElem>(
                 (std::ptr::null(), std::ptr::null())
             };
             for (h, acc) in acc.iter_mut().enumerate() {
-                let rows = MR_WIDE.min(m - h * MR_WIDE);
-                let xs = x.as_ptr().add(h * MR_WIDE * k + t0);
+                let rows = height.min(m - h * height);
+                let xs = x.as_ptr().add(h * height * k + t0);
                 let (wa, wb) = (ap.add(t0 * NR), bp.add(t0 * NR));
                 let load = t0 > 0;
                 macro_rules! go {
                     ($pf:expr) => {
-                        match rows {
-                            1 => pair_block_avx512::<T, 1, $pf, _MM_HINT_T0>(
-                                xs, k, len, wa, wb, pa, pb, acc, load,
-                            ),
-                            2 => pair_block_avx512::<T, 2, $pf, _MM_HINT_T0>(
-                                xs, k, len, wa, wb, pa, pb, acc, load,
-                            ),
-                            3 => pair_block_avx512::<T, 3, $pf, _MM_HINT_T0>(
-                                xs, k, len, wa, wb, pa, pb, acc, load,
-                            ),
-                            4 => pair_block_avx512::<T, 4, $pf, _MM_HINT_T0>(
-                                xs, k, len, wa, wb, pa, pb, acc, load,
-                            ),
-                            5 => pair_block_avx512::<T, 5, $pf, _MM_HINT_T0>(
-                                xs, k, len, wa, wb, pa, pb, acc, load,
-                            ),
-                            6 => pair_block_avx512::<T, 6, $pf, _MM_HINT_T0>(
-                                xs, k, len, wa, wb, pa, pb, acc, load,
-                            ),
-                            7 => pair_block_avx512::<T, 7, $pf, _MM_HINT_T0>(
-                                xs, k, len, wa, wb, pa, pb, acc, load,
-                            ),
-                            _ => pair_block_avx512::<T, 8, $pf, _MM_HINT_T0>(
-                                xs, k, len, wa, wb, pa, pb, acc, load,
-                            ),
-                        }
+                        by_rows!(rows, R => pair_block_avx512::<T, R, $pf, _MM_HINT_T0>(
+                            xs, k, len, wa, wb, pa, pb, acc, load,
+                        ))
                     };
                 }
                 // The last tile of the block finds it in cache: it fetches the next one.
@@ -762,9 +767,9 @@ unsafe fn pair_blocked<T: PanelElem>(
             for (r, acc) in acc
                 .iter()
                 .enumerate()
-                .take(m.saturating_sub(h * MR_WIDE).min(MR_WIDE))
+                .take(m.saturating_sub(h * height).min(height))
             {
-                std::ptr::copy_nonoverlapping(acc.as_ptr(), y.add((h * MR_WIDE + r) * ldy), cols);
+                store_row(acc, y.add((h * height + r) * ldy), cols);
             }
         }
     }

@@ -66,15 +66,73 @@ pub fn sample(
     (token, logprob)
 }
 
-/// Index of the largest value (the first one on ties).
+/// Index of the largest value (the first one on ties; NaN never wins over a number that
+/// came before it).
 pub fn argmax(xs: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in xs.iter().enumerate() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if xs.len() >= 16 && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F is present and `xs` holds at least 16 values.
+            return unsafe { argmax_avx512(xs) };
+        }
+    }
+    argmax_from(xs, 0, 0)
+}
+
+/// [`argmax`] of `xs[from..]`, starting from the best index `best`, by the plain loop.
+fn argmax_from(xs: &[f32], from: usize, best: usize) -> u32 {
+    let mut best = best;
+    for (i, &x) in xs.iter().enumerate().skip(from) {
         if x > xs[best] {
             best = i;
         }
     }
     best as u32
+}
+
+/// [`argmax`] sixteen lanes at a time: lane `j` keeps the best of values `j, j + 16, ...`
+/// (the first on ties, as the plain loop), and the lanes are compared at the end, the lowest
+/// index winning ties; the tail goes through the plain loop from there.
+///
+/// # Safety
+/// AVX-512F is present and `xs.len() >= 16`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn argmax_avx512(xs: &[f32]) -> u32 {
+    use std::arch::x86_64::*;
+    // The plain loop never moves off a NaN in first place.
+    if xs[0].is_nan() {
+        return 0;
+    }
+    let p = xs.as_ptr();
+    // Every lane starts below any number at its first index: a lane whose values are all
+    // -inf (or NaN) keeps that index, and loses to every lane holding a number.
+    let mut best = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let mut idx = at;
+    let step = _mm512_set1_epi32(16);
+    let whole = xs.len() - xs.len() % 16;
+    for i in (0..whole).step_by(16) {
+        let x = _mm512_loadu_ps(p.add(i));
+        let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, best);
+        best = _mm512_mask_mov_ps(best, gt, x);
+        idx = _mm512_mask_mov_epi32(idx, gt, at);
+        at = _mm512_add_epi32(at, step);
+    }
+    let (mut vals, mut ids) = ([0f32; 16], [0u32; 16]);
+    _mm512_storeu_ps(vals.as_mut_ptr(), best);
+    _mm512_storeu_si512(ids.as_mut_ptr() as *mut _, idx);
+    // The plain loop's answer over the lanes' winners: visited in index order, a later one
+    // replaces the best only when strictly larger.
+    let mut order: [usize; 16] = std::array::from_fn(|j| j);
+    order.sort_by_key(|&j| ids[j]);
+    let mut win = order[0];
+    for &j in &order[1..] {
+        if vals[j] > vals[win] {
+            win = j;
+        }
+    }
+    argmax_from(xs, whole, ids[win] as usize)
 }
 
 fn log_sum_exp(xs: &[f32]) -> f32 {
@@ -181,6 +239,42 @@ pub fn mix(seed: u64, step: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn argmax_matches_the_plain_loop_on_ties_infinities_nan_and_tails() {
+        let mut state = 7u64;
+        let mut next = || {
+            state = mix(state, 1);
+            state
+        };
+        for len in [1, 15, 16, 17, 31, 32, 33, 100, 257, 49_152] {
+            for case in 0..12 {
+                let xs: Vec<f32> = (0..len)
+                    .map(|_| match (case, next() % 10) {
+                        // Few distinct values: ties everywhere.
+                        (0..=3, r) => (r % 3) as f32,
+                        (4..=5, 0) => f32::NEG_INFINITY,
+                        (6..=7, 0) => f32::NAN,
+                        (8, _) => f32::NEG_INFINITY,
+                        (9, r) if r < 5 => f32::NAN,
+                        (9, _) => f32::NEG_INFINITY,
+                        _ => (next() % 1000) as f32 / 7.0 - 60.0,
+                    })
+                    .collect();
+                for first in [None, Some(f32::NAN), Some(f32::NEG_INFINITY)] {
+                    let mut xs = xs.clone();
+                    if let Some(v) = first {
+                        xs[0] = v;
+                    }
+                    assert_eq!(
+                        argmax(&xs),
+                        argmax_from(&xs, 0, 0),
+                        "len {len}, case {case}, first {first:?}: {xs:?}"
+                    );
+                }
+            }
+        }
+    }
 
     fn ctx<'a>(generated: &'a [u32], seed: u64) -> SampleContext<'a> {
         SampleContext {
