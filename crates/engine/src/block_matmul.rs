@@ -22,7 +22,6 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
-use rayon::prelude::*;
 
 use crate::int8_matmul;
 use crate::packed_matmul::{has_avx512, widened_matmul, SharedOut};
@@ -187,30 +186,35 @@ pub fn tiled(format: BlockFormat, w: &[u8], n: usize, k: usize, x: &[f32], m: us
     // Every value is written below (each task its columns of every row), so never zeroed.
     let mut y = Vec::with_capacity(m * n);
     let out = SharedOut(y.spare_capacity_mut().as_mut_ptr() as *mut f32);
-    let groups = n.div_ceil(TILE);
-    let per_task = groups.div_ceil(rayon::current_num_threads() * 4).max(1) * TILE;
-    (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
-        let end = ((task + 1) * per_task).min(n);
-        let mut j = task * per_task;
-        while j < end {
-            let cols = TILE.min(end - j);
-            let mut i = 0;
-            while i < m {
-                let rows = TILE.min(m - i);
-                let tile = Tile {
-                    x: &x[i * k..(i + rows) * k],
-                    w: &w[j * row_bytes..(j + cols) * row_bytes],
-                    k,
-                    row_bytes,
-                };
-                // SAFETY: the CPU has AVX-512F (`BlockFormat::of`); rows i..i+rows and columns
-                // j..j+cols lie inside `y`, and only this task writes these columns.
-                unsafe { tile.run(format, rows, cols, out.ptr().add(i * n + j), n) };
-                i += rows;
+    // Ranges of column tiles shrinking as the product ends, so the threads finish together.
+    crate::guided::for_each_range(
+        n.div_ceil(TILE),
+        1,
+        1,
+        || (),
+        |_, range| {
+            let end = (range.end * TILE).min(n);
+            let mut j = range.start * TILE;
+            while j < end {
+                let cols = TILE.min(end - j);
+                let mut i = 0;
+                while i < m {
+                    let rows = TILE.min(m - i);
+                    let tile = Tile {
+                        x: &x[i * k..(i + rows) * k],
+                        w: &w[j * row_bytes..(j + cols) * row_bytes],
+                        k,
+                        row_bytes,
+                    };
+                    // SAFETY: the CPU has AVX-512F (`BlockFormat::of`); rows i..i+rows and columns
+                    // j..j+cols lie inside `y`, and only this task writes these columns.
+                    unsafe { tile.run(format, rows, cols, out.ptr().add(i * n + j), n) };
+                    i += rows;
+                }
+                j += cols;
             }
-            j += cols;
-        }
-    });
+        },
+    );
     // SAFETY: the tasks wrote all m × n values.
     unsafe { y.set_len(m * n) };
     y

@@ -19,7 +19,6 @@
 //! magnitude); the result is not the product with the dequantized matrix to f32 precision, as
 //! the other paths' is, but within what llama.cpp's users see on every product.
 
-use rayon::prelude::*;
 
 use crate::block_matmul::BlockFormat;
 use crate::packed_matmul::SharedOut;
@@ -169,29 +168,30 @@ pub fn matmul(format: BlockFormat, w: &[u8], n: usize, k: usize, x: &[f32], m: u
     let mut y = Vec::with_capacity(m * n);
     let out = SharedOut(y.spare_capacity_mut().as_mut_ptr() as *mut f32);
     let panels = n.div_ceil(PANEL);
-    let per_task = panels.div_ceil(rayon::current_num_threads() * 4).max(1);
-    (0..panels.div_ceil(per_task))
-        .into_par_iter()
-        .for_each_init(
-            || Panel::new(k, runs),
-            |panel, task| {
-                for p in task * per_task..((task + 1) * per_task).min(panels) {
-                    let col = p * PANEL;
-                    let cols = PANEL.min(n - col);
-                    // SAFETY: `available()` held; rows col..col + cols of `w` hold a row's
-                    // blocks each (checked above).
-                    unsafe { panel.fill(format, &w[col * row_bytes..], row_bytes, cols) };
-                    let mut i = 0;
-                    while i < m {
-                        let rows = ROWS.min(m - i);
-                        // SAFETY: as above; rows i..i+rows and columns col..col+cols lie in
-                        // `y` (m × n), and only this task writes these columns.
-                        unsafe { tile(&xq, i, rows, panel, out.ptr().add(i * n + col), n, cols) };
-                        i += rows;
-                    }
+    // Ranges of panels shrinking as the product ends, so the threads finish together.
+    crate::guided::for_each_range(
+        panels,
+        1,
+        1,
+        || Panel::new(k, runs),
+        |panel, range| {
+            for p in range {
+                let col = p * PANEL;
+                let cols = PANEL.min(n - col);
+                // SAFETY: `available()` held; rows col..col + cols of `w` hold a row's
+                // blocks each (checked above).
+                unsafe { panel.fill(format, &w[col * row_bytes..], row_bytes, cols) };
+                let mut i = 0;
+                while i < m {
+                    let rows = ROWS.min(m - i);
+                    // SAFETY: as above; rows i..i+rows and columns col..col+cols lie in
+                    // `y` (m × n), and only this task writes these columns.
+                    unsafe { tile(&xq, i, rows, panel, out.ptr().add(i * n + col), n, cols) };
+                    i += rows;
                 }
-            },
-        );
+            }
+        },
+    );
     // SAFETY: the tasks wrote all m × n values.
     unsafe { y.set_len(m * n) };
     y
