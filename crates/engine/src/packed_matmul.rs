@@ -930,9 +930,16 @@ mod tests {
             (7, 100, 16),
             (13, 64, 33),
             (128, 40, 70),
-            // Blocks of steps with a short last one, a third tile of rows.
+            // Blocks of steps with a short last one; tiles of equal height: 10 + 10, 8 + 7,
+            // 10 + 10 + 9, four of 11.
             (20, 300, 70),
+            (15, 130, 64),
+            (29, 300, 70),
+            (44, 129, 40),
+            // One pass of the tallest tile; many ranges of panels shared out.
+            (14, 200, 96),
             (9, 129, 64),
+            (3, 64, 2000),
         ] {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
