@@ -19,7 +19,6 @@
 //! magnitude); the result is not the product with the dequantized matrix to f32 precision, as
 //! the other paths' is, but within what llama.cpp's users see on every product.
 
-
 use crate::block_matmul::BlockFormat;
 use crate::packed_matmul::SharedOut;
 

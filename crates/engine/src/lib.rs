@@ -36,6 +36,7 @@ pub mod model;
 pub mod model_dir;
 pub mod packed_matmul;
 pub mod perplexity;
+pub(crate) mod pool;
 pub mod reference;
 pub mod rope;
 pub mod sampling;

@@ -544,11 +544,13 @@ impl Llama {
     /// products (several per layer) then start on the thread that asks for them, with the
     /// other threads stealing work, instead of waking the pool and putting this thread to
     /// sleep for each one (which cost about a third of a single decode's time on 2 cores).
+    /// The other threads spin for the length of the step rather than sleep between its calls
+    /// ([`crate::pool::hot`]).
     /// A shard of a tensor-parallel group does not: it blocks in collectives, and ranks that
     /// share a process would hold every thread of the pool waiting for one another.
     pub fn forward(&self, batch: &StepBatch, kv: &KvCache) -> Result<Tensor> {
         if self.comm.is_none() && self.device.is_cpu() {
-            rayon::scope(|_| self.forward_here(batch, kv))
+            crate::pool::hot(|| self.forward_here(batch, kv))
         } else {
             self.forward_here(batch, kv)
         }
