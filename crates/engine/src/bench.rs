@@ -72,6 +72,19 @@ pub fn decode_tokens_and_seconds(
     steps: usize,
     salt: u64,
 ) -> Result<(usize, f64)> {
+    let (tokens, window) = decode_window(engine, batch, prompt_len, steps, salt)?;
+    Ok((tokens, (window.end - window.start).as_secs_f64()))
+}
+
+/// [`decode_tokens_and_seconds`] with the timed window's bounds (for a profiler's time
+/// filter) in place of its length.
+pub fn decode_window(
+    engine: &mut Engine,
+    batch: usize,
+    prompt_len: usize,
+    steps: usize,
+    salt: u64,
+) -> Result<(usize, std::ops::Range<Instant>)> {
     let vocab = engine.info().vocab_size;
     let ids: Vec<SequenceId> = (0..batch as u64)
         .map(|b| SequenceId(salt * 1000 + b))
@@ -101,11 +114,11 @@ pub fn decode_tokens_and_seconds(
         }
         tokens += n;
     }
-    let secs = t.elapsed().as_secs_f64();
+    let end = Instant::now();
     for id in ids {
         engine.cancel(id);
     }
-    Ok((tokens, secs))
+    Ok((tokens, t..end))
 }
 
 /// Memory bandwidth of copying a 256 MiB buffer with `threads` threads.

@@ -730,6 +730,8 @@ unsafe fn pair_blocked<T: PanelElem>(
         if acc.len() < tiles {
             acc.resize(tiles, [[0.0; 2 * NR]; MR_WIDE]);
         }
+        // Only this call's tiles (the buffer may hold more from a call with more rows).
+        let acc = &mut acc[..tiles];
         let (ap, bp) = (a.as_ptr(), b.as_ptr());
         for t0 in (0..k).step_by(BLOCK_STEPS) {
             let len = BLOCK_STEPS.min(k - t0);

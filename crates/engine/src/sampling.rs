@@ -71,7 +71,7 @@ pub fn sample(
 pub fn argmax(xs: &[f32]) -> u32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if xs.len() >= 16 && std::arch::is_x86_feature_detected!("avx512f") {
+        if xs.len() >= 16 && crate::packed_matmul::has_avx512() {
             // SAFETY: AVX-512F is present and `xs` holds at least 16 values.
             return unsafe { argmax_avx512(xs) };
         }
