@@ -34,8 +34,10 @@ SDIST_URL = (
     "https://pypi.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/"
     f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
 )
-# The llama.cpp pre-tokenizer name of each fixture's family.
-PRE = {"llama": "gpt-2", "llama3.2": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2"}
+# The llama.cpp pre-tokenizer name of each fixture's family (`llama2` has a SentencePiece
+# `tokenizer.model`, which the converter reads without one).
+PRE = {"llama": "gpt-2", "llama2": "default", "llama3.2": "llama-bpe", "mistral": "gpt-2",
+       "qwen2": "qwen2", "qwen3": "qwen2"}
 
 
 def llama_cpp_dir() -> Path:

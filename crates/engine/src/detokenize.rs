@@ -42,22 +42,26 @@ impl Detokenizer {
     }
 
     /// The text of the tokens after `read_offset`. Unless `finish`, nothing is returned while
-    /// that text ends in an incomplete character.
+    /// that text ends in an incomplete character or a run of byte tokens.
     fn take(&mut self, tok: &Tokenizer, finish: bool) -> Result<String> {
         if self.read_offset == self.ids.len() {
             return Ok(String::new());
         }
         let mut prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        if prefix.ends_with('\u{FFFD}') {
-            // The context ends inside a character (only text already sent or shown ends so):
-            // bytes of the new tokens might complete it, which would rewrite text that is
-            // not this delta's. The new tokens are decoded on their own instead.
+        let mut full = tok.decode(&self.ids[self.prefix_offset..])?;
+        if prefix.ends_with('\u{FFFD}') || !full.starts_with(&prefix) {
+            // The context ends inside a character (only text already sent or shown ends so),
+            // or the new tokens change how it decodes (SentencePiece's byte fallback turns a
+            // whole run of byte tokens into U+FFFD once one of them is invalid): text already
+            // sent cannot be rewritten, so the new tokens are decoded on their own.
             self.prefix_offset = self.read_offset;
             prefix.clear();
+            full = tok.decode(&self.ids[self.prefix_offset..])?;
         }
-        let full = tok.decode(&self.ids[self.prefix_offset..])?;
-        let complete =
-            full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix);
+        // A run of byte-fallback tokens is held until it ends: a later byte of the run could
+        // make it invalid, and then the tokenizer decodes every byte of it as U+FFFD.
+        let open_run = tok.ends_in_byte_run(&self.ids);
+        let complete = full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && !open_run;
         if !complete && !finish {
             return Ok(String::new());
         }

@@ -13,6 +13,8 @@ use crate::model_dir::ids_field;
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// Ids of the `<0xNN>` tokens of a byte-fallback BPE (SentencePiece) vocabulary, sorted.
+    byte_tokens: Vec<u32>,
     /// The beginning-of-sequence token, when the model has one.
     pub bos_token_id: Option<u32>,
     /// Every token that ends generation.
@@ -169,6 +171,7 @@ impl Tokenizer {
         }
         Ok(Tokenizer {
             chat: ChatFacts::from_dir(dir, tokenizer_config)?,
+            byte_tokens: byte_tokens(&inner),
             inner,
             bos_token_id: bos,
             eos_token_ids: eos,
@@ -184,6 +187,7 @@ impl Tokenizer {
         add_bos_token: bool,
     ) -> Self {
         Tokenizer {
+            byte_tokens: byte_tokens(&inner),
             inner,
             bos_token_id,
             eos_token_ids,
@@ -206,6 +210,25 @@ impl Tokenizer {
         ))
     }
 
+    /// True when `ids` end in a run of byte tokens of a byte-fallback vocabulary (`<0x0A>`),
+    /// which decodes as a whole: into U+FFFD for every byte once one of them is invalid
+    /// UTF-8. Special tokens, which decoding skips, do not end a run.
+    pub fn ends_in_byte_run(&self, ids: &[u32]) -> bool {
+        if self.byte_tokens.is_empty() {
+            return false;
+        }
+        let added = self.inner.get_added_vocabulary();
+        let skipped = |id: u32| {
+            added
+                .simple_id_to_token(id)
+                .is_some_and(|t| added.is_special_token(&t))
+        };
+        ids.iter()
+            .rev()
+            .find(|&&id| !skipped(id))
+            .is_some_and(|id| self.byte_tokens.binary_search(id).is_ok())
+    }
+
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
@@ -226,5 +249,19 @@ impl Tokenizer {
     /// The underlying `tokenizers` tokenizer.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
+    }
+}
+
+/// The ids of `inner`'s `<0x00>`..`<0xFF>` tokens when its model is a byte-fallback BPE.
+fn byte_tokens(inner: &tokenizers::Tokenizer) -> Vec<u32> {
+    match inner.get_model() {
+        tokenizers::ModelWrapper::BPE(bpe) if bpe.byte_fallback => {
+            let mut ids: Vec<u32> = (0..=255u8)
+                .filter_map(|b| inner.token_to_id(&format!("<0x{b:02X}>")))
+                .collect();
+            ids.sort_unstable();
+            ids
+        }
+        _ => Vec::new(),
     }
 }

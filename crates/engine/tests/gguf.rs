@@ -25,7 +25,9 @@ fn cfg() -> EngineConfig {
     }
 }
 
-const GGUF_FIXTURES: [&str; 4] = ["llama", "llama3.2", "qwen2", "qwen3"];
+/// Byte-level BPE vocabularies (`llama`, `llama3.2`, `mistral`, `qwen2`, `qwen3`) and a
+/// SentencePiece one (`llama2`). llama.cpp's converter writes Mistral as `llama`.
+const GGUF_FIXTURES: [&str; 6] = ["llama", "llama2", "llama3.2", "mistral", "qwen2", "qwen3"];
 
 #[test]
 fn converted_fixtures_match_transformers() {
@@ -60,6 +62,9 @@ fn gguf_tokenizer_gives_the_hf_tokenizer_s_ids() {
         "I've been told he's there; 'RE you sure? We'Ve a'lL",
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
         "<s>bos in text</s> and <|eot_id|>",
+        "<unk> unknown <unk>x",
+        "   three leading, two inner  spaces and a literal \u{2581} mark",
+        "\u{0}\u{7f} control bytes and <0x41> as text",
         "",
     ];
     for name in GGUF_FIXTURES {
@@ -351,7 +356,10 @@ fn a_real_model_keeps_its_perplexity_in_half_precision_and_8_and_4_bits() {
     let ppl = |model: &std::path::Path, dtype: Option<DType>| {
         let dir = ModelDir::open(model).unwrap();
         let cfg = EngineConfig { dtype, ..cfg() };
-        perplexity(&dir, &cfg, &text, 128, Some(3), &|_, _| {})
+        // Every window of the text: 14 of 128 tokens, 882 scored. Three windows (189 tokens)
+        // put the Q4_K_M file 11 % above f32 where the whole text puts it 5.6 %, as
+        // llama.cpp's own `llama-quantize` Q4_K_M of the same file (5.4 %).
+        perplexity(&dir, &cfg, &text, 128, None, &|_, _| {})
             .unwrap()
             .perplexity
     };
@@ -366,13 +374,18 @@ fn a_real_model_keeps_its_perplexity_in_half_precision_and_8_and_4_bits() {
             "{label}: perplexity {got} vs f32 {f32_} (tolerance {tolerance})"
         );
     }
-    // This file's 4- and 5-bit weights are a second rounding of Q4_1 weights, which costs a
-    // 135M model about 11 % here; what is held is that the quantized kernels compute what
-    // the weights say: within 2 % of the same file dequantized.
+    // The f32 weights are the Q4_1 file's, dequantized: those of a real trained model, and a
+    // harder start for a second rounding than the original's. The quantized kernels compute
+    // what the weights say (within 2 % of the same file dequantized), and the file keeps
+    // llama.cpp users' tolerance for Q4_K (10 %).
     let (q, d) = (ppl(&q4, None), ppl(&q4, Some(DType::F32)));
     assert!(
         (q / d - 1.0).abs() < 0.02,
         "Q4_K_M kernels: perplexity {q} vs the same weights dequantized {d}"
+    );
+    assert!(
+        q / f32_ - 1.0 < 0.10,
+        "Q4_K_M: perplexity {q} vs f32 {f32_} (tolerance 10 %)"
     );
 }
 

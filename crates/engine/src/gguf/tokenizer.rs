@@ -8,8 +8,9 @@
 //!   pieces' scores as transformers' `SentencePieceExtractor` does, with byte fallback and
 //!   the `▁` word boundary.
 //!
-//! Control tokens (type 3) become special added tokens and user-defined ones (type 4) plain
-//! added tokens, so both are matched whole in text, as in the HF tokenizer.
+//! Control tokens (type 3) and the unknown token (type 2, SentencePiece's `<unk>`) become
+//! special added tokens and user-defined ones (type 4) plain added tokens, so all are matched
+//! whole in text, as in the HF tokenizer and llama.cpp.
 
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -52,6 +53,7 @@ const END_OF_TURN: [&str; 9] = [
 ];
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
+const TYPE_UNKNOWN: u32 = 2;
 const TYPE_CONTROL: u32 = 3;
 const TYPE_USER_DEFINED: u32 = 4;
 
@@ -182,8 +184,8 @@ pub(crate) fn from_gguf(meta: &Meta, config: &ModelConfig) -> Result<Tokenizer> 
     let added: Vec<AddedToken> = tokens
         .iter()
         .zip(&types)
-        .filter(|(_, &ty)| ty == TYPE_CONTROL || ty == TYPE_USER_DEFINED)
-        .map(|(t, &ty)| AddedToken::from(t.to_string(), ty == TYPE_CONTROL).normalized(false))
+        .filter(|(_, &ty)| matches!(ty, TYPE_UNKNOWN | TYPE_CONTROL | TYPE_USER_DEFINED))
+        .map(|(t, &ty)| AddedToken::from(t.to_string(), ty != TYPE_USER_DEFINED).normalized(false))
         .collect();
     inner.add_special_tokens(&added);
     let add_bos_token = meta

@@ -111,8 +111,8 @@ pub fn models() -> Vec<(String, PathBuf, Vec<Case>)> {
         .map(|r| (r.model, r.dir, r.cases))
         .collect();
     assert!(
-        out.len() >= 6,
-        "expected fixtures for llama, llama3, llama3.2, mistral, qwen2 and qwen3, found {}",
+        out.len() >= 7,
+        "expected fixtures for llama, llama2, llama3, llama3.2, mistral, qwen2 and qwen3, found {}",
         out.len()
     );
     out
