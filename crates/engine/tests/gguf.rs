@@ -51,40 +51,31 @@ fn converted_fixtures_match_transformers() {
     }
 }
 
+/// Texts the tokenizers are compared on: specials in text, spaces, control characters,
+/// digits, contractions, scripts and emoji.
+const TEXTS: [&str; 12] = [
+    "The sun rises in the east.",
+    "  leading spaces, trailing spaces  ",
+    "line one\nline two\n\n\tindented\r\n",
+    "numbers 3 33 333 3333 3.14159 and 1,000,000",
+    "Le café est naïve — 日本語 and emoji 🙂!",
+    "I've been told he's there; 'RE you sure? We'Ve a'lL",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "<s>bos in text</s> and <|eot_id|>",
+    "<unk> unknown <unk>x",
+    "   three leading, two inner  spaces and a literal \u{2581} mark",
+    "\u{0}\u{7f} control bytes and <0x41> as text",
+    "",
+];
+
 #[test]
 fn gguf_tokenizer_gives_the_hf_tokenizer_s_ids() {
-    let texts = [
-        "The sun rises in the east.",
-        "  leading spaces, trailing spaces  ",
-        "line one\nline two\n\n\tindented\r\n",
-        "numbers 3 33 333 3333 3.14159 and 1,000,000",
-        "Le café est naïve — 日本語 and emoji 🙂!",
-        "I've been told he's there; 'RE you sure? We'Ve a'lL",
-        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
-        "<s>bos in text</s> and <|eot_id|>",
-        "<unk> unknown <unk>x",
-        "   three leading, two inner  spaces and a literal \u{2581} mark",
-        "\u{0}\u{7f} control bytes and <0x41> as text",
-        "",
-    ];
     for name in GGUF_FIXTURES {
         let hf = ModelDir::open(fixtures().join(name)).unwrap().tokenizer;
         let gguf = ModelDir::open(fixtures().join(format!("gguf/{name}.gguf")))
             .unwrap()
             .tokenizer;
-        for text in texts {
-            let want = hf.encode_prompt(text).unwrap();
-            assert_eq!(
-                gguf.encode_prompt(text).unwrap(),
-                want,
-                "{name}: ids of {text:?}"
-            );
-            assert_eq!(
-                gguf.decode(&want).unwrap(),
-                hf.decode(&want).unwrap(),
-                "{name}"
-            );
-        }
+        same_ids(name, &gguf, &hf);
         assert_eq!(gguf.bos_token_id, hf.bos_token_id, "{name}: bos");
         assert_eq!(gguf.add_bos_token, hf.add_bos_token, "{name}: add_bos");
         // A GGUF file names one eos; turn-ending control tokens are added as llama.cpp adds
@@ -102,6 +93,71 @@ fn gguf_tokenizer_gives_the_hf_tokenizer_s_ids() {
             "{name}: chat template"
         );
     }
+}
+
+/// `gguf` gives `hf`'s ids for every text of [`TEXTS`], and decodes them to the same text.
+fn same_ids(
+    name: &str,
+    gguf: &openinfer_engine::tokenizer::Tokenizer,
+    hf: &openinfer_engine::tokenizer::Tokenizer,
+) {
+    for text in TEXTS {
+        let want = hf.encode_prompt(text).unwrap();
+        assert_eq!(
+            gguf.encode_prompt(text).unwrap(),
+            want,
+            "{name}: ids of {text:?}"
+        );
+        assert_eq!(
+            gguf.decode(&want).unwrap(),
+            hf.decode(&want).unwrap(),
+            "{name}"
+        );
+    }
+}
+
+/// llama.cpp's converter, given a SentencePiece model with a `tokenizer.json` and no
+/// `tokenizer.model`, writes -1000 as every piece's score (gguf-py's `LlamaHfVocab`). The
+/// merges then follow the pieces' order, which is the order SentencePiece learnt them in.
+#[test]
+fn a_sentencepiece_file_without_scores_gives_the_hf_tokenizer_s_ids() {
+    let src = fixtures().join("gguf/llama2.gguf");
+    let mut f = std::fs::File::open(&src).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let meta: Vec<(String, Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| match (k.as_str(), v) {
+            ("tokenizer.ggml.scores", Value::Array(scores)) => (
+                k.clone(),
+                Value::Array(vec![Value::F32(-1000.0); scores.len()]),
+            ),
+            _ => (k.clone(), v.clone()),
+        })
+        .collect();
+    let tensors: Vec<(String, QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|name| {
+            (
+                name.clone(),
+                content.tensor(&mut f, name, &Device::Cpu).unwrap(),
+            )
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("llama2-unscored.gguf");
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(
+        &mut std::fs::File::create(&path).unwrap(),
+        &meta_refs,
+        &tensor_refs,
+    )
+    .unwrap();
+    let hf = ModelDir::open(fixtures().join("llama2")).unwrap().tokenizer;
+    let gguf = ModelDir::open(&path).unwrap().tokenizer;
+    same_ids("llama2 without scores", &gguf, &hf);
 }
 
 /// Writes a random Llama-shaped GGUF (hidden 256, so every K-quant fits) whose tensors use

@@ -277,7 +277,10 @@ fn byte_level_pre(
 
 /// Merges of a SentencePiece BPE vocabulary, as transformers' `SentencePieceExtractor`
 /// builds them: every split of a piece into two pieces of the vocabulary is a merge, ranked by
-/// the whole piece's score (highest first), ties by the halves' ids.
+/// the whole piece's score (highest first); equal scores keep the pieces' order, then the
+/// halves' ids. A file whose scores are all equal (llama.cpp's converter writes -1000 for a
+/// vocabulary read from `tokenizer.json`) so merges in the pieces' order, the order
+/// SentencePiece learnt them in.
 fn sentencepiece_merges(tokens: &[&str], scores: &[f64], vocab: &Vocab) -> Merges {
     let mut merges: Vec<(f64, u32, u32, String, String)> = Vec::new();
     for (piece, &score) in tokens.iter().zip(scores) {
