@@ -394,9 +394,9 @@ fn a_real_model_keeps_its_perplexity_in_half_precision_and_8_and_4_bits() {
     let dir = tempfile::tempdir().unwrap();
     let q8 = dir.path().join("q8_0.gguf");
     requantize(&path, &q8, |_, _| GgmlDType::Q8_0);
-    // The types llama.cpp's Q4_K_M gives each tensor, with its fallbacks where a row is not a
-    // whole number of 256-wide super-blocks (SmolLM2's hidden size is 576): Q4_K → Q5_0,
-    // Q6_K → Q8_0.
+    // llama.cpp's Q4_K_M types, with its fallbacks where a row is not a whole number of
+    // 256-wide super-blocks (SmolLM2's hidden size is 576): Q4_K → Q5_0, Q6_K → Q8_0. The
+    // higher type goes to `attn_v` and `ffn_down` in every layer (llama.cpp: 14 of these 30).
     let q4 = dir.path().join("q4_k_m.gguf");
     requantize(&path, &q4, |name, cols| {
         let six =
