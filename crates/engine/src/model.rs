@@ -250,15 +250,28 @@ impl Loader<'_> {
         Ok(self.count(t))
     }
 
-    /// A weight matrix, in the weight dtype.
+    /// The dtype matrices `names` (the parts of one fused matrix) are loaded in: as a GGUF
+    /// file stores them when its tensors stay as stored and all are in the same half
+    /// precision, else the weight dtype.
+    fn matrix_dtype(&self, names: &[&str]) -> DType {
+        if !self.quantized {
+            return self.weight_dtype;
+        }
+        let stored = names.iter().map(|n| self.weights.stored_half(n));
+        match stored.reduce(|a, b| if a == b { a } else { None }) {
+            Some(Some(half)) => half,
+            _ => self.weight_dtype,
+        }
+    }
+
+    /// A weight matrix, in its [`Loader::matrix_dtype`].
     fn matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self
-            .weights
-            .load(name, shape, self.weight_dtype, self.device)?;
+        let dtype = self.matrix_dtype(&[name]);
+        let t = self.weights.load(name, shape, dtype, self.device)?;
         Ok(self.count(t))
     }
 
-    /// Part of a weight matrix (`matrix`) or bias, as [`Weights::load_slice`] takes it.
+    /// Part of a tensor in `dtype`, as [`Weights::load_slice`] takes it.
     #[allow(clippy::too_many_arguments)]
     fn slice(
         &self,
@@ -267,13 +280,8 @@ impl Loader<'_> {
         dim: usize,
         start: usize,
         len: usize,
-        matrix: bool,
+        dtype: DType,
     ) -> Result<Tensor> {
-        let dtype = if matrix {
-            self.weight_dtype
-        } else {
-            self.dtype
-        };
         let t = self
             .weights
             .load_slice(name, shape, dim, start, len, dtype, self.device)?;
@@ -310,15 +318,17 @@ impl Loader<'_> {
                 return Ok(Linear { w, b });
             }
         }
+        let names: Vec<&str> = parts.iter().map(|p| p.name.as_str()).collect();
+        let matrix_dtype = self.matrix_dtype(&names);
         let cat = |bias: bool| -> Result<Tensor> {
             let ts = parts
                 .iter()
                 .map(|p| {
                     if bias {
                         let name = p.name.replace(".weight", ".bias");
-                        self.slice(&name, &[p.rows], 0, p.start, p.len, false)
+                        self.slice(&name, &[p.rows], 0, p.start, p.len, self.dtype)
                     } else {
-                        self.slice(&p.name, &[p.rows, cols], 0, p.start, p.len, true)
+                        self.slice(&p.name, &[p.rows, cols], 0, p.start, p.len, matrix_dtype)
                     }
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -345,7 +355,10 @@ impl Loader<'_> {
         };
         let w = match quantized {
             Some(q) => Weight::Quantized(QMatMul::from_qtensor(q)?),
-            None => Weight::new(self.slice(name, &[rows, cols], 1, start, len, true)?)?,
+            None => {
+                let dtype = self.matrix_dtype(&[name]);
+                Weight::new(self.slice(name, &[rows, cols], 1, start, len, dtype)?)?
+            }
         };
         let b = if bias {
             Some(self.get(&name.replace(".weight", ".bias"), &[rows])?)

@@ -174,6 +174,15 @@ impl Weights {
         }
     }
 
+    /// The half-precision dtype the checkpoint stores matrix `name` in, for a GGUF file
+    /// (whose tensors stay as stored when it is loaded without a dtype).
+    pub fn stored_half(&self, name: &str) -> Option<DType> {
+        match self {
+            Weights::Gguf(w) => w.half_dtype(name),
+            Weights::Safetensors(_) => None,
+        }
+    }
+
     /// True for a GGUF file.
     pub fn is_gguf(&self) -> bool {
         matches!(self, Weights::Gguf(_))

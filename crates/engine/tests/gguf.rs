@@ -298,6 +298,53 @@ fn requantize(
     gguf_file::write(&mut std::fs::File::create(dst).unwrap(), &meta, &refs).unwrap();
 }
 
+/// A GGUF file's f16 and bf16 matrices stay half in memory when it is loaded without a dtype,
+/// as its quantized ones stay quantized: half the bytes a step reads, and exactly the tokens
+/// and logprobs of the same file widened to f32 at load.
+#[test]
+fn half_precision_tensors_of_a_gguf_file_stay_half() {
+    let cases = &models()
+        .into_iter()
+        .find(|(name, _, _)| name == "llama")
+        .unwrap()
+        .2;
+    let dir = tempfile::tempdir().unwrap();
+    for ggml in [GgmlDType::F16, GgmlDType::BF16] {
+        let path = dir.path().join(format!("llama-{ggml:?}.gguf"));
+        requantize(&fixtures().join("gguf/llama.gguf"), &path, |_, _| ggml);
+        let mut stored = load(&path, cfg());
+        let widened_cfg = EngineConfig {
+            dtype: Some(DType::F32),
+            ..cfg()
+        };
+        let mut widened = load(&path, widened_cfg);
+        let (half, full) = (
+            stored.info().step_weight_bytes,
+            widened.info().step_weight_bytes,
+        );
+        assert_eq!(2 * half, full, "{ggml:?}: bytes a step reads");
+        let mut reqs = requests(cases);
+        for r in &mut reqs {
+            r.logprobs = true;
+        }
+        let (a, b) = (
+            run_all(&mut stored, reqs.clone()),
+            run_all(&mut widened, reqs),
+        );
+        for (id, o) in &a {
+            assert_eq!(o.tokens, b[id].tokens, "{ggml:?} case {id}");
+            for (x, y) in o.logprobs.iter().zip(&b[id].logprobs) {
+                assert!(
+                    (x.logprob - y.logprob).abs() < 1e-4,
+                    "{ggml:?} case {id}: {} vs {}",
+                    x.logprob,
+                    y.logprob
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn every_quantized_format_runs_on_its_quantized_data() {
     let dir = tempfile::tempdir().unwrap();

@@ -460,6 +460,16 @@ impl GgufWeights {
         }
     }
 
+    /// The half-precision dtype tensor `name` is stored in (f16 or bf16), if it is.
+    pub fn half_dtype(&self, name: &str) -> Option<DType> {
+        let info = self.content.tensor_infos.get(&gguf_name(name)?)?;
+        match info.ggml_dtype {
+            GgmlDType::F16 => Some(DType::F16),
+            GgmlDType::BF16 => Some(DType::BF16),
+            _ => None,
+        }
+    }
+
     /// True when tensor `name` is stored in a quantized format (not f32, f16 or bf16).
     pub fn is_quantized(&self, name: &str) -> bool {
         gguf_name(name)
