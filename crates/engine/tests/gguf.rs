@@ -116,48 +116,95 @@ fn same_ids(
     }
 }
 
+/// Copies the GGUF fixture `name` into `dir` with its metadata edited: `edit` returns a key's
+/// new value, or `None` to drop the key.
+fn edited_fixture(
+    dir: &std::path::Path,
+    name: &str,
+    edit: impl Fn(&str, &Value) -> Option<Value>,
+) -> PathBuf {
+    let mut f = std::fs::File::open(fixtures().join(format!("gguf/{name}.gguf"))).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let meta: Vec<(String, Value)> = content
+        .metadata
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), edit(k, v)?)))
+        .collect();
+    let tensors: Vec<(String, QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|t| (t.clone(), content.tensor(&mut f, t, &Device::Cpu).unwrap()))
+        .collect();
+    let path = dir.join(format!("{name}-edited.gguf"));
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut out = std::fs::File::create(&path).unwrap();
+    gguf_file::write(&mut out, &meta_refs, &tensor_refs).unwrap();
+    path
+}
+
 /// llama.cpp's converter, given a SentencePiece model with a `tokenizer.json` and no
 /// `tokenizer.model`, writes -1000 as every piece's score (gguf-py's `LlamaHfVocab`). The
 /// merges then follow the pieces' order, which is the order SentencePiece learnt them in.
 #[test]
 fn a_sentencepiece_file_without_scores_gives_the_hf_tokenizer_s_ids() {
-    let src = fixtures().join("gguf/llama2.gguf");
-    let mut f = std::fs::File::open(&src).unwrap();
-    let content = gguf_file::Content::read(&mut f).unwrap();
-    let meta: Vec<(String, Value)> = content
-        .metadata
-        .iter()
-        .map(|(k, v)| match (k.as_str(), v) {
-            ("tokenizer.ggml.scores", Value::Array(scores)) => (
-                k.clone(),
-                Value::Array(vec![Value::F32(-1000.0); scores.len()]),
-            ),
-            _ => (k.clone(), v.clone()),
-        })
-        .collect();
-    let tensors: Vec<(String, QTensor)> = content
-        .tensor_infos
-        .keys()
-        .map(|name| {
-            (
-                name.clone(),
-                content.tensor(&mut f, name, &Device::Cpu).unwrap(),
-            )
-        })
-        .collect();
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("llama2-unscored.gguf");
-    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(
-        &mut std::fs::File::create(&path).unwrap(),
-        &meta_refs,
-        &tensor_refs,
-    )
-    .unwrap();
+    let path = edited_fixture(dir.path(), "llama2", |k, v| match (k, v) {
+        ("tokenizer.ggml.scores", Value::Array(scores)) => {
+            Some(Value::Array(vec![Value::F32(-1000.0); scores.len()]))
+        }
+        _ => Some(v.clone()),
+    });
     let hf = ModelDir::open(fixtures().join("llama2")).unwrap().tokenizer;
     let gguf = ModelDir::open(&path).unwrap().tokenizer;
     same_ids("llama2 without scores", &gguf, &hf);
+}
+
+/// Llama 3's pre-tokenizer (`llama-bpe`) takes a word the vocabulary holds whole as one
+/// token even where no merge reaches it (its tokenizer.json's `ignore_merges`, and
+/// llama.cpp's), and a file that does not say `add_bos_token` starts text with bos, as
+/// llama.cpp does for it; GPT-2's (`gpt-2`) does neither.
+#[test]
+fn llama_3_files_take_whole_words_from_the_vocabulary_and_add_bos() {
+    let dir = tempfile::tempdir().unwrap();
+    // The last piece of the vocabulary becomes a word no merge makes (the merges that made
+    // or used the old piece go).
+    let word = "\u{120}zqxv";
+    let old = {
+        let mut f = std::fs::File::open(fixtures().join("gguf/llama3.2.gguf")).unwrap();
+        let content = gguf_file::Content::read(&mut f).unwrap();
+        let tokens = content.metadata["tokenizer.ggml.tokens"].to_vec().unwrap();
+        tokens.last().unwrap().to_string().unwrap().clone()
+    };
+    let keeps = |merge: &Value| {
+        let (a, b) = merge.to_string().unwrap().split_once(' ').unwrap();
+        a != old && b != old && format!("{a}{b}") != old
+    };
+    for (pre, whole) in [("llama-bpe", true), ("gpt-2", false)] {
+        let path = edited_fixture(dir.path(), "llama3.2", |k, v| match (k, v) {
+            ("tokenizer.ggml.add_bos_token", _) => None,
+            ("tokenizer.ggml.pre", _) => Some(Value::String(pre.into())),
+            ("tokenizer.ggml.tokens", Value::Array(tokens)) => {
+                let mut tokens = tokens.clone();
+                *tokens.last_mut().unwrap() = Value::String(word.into());
+                Some(Value::Array(tokens))
+            }
+            ("tokenizer.ggml.merges", Value::Array(merges)) => Some(Value::Array(
+                merges.iter().filter(|m| keeps(m)).cloned().collect(),
+            )),
+            _ => Some(v.clone()),
+        });
+        let tok = ModelDir::open(&path).unwrap().tokenizer;
+        let last = tok.vocab_size() as u32 - 1;
+        let ids = tok.encode_prompt("a zqxv").unwrap();
+        assert_eq!(ids.contains(&last), whole, "{pre}: {ids:?}");
+        assert_eq!(tok.add_bos_token, whole, "{pre}: add_bos_token");
+        assert_eq!(
+            ids.first() == tok.bos_token_id.as_ref(),
+            whole,
+            "{pre}: {ids:?}"
+        );
+    }
 }
 
 /// Writes a random Llama-shaped GGUF (hidden 256, so every K-quant fits) whose tensors use

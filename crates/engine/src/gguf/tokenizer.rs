@@ -34,6 +34,10 @@ use crate::tokenizer::{ChatFacts, Tokenizer};
 
 /// Llama 3's split pattern (digits in runs of up to three).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// `tokenizer.ggml.pre` names of Llama 3's tokenizer: words found whole in the vocabulary
+/// skip the merges, and text starts with bos unless the file says otherwise (as in llama.cpp).
+const LLAMA3_PRE: [&str; 3] = ["llama-bpe", "llama3", "llama-v3"];
+
 /// Qwen2's split pattern (single digits).
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -111,6 +115,8 @@ pub(crate) fn from_gguf(meta: &Meta, config: &ModelConfig) -> Result<Tokenizer> 
     for key in ["eos_token_id", "eot_token_id", "eom_token_id"] {
         token_id(&format!("tokenizer.ggml.{key}"))?;
     }
+    let pre = meta.string_opt("tokenizer.ggml.pre")?.unwrap_or("default");
+    let llama3 = kind == "gpt2" && LLAMA3_PRE.contains(&pre);
     let mut inner = match kind {
         "gpt2" => {
             let merges = parse_merges(
@@ -119,12 +125,14 @@ pub(crate) fn from_gguf(meta: &Meta, config: &ModelConfig) -> Result<Tokenizer> 
                     .strings("tokenizer.ggml.merges")?
                     .ok_or_else(|| meta.err("tokenizer.ggml.merges", "missing"))?,
             )?;
+            // Llama 3 takes a word that is in the vocabulary whole, before any merge (its
+            // tokenizer.json's `ignore_merges`, llama.cpp's rule for these pre-tokenizers).
             let bpe = BPE::builder()
                 .vocab_and_merges(vocab, merges)
+                .ignore_merges(llama3)
                 .build()
                 .map_err(wrap(meta, "tokenizer.ggml.merges"))?;
             let mut t = tokenizers::Tokenizer::new(bpe);
-            let pre = meta.string_opt("tokenizer.ggml.pre")?.unwrap_or("default");
             let (normalizer, pre_tokenizer) = byte_level_pre(meta, pre)?;
             if let Some(n) = normalizer {
                 t.with_normalizer(Some(n));
@@ -190,7 +198,7 @@ pub(crate) fn from_gguf(meta: &Meta, config: &ModelConfig) -> Result<Tokenizer> 
     inner.add_special_tokens(&added);
     let add_bos_token = meta
         .bool_opt("tokenizer.ggml.add_bos_token")?
-        .unwrap_or(kind == "llama");
+        .unwrap_or(kind == "llama" || llama3);
     if add_bos_token && bos.is_none() {
         return Err(meta.err(
             "tokenizer.ggml.bos_token_id",
@@ -257,7 +265,7 @@ fn byte_level_pre(
     };
     Ok(match pre {
         "default" | "gpt2" | "gpt-2" => (None, ByteLevel::new(false, true, true).into()),
-        "llama-bpe" | "llama3" | "smaug-bpe" => (None, split(LLAMA3_SPLIT)?),
+        "llama-bpe" | "llama3" | "llama-v3" | "smaug-bpe" => (None, split(LLAMA3_SPLIT)?),
         "qwen2" | "deepseek-r1-qwen" => (Some(NFC.into()), split(QWEN2_SPLIT)?),
         "smollm" => (
             None,
