@@ -18,7 +18,7 @@ pub struct EtcdServer {
     tls: bool,
 }
 
-/// Runs openssl with `args` in `dir`.
+/// A loopback port free now (another process may take it before etcd binds it).
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -54,8 +54,29 @@ impl EtcdServer {
             child: None,
             tls: false,
         };
-        e.resume();
+        e.first_start();
         e
+    }
+
+    /// Starts the server for the first time. A port chosen free may be taken by another
+    /// test's process before etcd binds it, and etcd then exits: it is started again on new
+    /// ports and a fresh data directory, a few times.
+    fn first_start(&mut self) {
+        const ATTEMPTS: usize = 4;
+        for attempt in 1..=ATTEMPTS {
+            match self.launch() {
+                Ok(()) => return,
+                Err(Launch::Exited(why)) if attempt < ATTEMPTS => {
+                    eprintln!("etcd attempt {attempt}: {why}; again on new ports");
+                    self.stop();
+                    let _ = std::fs::remove_dir_all(self.dir.path().join("data"));
+                    self.client_port = free_port();
+                    self.peer_port = free_port();
+                    self.health_port = free_port();
+                }
+                Err(Launch::Exited(why) | Launch::Slow(why)) => panic!("{why}"),
+            }
+        }
     }
 
     /// Starts one that speaks only TLS and requires client certificates signed by its CA
@@ -74,7 +95,7 @@ impl EtcdServer {
         let ca = super::certs::Ca::new(&certs, "ca");
         ca.leaf("server", "serverAuth");
         ca.leaf("client", "clientAuth");
-        e.resume();
+        e.first_start();
         e
     }
 
@@ -117,6 +138,25 @@ impl EtcdServer {
 
     /// Starts it again on the same data and ports; waits until it answers.
     pub fn resume(&mut self) {
+        if let Err(Launch::Exited(why) | Launch::Slow(why)) = self.launch() {
+            panic!("{why}");
+        }
+    }
+
+    /// The last lines etcd wrote to its log (`dir/etcd.log`, errors only).
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join("\n")
+    }
+
+    /// Starts etcd on the server's data and ports and waits until it is healthy.
+    fn launch(&mut self) -> Result<(), Launch> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .expect("etcd log file");
         let scheme = if self.tls { "https" } else { "http" };
         let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
@@ -150,7 +190,7 @@ impl EtcdServer {
             .args(["--election-timeout", "100", "--heartbeat-interval", "10"])
             .args(["--log-level", "error"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("etcd starts");
         self.child = Some(child);
@@ -159,12 +199,21 @@ impl EtcdServer {
         // a server it only saw listening would wait on an etcd that cannot come back.
         let start = Instant::now();
         while !self.healthy() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "etcd did not become healthy within 20s"
-            );
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                return Err(Launch::Exited(format!(
+                    "etcd exited ({status}) before it was healthy: {}",
+                    self.log_tail()
+                )));
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                return Err(Launch::Slow(format!(
+                    "etcd did not become healthy within 30s: {}",
+                    self.log_tail()
+                )));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     /// Whether `GET /health` says `"health":"true"`.
@@ -183,6 +232,14 @@ impl EtcdServer {
         let _ = s.read_to_string(&mut reply);
         reply.contains("\"health\":\"true\"")
     }
+}
+
+/// Why etcd did not come up.
+enum Launch {
+    /// It exited (a port taken, say), with what it logged.
+    Exited(String),
+    /// It runs but was not healthy in time.
+    Slow(String),
 }
 
 impl Drop for EtcdServer {

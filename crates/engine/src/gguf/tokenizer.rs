@@ -34,6 +34,7 @@ use crate::tokenizer::{ChatFacts, Tokenizer};
 
 /// Llama 3's split pattern (digits in runs of up to three).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// `tokenizer.ggml.pre` names of Llama 3's tokenizer: words found whole in the vocabulary
 /// skip the merges, and text starts with bos unless the file says otherwise (as in llama.cpp).
 const LLAMA3_PRE: [&str; 3] = ["llama-bpe", "llama3", "llama-v3"];
