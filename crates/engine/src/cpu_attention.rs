@@ -80,6 +80,14 @@ impl Task {
     fn rows(&self, rep: usize) -> usize {
         self.kvs.len() * self.queries * rep
     }
+
+    /// Where row `r` of those lives in `q` and the output (`[tokens, heads · head_dim]`): the
+    /// token's row of the step and the query head.
+    fn token_and_head(&self, r: usize, rep: usize) -> (usize, usize) {
+        let per_kv = self.queries * rep;
+        let (kv, i) = (self.kvs.start + r / per_kv, r % per_kv);
+        (self.row + self.first + i / rep, kv * rep + i % rep)
+    }
 }
 
 /// The tasks of one (sequence, tile of queries, KV heads) whose context was split, and where
@@ -305,9 +313,8 @@ impl PagedAttention<'_> {
         }
     }
 
-    /// Writes row `r` of task `t` (KV head `kvs.start + r / (queries · rep)`; within it, query
-    /// token `first + r / rep` of the tile and query head `r % rep` of that KV head's) into
-    /// `out`: its weighted values over their softmax sum.
+    /// Writes row `r` of task `t` (its token and head: [`Task::token_and_head`]) into `out`:
+    /// its weighted values over their softmax sum.
     ///
     /// # Safety
     /// `out` must hold `[rows, heads * head_dim]` and no other task may write that row's
@@ -315,12 +322,8 @@ impl PagedAttention<'_> {
     unsafe fn write_row(&self, t: &Task, r: usize, acc: &[f32], sum: f32, out: SharedOut) {
         let (hd, nh) = (self.head_dim, self.num_heads);
         let rep = nh / self.num_kv_heads;
-        let per_kv = t.queries * rep;
-        let (kv, r) = (t.kvs.start + r / per_kv, r % per_kv);
-        let h = kv * rep + r % rep;
-        let dst = out
-            .ptr()
-            .add((t.row + t.first + r / rep) * nh * hd + h * hd);
+        let (token, h) = t.token_and_head(r, rep);
+        let dst = out.ptr().add(token * nh * hd + h * hd);
         let inv = 1.0 / sum;
         for (d, a) in acc[..hd].iter().enumerate() {
             *dst.add(d) = a * inv;
@@ -423,12 +426,9 @@ impl PagedAttention<'_> {
         let start = ctx - self.q_lens[t.seq] as usize;
         let slots = &self.ctx_slots[t.seq * self.max_ctx..][..ctx];
         let scale = 1.0 / (hd as f32).sqrt();
-        // Row r is KV head `kvs.start + r / per_kv` and, within it, query token
-        // `first + r % per_kv / rep` and that KV head's query head `r % rep`.
         let query = |r: usize| {
-            let (kv, i) = (t.kvs.start + r / per_kv, r % per_kv);
-            let h = kv * rep + i % rep;
-            &c.q[(t.row + t.first + i / rep) * nh * hd + h * hd..][..hd]
+            let (token, h) = t.token_and_head(r, rep);
+            &c.q[token * nh * hd + h * hd..][..hd]
         };
         s.queries.clear();
         for r in 0..rows {
