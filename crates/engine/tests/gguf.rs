@@ -123,24 +123,45 @@ fn edited_fixture(
     name: &str,
     edit: impl Fn(&str, &Value) -> Option<Value>,
 ) -> PathBuf {
-    let mut f = std::fs::File::open(fixtures().join(format!("gguf/{name}.gguf"))).unwrap();
+    let path = dir.join(format!("{name}-edited.gguf"));
+    let src = fixtures().join(format!("gguf/{name}.gguf"));
+    rewrite_gguf(&src, &path, edit, |_, q| q);
+    path
+}
+
+/// Writes `src` to `dst` with each metadata value through `meta` (`None` drops the key) and
+/// each tensor, in name order, through `tensor`.
+fn rewrite_gguf(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    meta: impl Fn(&str, &Value) -> Option<Value>,
+    tensor: impl Fn(&str, QTensor) -> QTensor,
+) {
+    let mut f = std::fs::File::open(src).unwrap();
     let content = gguf_file::Content::read(&mut f).unwrap();
-    let meta: Vec<(String, Value)> = content
+    let values: Vec<(String, Value)> = content
         .metadata
         .iter()
-        .filter_map(|(k, v)| Some((k.clone(), edit(k, v)?)))
+        .filter_map(|(k, v)| Some((k.clone(), meta(k, v)?)))
         .collect();
-    let tensors: Vec<(String, QTensor)> = content
-        .tensor_infos
-        .keys()
-        .map(|t| (t.clone(), content.tensor(&mut f, t, &Device::Cpu).unwrap()))
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let tensors: Vec<(String, QTensor)> = names
+        .into_iter()
+        .map(|name| {
+            let q = content.tensor(&mut f, name, &Device::Cpu).unwrap();
+            (name.clone(), tensor(name, q))
+        })
         .collect();
-    let path = dir.join(format!("{name}-edited.gguf"));
-    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut out = std::fs::File::create(&path).unwrap();
-    gguf_file::write(&mut out, &meta_refs, &tensor_refs).unwrap();
-    path
+    write_gguf(dst, &values, &tensors);
+}
+
+/// Writes a GGUF file of `meta` and `tensors`.
+fn write_gguf(path: &std::path::Path, meta: &[(String, Value)], tensors: &[(String, QTensor)]) {
+    let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut out = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut out, &meta, &tensors).unwrap();
 }
 
 /// llama.cpp's converter, given a SentencePiece model with a `tokenizer.json` and no
@@ -306,10 +327,7 @@ fn mixed_format_file(dir: &std::path::Path) -> PathBuf {
         }
     }
     let path = dir.join("mixed.gguf");
-    let mut out = std::fs::File::create(&path).unwrap();
-    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut out, &meta_refs, &tensor_refs).unwrap();
+    write_gguf(&path, &meta, &tensors);
     path
 }
 
@@ -320,29 +338,19 @@ fn requantize(
     dst: &std::path::Path,
     format: impl Fn(&str, usize) -> GgmlDType,
 ) {
-    let mut f = std::fs::File::open(src).unwrap();
-    let content = gguf_file::Content::read(&mut f).unwrap();
-    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
-    names.sort();
-    let tensors: Vec<(String, QTensor)> = names
-        .into_iter()
-        .map(|name| {
-            let q = content.tensor(&mut f, name, &Device::Cpu).unwrap();
+    rewrite_gguf(
+        src,
+        dst,
+        |_, v| Some(v.clone()),
+        |name, q| {
             let t = q.dequantize(&Device::Cpu).unwrap();
             let dtype = match t.dims() {
                 [_, cols] => format(name, *cols),
                 _ => GgmlDType::F32,
             };
-            (name.clone(), QTensor::quantize(&t, dtype).unwrap())
-        })
-        .collect();
-    let meta: Vec<(&str, &Value)> = content
-        .metadata
-        .iter()
-        .map(|(k, v)| (k.as_str(), v))
-        .collect();
-    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut std::fs::File::create(dst).unwrap(), &meta, &refs).unwrap();
+            QTensor::quantize(&t, dtype).unwrap()
+        },
+    );
 }
 
 /// A GGUF file's f16 and bf16 matrices stay half in memory when it is loaded without a dtype,
