@@ -46,57 +46,55 @@ pub fn etcd_binary() -> PathBuf {
 impl EtcdServer {
     /// Starts a single-member cluster and waits until it answers.
     pub fn start() -> EtcdServer {
-        let mut e = EtcdServer {
-            dir: tempfile::tempdir().unwrap(),
-            client_port: free_port(),
-            peer_port: free_port(),
-            health_port: free_port(),
-            child: None,
-            tls: false,
-        };
+        let mut e = EtcdServer::unstarted(false);
         e.first_start();
         e
-    }
-
-    /// Starts the server for the first time. A port chosen free may be taken by another
-    /// test's process before etcd binds it, and etcd then exits: it is started again on new
-    /// ports and a fresh data directory, a few times.
-    fn first_start(&mut self) {
-        const ATTEMPTS: usize = 4;
-        for attempt in 1..=ATTEMPTS {
-            match self.launch() {
-                Ok(()) => return,
-                Err(Launch::Exited(why)) if attempt < ATTEMPTS => {
-                    eprintln!("etcd attempt {attempt}: {why}; again on new ports");
-                    self.stop();
-                    let _ = std::fs::remove_dir_all(self.dir.path().join("data"));
-                    self.client_port = free_port();
-                    self.peer_port = free_port();
-                    self.health_port = free_port();
-                }
-                Err(Launch::Exited(why) | Launch::Slow(why)) => panic!("{why}"),
-            }
-        }
     }
 
     /// Starts one that speaks only TLS and requires client certificates signed by its CA
     /// (made here with openssl: `ca.pem`, `server.pem`/`server.key` for 127.0.0.1,
     /// `client.pem`/`client.key`).
     pub fn start_tls() -> EtcdServer {
-        let mut e = EtcdServer {
-            dir: tempfile::tempdir().unwrap(),
-            client_port: free_port(),
-            peer_port: free_port(),
-            health_port: free_port(),
-            child: None,
-            tls: true,
-        };
+        let mut e = EtcdServer::unstarted(true);
         let certs = e.certs();
         let ca = super::certs::Ca::new(&certs, "ca");
         ca.leaf("server", "serverAuth");
         ca.leaf("client", "clientAuth");
         e.first_start();
         e
+    }
+
+    /// A server with its directory and no ports yet ([`EtcdServer::first_start`] picks them).
+    fn unstarted(tls: bool) -> EtcdServer {
+        EtcdServer {
+            dir: tempfile::tempdir().unwrap(),
+            client_port: 0,
+            peer_port: 0,
+            health_port: 0,
+            child: None,
+            tls,
+        }
+    }
+
+    /// Starts the server for the first time, on ports free when it is tried. Another test's
+    /// process may take such a port before etcd binds it, and etcd then exits: it is started
+    /// again on new ports and a fresh data directory, a few times.
+    fn first_start(&mut self) {
+        const ATTEMPTS: usize = 4;
+        for attempt in 1..=ATTEMPTS {
+            self.client_port = free_port();
+            self.peer_port = free_port();
+            self.health_port = free_port();
+            match self.launch() {
+                Ok(()) => return,
+                Err(Launch::Exited(why)) if attempt < ATTEMPTS => {
+                    eprintln!("etcd attempt {attempt}: {why}; again on new ports");
+                    self.stop();
+                    let _ = std::fs::remove_dir_all(self.dir.path().join("data"));
+                }
+                Err(Launch::Exited(why) | Launch::Slow(why)) => panic!("{why}"),
+            }
+        }
     }
 
     /// Where the TLS material is.
